@@ -1,0 +1,1 @@
+//! The `dtrain` program as a library, so integration tests can reach its parts.

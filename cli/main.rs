@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("dtrain: not built yet");
+    std::process::exit(2);
+}
