@@ -28,3 +28,24 @@ pub trait Backend: Send {
     ) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
 }
+
+/// Deadlines every backend honours. No wait in this crate is unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Rendezvous: how long ranks retry connecting to the master / attaching to shared memory.
+    pub connect: std::time::Duration,
+    /// A single collective may block at most this long waiting for a peer that is alive.
+    pub collective: std::time::Duration,
+    /// A peer that exited or was killed is detected within this time.
+    pub liveness: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: std::time::Duration::from_secs(120),
+            collective: std::time::Duration::from_secs(300),
+            liveness: std::time::Duration::from_secs(5),
+        }
+    }
+}

@@ -8,6 +8,6 @@ pub mod backend;
 pub mod error;
 pub mod reduce;
 
-pub use backend::Backend;
+pub use backend::{Backend, Timeouts};
 pub use error::{Error, Result};
 pub use reduce::{DType, Element, ReduceOp};
