@@ -1,1 +1,18 @@
 //! The `dtrain` program as a library, so integration tests can reach its parts.
+//!
+//! - [`args`]: flags, launcher environment (torchrun/Slurm/Open MPI), validation → `TrainConfig`.
+//! - [`data`]: CIFAR-10 (with download), synthetic, Fashion-MNIST; sharding, augmentation, loader.
+//! - [`train`]: the training loop, logs, metrics, evaluation.
+//! - [`sync`]: gather-scatter and all-reduce gradient sync; [`ddp`]: bucketed, overlapped DDP.
+//! - [`checkpoint`]: save/resume/init checkpoints.
+//! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`.
+
+pub mod args;
+pub mod bench_cmd;
+pub mod checkpoint;
+pub mod data;
+pub mod ddp;
+pub mod launch;
+pub mod plot;
+pub mod sync;
+pub mod train;
