@@ -1,70 +1,297 @@
 //! batchnorm2d over `[N, C, HW]`: training (batch statistics, biased variance) and eval
 //! (running statistics). Statistics are accumulated in f64.
+//!
+//! Work split: per-channel reductions run in parallel over channels (each task walks its
+//! channel's `N` planes); the elementwise passes run in parallel over `(n, c)` planes. The
+//! reductions use 8 independent f64 lanes so LLVM vectorizes them and each lane sums a
+//! short, well-conditioned series.
+use super::{par_chunks_mut, units_per_task};
 use crate::Float;
+
+/// Elements per parallel task at least (see relu).
+const MIN_TASK_ELEMS: usize = 1 << 15;
+const LANES: usize = 8;
+
+/// `(Σ (x - shift), Σ (x - shift)²)` in f64. The shift (a sample of the channel) keeps the
+/// one-pass variance free of cancellation when `|mean| ≫ std`.
+fn shifted_sums<T: Float>(xs: &[T], shift: f64) -> (f64, f64) {
+    let mut s = [0f64; LANES];
+    let mut q = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for l in 0..LANES {
+            let d = ch[l].to_f64_lossy() - shift;
+            s[l] += d;
+            q[l] += d * d;
+        }
+    }
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        let d = v.to_f64_lossy() - shift;
+        s[l] += d;
+        q[l] += d * d;
+    }
+    (s.iter().sum(), q.iter().sum())
+}
+
+/// `(Σ dy, Σ dy·(x - mean))` in f64.
+fn grad_sums<T: Float>(dy: &[T], x: &[T], mean: f64) -> (f64, f64) {
+    let mut s = [0f64; LANES];
+    let mut p = [0f64; LANES];
+    let mut dy_chunks = dy.chunks_exact(LANES);
+    let mut x_chunks = x.chunks_exact(LANES);
+    for (dc, xc) in (&mut dy_chunks).zip(&mut x_chunks) {
+        for l in 0..LANES {
+            let d = dc[l].to_f64_lossy();
+            s[l] += d;
+            p[l] += d * (xc[l].to_f64_lossy() - mean);
+        }
+    }
+    for (l, (&d, &xv)) in dy_chunks
+        .remainder()
+        .iter()
+        .zip(x_chunks.remainder())
+        .enumerate()
+    {
+        let d = d.to_f64_lossy();
+        s[l] += d;
+        p[l] += d * (xv.to_f64_lossy() - mean);
+    }
+    (s.iter().sum(), p.iter().sum())
+}
+
+/// Run `f(channel) -> R` for every channel in parallel (a channel spans `channel_len`
+/// elements), collecting the results in channel order.
+fn per_channel<R, F>(c: usize, channel_len: usize, f: F) -> Vec<R>
+where
+    R: Send + Default + Clone,
+    F: Fn(usize) -> R + Sync,
+{
+    let mut out = vec![R::default(); c];
+    let per_task = units_per_task(c, channel_len, MIN_TASK_ELEMS);
+    par_chunks_mut(&mut out, per_task, |t, slots| {
+        for (j, slot) in slots.iter_mut().enumerate() {
+            *slot = f(t * per_task + j);
+        }
+    });
+    out
+}
 
 /// Training forward: normalizes with the batch mean and biased variance; writes the per-channel
 /// `mean` and `invstd = 1/sqrt(var_biased + eps)` that backward needs.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm2d_forward_train<T: Float>(
-    _n: usize,
-    _c: usize,
-    _hw: usize,
-    _x: &[T],
-    _gamma: &[T],
-    _beta: &[T],
-    _eps: f64,
-    _y: &mut [T],
-    _mean: &mut [T],
-    _invstd: &mut [T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+    y: &mut [T],
+    mean: &mut [T],
+    invstd: &mut [T],
 ) {
-    todo!("ops helper")
+    check_lengths("batchnorm2d_forward_train", n, c, hw, x, gamma, beta);
+    assert_eq!(y.len(), x.len(), "batchnorm2d_forward_train: y length");
+    assert_eq!(mean.len(), c, "batchnorm2d_forward_train: mean length");
+    assert_eq!(invstd.len(), c, "batchnorm2d_forward_train: invstd length");
+    let count = (n * hw) as f64;
+    let stats: Vec<(f64, f64)> = per_channel(c, n * hw, |ch| {
+        let shift = x.get(ch * hw).map_or(0.0, |v| v.to_f64_lossy());
+        let (mut s, mut q) = (0f64, 0f64);
+        for img in 0..n {
+            let plane = &x[(img * c + ch) * hw..(img * c + ch + 1) * hw];
+            let (ps, pq) = shifted_sums(plane, shift);
+            s += ps;
+            q += pq;
+        }
+        let mean_shifted = s / count;
+        let var = (q / count - mean_shifted * mean_shifted).max(0.0);
+        (shift + mean_shifted, 1.0 / (var + eps).sqrt())
+    });
+    for ((m, is), &(sm, si)) in mean.iter_mut().zip(invstd.iter_mut()).zip(&stats) {
+        *m = T::from_f64_lossy(sm);
+        *is = T::from_f64_lossy(si);
+    }
+    // y = (x - mean)·(gamma·invstd) + beta. The f64 mean is applied as hi + lo parts so the
+    // subtraction stays accurate in f32 even when |mean| ≫ std.
+    let coef: Vec<[T; 4]> = stats
+        .iter()
+        .enumerate()
+        .map(|(ch, &(m, is))| {
+            let hi = T::from_f64_lossy(m);
+            let lo = T::from_f64_lossy(m - hi.to_f64_lossy());
+            let scale = T::from_f64_lossy(gamma[ch].to_f64_lossy() * is);
+            [hi, lo, scale, beta[ch]]
+        })
+        .collect();
+    let per_task = units_per_task(n * c, hw, MIN_TASK_ELEMS);
+    par_chunks_mut(y, per_task * hw, |t, ys| {
+        for (j, yp) in ys.chunks_mut(hw).enumerate() {
+            let p = t * per_task + j;
+            let [hi, lo, scale, b] = coef[p % c];
+            for (yi, &xi) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                *yi = ((xi - hi) - lo) * scale + b;
+            }
+        }
+    });
 }
 
 /// Eval forward with running statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm2d_forward_eval<T: Float>(
-    _n: usize,
-    _c: usize,
-    _hw: usize,
-    _x: &[T],
-    _gamma: &[T],
-    _beta: &[T],
-    _running_mean: &[T],
-    _running_var: &[T],
-    _eps: f64,
-    _y: &mut [T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+    eps: f64,
+    y: &mut [T],
 ) {
-    todo!("ops helper")
+    check_lengths("batchnorm2d_forward_eval", n, c, hw, x, gamma, beta);
+    assert_eq!(y.len(), x.len(), "batchnorm2d_forward_eval: y length");
+    assert_eq!(
+        running_mean.len(),
+        c,
+        "batchnorm2d_forward_eval: running_mean length"
+    );
+    assert_eq!(
+        running_var.len(),
+        c,
+        "batchnorm2d_forward_eval: running_var length"
+    );
+    let coef: Vec<[T; 3]> = (0..c)
+        .map(|ch| {
+            let scale = gamma[ch].to_f64_lossy() / (running_var[ch].to_f64_lossy() + eps).sqrt();
+            [running_mean[ch], T::from_f64_lossy(scale), beta[ch]]
+        })
+        .collect();
+    let per_task = units_per_task(n * c, hw, MIN_TASK_ELEMS);
+    par_chunks_mut(y, per_task * hw, |t, ys| {
+        for (j, yp) in ys.chunks_mut(hw).enumerate() {
+            let p = t * per_task + j;
+            let [m, scale, b] = coef[p % c];
+            for (yi, &xi) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                *yi = (xi - m) * scale + b;
+            }
+        }
+    });
 }
 
 /// PyTorch's running-stat update: `r = (1-m)·r + m·batch`, with the *unbiased* batch variance
 /// (`count = N·HW` elements per channel; `mean`/`invstd` as written by the training forward).
+/// With `count == 1` the unbiased variance is undefined (PyTorch refuses to train then); the
+/// biased one is used instead of producing NaN.
 pub fn batchnorm2d_update_running<T: Float>(
-    _mean: &[T],
-    _invstd: &[T],
-    _eps: f64,
-    _count: usize,
-    _momentum: f64,
-    _running_mean: &mut [T],
-    _running_var: &mut [T],
+    mean: &[T],
+    invstd: &[T],
+    eps: f64,
+    count: usize,
+    momentum: f64,
+    running_mean: &mut [T],
+    running_var: &mut [T],
 ) {
-    todo!("ops helper")
+    let c = mean.len();
+    assert_eq!(invstd.len(), c, "batchnorm2d_update_running: invstd length");
+    assert_eq!(
+        running_mean.len(),
+        c,
+        "batchnorm2d_update_running: running_mean length"
+    );
+    assert_eq!(
+        running_var.len(),
+        c,
+        "batchnorm2d_update_running: running_var length"
+    );
+    let bessel = if count > 1 {
+        count as f64 / (count - 1) as f64
+    } else {
+        1.0
+    };
+    for ch in 0..c {
+        let is = invstd[ch].to_f64_lossy();
+        // invstd = 1/sqrt(var + eps)  =>  var = 1/invstd² - eps
+        let var_biased = (1.0 / (is * is) - eps).max(0.0);
+        let rm = running_mean[ch].to_f64_lossy();
+        let rv = running_var[ch].to_f64_lossy();
+        running_mean[ch] =
+            T::from_f64_lossy((1.0 - momentum) * rm + momentum * mean[ch].to_f64_lossy());
+        running_var[ch] = T::from_f64_lossy((1.0 - momentum) * rv + momentum * var_biased * bessel);
+    }
 }
 
 /// Training backward (batch statistics depend on `x`): overwrites `dx`, `dgamma`, `dbeta`.
+///
+/// With `x̂ = (x - mean)·invstd` and `M = N·HW`:
+/// `dbeta = Σ dy`, `dgamma = Σ dy·x̂`,
+/// `dx = gamma·invstd·(dy - dbeta/M - x̂·dgamma/M)`.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm2d_backward<T: Float>(
-    _n: usize,
-    _c: usize,
-    _hw: usize,
-    _x: &[T],
-    _gamma: &[T],
-    _mean: &[T],
-    _invstd: &[T],
-    _dy: &[T],
-    _dx: &mut [T],
-    _dgamma: &mut [T],
-    _dbeta: &mut [T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[T],
+    gamma: &[T],
+    mean: &[T],
+    invstd: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
 ) {
-    todo!("ops helper")
+    check_lengths("batchnorm2d_backward", n, c, hw, x, gamma, gamma);
+    assert_eq!(mean.len(), c, "batchnorm2d_backward: mean length");
+    assert_eq!(invstd.len(), c, "batchnorm2d_backward: invstd length");
+    assert_eq!(dy.len(), x.len(), "batchnorm2d_backward: dy length");
+    assert_eq!(dx.len(), x.len(), "batchnorm2d_backward: dx length");
+    assert_eq!(dgamma.len(), c, "batchnorm2d_backward: dgamma length");
+    assert_eq!(dbeta.len(), c, "batchnorm2d_backward: dbeta length");
+    let count = (n * hw) as f64;
+    let sums: Vec<(f64, f64)> = per_channel(c, n * hw, |ch| {
+        let m = mean[ch].to_f64_lossy();
+        let (mut s, mut p) = (0f64, 0f64);
+        for img in 0..n {
+            let r = (img * c + ch) * hw..(img * c + ch + 1) * hw;
+            let (ps, pp) = grad_sums(&dy[r.clone()], &x[r], m);
+            s += ps;
+            p += pp;
+        }
+        (s, p)
+    });
+    // dx = a·dy + b·(x - mean) + d with per-channel a, b, d (x - mean is exact-ish in T, so
+    // no cancellation when |mean| ≫ std).
+    let mut coef: Vec<[T; 4]> = Vec::with_capacity(c);
+    for ch in 0..c {
+        let (sum_dy, sum_dy_xm) = sums[ch];
+        let is = invstd[ch].to_f64_lossy();
+        let k = gamma[ch].to_f64_lossy() * is;
+        dbeta[ch] = T::from_f64_lossy(sum_dy);
+        dgamma[ch] = T::from_f64_lossy(sum_dy_xm * is);
+        coef.push([
+            T::from_f64_lossy(k),
+            T::from_f64_lossy(-k * is * is * sum_dy_xm / count),
+            T::from_f64_lossy(-k * sum_dy / count),
+            mean[ch],
+        ]);
+    }
+    let per_task = units_per_task(n * c, hw, MIN_TASK_ELEMS);
+    par_chunks_mut(dx, per_task * hw, |t, dxs| {
+        for (j, dxp) in dxs.chunks_mut(hw).enumerate() {
+            let p = t * per_task + j;
+            let [a, b, d, m] = coef[p % c];
+            let r = p * hw..(p + 1) * hw;
+            for ((dxi, &dyi), &xi) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
+                *dxi = a * dyi + b * (xi - m) + d;
+            }
+        }
+    });
+}
+
+fn check_lengths<T>(op: &str, n: usize, c: usize, hw: usize, x: &[T], gamma: &[T], beta: &[T]) {
+    assert_eq!(x.len(), n * c * hw, "{op}: x length");
+    assert_eq!(gamma.len(), c, "{op}: gamma length");
+    assert_eq!(beta.len(), c, "{op}: beta length");
 }

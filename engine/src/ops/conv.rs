@@ -1,5 +1,25 @@
-//! conv2d: general kernel/stride/padding; the implementation picks an algorithm per shape.
+//! conv2d: general kernel/stride/padding, as im2col + GEMM over chunks of images.
+//!
+//! For a chunk of `nb` images the column matrix is `cols[K, nb·P]` with `K = C_in·KH·KW` rows
+//! (one per `(ci, ki, kj)` tap) and `P = OH·OW` columns per image, side by side. Then
+//! - forward:         `Y[C_out, nb·P] = W[C_out, K] · cols`            (+ bias),
+//! - backward-data:   `cols = Wᵀ[K, C_out] · dY[C_out, nb·P]`, then col2im (scatter-add),
+//! - backward-weight: `dW[C_out, K] += dY · colsᵀ` over all chunks,   `db = Σ dY`.
+//!
+//! Chunks batch several small images into one wide GEMM (late VGG layers have P = 4..16,
+//! far too narrow for one GEMM per image) while the scratch stays bounded (`MAX_COL_ELEMS`),
+//! independent of the batch size. Chunks run one after another; the parallelism is inside
+//! the GEMM (which splits over the thread pool) and inside im2col/col2im/scatter/gather
+//! (parallel over disjoint rows or planes). Every output element therefore has one fixed
+//! summation order: results do not depend on thread timing.
+//!
+//! Scratch buffers are cached per calling thread and reused across calls (see
+//! [`conv2d_release_scratch`]). With a single image per chunk the GEMM writes straight into
+//! `y` (and reads `dy` in place); 1×1/stride-1/pad-0 convolutions skip im2col entirely then.
+use super::{par_chunks_mut, units_per_task};
+use crate::gemm::MatRef;
 use crate::Float;
+use std::cell::RefCell;
 
 /// Geometry of a 2-D convolution over a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,31 +42,389 @@ impl Conv2dGeom {
     pub fn out_w(&self) -> usize {
         (self.w + 2 * self.pad - self.kw) / self.stride + 1
     }
+    /// Rows of the column matrix: `C_in·KH·KW`.
+    fn taps(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+    /// 1×1, stride 1, no padding: each image already is its own column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Multiply-adds of the forward pass (each backward pass costs the same).
+    pub fn macs(&self) -> usize {
+        self.n * self.c_out * self.out_h() * self.out_w() * self.taps()
+    }
+    fn check(&self, op: &str) {
+        assert!(self.stride >= 1, "{op}: stride must be >= 1");
+        assert!(
+            self.kh >= 1
+                && self.kw >= 1
+                && self.h + 2 * self.pad >= self.kh
+                && self.w + 2 * self.pad >= self.kw,
+            "{op}: kernel {}x{} does not fit the padded {}x{} input (pad {})",
+            self.kh,
+            self.kw,
+            self.h,
+            self.w,
+            self.pad
+        );
+    }
+}
+
+/// GEMM width to aim for when batching images into one column matrix.
+const TARGET_COLS: usize = 2048;
+/// Upper bound on the column matrix (elements): 16 MB in f32, whatever the batch size.
+const MAX_COL_ELEMS: usize = 1 << 22;
+/// Elements per parallel task at least, for the copy loops.
+const MIN_TASK_ELEMS: usize = 1 << 14;
+
+/// Images per chunk: wide enough for an efficient GEMM, small enough to bound the scratch.
+fn images_per_chunk(g: &Conv2dGeom) -> usize {
+    let p = g.out_h() * g.out_w();
+    let by_width = TARGET_COLS.div_ceil(p.max(1));
+    let by_memory = MAX_COL_ELEMS / (g.taps() * p).max(1);
+    by_width.min(by_memory).min(g.n).max(1)
+}
+
+thread_local! {
+    /// Reused scratch (as f64 words so it is aligned for any `Float`).
+    static SCRATCH: RefCell<[Vec<f64>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Run `f` with two scratch buffers of `len_a` and `len_b` elements (uninitialized content:
+/// whatever the previous call left). Taken out of the thread-local while in use, so a nested
+/// call just allocates its own instead of aliasing.
+fn with_scratch<T: Float, R>(
+    len_a: usize,
+    len_b: usize,
+    f: impl FnOnce(&mut [T], &mut [T]) -> R,
+) -> R {
+    let words = |len: usize| (len * std::mem::size_of::<T>()).div_ceil(8);
+    let [mut a, mut b] = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if a.len() < words(len_a) {
+        a.resize(words(len_a), 0.0);
+    }
+    if b.len() < words(len_b) {
+        b.resize(words(len_b), 0.0);
+    }
+    let result = {
+        let ta: &mut [T] = bytemuck::cast_slice_mut(&mut a[..words(len_a)]);
+        let tb: &mut [T] = bytemuck::cast_slice_mut(&mut b[..words(len_b)]);
+        f(&mut ta[..len_a], &mut tb[..len_b])
+    };
+    SCRATCH.with(|s| *s.borrow_mut() = [a, b]);
+    result
+}
+
+/// Free this thread's cached conv scratch (it is otherwise kept for the next call).
+pub fn conv2d_release_scratch() {
+    SCRATCH.with(|s| *s.borrow_mut() = [Vec::new(), Vec::new()]);
 }
 
 /// `y[n, co, oh, ow] = b[co] + Σ w[co, ci, i, j] · x[n, ci, oh*s+i-p, ow*s+j-p]`.
-pub fn conv2d_forward<T: Float>(
-    _g: &Conv2dGeom,
-    _x: &[T],
-    _w: &[T],
-    _b: Option<&[T]>,
-    _y: &mut [T],
-) {
-    todo!("ops helper")
+pub fn conv2d_forward<T: Float>(g: &Conv2dGeom, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T]) {
+    g.check("conv2d_forward");
+    let (k, p) = (g.taps(), g.out_h() * g.out_w());
+    let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * p);
+    assert_eq!(x.len(), g.n * in_img, "conv2d_forward: x length");
+    assert_eq!(w.len(), g.c_out * k, "conv2d_forward: w length");
+    assert_eq!(y.len(), g.n * out_img, "conv2d_forward: y length");
+    if let Some(b) = b {
+        assert_eq!(b.len(), g.c_out, "conv2d_forward: b length");
+    }
+    let per_chunk = images_per_chunk(g);
+    let w_mat = MatRef::row_major(w, k);
+    with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, ybuf| {
+        for start in (0..g.n).step_by(per_chunk) {
+            let nb = per_chunk.min(g.n - start);
+            let ld = nb * p;
+            let x_chunk = &x[start * in_img..(start + nb) * in_img];
+            let y_chunk = &mut y[start * out_img..(start + nb) * out_img];
+            let cols: &[T] = if nb == 1 && g.is_pointwise() {
+                x_chunk
+            } else {
+                im2col(g, x_chunk, nb, &mut cols[..k * ld]);
+                &cols[..k * ld]
+            };
+            if nb == 1 {
+                // One image: GEMM straight into y, accumulating onto the bias.
+                let beta = match b {
+                    Some(b) => {
+                        for (row, &bias) in y_chunk.chunks_mut(p).zip(b) {
+                            row.fill(bias);
+                        }
+                        T::one()
+                    }
+                    None => T::zero(),
+                };
+                let cols = MatRef::row_major(cols, p);
+                T::gemm(g.c_out, p, k, T::one(), w_mat, cols, beta, y_chunk, p);
+            } else {
+                let ybuf = &mut ybuf[..g.c_out * ld];
+                let cols = MatRef::row_major(cols, ld);
+                T::gemm(g.c_out, ld, k, T::one(), w_mat, cols, T::zero(), ybuf, ld);
+                scatter_output(g.c_out, p, nb, ybuf, b, y_chunk);
+            }
+        }
+    });
 }
 
 /// `dx = ∂L/∂x` given `dy = ∂L/∂y` (overwrites `dx`).
-pub fn conv2d_backward_data<T: Float>(_g: &Conv2dGeom, _dy: &[T], _w: &[T], _dx: &mut [T]) {
-    todo!("ops helper")
+pub fn conv2d_backward_data<T: Float>(g: &Conv2dGeom, dy: &[T], w: &[T], dx: &mut [T]) {
+    g.check("conv2d_backward_data");
+    let (k, p) = (g.taps(), g.out_h() * g.out_w());
+    let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * p);
+    assert_eq!(dy.len(), g.n * out_img, "conv2d_backward_data: dy length");
+    assert_eq!(w.len(), g.c_out * k, "conv2d_backward_data: w length");
+    assert_eq!(dx.len(), g.n * in_img, "conv2d_backward_data: dx length");
+    let per_chunk = images_per_chunk(g);
+    // Wᵀ[K, C_out] is W read column-major.
+    let wt = MatRef::col_major(w, k);
+    with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, dybuf| {
+        for start in (0..g.n).step_by(per_chunk) {
+            let nb = per_chunk.min(g.n - start);
+            let ld = nb * p;
+            let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
+            let dx_chunk = &mut dx[start * in_img..(start + nb) * in_img];
+            let dy_mat: &[T] = if nb == 1 {
+                dy_chunk
+            } else {
+                gather_output_grad(g.c_out, p, nb, dy_chunk, &mut dybuf[..g.c_out * ld]);
+                &dybuf[..g.c_out * ld]
+            };
+            let dy_mat = MatRef::row_major(dy_mat, ld);
+            if nb == 1 && g.is_pointwise() {
+                T::gemm(
+                    k,
+                    ld,
+                    g.c_out,
+                    T::one(),
+                    wt,
+                    dy_mat,
+                    T::zero(),
+                    dx_chunk,
+                    ld,
+                );
+            } else {
+                let cols = &mut cols[..k * ld];
+                T::gemm(k, ld, g.c_out, T::one(), wt, dy_mat, T::zero(), cols, ld);
+                col2im(g, cols, nb, dx_chunk);
+            }
+        }
+    });
 }
 
 /// `dw = ∂L/∂w` and, if given, `db = ∂L/∂b` (overwrites both).
 pub fn conv2d_backward_weight<T: Float>(
-    _g: &Conv2dGeom,
-    _x: &[T],
-    _dy: &[T],
-    _dw: &mut [T],
-    _db: Option<&mut [T]>,
+    g: &Conv2dGeom,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    db: Option<&mut [T]>,
 ) {
-    todo!("ops helper")
+    g.check("conv2d_backward_weight");
+    let (k, p) = (g.taps(), g.out_h() * g.out_w());
+    let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * p);
+    assert_eq!(x.len(), g.n * in_img, "conv2d_backward_weight: x length");
+    assert_eq!(dy.len(), g.n * out_img, "conv2d_backward_weight: dy length");
+    assert_eq!(dw.len(), g.c_out * k, "conv2d_backward_weight: dw length");
+    if g.n == 0 {
+        dw.fill(T::zero());
+    }
+    let per_chunk = images_per_chunk(g);
+    with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, dybuf| {
+        for (chunk_index, start) in (0..g.n).step_by(per_chunk).enumerate() {
+            let nb = per_chunk.min(g.n - start);
+            let ld = nb * p;
+            let x_chunk = &x[start * in_img..(start + nb) * in_img];
+            let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
+            let dy_mat: &[T] = if nb == 1 {
+                dy_chunk
+            } else {
+                gather_output_grad(g.c_out, p, nb, dy_chunk, &mut dybuf[..g.c_out * ld]);
+                &dybuf[..g.c_out * ld]
+            };
+            let cols: &[T] = if nb == 1 && g.is_pointwise() {
+                x_chunk
+            } else {
+                im2col(g, x_chunk, nb, &mut cols[..k * ld]);
+                &cols[..k * ld]
+            };
+            // dW[C_out, K] (+)= dY[C_out, ld] · colsᵀ[ld, K]; the first chunk overwrites.
+            let beta = if chunk_index == 0 {
+                T::zero()
+            } else {
+                T::one()
+            };
+            let dy_mat = MatRef::row_major(dy_mat, ld);
+            let cols_t = MatRef::row_major(cols, ld).t();
+            T::gemm(g.c_out, k, ld, T::one(), dy_mat, cols_t, beta, dw, k);
+        }
+    });
+    if let Some(db) = db {
+        assert_eq!(db.len(), g.c_out, "conv2d_backward_weight: db length");
+        // db[co] = Σ_n Σ_p dy[n, co, p], in f64, parallel over output channels.
+        let per_task = units_per_task(g.c_out, g.n * p, MIN_TASK_ELEMS);
+        par_chunks_mut(db, per_task, |t, dbs| {
+            for (j, d) in dbs.iter_mut().enumerate() {
+                let co = t * per_task + j;
+                let mut acc = 0f64;
+                for img in 0..g.n {
+                    let plane = &dy[img * out_img + co * p..img * out_img + (co + 1) * p];
+                    acc += plane.iter().map(|v| v.to_f64_lossy()).sum::<f64>();
+                }
+                *d = T::from_f64_lossy(acc);
+            }
+        });
+    }
+}
+
+/// The valid output columns `[lo, hi)` of a stride-1 tap with column offset `off = kj - pad`:
+/// input column `c + off` must lie in `[0, w)`.
+fn valid_cols(off: isize, w: usize, ow: usize) -> (usize, usize) {
+    let lo = (-off).clamp(0, ow as isize) as usize;
+    let hi = (w as isize - off).clamp(lo as isize, ow as isize) as usize;
+    (lo, hi)
+}
+
+/// Fill `cols[K, nb·P]` (row stride `nb·P`) from a chunk of `nb` images. Parallel over rows
+/// (taps); each row holds that tap's shifted input for every image of the chunk.
+fn im2col<T: Float>(g: &Conv2dGeom, x_chunk: &[T], nb: usize, cols: &mut [T]) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let (p, plane) = (oh * ow, g.h * g.w);
+    let ld = nb * p;
+    let rows_per_task = units_per_task(g.taps(), ld, MIN_TASK_ELEMS);
+    par_chunks_mut(cols, rows_per_task * ld, |t, rows| {
+        for (j, row) in rows.chunks_mut(ld).enumerate() {
+            let r = t * rows_per_task + j;
+            let (ci, ki, kj) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
+            for img in 0..nb {
+                let src = &x_chunk[(img * g.c_in + ci) * plane..][..plane];
+                let dst = &mut row[img * p..(img + 1) * p];
+                for orow in 0..oh {
+                    let ih = (orow * g.stride + ki) as isize - g.pad as isize;
+                    let d = &mut dst[orow * ow..(orow + 1) * ow];
+                    if ih < 0 || ih >= g.h as isize {
+                        d.fill(T::zero());
+                        continue;
+                    }
+                    let s = &src[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    let off = kj as isize - g.pad as isize;
+                    if g.stride == 1 {
+                        // Contiguous: one copy framed by zero padding.
+                        let (lo, hi) = valid_cols(off, g.w, ow);
+                        d[..lo].fill(T::zero());
+                        let s0 = (lo as isize + off) as usize;
+                        d[lo..hi].copy_from_slice(&s[s0..s0 + (hi - lo)]);
+                        d[hi..].fill(T::zero());
+                    } else {
+                        for (c, v) in d.iter_mut().enumerate() {
+                            let iw = (c * g.stride) as isize + off;
+                            *v = if iw >= 0 && iw < g.w as isize {
+                                s[iw as usize]
+                            } else {
+                                T::zero()
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Scatter-add `cols[K, nb·P]` back into the input-shaped `dx_chunk` (overwritten). Parallel
+/// over `(image, channel)` planes: each plane only receives from its own channel's taps, so
+/// tasks never write the same element.
+fn col2im<T: Float>(g: &Conv2dGeom, cols: &[T], nb: usize, dx_chunk: &mut [T]) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let (p, plane) = (oh * ow, g.h * g.w);
+    let ld = nb * p;
+    let kk = g.kh * g.kw;
+    let planes_per_task = units_per_task(nb * g.c_in, kk * p, MIN_TASK_ELEMS);
+    par_chunks_mut(dx_chunk, planes_per_task * plane, |t, planes| {
+        for (j, dxp) in planes.chunks_mut(plane).enumerate() {
+            let pl = t * planes_per_task + j;
+            let (img, ci) = (pl / g.c_in, pl % g.c_in);
+            dxp.fill(T::zero());
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let r = ci * kk + ki * g.kw + kj;
+                    let src = &cols[r * ld + img * p..][..p];
+                    let off = kj as isize - g.pad as isize;
+                    for orow in 0..oh {
+                        let ih = (orow * g.stride + ki) as isize - g.pad as isize;
+                        if ih < 0 || ih >= g.h as isize {
+                            continue;
+                        }
+                        let d = &mut dxp[ih as usize * g.w..(ih as usize + 1) * g.w];
+                        let s = &src[orow * ow..(orow + 1) * ow];
+                        if g.stride == 1 {
+                            let (lo, hi) = valid_cols(off, g.w, ow);
+                            let d0 = (lo as isize + off) as usize;
+                            for (dv, &sv) in d[d0..d0 + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
+                                *dv += sv;
+                            }
+                        } else {
+                            for (c, &sv) in s.iter().enumerate() {
+                                let iw = (c * g.stride) as isize + off;
+                                if iw >= 0 && iw < g.w as isize {
+                                    d[iw as usize] += sv;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `y_chunk[img, co, :] = ybuf[co, img·P..] + b[co]` (from GEMM layout to NCHW).
+fn scatter_output<T: Float>(
+    c_out: usize,
+    p: usize,
+    nb: usize,
+    ybuf: &[T],
+    b: Option<&[T]>,
+    y_chunk: &mut [T],
+) {
+    let ld = nb * p;
+    let per_task = units_per_task(nb * c_out, p, MIN_TASK_ELEMS);
+    par_chunks_mut(y_chunk, per_task * p, |t, planes| {
+        for (j, yp) in planes.chunks_mut(p).enumerate() {
+            let pl = t * per_task + j;
+            let (img, co) = (pl / c_out, pl % c_out);
+            let src = &ybuf[co * ld + img * p..][..p];
+            match b {
+                Some(b) => {
+                    for (yv, &sv) in yp.iter_mut().zip(src) {
+                        *yv = sv + b[co];
+                    }
+                }
+                None => yp.copy_from_slice(src),
+            }
+        }
+    });
+}
+
+/// `dybuf[co, img·P..] = dy_chunk[img, co, :]` (from NCHW to GEMM layout).
+fn gather_output_grad<T: Float>(
+    c_out: usize,
+    p: usize,
+    nb: usize,
+    dy_chunk: &[T],
+    dybuf: &mut [T],
+) {
+    let ld = nb * p;
+    let per_task = units_per_task(c_out, ld, MIN_TASK_ELEMS);
+    par_chunks_mut(dybuf, per_task * ld, |t, rows| {
+        for (j, row) in rows.chunks_mut(ld).enumerate() {
+            let co = t * per_task + j;
+            for img in 0..nb {
+                row[img * p..(img + 1) * p]
+                    .copy_from_slice(&dy_chunk[(img * c_out + co) * p..][..p]);
+            }
+        }
+    });
 }

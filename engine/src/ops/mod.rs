@@ -19,3 +19,57 @@ pub use linear::*;
 pub use loss::*;
 pub use pool::*;
 pub use relu::*;
+
+use crate::parallel::{num_threads, parallel_for};
+
+/// A raw pointer that tasks of one `parallel_for` may share; see [`par_chunks_mut`].
+struct SharedMutPtr<T>(*mut T);
+// SAFETY: only used by `par_chunks_mut`, whose tasks touch disjoint ranges of one exclusively
+// borrowed slice; `T: Send` makes handing those ranges to other threads sound.
+unsafe impl<T: Send> Sync for SharedMutPtr<T> {}
+impl<T> SharedMutPtr<T> {
+    // A method (not field access) so closures capture the whole `Sync` wrapper.
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Split `data` into consecutive chunks of `chunk_len` elements (the last may be shorter) and
+/// run `f(chunk_index, chunk)` for each, in parallel. Every element is written by exactly one
+/// task, so the result never depends on scheduling.
+pub(crate) fn par_chunks_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(
+    data: &mut [T],
+    chunk_len: usize,
+    f: F,
+) {
+    let len = data.len();
+    if len == 0 {
+        return;
+    }
+    let chunk_len = chunk_len.max(1);
+    let n_chunks = len.div_ceil(chunk_len);
+    if n_chunks == 1 || num_threads() == 1 {
+        for (i, chunk) in data.chunks_mut(chunk_len).enumerate() {
+            f(i, chunk);
+        }
+        return;
+    }
+    let base = SharedMutPtr(data.as_mut_ptr());
+    parallel_for(n_chunks, |i| {
+        let start = i * chunk_len;
+        let end = (start + chunk_len).min(len);
+        // SAFETY: `[start, end)` lies inside `data` and is disjoint from every other task's
+        // range; `data` stays exclusively borrowed until `parallel_for` returns.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        f(i, chunk);
+    });
+}
+
+/// How many consecutive units of `unit_len` elements one parallel task should take: enough
+/// tasks for load balance (~4 per thread), but at least `min_elems` elements per task so
+/// small tensors do not pay scheduling overhead.
+pub(crate) fn units_per_task(n_units: usize, unit_len: usize, min_elems: usize) -> usize {
+    let by_balance = n_units.div_ceil(4 * num_threads()).max(1);
+    let by_size = min_elems.div_ceil(unit_len.max(1)).max(1);
+    by_balance.max(by_size).min(n_units.max(1))
+}
