@@ -7,6 +7,7 @@
 
 pub mod float;
 pub mod gemm;
+pub mod gradcheck;
 pub mod ops;
 pub mod parallel;
 

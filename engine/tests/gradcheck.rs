@@ -1,0 +1,378 @@
+//! Central-difference gradient checks (f64) of every op's backward against its forward,
+//! through `L = Σ r ⊙ op(inputs)` with a fixed random `r` (so `dL/dy = r`).
+use engine::gradcheck::{check_gradients, dot, random_vec, GradcheckConfig};
+use engine::ops::*;
+
+fn check(
+    what: &str,
+    names: &[&str],
+    values: &mut [Vec<f64>],
+    analytic: &[Vec<f64>],
+    loss: impl FnMut(&[Vec<f64>]) -> f64,
+) {
+    let report = check_gradients(names, values, analytic, &GradcheckConfig::default(), loss)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    for input in &report.inputs {
+        assert!(
+            input.checked > 0,
+            "{what}: nothing checked for {}",
+            input.name
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn geom(
+    n: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> Conv2dGeom {
+    Conv2dGeom {
+        n,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        stride,
+        pad,
+    }
+}
+
+#[test]
+fn gradcheck_conv2d() {
+    let shapes = [
+        geom(2, 3, 5, 7, 4, (3, 3), 1, 1), // odd, rectangular image
+        geom(1, 2, 6, 5, 3, (3, 3), 2, 0), // batch 1, stride 2, no padding
+        geom(3, 2, 7, 4, 2, (1, 1), 1, 0), // pointwise (no im2col)
+        geom(2, 1, 9, 8, 2, (5, 5), 2, 2), // 5x5, stride 2, padding 2
+        geom(1, 3, 4, 6, 5, (3, 5), 1, 2), // rectangular kernel, padding 2
+        geom(2, 2, 3, 3, 3, (3, 3), 1, 2), // padding larger than needed: output 5x5
+        geom(1, 2, 5, 5, 2, (1, 1), 2, 1), // 1x1 with stride and padding (im2col path)
+    ];
+    for (t, g) in shapes.iter().enumerate() {
+        let seed = 100 * t as u64;
+        let (k, p) = (g.c_in * g.kh * g.kw, g.out_h() * g.out_w());
+        let x = random_vec(seed, g.n * g.c_in * g.h * g.w, -1.0, 1.0);
+        let w = random_vec(seed + 1, g.c_out * k, -1.0, 1.0);
+        let b = random_vec(seed + 2, g.c_out, -1.0, 1.0);
+        let r = random_vec(seed + 3, g.n * g.c_out * p, -1.0, 1.0);
+        for with_bias in [true, false] {
+            let mut dx = vec![f64::NAN; x.len()];
+            let mut dw = vec![f64::NAN; w.len()];
+            let mut db = vec![f64::NAN; b.len()];
+            conv2d_backward_data(g, &r, &w, &mut dx);
+            conv2d_backward_weight(g, &x, &r, &mut dw, Some(&mut db));
+            let loss = |v: &[Vec<f64>]| {
+                let mut y = vec![f64::NAN; r.len()];
+                let bias = if with_bias { Some(&v[2][..]) } else { None };
+                conv2d_forward(g, &v[0], &v[1], bias, &mut y);
+                dot(&r, &y)
+            };
+            let what = format!("conv2d {g:?} bias={with_bias}");
+            if with_bias {
+                check(
+                    &what,
+                    &["x", "w", "b"],
+                    &mut [x.clone(), w.clone(), b.clone()],
+                    &[dx, dw, db],
+                    loss,
+                );
+            } else {
+                check(
+                    &what,
+                    &["x", "w"],
+                    &mut [x.clone(), w.clone(), b.clone()][..2].to_vec(),
+                    &[dx, dw],
+                    loss,
+                );
+            }
+        }
+    }
+}
+
+/// Images of 32x32 outputs: the conv splits the batch into several chunks (2 images, then 1),
+/// covering the chunked GEMM, the direct single-image GEMM and the pointwise fast path
+/// together. Too many inputs for an exhaustive check: a seeded subset of 300 per input.
+#[test]
+fn gradcheck_conv2d_multi_chunk() {
+    let cfg = GradcheckConfig {
+        max_checks_per_input: Some(300),
+        seed: 7,
+        ..GradcheckConfig::default()
+    };
+    for (t, g) in [
+        geom(3, 1, 32, 32, 2, (3, 3), 1, 1),
+        geom(3, 2, 32, 32, 3, (1, 1), 1, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 700 + 10 * t as u64;
+        let k = g.c_in * g.kh * g.kw;
+        let x = random_vec(seed, g.n * g.c_in * g.h * g.w, -1.0, 1.0);
+        let w = random_vec(seed + 1, g.c_out * k, -1.0, 1.0);
+        let b = random_vec(seed + 2, g.c_out, -1.0, 1.0);
+        let r = random_vec(seed + 3, g.n * g.c_out * g.out_h() * g.out_w(), -1.0, 1.0);
+        let mut dx = vec![f64::NAN; x.len()];
+        let (mut dw, mut db) = (vec![f64::NAN; w.len()], vec![f64::NAN; b.len()]);
+        conv2d_backward_data(g, &r, &w, &mut dx);
+        conv2d_backward_weight(g, &x, &r, &mut dw, Some(&mut db));
+        let report = check_gradients(&["x", "w", "b"], &mut [x, w, b], &[dx, dw, db], &cfg, |v| {
+            let mut y = vec![f64::NAN; r.len()];
+            conv2d_forward(g, &v[0], &v[1], Some(&v[2]), &mut y);
+            dot(&r, &y)
+        })
+        .unwrap_or_else(|e| panic!("conv2d {g:?}: {e}"));
+        assert_eq!(report.inputs[0].checked, 300);
+    }
+}
+
+#[test]
+fn gradcheck_batchnorm2d() {
+    // (n, c, hw): batch 1, odd plane sizes, 1x1 planes with a larger batch.
+    let shapes = [
+        (2, 3, 5 * 7),
+        (1, 2, 3 * 4),
+        (4, 3, 1),
+        (3, 1, 9),
+        (2, 4, 2 * 3),
+    ];
+    let eps = 1e-5;
+    for (t, &(n, c, hw)) in shapes.iter().enumerate() {
+        let seed = 1000 + 10 * t as u64;
+        // A non-zero mean and a non-unit spread exercise the centering.
+        let x = random_vec(seed, n * c * hw, -2.0, 3.0);
+        let gamma = random_vec(seed + 1, c, 0.5, 1.5);
+        let beta = random_vec(seed + 2, c, -1.0, 1.0);
+        let r = random_vec(seed + 3, x.len(), -1.0, 1.0);
+        let (mut mean, mut invstd) = (vec![0.0; c], vec![0.0; c]);
+        let mut y = vec![f64::NAN; x.len()];
+        batchnorm2d_forward_train(
+            n,
+            c,
+            hw,
+            &x,
+            &gamma,
+            &beta,
+            eps,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+        );
+        let mut dx = vec![f64::NAN; x.len()];
+        let (mut dgamma, mut dbeta) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        batchnorm2d_backward(
+            n,
+            c,
+            hw,
+            &x,
+            &gamma,
+            &mean,
+            &invstd,
+            &r,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        check(
+            &format!("batchnorm2d n={n} c={c} hw={hw}"),
+            &["x", "gamma", "beta"],
+            &mut [x.clone(), gamma, beta],
+            &[dx, dgamma, dbeta],
+            |v| {
+                let mut y = vec![f64::NAN; r.len()];
+                let (mut m, mut s) = (vec![0.0; c], vec![0.0; c]);
+                batchnorm2d_forward_train(
+                    n, c, hw, &v[0], &v[1], &v[2], eps, &mut y, &mut m, &mut s,
+                );
+                dot(&r, &y)
+            },
+        );
+    }
+}
+
+#[test]
+fn gradcheck_relu() {
+    for (t, &len) in [1usize, 7, 64, 1000].iter().enumerate() {
+        // |x| >= 0.1 by construction: relu's kink at 0 is far beyond eps = 1e-6, where central
+        // differences would average the two slopes.
+        let u = random_vec(2000 + t as u64, len, 0.1, 1.0);
+        let signs = random_vec(2100 + t as u64, len, -1.0, 1.0);
+        let x: Vec<f64> = u
+            .iter()
+            .zip(&signs)
+            .map(|(u, s)| if *s < 0.0 { -u } else { *u })
+            .collect();
+        let r = random_vec(2200 + t as u64, len, -1.0, 1.0);
+        let mut y = vec![f64::NAN; len];
+        relu_forward(&x, &mut y);
+        let mut dx = vec![f64::NAN; len];
+        relu_backward(&y, &r, &mut dx);
+        check(&format!("relu len={len}"), &["x"], &mut [x], &[dx], |v| {
+            let mut y = vec![f64::NAN; len];
+            relu_forward(&v[0], &mut y);
+            dot(&r, &y)
+        });
+    }
+}
+
+#[test]
+fn gradcheck_maxpool2d() {
+    let shapes = [
+        Pool2dGeom {
+            n: 2,
+            c: 3,
+            h: 6,
+            w: 8,
+            k: 2,
+            stride: 2,
+        }, // the VGG case, rectangular
+        Pool2dGeom {
+            n: 1,
+            c: 2,
+            h: 5,
+            w: 7,
+            k: 2,
+            stride: 2,
+        }, // odd sizes: last row/col dropped
+        Pool2dGeom {
+            n: 2,
+            c: 2,
+            h: 7,
+            w: 5,
+            k: 3,
+            stride: 2,
+        }, // overlapping windows
+        Pool2dGeom {
+            n: 1,
+            c: 1,
+            h: 4,
+            w: 6,
+            k: 3,
+            stride: 1,
+        }, // stride 1
+    ];
+    for (t, g) in shapes.iter().enumerate() {
+        let len = g.n * g.c * g.h * g.w;
+        // Distinct values 0.01 apart (a shuffled ramp): no two window entries are within
+        // 2·eps of each other, so the argmax cannot flip under the perturbation (ties are
+        // kinks).
+        let keys = random_vec(3000 + t as u64, len, 0.0, 1.0);
+        let mut order: Vec<usize> = (0..len).collect();
+        order.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]));
+        let mut x = vec![0.0; len];
+        for (rank, &i) in order.iter().enumerate() {
+            x[i] = rank as f64 * 0.01 - 1.0;
+        }
+        let out = g.n * g.c * g.out_h() * g.out_w();
+        let r = random_vec(3100 + t as u64, out, -1.0, 1.0);
+        let (mut y, mut argmax) = (vec![f64::NAN; out], vec![0u32; out]);
+        maxpool2d_forward(g, &x, &mut y, &mut argmax);
+        let mut dx = vec![f64::NAN; len];
+        maxpool2d_backward(g, &r, &argmax, &mut dx);
+        check(&format!("maxpool2d {g:?}"), &["x"], &mut [x], &[dx], |v| {
+            let (mut y, mut a) = (vec![f64::NAN; out], vec![0u32; out]);
+            maxpool2d_forward(g, &v[0], &mut y, &mut a);
+            dot(&r, &y)
+        });
+    }
+}
+
+#[test]
+fn gradcheck_linear() {
+    // (n, d_in, d_out): batch 1, non-square, odd.
+    for (t, &(n, d_in, d_out)) in [(3, 5, 4), (1, 7, 3), (4, 1, 6), (2, 9, 10)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 4000 + 10 * t as u64;
+        let x = random_vec(seed, n * d_in, -1.0, 1.0);
+        let w = random_vec(seed + 1, d_out * d_in, -1.0, 1.0);
+        let b = random_vec(seed + 2, d_out, -1.0, 1.0);
+        let r = random_vec(seed + 3, n * d_out, -1.0, 1.0);
+        let mut dx = vec![f64::NAN; x.len()];
+        let (mut dw, mut db) = (vec![f64::NAN; w.len()], vec![f64::NAN; d_out]);
+        linear_backward(
+            n,
+            d_in,
+            d_out,
+            &x,
+            &w,
+            &r,
+            Some(&mut dx),
+            &mut dw,
+            Some(&mut db),
+        );
+        check(
+            &format!("linear n={n} in={d_in} out={d_out}"),
+            &["x", "w", "b"],
+            &mut [x, w, b],
+            &[dx, dw, db],
+            |v| {
+                let mut y = vec![f64::NAN; r.len()];
+                linear_forward(n, d_in, d_out, &v[0], &v[1], Some(&v[2]), &mut y);
+                dot(&r, &y)
+            },
+        );
+    }
+}
+
+#[test]
+fn gradcheck_cross_entropy() {
+    for (t, &(n, classes)) in [(4, 10), (1, 3), (5, 2), (3, 7)].iter().enumerate() {
+        let seed = 5000 + 10 * t as u64;
+        // Large logits (±20) check the max-shift path too.
+        let logits = random_vec(seed, n * classes, -20.0, 20.0);
+        let labels: Vec<u32> = random_vec(seed + 1, n, 0.0, classes as f64)
+            .iter()
+            .map(|&u| (u as u32).min(classes as u32 - 1))
+            .collect();
+        // A non-unit upstream gradient of the loss.
+        let dloss = random_vec(seed + 2, 1, 0.5, 2.0)[0];
+        let mut probs = vec![f64::NAN; logits.len()];
+        cross_entropy_forward(n, classes, &logits, &labels, &mut probs);
+        let mut dlogits = vec![f64::NAN; logits.len()];
+        cross_entropy_backward(n, classes, &probs, &labels, dloss, &mut dlogits);
+        check(
+            &format!("cross_entropy n={n} classes={classes}"),
+            &["logits"],
+            &mut [logits],
+            &[dlogits],
+            |v| {
+                let mut p = vec![f64::NAN; n * classes];
+                dloss * cross_entropy_forward(n, classes, &v[0], &labels, &mut p)
+            },
+        );
+    }
+}
+
+/// The checker itself must reject a wrong gradient (otherwise every test above is vacuous).
+#[test]
+fn gradcheck_detects_wrong_gradient() {
+    let x = random_vec(6000, 6, -1.0, 1.0);
+    let r = random_vec(6001, 6, -1.0, 1.0);
+    let mut wrong: Vec<f64> = x.iter().zip(&r).map(|(x, r)| 2.0 * r * x).collect();
+    wrong[3] *= 1.01;
+    let result = check_gradients(
+        &["x"],
+        &mut [x],
+        &[wrong],
+        &GradcheckConfig::default(),
+        |v| dot(&r, &v[0].iter().map(|x| x * x).collect::<Vec<_>>()),
+    );
+    match result {
+        Err(engine::gradcheck::GradcheckError::Mismatch {
+            index, failures, ..
+        }) => {
+            assert_eq!((index, failures), (3, 1));
+        }
+        other => panic!("expected a mismatch at index 3, got {other:?}"),
+    }
+}
