@@ -1,1 +1,163 @@
-//! (being written)
+//! DDP: gradients grouped into buckets, each bucket averaged with an asynchronous all-reduce
+//! launched during backward as soon as its last gradient is final.
+//!
+//! This file holds the pure bucketing plan ([`plan_buckets`]); the per-step machinery
+//! that fills buckets from the engine's grad-ready hook lives in [`DdpSync`] below.
+//!
+//! Bucketing follows PyTorch's `DistributedDataParallel`: parameters are taken in *reverse*
+//! order (the order backward produces their gradients), a bucket is closed as soon as its
+//! byte size reaches its cap (so the last gradient added may push it over), the first
+//! bucket's cap is small (`--first-bucket-mb`, PyTorch's 1 MiB) so communication starts
+//! early, and every later bucket uses `--bucket-cap-mb` (PyTorch's 25 MiB).
+
+/// One bucket of the plan: which parameters it holds and where each one's gradient lives
+/// inside the bucket's flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    /// Parameter indices, in the order they were added (descending index).
+    pub params: Vec<usize>,
+    /// `offsets[k]` is where `params[k]`'s gradient starts in the flat buffer (elements).
+    pub offsets: Vec<usize>,
+    /// Total elements in the bucket.
+    pub len: usize,
+}
+
+/// Group parameters into buckets.
+///
+/// `param_lens[i]` is parameter `i`'s element count, `elem_bytes` the size of one element,
+/// `first_cap_bytes` the first bucket's cap and `cap_bytes` every later bucket's cap. A cap
+/// of 0 puts every parameter in its own bucket. Returns buckets in launch order.
+pub fn plan_buckets(
+    param_lens: &[usize],
+    elem_bytes: usize,
+    first_cap_bytes: usize,
+    cap_bytes: usize,
+) -> Vec<Bucket> {
+    let mut buckets = Vec::new();
+    let mut current = Bucket {
+        params: Vec::new(),
+        offsets: Vec::new(),
+        len: 0,
+    };
+    for (index, &len) in param_lens.iter().enumerate().rev() {
+        current.params.push(index);
+        current.offsets.push(current.len);
+        current.len += len;
+        let cap = if buckets.is_empty() {
+            first_cap_bytes
+        } else {
+            cap_bytes
+        };
+        if current.len * elem_bytes >= cap {
+            buckets.push(std::mem::replace(
+                &mut current,
+                Bucket {
+                    params: Vec::new(),
+                    offsets: Vec::new(),
+                    len: 0,
+                },
+            ));
+        }
+    }
+    if !current.params.is_empty() {
+        buckets.push(current);
+    }
+    buckets
+}
+
+/// Megabytes (MiB, as PyTorch's `bucket_cap_mb`) to bytes, rejecting negative/NaN values.
+pub fn mib_to_bytes(mib: f64) -> usize {
+    if mib.is_finite() && mib > 0.0 {
+        (mib * 1024.0 * 1024.0) as usize
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks every invariant of a plan against the inputs it was built from.
+    fn check_plan(lens: &[usize], elem: usize, first: usize, cap: usize, plan: &[Bucket]) {
+        // Every parameter exactly once, in reverse order across the buckets.
+        let order: Vec<usize> = plan.iter().flat_map(|b| b.params.clone()).collect();
+        let expected: Vec<usize> = (0..lens.len()).rev().collect();
+        assert_eq!(order, expected);
+        for (bi, b) in plan.iter().enumerate() {
+            assert!(!b.params.is_empty());
+            // Offsets are the running sum of lengths.
+            let mut off = 0;
+            for (k, &p) in b.params.iter().enumerate() {
+                assert_eq!(b.offsets[k], off);
+                off += lens[p];
+            }
+            assert_eq!(b.len, off);
+            let cap_b = if bi == 0 { first } else { cap };
+            // Only the last parameter may push a bucket to or over its cap...
+            let before_last = b.len - lens[*b.params.last().unwrap()];
+            assert!(before_last * elem < cap_b || b.params.len() == 1);
+            // ...and every bucket but the last reached its cap.
+            if bi + 1 < plan.len() {
+                assert!(b.len * elem >= cap_b);
+            }
+        }
+    }
+
+    #[test]
+    fn vgg11_like_plan_has_small_first_bucket() {
+        // conv(w,b), bn(w,b) x2, then linear(w,b), as VGG's parameter list.
+        let lens = [1728, 64, 64, 64, 73728, 128, 128, 128, 5120, 10];
+        let plan = plan_buckets(&lens, 4, 21_500, 200_000);
+        check_plan(&lens, 4, 21_500, 200_000, &plan);
+        // Reverse order: 10 + 5120 + 128 + 128 = 5386 elems = 21544 B >= 21500 closes bucket 0.
+        assert_eq!(plan[0].params, vec![9, 8, 7, 6]);
+        assert_eq!(plan[0].offsets, vec![0, 10, 5130, 5258]);
+        // (128 + 73728) * 4 = 295424 B >= 200000 closes bucket 1.
+        assert_eq!(plan[1].params, vec![5, 4]);
+        assert_eq!(plan[2].params, vec![3, 2, 1, 0]);
+        assert_eq!(plan.len(), 3);
+    }
+
+    #[test]
+    fn zero_cap_gives_one_bucket_per_param_and_huge_cap_one_bucket() {
+        let lens = [3, 1, 4, 1, 5];
+        let each = plan_buckets(&lens, 4, 0, 0);
+        check_plan(&lens, 4, 0, 0, &each);
+        assert_eq!(each.len(), 5);
+        let one = plan_buckets(&lens, 4, usize::MAX, usize::MAX);
+        check_plan(&lens, 4, usize::MAX, usize::MAX, &one);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].len, 14);
+        assert!(plan_buckets(&[], 4, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn random_plans_satisfy_invariants() {
+        // A small deterministic LCG: many shapes, every invariant checked.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % m
+        };
+        for _ in 0..200 {
+            let n = next(30) as usize;
+            let lens: Vec<usize> = (0..n).map(|_| 1 + next(5000) as usize).collect();
+            let first = next(20_000) as usize;
+            let cap = next(60_000) as usize;
+            let plan = plan_buckets(&lens, 4, first, cap);
+            check_plan(&lens, 4, first, cap, &plan);
+        }
+    }
+
+    #[test]
+    fn mib_conversion() {
+        assert_eq!(mib_to_bytes(1.0), 1 << 20);
+        assert_eq!(mib_to_bytes(25.0), 25 << 20);
+        assert_eq!(mib_to_bytes(0.5), 1 << 19);
+        assert_eq!(mib_to_bytes(-1.0), 0);
+        assert_eq!(mib_to_bytes(f64::NAN), 0);
+    }
+}
