@@ -1,11 +1,38 @@
-//! Intra-op parallelism: a process-wide thread count the caller sets (default: all cores).
+//! Intra-op parallelism: a process-wide thread count the caller sets (default: all cores)
+//! and a persistent pool that runs `parallel_for(n_tasks, |task_index| ...)`.
 //!
-//! PLACEHOLDER API (gemm helper owns this file): `set_num_threads`, `num_threads`,
-//! `parallel_for(n_tasks, |task_index| ...)` running tasks on a persistent pool.
+//! Why a hand-written pool rather than `rayon`: the only pattern the engine needs is "split
+//! this loop over T threads and wait", with T small (2 on the target machine). A pool built
+//! on one mutex, two condvars and a few atomics does that in a few µs, never pulls in a
+//! work-stealing runtime whose idle threads keep spinning, and lets us control exactly how
+//! long idle workers spin (briefly, then they sleep on a condvar) — important because the
+//! DDP communication thread shares the same cores.
+//!
+//! Rules:
+//! - The calling thread always takes part in the work, so `T` threads means `T - 1` pool
+//!   workers plus the caller.
+//! - A `parallel_for` issued from inside a task (nested), or while another thread is
+//!   already using the pool, runs inline on the calling thread: never a deadlock.
+//! - A panic inside a task is caught, the loop still waits for every participant, and the
+//!   panic is then re-raised on the calling thread.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::time::{Duration, Instant};
 
 static NUM_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// How long an idle worker spins on the job counter before it sleeps on the condvar. Short
+/// enough not to steal a core from other work for long, long enough that back-to-back
+/// loops (one op after another) find the workers awake.
+const WORKER_SPIN: Duration = Duration::from_micros(50);
+/// How long the caller spins waiting for workers to finish before it sleeps.
+const CALLER_SPIN: Duration = Duration::from_micros(200);
+/// Timed waits re-check their condition at least this often (guards against any missed
+/// wake-up; there should be none).
+const WAIT_SLICE: Duration = Duration::from_millis(10);
 
 /// Set the number of threads intra-op parallel loops use (>= 1).
 pub fn set_num_threads(n: usize) {
@@ -22,10 +49,267 @@ pub fn num_threads() -> usize {
     }
 }
 
+thread_local! {
+    /// True on pool workers and on a caller while it runs its share of a parallel loop.
+    static IN_PARALLEL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True when called from inside a `parallel_for` task: a nested parallel loop would run
+/// inline, so callers (e.g. SGEMM) can pick their single-threaded path directly.
+pub fn in_parallel() -> bool {
+    IN_PARALLEL.with(|p| p.get())
+}
+
 /// Run `f(i)` for every `i` in `0..n_tasks`, spread over [`num_threads`] threads; returns
-/// when all are done.
+/// when all are done. Tasks are handed out dynamically (one atomic increment each).
 pub fn parallel_for<F: Fn(usize) + Sync>(n_tasks: usize, f: F) {
-    for i in 0..n_tasks {
-        f(i)
+    parallel_for_threads(num_threads(), n_tasks, f)
+}
+
+/// [`parallel_for`] with an explicit thread count (the caller counts as one thread).
+pub fn parallel_for_threads<F: Fn(usize) + Sync>(threads: usize, n_tasks: usize, f: F) {
+    let participants = threads.min(n_tasks);
+    if participants <= 1 || in_parallel() {
+        for i in 0..n_tasks {
+            f(i)
+        }
+        return;
+    }
+    let pool = pool();
+    // One loop at a time uses the pool; anyone else runs inline rather than queueing.
+    let _submit = match pool.submit.try_lock() {
+        Ok(guard) => guard,
+        // A task panic re-raised by the previous loop poisons the lock; the pool itself is
+        // consistent (it waited for every worker), so keep using it.
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            for i in 0..n_tasks {
+                f(i)
+            }
+            return;
+        }
+    };
+    let workers = pool.ensure_workers(participants - 1);
+    if workers == 0 {
+        for i in 0..n_tasks {
+            f(i)
+        }
+        return;
+    }
+    pool.run(workers, n_tasks, &f);
+}
+
+/// A lifetime-erased pointer to the loop body. Only dereferenced by workers that joined the
+/// current job, and the submitting thread waits for all of them to leave before returning
+/// (so before the closure it points to goes out of scope).
+#[derive(Clone, Copy)]
+struct JobPtr(*const (dyn Fn(usize) + Sync + 'static));
+// SAFETY: the pointee is `Sync` (shared `&` calls from several threads are fine) and is
+// kept alive by the submitting thread for as long as any worker can use the pointer.
+unsafe impl Send for JobPtr {}
+
+struct State {
+    /// The job being run, `None` between jobs.
+    job: Option<JobPtr>,
+    /// Number of the current/last job; workers compare it with the last one they saw.
+    epoch: u64,
+    /// How many workers may still join the current job.
+    open_slots: usize,
+    /// Workers spawned so far.
+    n_workers: usize,
+}
+
+struct Pool {
+    submit: Mutex<()>,
+    state: Mutex<State>,
+    /// Workers sleep here waiting for a new job.
+    work_cv: Condvar,
+    /// The submitter sleeps here waiting for joined workers to leave.
+    done_cv: Condvar,
+    /// Mirror of `State::epoch` that idle workers spin on without taking the lock.
+    epoch: AtomicU64,
+    n_tasks: AtomicUsize,
+    next_task: AtomicUsize,
+    tasks_done: AtomicUsize,
+    /// Workers that joined / left the current job (joined is changed under `state`).
+    joined: AtomicUsize,
+    left: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Pool {
+        submit: Mutex::new(()),
+        state: Mutex::new(State {
+            job: None,
+            epoch: 0,
+            open_slots: 0,
+            n_workers: 0,
+        }),
+        work_cv: Condvar::new(),
+        done_cv: Condvar::new(),
+        epoch: AtomicU64::new(0),
+        n_tasks: AtomicUsize::new(0),
+        next_task: AtomicUsize::new(0),
+        tasks_done: AtomicUsize::new(0),
+        joined: AtomicUsize::new(0),
+        left: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
+    })
+}
+
+/// Lock ignoring poisoning: the pool's state stays consistent because tasks never run while
+/// the lock is held.
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    /// Spawn workers until there are `wanted`; returns how many are available (fewer if the
+    /// OS refused to spawn a thread).
+    fn ensure_workers(&'static self, wanted: usize) -> usize {
+        let mut st = lock(&self.state);
+        while st.n_workers < wanted {
+            let seen = st.epoch;
+            let spawned = std::thread::Builder::new()
+                .name(format!("dtrain-pool-{}", st.n_workers))
+                .spawn(move || self.worker_loop(seen));
+            if spawned.is_err() {
+                break;
+            }
+            st.n_workers += 1;
+        }
+        st.n_workers.min(wanted)
+    }
+
+    /// Publish a job, take part in it, and wait until every joined worker has left.
+    fn run(&self, workers: usize, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        // SAFETY: only the lifetime is erased; see `JobPtr` for why no worker can use the
+        // pointer after this function returns.
+        let job = JobPtr(unsafe {
+            std::mem::transmute::<
+                *const (dyn Fn(usize) + Sync + '_),
+                *const (dyn Fn(usize) + Sync + 'static),
+            >(f as *const _)
+        });
+        {
+            let mut st = lock(&self.state);
+            self.n_tasks.store(n_tasks, Ordering::Relaxed);
+            self.next_task.store(0, Ordering::Relaxed);
+            self.tasks_done.store(0, Ordering::Relaxed);
+            self.joined.store(0, Ordering::Relaxed);
+            self.left.store(0, Ordering::Relaxed);
+            self.panicked.store(false, Ordering::Relaxed);
+            st.job = Some(job);
+            st.open_slots = workers;
+            st.epoch += 1;
+            self.epoch.store(st.epoch, Ordering::Release);
+        }
+        self.work_cv.notify_all();
+
+        IN_PARALLEL.with(|p| p.set(true));
+        let own_panic = self.run_tasks(f);
+        IN_PARALLEL.with(|p| p.set(false));
+
+        // Wait for the workers: spin briefly (tasks are usually balanced), then sleep.
+        let all_left = |p: &Pool| {
+            p.tasks_done.load(Ordering::Acquire) == n_tasks
+                && p.left.load(Ordering::Acquire) == p.joined.load(Ordering::Acquire)
+        };
+        let spin_until = Instant::now() + CALLER_SPIN;
+        let mut spins = 0u32;
+        while !all_left(self) {
+            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(64) && Instant::now() > spin_until {
+                break;
+            }
+        }
+        let mut st = lock(&self.state);
+        // `joined` only changes under the lock, so this check-then-close is race free.
+        while !all_left(self) {
+            st = self
+                .done_cv
+                .wait_timeout(st, WAIT_SLICE)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.job = None;
+        st.open_slots = 0;
+        drop(st);
+
+        if let Some(payload) = own_panic {
+            resume_unwind(payload);
+        }
+        if self.panicked.load(Ordering::Acquire) {
+            panic!("a parallel_for task panicked on a pool worker");
+        }
+    }
+
+    /// Claim and run tasks until none are left. A panicking task still counts as done (so
+    /// nobody waits for it forever); the first panic payload is returned.
+    fn run_tasks(&self, f: &(dyn Fn(usize) + Sync)) -> Option<Box<dyn std::any::Any + Send>> {
+        let n = self.n_tasks.load(Ordering::Relaxed);
+        let mut first_panic = None;
+        loop {
+            let i = self.next_task.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+                first_panic.get_or_insert(payload);
+            }
+            self.tasks_done.fetch_add(1, Ordering::Release);
+        }
+        first_panic
+    }
+
+    fn worker_loop(&self, mut seen: u64) {
+        IN_PARALLEL.with(|p| p.set(true));
+        loop {
+            // Spin a little on the epoch before taking the lock and sleeping.
+            let spin_until = Instant::now() + WORKER_SPIN;
+            let mut spins = 0u32;
+            while self.epoch.load(Ordering::Acquire) == seen {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins.is_multiple_of(64) && Instant::now() > spin_until {
+                    break;
+                }
+            }
+            let job = {
+                let mut st = lock(&self.state);
+                loop {
+                    if st.epoch != seen {
+                        seen = st.epoch;
+                        if let (Some(job), true) = (st.job, st.open_slots > 0) {
+                            st.open_slots -= 1;
+                            self.joined.fetch_add(1, Ordering::AcqRel);
+                            break job;
+                        }
+                    }
+                    // Idle workers sleep indefinitely by design (nothing to wait *for*);
+                    // the timed slice only re-checks the epoch.
+                    st = self
+                        .work_cv
+                        .wait_timeout(st, WAIT_SLICE * 10)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            };
+            // SAFETY: we joined the job under the lock while it was published; the
+            // submitter keeps the closure alive until we bump `left` below.
+            let f = unsafe { &*job.0 };
+            if self.run_tasks(f).is_some() {
+                self.panicked.store(true, Ordering::Release);
+            }
+            // Take the lock so the submitter cannot miss the notification between its
+            // check and its wait.
+            let st = lock(&self.state);
+            self.left.fetch_add(1, Ordering::AcqRel);
+            drop(st);
+            self.done_cv.notify_all();
+        }
     }
 }

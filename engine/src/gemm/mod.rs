@@ -8,6 +8,11 @@
 //! - [`sgemm_with`]: the same with an explicit [`Kernel`] and thread count (tests, benches).
 //! - [`gemm_reference`]: naive triple loop, generic, used for f64 and as the test oracle.
 
+mod pack;
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// A strided read-only view of a matrix: element `(i, j)` is at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, T> {
@@ -48,9 +53,53 @@ impl<'a, T> MatRef<'a, T> {
 /// Which microkernel an SGEMM runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// AVX-512F, 14×32 register tile.
     Avx512,
+    /// AVX2 + FMA, 6×16 register tile.
     Avx2Fma,
+    /// Plain Rust, 4×8 tile (any CPU).
     Portable,
+}
+
+impl Kernel {
+    /// Every kernel, best first.
+    pub const ALL: [Kernel; 3] = [Kernel::Avx512, Kernel::Avx2Fma, Kernel::Portable];
+
+    /// Whether this CPU can run the kernel (runtime feature detection).
+    pub fn is_available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx512 | Kernel::Avx2Fma => false,
+            Kernel::Portable => true,
+        }
+    }
+
+    /// The best kernel this CPU can run (detected once, then cached).
+    pub fn detect() -> Kernel {
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            Kernel::ALL
+                .into_iter()
+                .find(|k| k.is_available())
+                .unwrap_or(Kernel::Portable)
+        })
+    }
+
+    /// The register tile `(MR, NR)` of this kernel.
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            Kernel::Avx512 => (TileAvx512::MR, TileAvx512::NR),
+            Kernel::Avx2Fma => (TileAvx2::MR, TileAvx2::NR),
+            Kernel::Portable => (TilePortable::MR, TilePortable::NR),
+        }
+    }
 }
 
 /// Naive reference GEMM: `C = alpha·A·B + beta·C`, accumulating in `T`.
@@ -82,8 +131,11 @@ pub fn gemm_reference<T: crate::Float>(
     }
 }
 
-/// `C = alpha·A·B + beta·C` in f32 with the best kernel for this CPU.
-/// PLACEHOLDER until the packed kernels land (gemm helper replaces this body).
+/// `C = alpha·A·B + beta·C` in f32 with the best kernel for this CPU and
+/// [`crate::parallel::num_threads`] threads. `C` is row-major `m × n` with leading
+/// dimension `ldc`; when `beta == 0` it is overwritten (NaN on entry does not propagate).
+///
+/// Panics if a view or `C` is too small for the given shape (a programming error).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
@@ -96,5 +148,507 @@ pub fn sgemm(
     c: &mut [f32],
     ldc: usize,
 ) {
-    gemm_reference(m, n, k, alpha, a, b, beta, c, ldc)
+    sgemm_with(
+        Kernel::detect(),
+        crate::parallel::num_threads(),
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        ldc,
+    )
+}
+
+/// [`sgemm`] with an explicit microkernel and thread count (the calling thread counts as
+/// one). Problems too small to amortize a parallel split, and calls made from inside a
+/// `parallel_for` task, run single-threaded.
+///
+/// Panics if `kernel` is not available on this CPU (see [`Kernel::is_available`]) or if a
+/// view or `C` is too small for the shape.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_with(
+    kernel: Kernel,
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        kernel.is_available(),
+        "SGEMM kernel {kernel:?} is not supported by this CPU"
+    );
+    check_view("A", &a, m, k);
+    check_view("B", &b, k, n);
+    assert!(m == 1 || ldc >= n, "SGEMM: ldc ({ldc}) < n ({n})");
+    let c_needed = (m - 1)
+        .checked_mul(ldc)
+        .and_then(|x| x.checked_add(n))
+        .expect("SGEMM: C extent overflows usize");
+    assert!(
+        c_needed <= c.len(),
+        "SGEMM: C has {} elements, {m}x{n} with ldc {ldc} needs {c_needed}",
+        c.len()
+    );
+    if k == 0 {
+        for row in c.chunks_mut(ldc.max(n)).take(m) {
+            for x in &mut row[..n] {
+                *x = if beta == 0.0 { 0.0 } else { beta * *x };
+            }
+        }
+        return;
+    }
+    let cm = CMat {
+        ptr: c.as_mut_ptr(),
+        rs: ldc,
+        cs: 1,
+    };
+    // SAFETY (all arms): the kernel is available on this CPU (asserted above), the views
+    // were bounds-checked for the full shape, and `cm` covers the checked extent of `c`,
+    // which we borrow mutably for the whole call.
+    match kernel {
+        Kernel::Avx512 => unsafe { driver::<TileAvx512>(threads, m, n, k, alpha, a, b, beta, cm) },
+        Kernel::Avx2Fma => unsafe { driver::<TileAvx2>(threads, m, n, k, alpha, a, b, beta, cm) },
+        Kernel::Portable => unsafe {
+            driver::<TilePortable>(threads, m, n, k, alpha, a, b, beta, cm)
+        },
+    }
+}
+
+/// Panic unless every element `(i, j)`, `i < rows`, `j < cols` of `v` is inside `v.data`.
+fn check_view(name: &str, v: &MatRef<'_, f32>, rows: usize, cols: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let last = (rows - 1)
+        .checked_mul(v.rs)
+        .and_then(|x| (cols - 1).checked_mul(v.cs).and_then(|y| x.checked_add(y)));
+    match last {
+        Some(last) if last < v.data.len() => {}
+        _ => panic!(
+            "SGEMM: {name} view ({rows}x{cols}, rs {}, cs {}) exceeds its {} elements",
+            v.rs,
+            v.cs,
+            v.data.len()
+        ),
+    }
+}
+
+/// Below this many multiply-adds (`m·n·k`) a parallel split costs more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// A register-blocked microkernel with its cache-blocking parameters.
+///
+/// Blocking for Zen 3 (32 KiB L1d, 512 KiB L2 per core, 32 MiB L3): a `KC × NR` B
+/// micro-panel stays in L1 while the `MC × KC` A block streams from L2, and the
+/// `KC × NC` B block lives in L3.
+trait MicroKernel {
+    const MR: usize;
+    const NR: usize;
+    const MC: usize;
+    const KC: usize;
+    const NC: usize;
+    /// Pack an A block into MR-row panels (see `pack.rs`).
+    fn pack_a(a: MatRef<'_, f32>, i0: usize, p0: usize, rows: usize, depth: usize, dst: &mut [f32]);
+    /// Pack a B block into NR-column panels (see `pack.rs`).
+    fn pack_b(b: MatRef<'_, f32>, p0: usize, j0: usize, depth: usize, cols: usize, dst: &mut [f32]);
+    /// `C[MR×NR] = alpha · Apanel · Bpanel + beta · C` (see `x86.rs`).
+    ///
+    /// # Safety
+    /// The kernel's CPU features are present and the pointers satisfy the microkernel
+    /// contract documented in `x86.rs`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        alpha: f32,
+        beta: f32,
+    );
+}
+
+struct TileAvx2;
+struct TileAvx512;
+struct TilePortable;
+
+impl MicroKernel for TileAvx2 {
+    fn pack_a(
+        a: MatRef<'_, f32>,
+        i0: usize,
+        p0: usize,
+        rows: usize,
+        depth: usize,
+        dst: &mut [f32],
+    ) {
+        pack::pack_a::<{ TileAvx2::MR }>(a, i0, p0, rows, depth, dst)
+    }
+    fn pack_b(
+        b: MatRef<'_, f32>,
+        p0: usize,
+        j0: usize,
+        depth: usize,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        pack::pack_b::<{ TileAvx2::NR }>(b, p0, j0, depth, cols, dst)
+    }
+    const MR: usize = 6;
+    const NR: usize = 16;
+    // A block 144·256·4 = 144 KiB (L2), B micro-panel 256·16·4 = 16 KiB (half of L1).
+    const MC: usize = 144;
+    const KC: usize = 256;
+    const NC: usize = 4080;
+    unsafe fn run(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded contract of `MicroKernel::run`.
+        unsafe {
+            x86::kernel_avx2_6x16(kc, a, b, c, rsc, alpha, beta)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "AVX2 kernel on a non-x86 CPU {:?}",
+            (kc, a, b, c, rsc, alpha, beta)
+        )
+    }
+}
+
+impl MicroKernel for TileAvx512 {
+    fn pack_a(
+        a: MatRef<'_, f32>,
+        i0: usize,
+        p0: usize,
+        rows: usize,
+        depth: usize,
+        dst: &mut [f32],
+    ) {
+        pack::pack_a::<{ TileAvx512::MR }>(a, i0, p0, rows, depth, dst)
+    }
+    fn pack_b(
+        b: MatRef<'_, f32>,
+        p0: usize,
+        j0: usize,
+        depth: usize,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        pack::pack_b::<{ TileAvx512::NR }>(b, p0, j0, depth, cols, dst)
+    }
+    const MR: usize = 14;
+    const NR: usize = 32;
+    // A block 140·256·4 = 140 KiB, B micro-panel 256·32·4 = 32 KiB.
+    const MC: usize = 140;
+    const KC: usize = 256;
+    const NC: usize = 4096;
+    unsafe fn run(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded contract of `MicroKernel::run`.
+        unsafe {
+            x86::kernel_avx512_14x32(kc, a, b, c, rsc, alpha, beta)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "AVX-512 kernel on a non-x86 CPU {:?}",
+            (kc, a, b, c, rsc, alpha, beta)
+        )
+    }
+}
+
+impl MicroKernel for TilePortable {
+    fn pack_a(
+        a: MatRef<'_, f32>,
+        i0: usize,
+        p0: usize,
+        rows: usize,
+        depth: usize,
+        dst: &mut [f32],
+    ) {
+        pack::pack_a::<{ TilePortable::MR }>(a, i0, p0, rows, depth, dst)
+    }
+    fn pack_b(
+        b: MatRef<'_, f32>,
+        p0: usize,
+        j0: usize,
+        depth: usize,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        pack::pack_b::<{ TilePortable::NR }>(b, p0, j0, depth, cols, dst)
+    }
+    const MR: usize = portable::MR;
+    const NR: usize = portable::NR;
+    const MC: usize = 128;
+    const KC: usize = 256;
+    const NC: usize = 4096;
+    unsafe fn run(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        // SAFETY: forwarded contract of `MicroKernel::run`.
+        unsafe { portable::kernel_portable_4x8(kc, a, b, c, rsc, alpha, beta) }
+    }
+}
+
+/// Largest `MR · NR` of any kernel (size of the edge-tile scratch buffer).
+const MAX_TILE: usize = 14 * 32;
+
+/// The output matrix as a raw strided pointer, so parallel tasks can each write their own
+/// disjoint block and so `C` can be viewed transposed.
+#[derive(Clone, Copy)]
+struct CMat {
+    ptr: *mut f32,
+    rs: usize,
+    cs: usize,
+}
+
+// SAFETY: a `CMat` is only shared between tasks that write disjoint sets of elements
+// (different row or column ranges), and the `&mut [f32]` it came from is borrowed for the
+// whole SGEMM call.
+unsafe impl Send for CMat {}
+// SAFETY: see `Send`.
+unsafe impl Sync for CMat {}
+
+impl CMat {
+    /// The sub-matrix starting at `(i, j)`.
+    ///
+    /// # Safety
+    /// `(i, j)` must lie inside the matrix.
+    unsafe fn at(self, i: usize, j: usize) -> CMat {
+        CMat {
+            // SAFETY: in bounds by the caller's contract.
+            ptr: unsafe { self.ptr.add(i * self.rs + j * self.cs) },
+            ..self
+        }
+    }
+    fn t(self) -> CMat {
+        CMat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// Orientation, threading split, then the serial blocked loops on each part.
+///
+/// # Safety
+/// `K` runs on this CPU; `a`, `b` were checked for `m×k`, `k×n`; `c` points to a writable
+/// `m×n` matrix with strides `(c.rs, c.cs)` that nothing else accesses during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn driver<K: MicroKernel>(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    beta: f32,
+    c: CMat,
+) {
+    // Narrow outputs (n < NR, e.g. the 2×2 and 4×4 feature maps of VGG's last layers)
+    // waste most of each register tile; Cᵀ = Bᵀ·Aᵀ puts the long side along the tile's NR.
+    let (m, n, a, b, c) = if n < K::NR && m > n {
+        (n, m, b.t(), a.t(), c.t())
+    } else {
+        (m, n, a, b, c)
+    };
+    let threads = if threads <= 1
+        || crate::parallel::in_parallel()
+        || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK
+    {
+        1
+    } else {
+        threads
+    };
+    if threads == 1 {
+        // SAFETY: forwarded contract.
+        unsafe { gemm_serial::<K>(m, n, k, alpha, a, b, beta, c) };
+        return;
+    }
+    // Split the larger dimension: splitting N makes every part re-pack all of A (cost
+    // ∝ m·k per part vs. m·k·n/T of arithmetic), splitting M re-packs B; both are small
+    // relative to the arithmetic when the split dimension is large.
+    let split_n = n >= m;
+    let (len, step) = if split_n { (n, K::NR) } else { (m, K::MR) };
+    let units = len.div_ceil(step);
+    let parts = threads.min(units);
+    crate::parallel::parallel_for_threads(parts, parts, |t| {
+        let lo = (units * t / parts * step).min(len);
+        let hi = (units * (t + 1) / parts * step).min(len);
+        if lo >= hi {
+            return;
+        }
+        if split_n {
+            let b_part = MatRef {
+                data: &b.data[lo * b.cs..],
+                ..b
+            };
+            // SAFETY: parts cover disjoint column ranges [lo, hi) of C; (0, lo) is inside.
+            unsafe { gemm_serial::<K>(m, hi - lo, k, alpha, a, b_part, beta, c.at(0, lo)) }
+        } else {
+            let a_part = MatRef {
+                data: &a.data[lo * a.rs..],
+                ..a
+            };
+            // SAFETY: parts cover disjoint row ranges [lo, hi) of C; (lo, 0) is inside.
+            unsafe { gemm_serial::<K>(hi - lo, n, k, alpha, a_part, b, beta, c.at(lo, 0)) }
+        }
+    });
+}
+
+thread_local! {
+    /// Per-thread packing buffers for A blocks and B blocks, reused across calls.
+    static PACK_BUFS: std::cell::RefCell<(pack::AlignedBuf, pack::AlignedBuf)> =
+        std::cell::RefCell::new(Default::default());
+}
+
+/// Split `len` into `ceil(len / max)` blocks of nearly equal size, each a multiple of
+/// `align` (except possibly the last), so no tiny trailing block is left over.
+fn block_size(len: usize, max: usize, align: usize) -> usize {
+    let blocks = len.div_ceil(max);
+    len.div_ceil(blocks)
+        .next_multiple_of(align)
+        .min(max.max(align))
+}
+
+/// The BLIS loop nest on one thread: jc (NC) → pc (KC, pack B) → ic (MC, pack A) →
+/// macro-kernel (jr, ir) over register tiles.
+///
+/// # Safety
+/// As for [`driver`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial<K: MicroKernel>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    beta: f32,
+    c: CMat,
+) {
+    // Take the buffers out of the thread-local (and put them back at the end) so no
+    // RefCell borrow is held across the computation.
+    let (mut abuf, mut bbuf) = PACK_BUFS.with(|bufs| bufs.take());
+    let kc_max = block_size(k, K::KC, 1);
+    let mc_max = block_size(m, K::MC, K::MR);
+    let nc_max = block_size(n, K::NC, K::NR);
+    let apack = abuf.get(mc_max.next_multiple_of(K::MR) * kc_max);
+    let bpack = bbuf.get(nc_max.next_multiple_of(K::NR) * kc_max);
+
+    let mut jc = 0;
+    while jc < n {
+        let nc = nc_max.min(n - jc);
+        let mut pc = 0;
+        while pc < k {
+            let kc = kc_max.min(k - pc);
+            // Later depth blocks accumulate onto the first one's result.
+            let beta_block = if pc == 0 { beta } else { 1.0 };
+            K::pack_b(b, pc, jc, kc, nc, bpack);
+            let mut ic = 0;
+            while ic < m {
+                let mc = mc_max.min(m - ic);
+                K::pack_a(a, ic, pc, mc, kc, apack);
+                // SAFETY: (ic, jc) is inside C; the block is mc × nc within m × n.
+                unsafe {
+                    macro_kernel::<K>(mc, nc, kc, alpha, beta_block, apack, bpack, c.at(ic, jc))
+                };
+                ic += mc;
+            }
+            pc += kc;
+        }
+        jc += nc;
+    }
+    PACK_BUFS.with(|bufs| bufs.replace((abuf, bbuf)));
+}
+
+#[repr(C, align(64))]
+struct TileBuf([f32; MAX_TILE]);
+
+/// Run the microkernel over every register tile of an `mc × nc` block of C.
+/// Full tiles are written in place; ragged edge tiles (and transposed C) go through a
+/// scratch tile and only their valid part is merged into C.
+///
+/// # Safety
+/// As for [`driver`], with `c` pointing at the block's top-left element and the packed
+/// buffers holding `mc` rows / `nc` columns at depth `kc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn macro_kernel<K: MicroKernel>(
+    mc: usize,
+    nc: usize,
+    kc: usize,
+    alpha: f32,
+    beta: f32,
+    apack: &[f32],
+    bpack: &[f32],
+    c: CMat,
+) {
+    debug_assert!(K::MR * K::NR <= MAX_TILE);
+    debug_assert!(apack.len() >= mc.div_ceil(K::MR) * K::MR * kc);
+    debug_assert!(bpack.len() >= nc.div_ceil(K::NR) * K::NR * kc);
+    let mut tile = TileBuf([0.0; MAX_TILE]);
+    for jp in 0..nc.div_ceil(K::NR) {
+        let nr = K::NR.min(nc - jp * K::NR);
+        // SAFETY: panel jp starts at jp·NR·kc < bpack.len() (packed size checked above).
+        let bp = unsafe { bpack.as_ptr().add(jp * K::NR * kc) };
+        for ip in 0..mc.div_ceil(K::MR) {
+            let mr = K::MR.min(mc - ip * K::MR);
+            // SAFETY: as for `bp`, in the packed A block.
+            let ap = unsafe { apack.as_ptr().add(ip * K::MR * kc) };
+            // SAFETY: (ip·MR, jp·NR) is inside the mc × nc block.
+            let ct = unsafe { c.at(ip * K::MR, jp * K::NR) };
+            if mr == K::MR && nr == K::NR && c.cs == 1 {
+                // SAFETY: a full MR × NR tile of C with unit column stride.
+                unsafe { K::run(kc, ap, bp, ct.ptr, ct.rs, alpha, beta) };
+            } else {
+                // SAFETY: the scratch tile is MR × NR (row stride NR) and 64-byte aligned.
+                unsafe { K::run(kc, ap, bp, tile.0.as_mut_ptr(), K::NR, 1.0, 0.0) };
+                for i in 0..mr {
+                    for j in 0..nr {
+                        let v = alpha * tile.0[i * K::NR + j];
+                        // SAFETY: (i, j) is within the valid mr × nr part of the tile.
+                        unsafe {
+                            let dst = ct.ptr.add(i * ct.rs + j * ct.cs);
+                            *dst = if beta == 0.0 { v } else { v + beta * *dst };
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

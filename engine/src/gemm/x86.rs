@@ -1,0 +1,102 @@
+//! x86-64 SIMD microkernels (AVX2+FMA and AVX-512F), generated from one template so the
+//! AVX-512 kernel — which cannot run on the development machine (Zen 3) — shares its logic
+//! line for line with the AVX2 kernel that the tests do exercise.
+//!
+//! A microkernel computes one `MR × NR` tile: `C = alpha · Apanel · Bpanel + beta · C`
+//! where `Apanel` is `kc` steps of `MR` packed floats and `Bpanel` is `kc` steps of `NR`
+//! packed floats (64-byte aligned). Accumulators live in `MR · NR / lanes` vector registers:
+//! each step loads `NR / lanes` vectors of B, broadcasts each of the `MR` values of A and
+//! issues one FMA per accumulator.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+macro_rules! simd_kernel {
+    (
+        $(#[$doc:meta])*
+        name: $name:ident, features: $feat:literal, mr: $mr:literal, nv: $nv:literal,
+        lanes: $lanes:literal, zero: $zero:ident, load: $load:ident, loadu: $loadu:ident,
+        storeu: $storeu:ident, set1: $set1:ident, fmadd: $fmadd:ident, mul: $mul:ident
+    ) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// The CPU must support the enabled target features; `a` must point to `kc * MR`
+        /// floats, `b` to `kc * NR` floats aligned to the vector width, and `c` to an
+        /// `MR × NR` row-major tile with row stride `rsc` (unit column stride).
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+        pub(crate) unsafe fn $name(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            rsc: usize,
+            alpha: f32,
+            beta: f32,
+        ) {
+            const MR: usize = $mr;
+            const NV: usize = $nv;
+            const NR: usize = $nv * $lanes;
+            let mut acc = [[$zero(); NV]; MR];
+            let mut ap = a;
+            let mut bp = b;
+            for _ in 0..kc {
+                let mut bv = [$zero(); NV];
+                for j in 0..NV {
+                    // SAFETY: `bp` walks the packed B panel (kc * NR floats, aligned to
+                    // the vector width because NR * 4 is a multiple of it).
+                    bv[j] = unsafe { $load(bp.add(j * $lanes)) };
+                }
+                for i in 0..MR {
+                    // SAFETY: `ap` walks the packed A panel (kc * MR floats).
+                    let av = $set1(unsafe { *ap.add(i) });
+                    for j in 0..NV {
+                        acc[i][j] = $fmadd(av, bv[j], acc[i][j]);
+                    }
+                }
+                // SAFETY: one step forward inside the panels (at most one past the end).
+                unsafe {
+                    ap = ap.add(MR);
+                    bp = bp.add(NR);
+                }
+            }
+            let alpha_v = $set1(alpha);
+            if beta == 0.0 {
+                // Overwrite: C is never read, so NaN/garbage on entry does not leak in.
+                for i in 0..MR {
+                    for j in 0..NV {
+                        // SAFETY: (i, j*lanes..) lies in the caller's MR × NR tile.
+                        unsafe { $storeu(c.add(i * rsc + j * $lanes), $mul(alpha_v, acc[i][j])) };
+                    }
+                }
+            } else {
+                let beta_v = $set1(beta);
+                for i in 0..MR {
+                    for j in 0..NV {
+                        // SAFETY: (i, j*lanes..) lies in the caller's MR × NR tile.
+                        unsafe {
+                            let p = c.add(i * rsc + j * $lanes);
+                            let old = $mul(beta_v, $loadu(p));
+                            $storeu(p, $fmadd(alpha_v, acc[i][j], old));
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+simd_kernel! {
+    /// AVX2+FMA 6×16 tile: 12 ymm accumulators + 2 for B + 1 broadcast (15 of 16).
+    name: kernel_avx2_6x16, features: "avx2,fma", mr: 6, nv: 2, lanes: 8,
+    zero: _mm256_setzero_ps, load: _mm256_load_ps, loadu: _mm256_loadu_ps,
+    storeu: _mm256_storeu_ps, set1: _mm256_set1_ps, fmadd: _mm256_fmadd_ps, mul: _mm256_mul_ps
+}
+
+simd_kernel! {
+    /// AVX-512F 14×32 tile: 28 zmm accumulators + 2 for B + 1 broadcast (31 of 32).
+    name: kernel_avx512_14x32, features: "avx512f", mr: 14, nv: 2, lanes: 16,
+    zero: _mm512_setzero_ps, load: _mm512_load_ps, loadu: _mm512_loadu_ps,
+    storeu: _mm512_storeu_ps, set1: _mm512_set1_ps, fmadd: _mm512_fmadd_ps, mul: _mm512_mul_ps
+}
