@@ -44,28 +44,84 @@ pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax:
         for (j, (yp, ap)) in pairs.iter_mut().enumerate() {
             let p = t * per_task + j;
             let xp = &x[p * plane_in..(p + 1) * plane_in];
-            for r in 0..oh {
-                for c in 0..ow {
-                    let (r0, c0) = (r * g.stride, c * g.stride);
-                    let mut best = r0 * g.w + c0;
-                    let mut best_v = xp[best];
-                    for i in 0..g.k {
-                        let row = (r0 + i) * g.w + c0;
-                        for (jj, &v) in xp[row..row + g.k].iter().enumerate() {
-                            // Strictly greater: the first maximum in row-major window order
-                            // wins; NaN propagates like PyTorch (a NaN is always taken).
-                            if v > best_v || (v.is_nan() && !best_v.is_nan()) {
-                                best_v = v;
-                                best = row + jj;
-                            }
-                        }
-                    }
-                    yp[r * ow + c] = best_v;
-                    ap[r * ow + c] = best as u32;
-                }
+            if g.k == 2 && g.stride == 2 {
+                pool_plane_2x2(xp, g.w, oh, ow, yp, ap);
+            } else {
+                pool_plane(g, xp, oh, ow, yp, ap);
             }
         }
     });
+}
+
+/// Whether `v` replaces the running max `best`: strictly greater (so the first maximum in
+/// row-major window order wins ties), or NaN (which propagates, as in PyTorch).
+#[inline(always)]
+fn takes<T: Float>(v: T, best: T) -> bool {
+    v > best || v.is_nan()
+}
+
+/// General kernel/stride, one plane.
+fn pool_plane<T: Float>(
+    g: &Pool2dGeom,
+    xp: &[T],
+    oh: usize,
+    ow: usize,
+    yp: &mut [T],
+    ap: &mut [u32],
+) {
+    for r in 0..oh {
+        for c in 0..ow {
+            let (r0, c0) = (r * g.stride, c * g.stride);
+            let mut best = r0 * g.w + c0;
+            let mut best_v = xp[best];
+            for i in 0..g.k {
+                let row = (r0 + i) * g.w + c0;
+                for (jj, &v) in xp[row..row + g.k].iter().enumerate() {
+                    if takes(v, best_v) {
+                        best_v = v;
+                        best = row + jj;
+                    }
+                }
+            }
+            yp[r * ow + c] = best_v;
+            ap[r * ow + c] = best as u32;
+        }
+    }
+}
+
+/// The VGG case (2×2, stride 2), one plane: straight-line compares over two input rows, no
+/// inner window loops.
+fn pool_plane_2x2<T: Float>(
+    xp: &[T],
+    w: usize,
+    oh: usize,
+    ow: usize,
+    yp: &mut [T],
+    ap: &mut [u32],
+) {
+    for r in 0..oh {
+        let top = &xp[2 * r * w..2 * r * w + 2 * ow];
+        let bottom = &xp[(2 * r + 1) * w..(2 * r + 1) * w + 2 * ow];
+        let base = (2 * r * w) as u32;
+        let yr = &mut yp[r * ow..(r + 1) * ow];
+        let ar = &mut ap[r * ow..(r + 1) * ow];
+        for c in 0..ow {
+            let (a, b, d, e) = (top[2 * c], top[2 * c + 1], bottom[2 * c], bottom[2 * c + 1]);
+            // Window order a, b (top row) then d, e (bottom row).
+            let (mut v, mut i) = (a, 2 * c as u32);
+            if takes(b, v) {
+                (v, i) = (b, 2 * c as u32 + 1);
+            }
+            if takes(d, v) {
+                (v, i) = (d, w as u32 + 2 * c as u32);
+            }
+            if takes(e, v) {
+                (v, i) = (e, w as u32 + 2 * c as u32 + 1);
+            }
+            yr[c] = v;
+            ar[c] = base + i;
+        }
+    }
 }
 
 /// Backward: routes each `dy` to its argmax (overwrites `dx`). Windows may overlap when
