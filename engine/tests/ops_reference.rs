@@ -132,6 +132,8 @@ fn conv2d_f32_matches_f64_and_naive_oracle() {
         geom(2, 16, 8, 8, 33, (3, 3), 1, 0), // no padding, C_out not a multiple of 8
         geom(130, 20, 2, 2, 24, (3, 3), 1, 1), // late-VGG-like: 2x2 images, wide chunk
         geom(2, 5, 9, 12, 3, (3, 5), 2, 1),  // rectangular kernel, stride 2
+        geom(3, 4, 7, 10, 6, (1, 5), 1, 2),  // same width, taller output (rows of zeros)
+        geom(2, 3, 9, 6, 5, (5, 3), 1, 1),   // same width, shorter output
     ];
     for threads in [1, 2] {
         set_num_threads(threads);

@@ -301,36 +301,90 @@ fn im2col<T: Float>(g: &Conv2dGeom, x_chunk: &[T], nb: usize, cols: &mut [T]) {
             for img in 0..nb {
                 let src = &x_chunk[(img * g.c_in + ci) * plane..][..plane];
                 let dst = &mut row[img * p..(img + 1) * p];
-                for orow in 0..oh {
-                    let ih = (orow * g.stride + ki) as isize - g.pad as isize;
-                    let d = &mut dst[orow * ow..(orow + 1) * ow];
-                    if ih < 0 || ih >= g.h as isize {
-                        d.fill(T::zero());
-                        continue;
-                    }
-                    let s = &src[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    let off = kj as isize - g.pad as isize;
-                    if g.stride == 1 {
-                        // Contiguous: one copy framed by zero padding.
-                        let (lo, hi) = valid_cols(off, g.w, ow);
-                        d[..lo].fill(T::zero());
-                        let s0 = (lo as isize + off) as usize;
-                        d[lo..hi].copy_from_slice(&s[s0..s0 + (hi - lo)]);
-                        d[hi..].fill(T::zero());
-                    } else {
-                        for (c, v) in d.iter_mut().enumerate() {
-                            let iw = (c * g.stride) as isize + off;
-                            *v = if iw >= 0 && iw < g.w as isize {
-                                s[iw as usize]
-                            } else {
-                                T::zero()
-                            };
-                        }
-                    }
+                if g.stride == 1 && ow == g.w {
+                    im2col_tap_same_width(g, src, ki, kj, oh, dst);
+                } else {
+                    im2col_tap(g, src, ki, kj, oh, ow, dst);
                 }
             }
         }
     });
+}
+
+/// One tap of one image, any stride: row by row.
+fn im2col_tap<T: Float>(
+    g: &Conv2dGeom,
+    src: &[T],
+    ki: usize,
+    kj: usize,
+    oh: usize,
+    ow: usize,
+    dst: &mut [T],
+) {
+    let off = kj as isize - g.pad as isize;
+    for orow in 0..oh {
+        let ih = (orow * g.stride + ki) as isize - g.pad as isize;
+        let d = &mut dst[orow * ow..(orow + 1) * ow];
+        if ih < 0 || ih >= g.h as isize {
+            d.fill(T::zero());
+            continue;
+        }
+        let s = &src[ih as usize * g.w..(ih as usize + 1) * g.w];
+        if g.stride == 1 {
+            // Contiguous: one copy framed by zero padding.
+            let (lo, hi) = valid_cols(off, g.w, ow);
+            d[..lo].fill(T::zero());
+            let s0 = (lo as isize + off) as usize;
+            d[lo..hi].copy_from_slice(&s[s0..s0 + (hi - lo)]);
+            d[hi..].fill(T::zero());
+        } else {
+            for (c, v) in d.iter_mut().enumerate() {
+                let iw = (c * g.stride) as isize + off;
+                *v = if iw >= 0 && iw < g.w as isize {
+                    s[iw as usize]
+                } else {
+                    T::zero()
+                };
+            }
+        }
+    }
+}
+
+/// One tap of one image when stride is 1 and the output is as wide as the input ("same"
+/// padding, e.g. every 3×3/pad-1 VGG conv): the tap is the whole plane shifted by a constant
+/// offset, so the valid rows are ONE contiguous copy; afterwards only the columns that fell
+/// into the left/right padding (holding wrapped-around neighbours) are zeroed. Much cheaper
+/// than per-row copies when rows are short (late layers have 2..8 columns).
+fn im2col_tap_same_width<T: Float>(
+    g: &Conv2dGeom,
+    src: &[T],
+    ki: usize,
+    kj: usize,
+    oh: usize,
+    dst: &mut [T],
+) {
+    let w = g.w;
+    let off = kj as isize - g.pad as isize;
+    let (lo, hi) = valid_cols(off, w, w);
+    // Output rows whose input row `orow + ki - pad` exists.
+    let r_lo = g.pad.saturating_sub(ki).min(oh);
+    let r_hi = (g.h + g.pad).saturating_sub(ki).clamp(r_lo, oh);
+    if lo >= hi || r_lo >= r_hi {
+        dst.fill(T::zero());
+        return;
+    }
+    dst[..r_lo * w].fill(T::zero());
+    dst[r_hi * w..].fill(T::zero());
+    let shift = (ki as isize - g.pad as isize) * w as isize + off;
+    let (start, end) = (r_lo * w + lo, (r_hi - 1) * w + hi);
+    let s0 = (start as isize + shift) as usize;
+    dst[start..end].copy_from_slice(&src[s0..s0 + (end - start)]);
+    if lo > 0 || hi < w {
+        for d in dst[r_lo * w..r_hi * w].chunks_exact_mut(w) {
+            d[..lo].fill(T::zero());
+            d[hi..].fill(T::zero());
+        }
+    }
 }
 
 /// Scatter-add `cols[K, nb·P]` back into the input-shaped `dx_chunk` (overwritten). Parallel
