@@ -70,9 +70,7 @@ pub fn parallel_for<F: Fn(usize) + Sync>(n_tasks: usize, f: F) {
 pub fn parallel_for_threads<F: Fn(usize) + Sync>(threads: usize, n_tasks: usize, f: F) {
     let participants = threads.min(n_tasks);
     if participants <= 1 || in_parallel() {
-        for i in 0..n_tasks {
-            f(i)
-        }
+        run_inline(n_tasks, &f);
         return;
     }
     let pool = pool();
@@ -83,20 +81,31 @@ pub fn parallel_for_threads<F: Fn(usize) + Sync>(threads: usize, n_tasks: usize,
         // consistent (it waited for every worker), so keep using it.
         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
         Err(TryLockError::WouldBlock) => {
-            for i in 0..n_tasks {
-                f(i)
-            }
+            run_inline(n_tasks, &f);
             return;
         }
     };
     let workers = pool.ensure_workers(participants - 1);
     if workers == 0 {
-        for i in 0..n_tasks {
-            f(i)
-        }
+        run_inline(n_tasks, &f);
         return;
     }
     pool.run(workers, n_tasks, &f);
+}
+
+/// Run all tasks on the calling thread, flagged as inside a parallel loop (so nested
+/// loops and SGEMMs stay single-threaded, as they would on a pool worker).
+fn run_inline(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IN_PARALLEL.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(IN_PARALLEL.with(|p| p.replace(true)));
+    for i in 0..n_tasks {
+        f(i)
+    }
 }
 
 /// A lifetime-erased pointer to the loop body. Only dereferenced by workers that joined the

@@ -246,8 +246,9 @@ fn check_view(name: &str, v: &MatRef<'_, f32>, rows: usize, cols: usize) {
     }
 }
 
-/// Below this many multiply-adds (`m·n·k`) a parallel split costs more than it saves.
-const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// Multiply-adds (`m·n·k`) each thread must get for a parallel split to pay off
+/// (2^19 ≈ 12 µs of single-core work at 85 GFLOP/s).
+const MIN_WORK_PER_THREAD: usize = 1 << 19;
 
 /// A register-blocked microkernel with its cache-blocking parameters.
 ///
@@ -264,11 +265,11 @@ trait MicroKernel {
     fn pack_a(a: MatRef<'_, f32>, i0: usize, p0: usize, rows: usize, depth: usize, dst: &mut [f32]);
     /// Pack a B block into NR-column panels (see `pack.rs`).
     fn pack_b(b: MatRef<'_, f32>, p0: usize, j0: usize, depth: usize, cols: usize, dst: &mut [f32]);
-    /// `C[MR×NR] = alpha · Apanel · Bpanel + beta · C` (see `x86.rs`).
+    /// `C[MR×NR] = alpha · Apanel · Bpanel + beta · C` on a packed A panel (see `x86.rs`).
     ///
     /// # Safety
     /// The kernel's CPU features are present and the pointers satisfy the microkernel
-    /// contract documented in `x86.rs`.
+    /// contract documented in `x86.rs` (with `rsa = 1, csa = MR`).
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         kc: usize,
@@ -279,149 +280,116 @@ trait MicroKernel {
         alpha: f32,
         beta: f32,
     );
-}
-
-struct TileAvx2;
-struct TileAvx512;
-struct TilePortable;
-
-impl MicroKernel for TileAvx2 {
-    fn pack_a(
-        a: MatRef<'_, f32>,
-        i0: usize,
-        p0: usize,
-        rows: usize,
-        depth: usize,
-        dst: &mut [f32],
-    ) {
-        pack::pack_a::<{ TileAvx2::MR }>(a, i0, p0, rows, depth, dst)
-    }
-    fn pack_b(
-        b: MatRef<'_, f32>,
-        p0: usize,
-        j0: usize,
-        depth: usize,
-        cols: usize,
-        dst: &mut [f32],
-    ) {
-        pack::pack_b::<{ TileAvx2::NR }>(b, p0, j0, depth, cols, dst)
-    }
-    const MR: usize = 6;
-    const NR: usize = 16;
-    // A block 144·256·4 = 144 KiB (L2), B micro-panel 256·16·4 = 16 KiB (half of L1).
-    const MC: usize = 144;
-    const KC: usize = 256;
-    const NC: usize = 4080;
-    unsafe fn run(
+    /// The same on unpacked panels: A `(i, p)` at `a + i * rsa + p * csa`, B row `p` at
+    /// `b + p * rsb`.
+    ///
+    /// # Safety
+    /// As for [`MicroKernel::run`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_strided(
         kc: usize,
         a: *const f32,
+        rsa: usize,
+        csa: usize,
         b: *const f32,
+        rsb: usize,
         c: *mut f32,
         rsc: usize,
         alpha: f32,
         beta: f32,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: forwarded contract of `MicroKernel::run`.
-        unsafe {
-            x86::kernel_avx2_6x16(kc, a, b, c, rsc, alpha, beta)
+    );
+}
+
+/// Implements [`MicroKernel`] for a tile type from its kernel functions and blocking.
+macro_rules! micro_kernel {
+    ($tile:ident, mr: $mr:expr, nr: $nr:expr, mc: $mc:expr, kc: $kc:expr, nc: $nc:expr,
+     packed: $packed:path, strided: $strided:path, cfg: $cfg:meta) => {
+        struct $tile;
+        impl MicroKernel for $tile {
+            const MR: usize = $mr;
+            const NR: usize = $nr;
+            const MC: usize = $mc;
+            const KC: usize = $kc;
+            const NC: usize = $nc;
+            fn pack_a(
+                a: MatRef<'_, f32>,
+                i0: usize,
+                p0: usize,
+                rows: usize,
+                depth: usize,
+                dst: &mut [f32],
+            ) {
+                pack::pack_a::<{ $mr }>(a, i0, p0, rows, depth, dst)
+            }
+            fn pack_b(
+                b: MatRef<'_, f32>,
+                p0: usize,
+                j0: usize,
+                depth: usize,
+                cols: usize,
+                dst: &mut [f32],
+            ) {
+                pack::pack_b::<{ $nr }>(b, p0, j0, depth, cols, dst)
+            }
+            unsafe fn run(
+                kc: usize,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                rsc: usize,
+                alpha: f32,
+                beta: f32,
+            ) {
+                #[cfg($cfg)]
+                // SAFETY: forwarded contract of `MicroKernel::run`.
+                unsafe {
+                    $packed(kc, a, b, c, rsc, alpha, beta)
+                }
+                #[cfg(not($cfg))]
+                unreachable!(
+                    "kernel not built for this CPU {:?}",
+                    (kc, a, b, c, rsc, alpha, beta)
+                )
+            }
+            unsafe fn run_strided(
+                kc: usize,
+                a: *const f32,
+                rsa: usize,
+                csa: usize,
+                b: *const f32,
+                rsb: usize,
+                c: *mut f32,
+                rsc: usize,
+                alpha: f32,
+                beta: f32,
+            ) {
+                #[cfg($cfg)]
+                // SAFETY: forwarded contract of `MicroKernel::run_strided`.
+                unsafe {
+                    $strided(kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta)
+                }
+                #[cfg(not($cfg))]
+                unreachable!(
+                    "kernel not built for this CPU {:?}",
+                    (kc, a, rsa, csa, b, rsb, c, rsc, alpha, beta)
+                )
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!(
-            "AVX2 kernel on a non-x86 CPU {:?}",
-            (kc, a, b, c, rsc, alpha, beta)
-        )
-    }
+    };
 }
 
-impl MicroKernel for TileAvx512 {
-    fn pack_a(
-        a: MatRef<'_, f32>,
-        i0: usize,
-        p0: usize,
-        rows: usize,
-        depth: usize,
-        dst: &mut [f32],
-    ) {
-        pack::pack_a::<{ TileAvx512::MR }>(a, i0, p0, rows, depth, dst)
-    }
-    fn pack_b(
-        b: MatRef<'_, f32>,
-        p0: usize,
-        j0: usize,
-        depth: usize,
-        cols: usize,
-        dst: &mut [f32],
-    ) {
-        pack::pack_b::<{ TileAvx512::NR }>(b, p0, j0, depth, cols, dst)
-    }
-    const MR: usize = 14;
-    const NR: usize = 32;
-    // A block 140·256·4 = 140 KiB, B micro-panel 256·32·4 = 32 KiB.
-    const MC: usize = 140;
-    const KC: usize = 256;
-    const NC: usize = 4096;
-    unsafe fn run(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        rsc: usize,
-        alpha: f32,
-        beta: f32,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: forwarded contract of `MicroKernel::run`.
-        unsafe {
-            x86::kernel_avx512_14x32(kc, a, b, c, rsc, alpha, beta)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!(
-            "AVX-512 kernel on a non-x86 CPU {:?}",
-            (kc, a, b, c, rsc, alpha, beta)
-        )
-    }
-}
-
-impl MicroKernel for TilePortable {
-    fn pack_a(
-        a: MatRef<'_, f32>,
-        i0: usize,
-        p0: usize,
-        rows: usize,
-        depth: usize,
-        dst: &mut [f32],
-    ) {
-        pack::pack_a::<{ TilePortable::MR }>(a, i0, p0, rows, depth, dst)
-    }
-    fn pack_b(
-        b: MatRef<'_, f32>,
-        p0: usize,
-        j0: usize,
-        depth: usize,
-        cols: usize,
-        dst: &mut [f32],
-    ) {
-        pack::pack_b::<{ TilePortable::NR }>(b, p0, j0, depth, cols, dst)
-    }
-    const MR: usize = portable::MR;
-    const NR: usize = portable::NR;
-    const MC: usize = 128;
-    const KC: usize = 256;
-    const NC: usize = 4096;
-    unsafe fn run(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        rsc: usize,
-        alpha: f32,
-        beta: f32,
-    ) {
-        // SAFETY: forwarded contract of `MicroKernel::run`.
-        unsafe { portable::kernel_portable_4x8(kc, a, b, c, rsc, alpha, beta) }
-    }
-}
+// Blocking for Zen 3 (AVX2): A block 144·256·4 = 144 KiB (L2), B micro-panel
+// 256·16·4 = 16 KiB (half of L1), B block 256·4080·4 ≈ 4 MiB (L3).
+micro_kernel!(TileAvx2, mr: 6, nr: 16, mc: 144, kc: 256, nc: 4080,
+    packed: x86::kernel_avx2_6x16, strided: x86::kernel_avx2_6x16_strided,
+    cfg: target_arch = "x86_64");
+// AVX-512: A block 140·256·4 = 140 KiB, B micro-panel 256·32·4 = 32 KiB.
+micro_kernel!(TileAvx512, mr: 14, nr: 32, mc: 140, kc: 256, nc: 4096,
+    packed: x86::kernel_avx512_14x32, strided: x86::kernel_avx512_14x32_strided,
+    cfg: target_arch = "x86_64");
+micro_kernel!(TilePortable, mr: portable::MR, nr: portable::NR, mc: 128, kc: 256, nc: 4096,
+    packed: portable::kernel_portable_4x8, strided: portable::kernel_portable_4x8_strided,
+    cfg: all());
 
 /// Largest `MR · NR` of any kernel (size of the edge-tile scratch buffer).
 const MAX_TILE: usize = 14 * 32;
@@ -487,13 +455,12 @@ unsafe fn driver<K: MicroKernel>(
     } else {
         (m, n, a, b, c)
     };
-    let threads = if threads <= 1
-        || crate::parallel::in_parallel()
-        || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK
-    {
+    // Each thread needs enough work to amortize waking it (a few µs).
+    let work = m.saturating_mul(n).saturating_mul(k);
+    let threads = if crate::parallel::in_parallel() {
         1
     } else {
-        threads
+        threads.min(work / MIN_WORK_PER_THREAD).max(1)
     };
     if threads == 1 {
         // SAFETY: forwarded contract.
@@ -569,6 +536,13 @@ unsafe fn gemm_serial<K: MicroKernel>(
     let mc_max = block_size(m, K::MC, K::MR);
     let nc_max = block_size(n, K::NC, K::NR);
     let apack = abuf.get(mc_max.next_multiple_of(K::MR) * kc_max);
+    // With few column panels each packed A panel would be reused only a few times, so the
+    // packing pass (a transposing copy of all of A) would cost about as much as the
+    // arithmetic: read A in place instead (the microkernel broadcasts from any address).
+    let direct_a = nc_max.div_ceil(K::NR) <= DIRECT_PANELS;
+    // Likewise for B when there are few row panels, if its rows are contiguous (the
+    // kernel loads NR consecutive floats per depth step).
+    let direct_b = !direct_a && b.cs == 1 && mc_max.div_ceil(K::MR) <= DIRECT_PANELS;
     let bpack = bbuf.get(nc_max.next_multiple_of(K::NR) * kc_max);
 
     let mut jc = 0;
@@ -579,14 +553,48 @@ unsafe fn gemm_serial<K: MicroKernel>(
             let kc = kc_max.min(k - pc);
             // Later depth blocks accumulate onto the first one's result.
             let beta_block = if pc == 0 { beta } else { 1.0 };
-            K::pack_b(b, pc, jc, kc, nc, bpack);
+            let b_block = if direct_b {
+                // Only a ragged last column panel is packed (to the buffer's start).
+                let ragged = nc % K::NR;
+                if ragged != 0 {
+                    K::pack_b(b, pc, jc + nc - ragged, kc, ragged, bpack);
+                }
+                Block::Direct {
+                    m: b,
+                    r0: pc,
+                    c0: jc,
+                }
+            } else {
+                K::pack_b(b, pc, jc, kc, nc, bpack);
+                Block::Packed
+            };
             let mut ic = 0;
             while ic < m {
                 let mc = mc_max.min(m - ic);
-                K::pack_a(a, ic, pc, mc, kc, apack);
+                let a_block = if direct_a {
+                    Block::Direct {
+                        m: a,
+                        r0: ic,
+                        c0: pc,
+                    }
+                } else {
+                    K::pack_a(a, ic, pc, mc, kc, apack);
+                    Block::Packed
+                };
                 // SAFETY: (ic, jc) is inside C; the block is mc × nc within m × n.
                 unsafe {
-                    macro_kernel::<K>(mc, nc, kc, alpha, beta_block, apack, bpack, c.at(ic, jc))
+                    macro_kernel::<K>(
+                        mc,
+                        nc,
+                        kc,
+                        alpha,
+                        beta_block,
+                        a_block,
+                        apack,
+                        b_block,
+                        bpack,
+                        c.at(ic, jc),
+                    )
                 };
                 ic += mc;
             }
@@ -595,6 +603,23 @@ unsafe fn gemm_serial<K: MicroKernel>(
         jc += nc;
     }
     PACK_BUFS.with(|bufs| bufs.replace((abuf, bbuf)));
+}
+
+/// Read A (B) in place when a block has at most this many column (row) panels.
+const DIRECT_PANELS: usize = 2;
+
+/// Where the macro-kernel reads the current A or B block from.
+#[derive(Clone, Copy)]
+enum Block<'a> {
+    /// Packed into the buffer by `pack_a` / `pack_b`.
+    Packed,
+    /// In place: the block starts at `(r0, c0)` of the strided view. A ragged last panel
+    /// is still packed, to the start of the buffer, since the kernel reads whole panels.
+    Direct {
+        m: MatRef<'a, f32>,
+        r0: usize,
+        c0: usize,
+    },
 }
 
 #[repr(C, align(64))]
@@ -614,30 +639,67 @@ unsafe fn macro_kernel<K: MicroKernel>(
     kc: usize,
     alpha: f32,
     beta: f32,
-    apack: &[f32],
+    a_block: Block<'_>,
+    apack: &mut [f32],
+    b_block: Block<'_>,
     bpack: &[f32],
     c: CMat,
 ) {
     debug_assert!(K::MR * K::NR <= MAX_TILE);
     debug_assert!(apack.len() >= mc.div_ceil(K::MR) * K::MR * kc);
     debug_assert!(bpack.len() >= nc.div_ceil(K::NR) * K::NR * kc);
+    // Pack a ragged last row panel of a direct A block once, up front.
+    let ragged = mc % K::MR;
+    if let (Block::Direct { m: a, r0, c0 }, true) = (a_block, ragged != 0) {
+        K::pack_a(a, r0 + mc - ragged, c0, ragged, kc, apack);
+    }
     let mut tile = TileBuf([0.0; MAX_TILE]);
     for jp in 0..nc.div_ceil(K::NR) {
         let nr = K::NR.min(nc - jp * K::NR);
-        // SAFETY: panel jp starts at jp·NR·kc < bpack.len() (packed size checked above).
-        let bp = unsafe { bpack.as_ptr().add(jp * K::NR * kc) };
+        // (B panel, its row stride or None when packed).
+        let (bp, b_stride) = match b_block {
+            // SAFETY: panel jp starts at jp·NR·kc < bpack.len() (packed size above).
+            Block::Packed => (unsafe { bpack.as_ptr().add(jp * K::NR * kc) }, None),
+            Block::Direct { m: b, r0, c0 } if nr == K::NR => (
+                // SAFETY: (r0, c0 + jp·NR) is inside B (checked view; full column panel).
+                unsafe { b.data.as_ptr().add(r0 * b.rs + (c0 + jp * K::NR) * b.cs) },
+                Some(b.rs),
+            ),
+            Block::Direct { .. } => (bpack.as_ptr(), None),
+        };
         for ip in 0..mc.div_ceil(K::MR) {
             let mr = K::MR.min(mc - ip * K::MR);
-            // SAFETY: as for `bp`, in the packed A block.
-            let ap = unsafe { apack.as_ptr().add(ip * K::MR * kc) };
+            // (A panel, its strides or None when packed).
+            let (ap, a_strides) = match a_block {
+                // SAFETY: as for `bp`, in the packed A block.
+                Block::Packed => (unsafe { apack.as_ptr().add(ip * K::MR * kc) }, None),
+                Block::Direct { m: a, r0, c0 } if mr == K::MR => (
+                    // SAFETY: (r0 + ip·MR, c0) is inside A (checked view; full row panel).
+                    unsafe { a.data.as_ptr().add((r0 + ip * K::MR) * a.rs + c0 * a.cs) },
+                    Some((a.rs, a.cs)),
+                ),
+                Block::Direct { .. } => (apack.as_ptr(), None),
+            };
+            // SAFETY (both calls): the A and B panels are readable at `ap`, `bp` with the
+            // given strides (or packed), and the caller passes an MR × NR tile with row
+            // stride `rsc`.
+            let kernel =
+                |cp: *mut f32, rsc: usize, alpha: f32, beta: f32| match (a_strides, b_stride) {
+                    (None, None) => unsafe { K::run(kc, ap, bp, cp, rsc, alpha, beta) },
+                    _ => {
+                        let (rsa, csa) = a_strides.unwrap_or((1, K::MR));
+                        let rsb = b_stride.unwrap_or(K::NR);
+                        unsafe { K::run_strided(kc, ap, rsa, csa, bp, rsb, cp, rsc, alpha, beta) }
+                    }
+                };
             // SAFETY: (ip·MR, jp·NR) is inside the mc × nc block.
             let ct = unsafe { c.at(ip * K::MR, jp * K::NR) };
             if mr == K::MR && nr == K::NR && c.cs == 1 {
-                // SAFETY: a full MR × NR tile of C with unit column stride.
-                unsafe { K::run(kc, ap, bp, ct.ptr, ct.rs, alpha, beta) };
+                // A full tile of C with unit column stride: write in place.
+                kernel(ct.ptr, ct.rs, alpha, beta);
             } else {
-                // SAFETY: the scratch tile is MR × NR (row stride NR) and 64-byte aligned.
-                unsafe { K::run(kc, ap, bp, tile.0.as_mut_ptr(), K::NR, 1.0, 0.0) };
+                // The scratch tile is MR × NR (row stride NR) and 64-byte aligned.
+                kernel(tile.0.as_mut_ptr(), K::NR, 1.0, 0.0);
                 for i in 0..mr {
                     for j in 0..nr {
                         let v = alpha * tile.0[i * K::NR + j];

@@ -7,28 +7,30 @@ pub(crate) const NR: usize = 8;
 /// Same contract as the SIMD microkernels (see `x86.rs`).
 ///
 /// # Safety
-/// `a` must point to `kc * MR` floats, `b` to `kc * NR` floats, and `c` to an `MR × NR`
+/// Element `(i, p)` of the A panel must be readable at `a + i * rsa + p * csa`, row `p`
+/// of the B panel (NR floats) at `b + p * rsb`, and `c` must point to an `MR × NR`
 /// row-major tile with row stride `rsc`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn kernel_portable_4x8(
+#[inline]
+pub(crate) unsafe fn kernel_portable_4x8_strided(
     kc: usize,
     a: *const f32,
+    rsa: usize,
+    csa: usize,
     b: *const f32,
+    rsb: usize,
     c: *mut f32,
     rsc: usize,
     alpha: f32,
     beta: f32,
 ) {
-    // SAFETY: sizes as documented above.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(a, kc * MR),
-            std::slice::from_raw_parts(b, kc * NR),
-        )
-    };
     let mut acc = [[0.0f32; NR]; MR];
-    for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        for (row, &ai) in acc.iter_mut().zip(av) {
+    for p in 0..kc {
+        // SAFETY: row p of the B panel, readable by the contract above.
+        let bv = unsafe { &*(b.add(p * rsb) as *const [f32; NR]) };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: (i, p) of the A panel, readable by the contract above.
+            let ai = unsafe { *a.add(i * rsa + p * csa) };
             for (x, &bj) in row.iter_mut().zip(bv) {
                 *x += ai * bj;
             }
@@ -47,4 +49,21 @@ pub(crate) unsafe fn kernel_portable_4x8(
             }
         }
     }
+}
+
+/// [`kernel_portable_4x8_strided`] on packed panels (`rsa = 1, csa = MR, rsb = NR`).
+///
+/// # Safety
+/// As for the strided kernel.
+pub(crate) unsafe fn kernel_portable_4x8(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rsc: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { kernel_portable_4x8_strided(kc, a, 1, MR, b, NR, c, rsc, alpha, beta) }
 }

@@ -15,21 +15,27 @@ macro_rules! simd_kernel {
     (
         $(#[$doc:meta])*
         name: $name:ident, features: $feat:literal, mr: $mr:literal, nv: $nv:literal,
-        lanes: $lanes:literal, zero: $zero:ident, load: $load:ident, loadu: $loadu:ident,
+        lanes: $lanes:literal, zero: $zero:ident, loadu: $loadu:ident,
         storeu: $storeu:ident, set1: $set1:ident, fmadd: $fmadd:ident, mul: $mul:ident
     ) => {
         $(#[$doc])*
         ///
         /// # Safety
-        /// The CPU must support the enabled target features; `a` must point to `kc * MR`
-        /// floats, `b` to `kc * NR` floats aligned to the vector width, and `c` to an
-        /// `MR × NR` row-major tile with row stride `rsc` (unit column stride).
+        /// The CPU must support the enabled target features; element `(i, p)` of the
+        /// `MR × kc` A panel must be readable at `a + i * rsa + p * csa` (packed panels:
+        /// `rsa = 1, csa = MR`), row `p` of the `kc × NR` B panel at `b + p * rsb` (NR
+        /// contiguous floats; packed panels: `rsb = NR`), and `c` must point to an
+        /// `MR × NR` row-major tile with row stride `rsc`.
         #[target_feature(enable = $feat)]
+        #[inline]
         #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
         pub(crate) unsafe fn $name(
             kc: usize,
             a: *const f32,
+            rsa: usize,
+            csa: usize,
             b: *const f32,
+            rsb: usize,
             c: *mut f32,
             rsc: usize,
             alpha: f32,
@@ -37,28 +43,26 @@ macro_rules! simd_kernel {
         ) {
             const MR: usize = $mr;
             const NV: usize = $nv;
-            const NR: usize = $nv * $lanes;
             let mut acc = [[$zero(); NV]; MR];
             let mut ap = a;
             let mut bp = b;
             for _ in 0..kc {
                 let mut bv = [$zero(); NV];
                 for j in 0..NV {
-                    // SAFETY: `bp` walks the packed B panel (kc * NR floats, aligned to
-                    // the vector width because NR * 4 is a multiple of it).
-                    bv[j] = unsafe { $load(bp.add(j * $lanes)) };
+                    // SAFETY: `bp` walks the B panel: row p at `p * rsb`, NR floats each.
+                    bv[j] = unsafe { $loadu(bp.add(j * $lanes)) };
                 }
                 for i in 0..MR {
-                    // SAFETY: `ap` walks the packed A panel (kc * MR floats).
-                    let av = $set1(unsafe { *ap.add(i) });
+                    // SAFETY: `ap` walks the A panel: (i, p) at `i * rsa + p * csa`.
+                    let av = $set1(unsafe { *ap.add(i * rsa) });
                     for j in 0..NV {
                         acc[i][j] = $fmadd(av, bv[j], acc[i][j]);
                     }
                 }
                 // SAFETY: one step forward inside the panels (at most one past the end).
                 unsafe {
-                    ap = ap.add(MR);
-                    bp = bp.add(NR);
+                    ap = ap.add(csa);
+                    bp = bp.add(rsb);
                 }
             }
             let alpha_v = $set1(alpha);
@@ -87,16 +91,55 @@ macro_rules! simd_kernel {
     };
 }
 
+/// A kernel entry point for packed A and B (`rsa = 1, csa = MR, rsb = NR` as constants,
+/// so the inlined body addresses both with immediate offsets) next to the strided one.
+macro_rules! packed_entry {
+    ($packed:ident, $strided:ident, $feat:literal, $mr:literal, $nr:literal) => {
+        /// The microkernel on a packed A panel.
+        ///
+        /// # Safety
+        /// As for the strided kernel with `rsa = 1, csa = MR, rsb = NR`.
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn $packed(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            rsc: usize,
+            alpha: f32,
+            beta: f32,
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { $strided(kc, a, 1, $mr, b, $nr, c, rsc, alpha, beta) }
+        }
+    };
+}
+
 simd_kernel! {
     /// AVX2+FMA 6×16 tile: 12 ymm accumulators + 2 for B + 1 broadcast (15 of 16).
-    name: kernel_avx2_6x16, features: "avx2,fma", mr: 6, nv: 2, lanes: 8,
-    zero: _mm256_setzero_ps, load: _mm256_load_ps, loadu: _mm256_loadu_ps,
+    name: kernel_avx2_6x16_strided, features: "avx2,fma", mr: 6, nv: 2, lanes: 8,
+    zero: _mm256_setzero_ps, loadu: _mm256_loadu_ps,
     storeu: _mm256_storeu_ps, set1: _mm256_set1_ps, fmadd: _mm256_fmadd_ps, mul: _mm256_mul_ps
 }
 
 simd_kernel! {
     /// AVX-512F 14×32 tile: 28 zmm accumulators + 2 for B + 1 broadcast (31 of 32).
-    name: kernel_avx512_14x32, features: "avx512f", mr: 14, nv: 2, lanes: 16,
-    zero: _mm512_setzero_ps, load: _mm512_load_ps, loadu: _mm512_loadu_ps,
+    name: kernel_avx512_14x32_strided, features: "avx512f", mr: 14, nv: 2, lanes: 16,
+    zero: _mm512_setzero_ps, loadu: _mm512_loadu_ps,
     storeu: _mm512_storeu_ps, set1: _mm512_set1_ps, fmadd: _mm512_fmadd_ps, mul: _mm512_mul_ps
 }
+
+packed_entry!(
+    kernel_avx2_6x16,
+    kernel_avx2_6x16_strided,
+    "avx2,fma",
+    6,
+    16
+);
+packed_entry!(
+    kernel_avx512_14x32,
+    kernel_avx512_14x32_strided,
+    "avx512f",
+    14,
+    32
+);
