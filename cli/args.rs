@@ -1,1 +1,825 @@
-//! (being written)
+//! The `dtrain` command line: flags, launcher environment fallbacks, validation → [`TrainConfig`].
+//!
+//! Precedence for every distributed setting: an explicit flag, then the environment of the
+//! launcher that started us (torchrun, then Slurm, then Open MPI — the first family with a
+//! rank variable set wins, variables of different families are never mixed), then a default
+//! for a single process. Every invalid value becomes one [`UsageError`] whose message fits on
+//! one line; `main` prints it as `dtrain: error: ...` and exits with code 2.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Which collective transport to use. `Auto` picks shared memory when every rank is on this
+/// host and TCP otherwise (the transport decides).
+pub use transport_kind::TransportKind;
+
+mod transport_kind {
+    // The transport crate's `TransportKind` is being written concurrently; until it lands this
+    // local definition (same variants) keeps the CLI compiling. Swap for
+    // `pub use transport::TransportKind;` once it exists.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub enum TransportKind {
+        #[default]
+        Auto,
+        Shm,
+        Tcp,
+    }
+}
+
+/// How gradients are synchronised between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Mode {
+    /// One process, no communication (`--num-nodes 1`).
+    Single,
+    /// Rank 0 gathers all gradients, averages them and scatters the average back.
+    GatherScatter,
+    /// One all-reduce of all gradients after the backward pass.
+    #[value(name = "allreduce", alias = "all-reduce")]
+    AllReduce,
+    /// Bucketed all-reduce overlapped with the backward pass (like PyTorch DDP).
+    Ddp,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Single => "single",
+            Mode::GatherScatter => "gather-scatter",
+            Mode::AllReduce => "allreduce",
+            Mode::Ddp => "ddp",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum DatasetKind {
+    /// CIFAR-10 binary version, downloaded into --data-dir when absent.
+    Cifar10,
+    /// Deterministic, learnable CIFAR-shaped data generated from the seed.
+    Synthetic,
+    /// Fashion-MNIST IDX files, padded to 32x32 and replicated to 3 channels.
+    FashionMnist,
+}
+
+impl DatasetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Synthetic => "synthetic",
+            DatasetKind::FashionMnist => "fashion-mnist",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    Auto,
+    Shm,
+    Tcp,
+}
+
+impl From<TransportArg> for TransportKind {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => TransportKind::Auto,
+            TransportArg::Shm => TransportKind::Shm,
+            TransportArg::Tcp => TransportKind::Tcp,
+        }
+    }
+}
+
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+pub const DEFAULT_CIFAR_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+pub const DEFAULT_CIFAR_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+
+/// Everything one rank needs to train. Built only by [`parse_train_args`] (or by hand in tests).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub master_addr: String,
+    pub master_port: u16,
+    /// World size: the number of ranks (processes), not of machines.
+    pub num_nodes: usize,
+    pub rank: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    pub mode: Mode,
+    pub transport: TransportKind,
+    pub dataset: DatasetKind,
+    pub data_dir: PathBuf,
+    pub download_url: String,
+    pub download_md5: String,
+    pub epochs: usize,
+    /// Per rank.
+    pub batch_size: usize,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub seed: u64,
+    pub threads: usize,
+    pub max_iters: Option<usize>,
+    pub log_every: usize,
+    pub augment: bool,
+    pub shuffle: bool,
+    pub metrics: Option<PathBuf>,
+    pub save_checkpoint: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub init_checkpoint: Option<PathBuf>,
+    pub first_bucket_mb: f64,
+    pub bucket_cap_mb: f64,
+    /// "vgg11" or a layer spec like "64,M,128,M" (numbers are conv widths, M is max-pool).
+    pub model: String,
+    pub synthetic_train: usize,
+    pub synthetic_test: usize,
+    /// Draw progress bars: stdout is a terminal and `--no-progress` was not given.
+    pub progress: bool,
+    /// Deadline of one collective, in seconds.
+    pub timeout_secs: u64,
+    /// Deadline of the rendezvous, in seconds.
+    pub connect_timeout_secs: u64,
+}
+
+impl TrainConfig {
+    /// A single-process configuration with the original defaults; handy for tests.
+    pub fn single_process_defaults() -> Self {
+        TrainConfig {
+            master_addr: "127.0.0.1".into(),
+            master_port: DEFAULT_MASTER_PORT,
+            num_nodes: 1,
+            rank: 0,
+            local_rank: 0,
+            local_world_size: 1,
+            mode: Mode::Single,
+            transport: TransportKind::Auto,
+            dataset: DatasetKind::Cifar10,
+            data_dir: PathBuf::from("./data"),
+            download_url: DEFAULT_CIFAR_URL.into(),
+            download_md5: DEFAULT_CIFAR_MD5.into(),
+            epochs: 1,
+            batch_size: 64,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            seed: 0,
+            threads: 1,
+            max_iters: None,
+            log_every: 20,
+            augment: true,
+            shuffle: true,
+            metrics: None,
+            save_checkpoint: None,
+            resume: None,
+            init_checkpoint: None,
+            first_bucket_mb: 1.0,
+            bucket_cap_mb: 25.0,
+            model: "vgg11".into(),
+            synthetic_train: 50_000,
+            synthetic_test: 10_000,
+            progress: false,
+            timeout_secs: 300,
+            connect_timeout_secs: 120,
+        }
+    }
+
+    /// A stable digest (FNV-1a 64 over a canonical text) of the settings that must be equal
+    /// on every rank for the run to be meaningful. Excludes per-rank and per-host things
+    /// (rank, local rank, threads, paths, progress, deadlines, transport choice).
+    pub fn config_hash(&self) -> u64 {
+        let max_iters = match self.max_iters {
+            Some(n) => n.to_string(),
+            None => "none".into(),
+        };
+        let canonical = format!(
+            "world={};mode={};dataset={};batch={};lr={:08x};momentum={:08x};wd={:08x};seed={};\
+             epochs={};max_iters={};model={};augment={};shuffle={};first_bucket={:016x};\
+             bucket_cap={:016x};synthetic={}/{}",
+            self.num_nodes,
+            self.mode.name(),
+            self.dataset.name(),
+            self.batch_size,
+            self.lr.to_bits(),
+            self.momentum.to_bits(),
+            self.weight_decay.to_bits(),
+            self.seed,
+            self.epochs,
+            max_iters,
+            self.model,
+            self.augment,
+            self.shuffle,
+            self.first_bucket_mb.to_bits(),
+            self.bucket_cap_mb.to_bits(),
+            self.synthetic_train,
+            self.synthetic_test,
+        );
+        fnv1a64(canonical.as_bytes())
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A bad command line. `Display` is a single line without the `dtrain: error:` prefix.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    /// `--help` / `--version`: not an error for the user; print the text and exit 0.
+    #[error("{0}")]
+    Help(String),
+    /// Rejected by clap (unknown flag, bad enum value, unparsable number...).
+    #[error("{0}")]
+    Clap(String),
+    /// A value that parses but makes no sense (rank >= world size, lr NaN, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl UsageError {
+    pub fn is_help(&self) -> bool {
+        matches!(self, UsageError::Help(_))
+    }
+
+    /// Turn a clap error into one line: its first line without clap's "error: " prefix.
+    pub fn from_clap(err: clap::Error) -> Self {
+        use clap::error::ErrorKind;
+        match err.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                UsageError::Help(err.render().to_string())
+            }
+            _ => {
+                let text = err.render().to_string();
+                let first = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid command line");
+                let first = first.strip_prefix("error: ").unwrap_or(first).trim();
+                UsageError::Clap(format!("{first} (see dtrain --help)"))
+            }
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> UsageError {
+    UsageError::Invalid(msg.into())
+}
+
+/// The training flags. Everything distributed is optional so that launcher environment
+/// variables can fill the gaps.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    /// Address of rank 0: IP, IP:PORT or tcp://IP:PORT [env: MASTER_ADDR] [default: 127.0.0.1]
+    #[arg(long, value_name = "ADDR")]
+    pub master_ip: Option<String>,
+    /// Port of rank 0's rendezvous [env: MASTER_PORT] [default: 29500]
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
+    /// World size: number of ranks [env: WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE] [default: 1]
+    #[arg(long, value_name = "N")]
+    pub num_nodes: Option<usize>,
+    /// This process's rank [env: RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK] [default: 0]
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Rank among the ranks of this host [env: LOCAL_RANK, SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK]
+    #[arg(long)]
+    pub local_rank: Option<usize>,
+    /// Number of ranks on this host [env: LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE, OMPI_COMM_WORLD_LOCAL_SIZE]
+    #[arg(long, value_name = "N")]
+    pub local_world_size: Option<usize>,
+    /// Gradient synchronisation [default: ddp]
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Collective transport [default: auto]
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportArg>,
+    /// Dataset [default: cifar10]
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// Where datasets live (CIFAR-10 is downloaded here)
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// CIFAR-10 binary archive URL
+    #[arg(long, value_name = "URL", default_value = DEFAULT_CIFAR_URL)]
+    pub download_url: String,
+    /// Expected MD5 of the archive (hex)
+    #[arg(long, value_name = "HEX", default_value = DEFAULT_CIFAR_MD5)]
+    pub download_md5: String,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Images per rank per iteration
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Learning rate
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    pub momentum: f32,
+    #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute threads of this rank [default: cores / local ranks, at least 1]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Stop after this many iterations (in total, across epochs)
+    #[arg(long, value_name = "N")]
+    pub max_iters: Option<usize>,
+    /// Print a log line every N iterations
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub log_every: usize,
+    /// Disable random crop and flip
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Visit training samples in order
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Append one JSON object per iteration to FILE
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// Save a checkpoint to FILE (at the end of each epoch and of the run)
+    #[arg(long, value_name = "FILE")]
+    pub save_checkpoint: Option<PathBuf>,
+    /// Resume model, optimizer and position from a checkpoint
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
+    /// Start from the weights of a checkpoint (fresh optimizer, epoch 0)
+    #[arg(long, value_name = "FILE")]
+    pub init_checkpoint: Option<PathBuf>,
+    /// DDP: size of the first (last-layer) bucket in MB
+    #[arg(long, value_name = "MB", default_value_t = 1.0)]
+    pub first_bucket_mb: f64,
+    /// DDP: size cap of the other buckets in MB
+    #[arg(long, value_name = "MB", default_value_t = 25.0)]
+    pub bucket_cap_mb: f64,
+    /// vgg11, or a layer spec like 64,M,128,M (conv widths and max-pools)
+    #[arg(long, default_value = "vgg11")]
+    pub model: String,
+    /// Training images of --dataset synthetic
+    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    pub synthetic_train: usize,
+    /// Test images of --dataset synthetic
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub synthetic_test: usize,
+    /// No progress bars even on a terminal
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Deadline of one collective, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout: u64,
+    /// Deadline of the rendezvous, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub connect_timeout: u64,
+}
+
+/// `dtrain [train flags]` or `dtrain <subcommand> ...`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "dtrain",
+    version,
+    about = "Data-parallel training of VGG11 on CPUs",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start N local ranks of this program (like torchrun --standalone)
+    Launch(crate::launch::LaunchArgs),
+    /// Measure collective bandwidth and latency of a transport
+    Bench(crate::bench_cmd::BenchArgs),
+    /// Draw loss and throughput from a metrics file as SVG
+    Plot(crate::plot::PlotArgs),
+    /// Internal: a child that prints lines and exits as told (tests the launcher)
+    #[command(hide = true)]
+    LauncherTestChild(crate::launch::TestChildArgs),
+}
+
+/// Parse the whole command line (program name first) into a [`Cli`].
+pub fn parse_cli(args: impl IntoIterator<Item = OsString>) -> Result<Cli, UsageError> {
+    Cli::try_parse_from(args).map_err(UsageError::from_clap)
+}
+
+/// Parse a training command line (program name first, no subcommand) into a validated config.
+/// `env` looks up environment variables (pass `|k| std::env::var(k).ok()` in production).
+pub fn parse_train_args(
+    args: impl IntoIterator<Item = OsString>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TrainConfig, UsageError> {
+    #[derive(Parser)]
+    #[command(name = "dtrain")]
+    struct TrainOnly {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+    let parsed = TrainOnly::try_parse_from(args).map_err(UsageError::from_clap)?;
+    resolve_train_args(&parsed.train, env)
+}
+
+/// Which launcher's environment we read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Launcher {
+    Torchrun,
+    Slurm,
+    OpenMpi,
+    None,
+}
+
+struct EnvNames {
+    rank: &'static str,
+    world: &'static str,
+    local_rank: &'static str,
+    local_world: &'static str,
+}
+
+impl Launcher {
+    fn detect(env: &dyn Fn(&str) -> Option<String>) -> Launcher {
+        if env("RANK").is_some() || env("WORLD_SIZE").is_some() {
+            Launcher::Torchrun
+        } else if env("SLURM_PROCID").is_some() {
+            Launcher::Slurm
+        } else if env("OMPI_COMM_WORLD_RANK").is_some() {
+            Launcher::OpenMpi
+        } else {
+            Launcher::None
+        }
+    }
+
+    fn names(self) -> Option<EnvNames> {
+        match self {
+            Launcher::Torchrun => Some(EnvNames {
+                rank: "RANK",
+                world: "WORLD_SIZE",
+                local_rank: "LOCAL_RANK",
+                local_world: "LOCAL_WORLD_SIZE",
+            }),
+            Launcher::Slurm => Some(EnvNames {
+                rank: "SLURM_PROCID",
+                world: "SLURM_NTASKS",
+                local_rank: "SLURM_LOCALID",
+                local_world: "SLURM_NTASKS_PER_NODE",
+            }),
+            Launcher::OpenMpi => Some(EnvNames {
+                rank: "OMPI_COMM_WORLD_RANK",
+                world: "OMPI_COMM_WORLD_SIZE",
+                local_rank: "OMPI_COMM_WORLD_LOCAL_RANK",
+                local_world: "OMPI_COMM_WORLD_LOCAL_SIZE",
+            }),
+            Launcher::None => None,
+        }
+    }
+}
+
+/// Read a non-negative integer from the environment. Slurm writes per-node task counts like
+/// "2(x3)" or "2,1": the leading number is this layout's first node, good enough for
+/// dividing cores between local ranks.
+fn env_usize(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<usize>, UsageError> {
+    let Some(raw) = env(name) else {
+        return Ok(None);
+    };
+    let trimmed = raw.trim();
+    let digits: &str = if name == "SLURM_NTASKS_PER_NODE" {
+        let end = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        &trimmed[..end]
+    } else {
+        trimmed
+    };
+    digits.parse::<usize>().map(Some).map_err(|_| {
+        invalid(format!(
+            "environment variable {name}={raw:?} is not a non-negative integer"
+        ))
+    })
+}
+
+/// Split `IP`, `IP:PORT`, `tcp://IP:PORT`, `[v6]:PORT` or a bare IPv6 address into host and
+/// optional port.
+pub fn parse_master_addr(raw: &str) -> Result<(String, Option<u16>), UsageError> {
+    let s = raw.trim();
+    let s = match s.split_once("://") {
+        Some(("tcp", rest)) => rest,
+        Some((scheme, _)) => return Err(invalid(format!(
+            "--master-ip {raw:?}: unsupported scheme {scheme:?} (use IP, IP:PORT or tcp://IP:PORT)"
+        ))),
+        None => s,
+    };
+    let s = s.strip_suffix('/').unwrap_or(s);
+    let (host, port): (&str, Option<&str>) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(|| {
+            invalid(format!(
+                "--master-ip {raw:?}: missing ']' after IPv6 address"
+            ))
+        })?;
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (host, Some(p)),
+                None => {
+                    return Err(invalid(format!(
+                        "--master-ip {raw:?}: expected ':PORT' after ']'"
+                    )))
+                }
+            },
+        }
+    } else if s.matches(':').count() == 1 {
+        let (h, p) = s.split_once(':').unwrap_or((s, ""));
+        (h, Some(p))
+    } else {
+        (s, None) // no colon, or a bare IPv6 address
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(invalid(format!(
+            "--master-ip {raw:?}: missing or malformed host"
+        )));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) => {
+                return Err(invalid(format!(
+                    "--master-ip {raw:?}: port must be 1..65535, got 0"
+                )))
+            }
+            Ok(n) => Some(n),
+            Err(_) => {
+                return Err(invalid(format!(
+                    "--master-ip {raw:?}: port {p:?} is not a number in 1..65535"
+                )))
+            }
+        },
+    };
+    Ok((host.to_string(), port))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// Check a model spec: "vgg11" or comma-separated conv widths and 'M' (max-pool).
+pub fn validate_model_spec(spec: &str) -> Result<(), UsageError> {
+    if spec.eq_ignore_ascii_case("vgg11") {
+        return Ok(());
+    }
+    let bad = || {
+        invalid(format!(
+            "--model {spec:?}: expected vgg11 or a layer list like 64,M,128,M (positive conv widths and M)"
+        ))
+    };
+    let mut convs = 0;
+    for tok in spec.split(',') {
+        let tok = tok.trim();
+        if tok.eq_ignore_ascii_case("m") {
+            continue;
+        }
+        match tok.parse::<usize>() {
+            Ok(n) if n > 0 => convs += 1,
+            _ => return Err(bad()),
+        }
+    }
+    if convs == 0 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Validate parsed flags, fill gaps from the launcher environment, and build the config.
+pub fn resolve_train_args(
+    a: &TrainArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TrainConfig, UsageError> {
+    let launcher = Launcher::detect(env);
+    let names = launcher.names();
+
+    // --- master address and port
+    let (master_addr, port_in_addr) = match &a.master_ip {
+        Some(raw) => parse_master_addr(raw)?,
+        None => match env("MASTER_ADDR") {
+            Some(raw) => parse_master_addr(&raw)
+                .map_err(|e| invalid(format!("environment variable MASTER_ADDR: {e}")))?,
+            None => ("127.0.0.1".to_string(), None),
+        },
+    };
+    let master_port = match (a.master_port, port_in_addr) {
+        (Some(p), Some(q)) if p != q => {
+            return Err(invalid(format!(
+                "--master-port {p} contradicts the port {q} given in --master-ip"
+            )))
+        }
+        (Some(p), _) => p,
+        (None, Some(q)) => q,
+        (None, None) => match env("MASTER_PORT") {
+            Some(raw) => raw.trim().parse::<u16>().map_err(|_| {
+                invalid(format!(
+                    "environment variable MASTER_PORT={raw:?} is not a port number"
+                ))
+            })?,
+            None => DEFAULT_MASTER_PORT,
+        },
+    };
+    if master_port == 0 {
+        return Err(invalid("--master-port must be 1..65535, got 0"));
+    }
+
+    // --- world layout
+    let from_env = |pick: fn(&EnvNames) -> &'static str| -> Result<Option<usize>, UsageError> {
+        match &names {
+            Some(n) => env_usize(env, pick(n)),
+            None => Ok(None),
+        }
+    };
+    let num_nodes = match a.num_nodes {
+        Some(n) => n,
+        None => from_env(|n| n.world)?.unwrap_or(1),
+    };
+    if num_nodes == 0 {
+        return Err(invalid("--num-nodes must be at least 1, got 0"));
+    }
+    let rank = match a.rank {
+        Some(r) => r,
+        None => from_env(|n| n.rank)?.unwrap_or(0),
+    };
+    if rank >= num_nodes {
+        return Err(invalid(format!(
+            "--rank {rank} is out of range for --num-nodes {num_nodes} (ranks are 0..{})",
+            num_nodes - 1
+        )));
+    }
+    // Without launcher information, a loopback master means every rank runs on this host.
+    let all_local = is_loopback(&master_addr);
+    let local_world_size = match a.local_world_size {
+        Some(n) => n,
+        None => match from_env(|n| n.local_world)? {
+            Some(n) => n,
+            None if all_local => num_nodes,
+            None => 1,
+        },
+    };
+    if local_world_size == 0 || local_world_size > num_nodes {
+        return Err(invalid(format!(
+            "--local-world-size {local_world_size} must be in 1..={num_nodes} (the world size)"
+        )));
+    }
+    let local_rank = match a.local_rank {
+        Some(r) => r,
+        None => match from_env(|n| n.local_rank)? {
+            Some(r) => r,
+            None if all_local => rank,
+            None => 0,
+        },
+    };
+    if local_rank >= local_world_size {
+        return Err(invalid(format!(
+            "--local-rank {local_rank} is out of range for {local_world_size} ranks on this host"
+        )));
+    }
+
+    let mode = a.mode.unwrap_or(Mode::Ddp);
+    if mode == Mode::Single && num_nodes != 1 {
+        return Err(invalid(format!(
+            "--mode single needs --num-nodes 1, got {num_nodes}"
+        )));
+    }
+
+    // --- optimisation
+    if a.epochs == 0 {
+        return Err(invalid("--epochs must be at least 1, got 0"));
+    }
+    if a.batch_size == 0 {
+        return Err(invalid("--batch-size must be at least 1, got 0"));
+    }
+    if !a.lr.is_finite() || a.lr < 0.0 {
+        return Err(invalid(format!(
+            "--lr must be a finite number >= 0, got {}",
+            a.lr
+        )));
+    }
+    if !a.momentum.is_finite() || !(0.0..1.0).contains(&a.momentum) {
+        return Err(invalid(format!(
+            "--momentum must be in [0, 1), got {}",
+            a.momentum
+        )));
+    }
+    if !a.weight_decay.is_finite() || a.weight_decay < 0.0 {
+        return Err(invalid(format!(
+            "--weight-decay must be a finite number >= 0, got {}",
+            a.weight_decay
+        )));
+    }
+    if a.max_iters == Some(0) {
+        return Err(invalid("--max-iters must be at least 1, got 0"));
+    }
+    if a.log_every == 0 {
+        return Err(invalid("--log-every must be at least 1, got 0"));
+    }
+    for (flag, v) in [
+        ("--first-bucket-mb", a.first_bucket_mb),
+        ("--bucket-cap-mb", a.bucket_cap_mb),
+    ] {
+        if !v.is_finite() || v <= 0.0 {
+            return Err(invalid(format!(
+                "{flag} must be a positive number, got {v}"
+            )));
+        }
+    }
+    validate_model_spec(&a.model)?;
+    let threads = match a.threads {
+        Some(0) => return Err(invalid("--threads must be at least 1, got 0")),
+        Some(t) => t,
+        None => {
+            let cores = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            (cores / local_world_size).max(1)
+        }
+    };
+    if a.timeout == 0 {
+        return Err(invalid("--timeout must be at least 1 second, got 0"));
+    }
+    if a.connect_timeout == 0 {
+        return Err(invalid(
+            "--connect-timeout must be at least 1 second, got 0",
+        ));
+    }
+
+    // --- data
+    let dataset = a.dataset.unwrap_or(DatasetKind::Cifar10);
+    if dataset == DatasetKind::Synthetic && (a.synthetic_train == 0 || a.synthetic_test == 0) {
+        return Err(invalid(
+            "--synthetic-train and --synthetic-test must be at least 1",
+        ));
+    }
+    let md5 = a.download_md5.trim().to_ascii_lowercase();
+    if md5.len() != 32 || !md5.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(invalid(format!(
+            "--download-md5 {:?}: expected 32 hex digits",
+            a.download_md5
+        )));
+    }
+    if a.download_url.trim().is_empty() {
+        return Err(invalid("--download-url must not be empty"));
+    }
+    if a.resume.is_some() && a.init_checkpoint.is_some() {
+        return Err(invalid(
+            "--resume and --init-checkpoint cannot be used together (resume restores everything)",
+        ));
+    }
+
+    use std::io::IsTerminal;
+    let progress = !a.no_progress && std::io::stdout().is_terminal();
+
+    Ok(TrainConfig {
+        master_addr,
+        master_port,
+        num_nodes,
+        rank,
+        local_rank,
+        local_world_size,
+        mode,
+        transport: a.transport.unwrap_or(TransportArg::Auto).into(),
+        dataset,
+        data_dir: a.data_dir.clone(),
+        download_url: a.download_url.trim().to_string(),
+        download_md5: md5,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        threads,
+        max_iters: a.max_iters,
+        log_every: a.log_every,
+        augment: !a.no_augment,
+        shuffle: !a.no_shuffle,
+        metrics: a.metrics.clone(),
+        save_checkpoint: a.save_checkpoint.clone(),
+        resume: a.resume.clone(),
+        init_checkpoint: a.init_checkpoint.clone(),
+        first_bucket_mb: a.first_bucket_mb,
+        bucket_cap_mb: a.bucket_cap_mb,
+        model: a.model.clone(),
+        synthetic_train: a.synthetic_train,
+        synthetic_test: a.synthetic_test,
+        progress,
+        timeout_secs: a.timeout,
+        connect_timeout_secs: a.connect_timeout,
+    })
+}

@@ -1,4 +1,45 @@
-fn main() {
-    eprintln!("dtrain: not built yet");
-    std::process::exit(2);
+//! `dtrain`: parse the command line and dispatch to training or a subcommand.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 usage error (one line on stderr).
+
+use std::process::ExitCode;
+
+use dtrain::args::{parse_cli, resolve_train_args, UsageError};
+
+fn usage_exit(e: UsageError) -> ExitCode {
+    if let UsageError::Help(text) = &e {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("dtrain: error: {e}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => return usage_exit(e),
+    };
+    match cli.command {
+        None => {
+            let env = |k: &str| std::env::var(k).ok();
+            let cfg = match resolve_train_args(&cli.train, &env) {
+                Ok(c) => c,
+                Err(e) => return usage_exit(e),
+            };
+            run_training(&cfg)
+        }
+        Some(_) => {
+            eprintln!("dtrain: error: this subcommand is not built yet");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_training(cfg: &dtrain::args::TrainConfig) -> ExitCode {
+    eprintln!(
+        "dtrain: the training loop (dtrain::train::run) is not built yet; parsed config for rank {} of {}",
+        cfg.rank, cfg.num_nodes
+    );
+    ExitCode::from(1)
 }
