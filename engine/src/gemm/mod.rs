@@ -220,6 +220,9 @@ pub fn sgemm_with(
     // which we borrow mutably for the whole call.
     match kernel {
         Kernel::Avx512 => unsafe { driver::<TileAvx512>(threads, m, n, k, alpha, a, b, beta, cm) },
+        Kernel::Avx2Fma if n <= TileAvx2Narrow::NR => unsafe {
+            driver::<TileAvx2Narrow>(threads, m, n, k, alpha, a, b, beta, cm)
+        },
         Kernel::Avx2Fma => unsafe { driver::<TileAvx2>(threads, m, n, k, alpha, a, b, beta, cm) },
         Kernel::Portable => unsafe {
             driver::<TilePortable>(threads, m, n, k, alpha, a, b, beta, cm)
@@ -383,6 +386,10 @@ macro_rules! micro_kernel {
 micro_kernel!(TileAvx2, mr: 6, nr: 16, mc: 144, kc: 256, nc: 4080,
     packed: x86::kernel_avx2_6x16, strided: x86::kernel_avx2_6x16_strided,
     cfg: target_arch = "x86_64");
+// The narrow AVX2 tile for n <= 8: same A/B block sizes (MC a multiple of 12).
+micro_kernel!(TileAvx2Narrow, mr: 12, nr: 8, mc: 144, kc: 256, nc: 4080,
+    packed: x86::kernel_avx2_12x8, strided: x86::kernel_avx2_12x8_strided,
+    cfg: target_arch = "x86_64");
 // AVX-512: A block 140·256·4 = 140 KiB, B micro-panel 256·32·4 = 32 KiB.
 micro_kernel!(TileAvx512, mr: 14, nr: 32, mc: 140, kc: 256, nc: 4096,
     packed: x86::kernel_avx512_14x32, strided: x86::kernel_avx512_14x32_strided,
@@ -448,9 +455,11 @@ unsafe fn driver<K: MicroKernel>(
     beta: f32,
     c: CMat,
 ) {
-    // Narrow outputs (n < NR, e.g. the 2×2 and 4×4 feature maps of VGG's last layers)
-    // waste most of each register tile; Cᵀ = Bᵀ·Aᵀ puts the long side along the tile's NR.
-    let (m, n, a, b, c) = if n < K::NR && m > n {
+    // Very narrow outputs (n < NR/2) waste most of each register tile; Cᵀ = Bᵀ·Aᵀ puts
+    // the long side along the tile's NR. Not done for n >= NR/2: it would make the big
+    // operand (A, e.g. the weights) the one that must be packed (a transposing copy),
+    // while as A it is read in place for narrow blocks (see `DIRECT_PANELS`).
+    let (m, n, a, b, c) = if 2 * n < K::NR && m > n {
         (n, m, b.t(), a.t(), c.t())
     } else {
         (m, n, a, b, c)

@@ -123,6 +123,14 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// AVX2+FMA 12×8 tile for narrow outputs (n <= 8): 12 ymm accumulators + 1 for B +
+    /// 1 broadcast. Wastes half the lanes at n = 4 instead of three quarters.
+    name: kernel_avx2_12x8_strided, features: "avx2,fma", mr: 12, nv: 1, lanes: 8,
+    zero: _mm256_setzero_ps, loadu: _mm256_loadu_ps,
+    storeu: _mm256_storeu_ps, set1: _mm256_set1_ps, fmadd: _mm256_fmadd_ps, mul: _mm256_mul_ps
+}
+
+simd_kernel! {
     /// AVX-512F 14×32 tile: 28 zmm accumulators + 2 for B + 1 broadcast (31 of 32).
     name: kernel_avx512_14x32_strided, features: "avx512f", mr: 14, nv: 2, lanes: 16,
     zero: _mm512_setzero_ps, loadu: _mm512_loadu_ps,
@@ -142,4 +150,11 @@ packed_entry!(
     "avx512f",
     14,
     32
+);
+packed_entry!(
+    kernel_avx2_12x8,
+    kernel_avx2_12x8_strided,
+    "avx2,fma",
+    12,
+    8
 );
