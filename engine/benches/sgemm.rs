@@ -225,6 +225,29 @@ fn cross_check(c: &Case, ops: &mut Operands) -> f64 {
     (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
 }
 
+/// Median wall time of an (almost) empty `parallel_for` over 2 threads, back to back (the
+/// workers are awake, as between consecutive ops in training) and after a pause long
+/// enough for them to go to sleep (a condvar wake-up).
+fn parallel_for_overhead() -> (f64, f64) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sink = AtomicUsize::new(0);
+    let mut call = || {
+        let t = Instant::now();
+        engine::parallel::parallel_for_threads(2, 2, |i| {
+            sink.fetch_add(i, Ordering::Relaxed);
+        });
+        t.elapsed().as_secs_f64()
+    };
+    let mut hot: Vec<f64> = (0..2000).map(|_| call()).collect();
+    let mut cold: Vec<f64> = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(2));
+            call()
+        })
+        .collect();
+    (median(&mut hot), median(&mut cold))
+}
+
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let kernel = Kernel::detect();
@@ -276,6 +299,12 @@ fn main() {
         }
         println!();
     }
+    let (hot, cold) = parallel_for_overhead();
+    println!(
+        "\nparallel_for(2 threads, 2 trivial tasks): median {:.1} µs back-to-back, {:.1} µs after 2 ms idle",
+        hot * 1e6,
+        cold * 1e6
+    );
     if !ratios.is_empty() {
         let geo = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
         let min = ratios.iter().cloned().fold(f64::INFINITY, f64::min);

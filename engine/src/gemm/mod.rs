@@ -615,7 +615,7 @@ unsafe fn gemm_serial<K: MicroKernel>(
 }
 
 /// Read A (B) in place when a block has at most this many column (row) panels.
-const DIRECT_PANELS: usize = 2;
+const DIRECT_PANELS: usize = 4;
 
 /// Where the macro-kernel reads the current A or B block from.
 #[derive(Clone, Copy)]
