@@ -512,9 +512,11 @@ pub fn parse_master_addr(raw: &str) -> Result<(String, Option<u16>), UsageError>
     let s = raw.trim();
     let s = match s.split_once("://") {
         Some(("tcp", rest)) => rest,
-        Some((scheme, _)) => return Err(invalid(format!(
+        Some((scheme, _)) => {
+            return Err(invalid(format!(
             "--master-ip {raw:?}: unsupported scheme {scheme:?} (use IP, IP:PORT or tcp://IP:PORT)"
-        ))),
+        )))
+        }
         None => s,
     };
     let s = s.strip_suffix('/').unwrap_or(s);
@@ -664,27 +666,30 @@ pub fn resolve_train_args(
     }
     // Without launcher information, a loopback master means every rank runs on this host.
     let all_local = is_loopback(&master_addr);
-    let local_world_size = match a.local_world_size {
+    let local_rank_given = match a.local_rank {
+        Some(r) => Some(r),
+        None => from_env(|n| n.local_rank)?,
+    };
+    let local_world_given = match a.local_world_size {
+        Some(n) => Some(n),
+        None => from_env(|n| n.local_world)?,
+    };
+    let local_rank = match local_rank_given {
+        Some(r) => r,
+        None if all_local => rank,
+        None => 0,
+    };
+    let local_world_size = match local_world_given {
         Some(n) => n,
-        None => match from_env(|n| n.local_world)? {
-            Some(n) => n,
-            None if all_local => num_nodes,
-            None => 1,
-        },
+        None if all_local => num_nodes,
+        // Unknown layout: at least as many local ranks as our local rank implies.
+        None => local_rank + 1,
     };
     if local_world_size == 0 || local_world_size > num_nodes {
         return Err(invalid(format!(
             "--local-world-size {local_world_size} must be in 1..={num_nodes} (the world size)"
         )));
     }
-    let local_rank = match a.local_rank {
-        Some(r) => r,
-        None => match from_env(|n| n.local_rank)? {
-            Some(r) => r,
-            None if all_local => rank,
-            None => 0,
-        },
-    };
     if local_rank >= local_world_size {
         return Err(invalid(format!(
             "--local-rank {local_rank} is out of range for {local_world_size} ranks on this host"
