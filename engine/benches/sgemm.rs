@@ -231,7 +231,7 @@ fn cross_check(c: &Case, ops: &mut Operands) -> f64 {
 fn parallel_for_overhead() -> (f64, f64) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let sink = AtomicUsize::new(0);
-    let mut call = || {
+    let call = || {
         let t = Instant::now();
         engine::parallel::parallel_for_threads(2, 2, |i| {
             sink.fetch_add(i, Ordering::Relaxed);

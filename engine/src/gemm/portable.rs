@@ -1,8 +1,7 @@
-//! Portable microkernel in plain Rust: a 4×8 tile of scalar accumulators laid out so the
-//! compiler can keep them in (baseline SSE2) vector registers.
-
-pub(crate) const MR: usize = 4;
-pub(crate) const NR: usize = 8;
+//! Portable microkernel in plain Rust: an `MR × NR` tile of scalar accumulators laid out so
+//! the compiler can keep them in (baseline SSE2) vector registers. Used as a 4×8 tile on
+//! CPUs without AVX2, and (in unit tests) with the AVX-512 tile shape to exercise that
+//! kernel's blocking on machines that cannot run AVX-512.
 
 /// Same contract as the SIMD microkernels (see `x86.rs`).
 ///
@@ -12,7 +11,7 @@ pub(crate) const NR: usize = 8;
 /// row-major tile with row stride `rsc`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) unsafe fn kernel_portable_4x8_strided(
+pub(crate) unsafe fn kernel_portable_strided<const MR: usize, const NR: usize>(
     kc: usize,
     a: *const f32,
     rsa: usize,
@@ -51,11 +50,11 @@ pub(crate) unsafe fn kernel_portable_4x8_strided(
     }
 }
 
-/// [`kernel_portable_4x8_strided`] on packed panels (`rsa = 1, csa = MR, rsb = NR`).
+/// [`kernel_portable_strided`] on packed panels (`rsa = 1, csa = MR, rsb = NR`).
 ///
 /// # Safety
 /// As for the strided kernel.
-pub(crate) unsafe fn kernel_portable_4x8(
+pub(crate) unsafe fn kernel_portable<const MR: usize, const NR: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -65,5 +64,5 @@ pub(crate) unsafe fn kernel_portable_4x8(
     beta: f32,
 ) {
     // SAFETY: forwarded contract.
-    unsafe { kernel_portable_4x8_strided(kc, a, 1, MR, b, NR, c, rsc, alpha, beta) }
+    unsafe { kernel_portable_strided::<MR, NR>(kc, a, 1, MR, b, NR, c, rsc, alpha, beta) }
 }
