@@ -7,6 +7,18 @@
 //!   [`crate::parallel::num_threads`].
 //! - [`sgemm_with`]: the same with an explicit [`Kernel`] and thread count (tests, benches).
 //! - [`gemm_reference`]: naive triple loop, generic, used for f64 and as the test oracle.
+//!
+//! Design (`gemm_serial`): for each `NC`-column block of B and `KC`-deep slice, B is packed
+//! into `NR`-column micro-panels; for each `MC`-row block of A, A is packed into `MR`-row
+//! micro-panels; the macro-kernel then runs the `MR × NR` register-blocked microkernel
+//! over every tile (`x86.rs`: AVX2 6×16 and 12×8, AVX-512 14×32; `portable.rs`: 4×8).
+//! Packing reads any strides, so transposed operands cost nothing extra; ragged panels are
+//! zero-padded and ragged tiles go through a scratch tile, written back only where valid.
+//! `alpha`/`beta` are applied in the write-back (later depth slices accumulate with
+//! `beta = 1`). Narrow blocks read A (or B) in place instead of packing it, since a packed
+//! panel would be reused only a few times. Threads split the larger of M and N
+//! (`driver`), each part running the serial loop nest with its own thread-local,
+//! 64-byte-aligned packing buffers.
 
 mod pack;
 mod portable;
