@@ -134,6 +134,8 @@ fn conv2d_f32_matches_f64_and_naive_oracle() {
         geom(2, 5, 9, 12, 3, (3, 5), 2, 1),  // rectangular kernel, stride 2
         geom(3, 4, 7, 10, 6, (1, 5), 1, 2),  // same width, taller output (rows of zeros)
         geom(2, 3, 9, 6, 5, (5, 3), 1, 1),   // same width, shorter output
+        geom(3, 4, 7, 7, 5, (3, 3), 2, 1),   // 4x4 output: tap-table path with stride 2
+        geom(40, 8, 4, 4, 9, (3, 3), 1, 1),  // 4x4 planes, VGG-like: tap-table path
     ];
     for threads in [1, 2] {
         set_num_threads(threads);

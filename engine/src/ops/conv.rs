@@ -16,8 +16,9 @@
 //! Scratch buffers are cached per calling thread and reused across calls (see
 //! [`conv2d_release_scratch`]). With a single image per chunk the GEMM writes straight into
 //! `y` (and reads `dy` in place); 1×1/stride-1/pad-0 convolutions skip im2col entirely then.
-use super::{par_chunks_mut, units_per_task};
+use super::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::gemm::MatRef;
+use crate::parallel::{num_threads, parallel_for};
 use crate::Float;
 use std::cell::RefCell;
 
@@ -294,6 +295,7 @@ fn im2col<T: Float>(g: &Conv2dGeom, x_chunk: &[T], nb: usize, cols: &mut [T]) {
     let (p, plane) = (oh * ow, g.h * g.w);
     let ld = nb * p;
     let rows_per_task = units_per_task(g.taps(), ld, MIN_TASK_ELEMS);
+    let table = (p <= SMALL_PLANE).then(|| tap_table(g));
     par_chunks_mut(cols, rows_per_task * ld, |t, rows| {
         for (j, row) in rows.chunks_mut(ld).enumerate() {
             let r = t * rows_per_task + j;
@@ -301,7 +303,16 @@ fn im2col<T: Float>(g: &Conv2dGeom, x_chunk: &[T], nb: usize, cols: &mut [T]) {
             for img in 0..nb {
                 let src = &x_chunk[(img * g.c_in + ci) * plane..][..plane];
                 let dst = &mut row[img * p..(img + 1) * p];
-                if g.stride == 1 && ow == g.w {
+                if let Some(table) = &table {
+                    let tap = &table[(ki * g.kw + kj) * p..][..p];
+                    for (d, &i) in dst.iter_mut().zip(tap) {
+                        *d = if i == PADDING {
+                            T::zero()
+                        } else {
+                            src[i as usize]
+                        };
+                    }
+                } else if g.stride == 1 && ow == g.w {
                     im2col_tap_same_width(g, src, ki, kj, oh, dst);
                 } else {
                     im2col_tap(g, src, ki, kj, oh, ow, dst);
@@ -309,6 +320,36 @@ fn im2col<T: Float>(g: &Conv2dGeom, x_chunk: &[T], nb: usize, cols: &mut [T]) {
             }
         }
     });
+}
+
+/// Output planes up to this many pixels use [`tap_table`] in im2col/col2im: with rows of
+/// 2..4 pixels, per-row copies would spend more on `memcpy` calls than on data.
+const SMALL_PLANE: usize = 16;
+/// Marks an output pixel whose tap reads the zero padding.
+const PADDING: u32 = u32::MAX;
+
+/// For every tap `(ki, kj)` and output pixel `q`, the input-plane index the tap reads, or
+/// [`PADDING`]: `table[(ki·KW + kj)·P + q]`.
+fn tap_table(g: &Conv2dGeom) -> Vec<u32> {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let mut table = Vec::with_capacity(g.kh * g.kw * oh * ow);
+    for ki in 0..g.kh {
+        for kj in 0..g.kw {
+            for orow in 0..oh {
+                for c in 0..ow {
+                    let ih = (orow * g.stride + ki) as isize - g.pad as isize;
+                    let iw = (c * g.stride + kj) as isize - g.pad as isize;
+                    let inside = ih >= 0 && iw >= 0 && ih < g.h as isize && iw < g.w as isize;
+                    table.push(if inside {
+                        (ih as usize * g.w + iw as usize) as u32
+                    } else {
+                        PADDING
+                    });
+                }
+            }
+        }
+    }
+    table
 }
 
 /// One tap of one image, any stride: row by row.
@@ -381,57 +422,159 @@ fn im2col_tap_same_width<T: Float>(
     dst[start..end].copy_from_slice(&src[s0..s0 + (end - start)]);
     if lo > 0 || hi < w {
         for d in dst[r_lo * w..r_hi * w].chunks_exact_mut(w) {
-            d[..lo].fill(T::zero());
-            d[hi..].fill(T::zero());
+            zero_edges(d, lo, hi);
         }
     }
 }
 
-/// Scatter-add `cols[K, nb·P]` back into the input-shaped `dx_chunk` (overwritten). Parallel
-/// over `(image, channel)` planes: each plane only receives from its own channel's taps, so
-/// tasks never write the same element.
-fn col2im<T: Float>(g: &Conv2dGeom, cols: &[T], nb: usize, dx_chunk: &mut [T]) {
+/// Scatter-add `cols[K, nb·P]` back into the input-shaped `dx_chunk` (overwritten).
+///
+/// Tasks own one input channel `ci` for a block of images: plane `(img, ci)` only receives
+/// from channel `ci`'s taps, so no two tasks write the same element, and within a plane the
+/// taps are added in a fixed order. A task walks its tap rows of `cols` in memory order (row
+/// by row, images side by side), which matters when `cols` is larger than the TLB reach:
+/// walking it column-wise (plane by plane) was several times slower for small planes.
+/// `cols` is scratch and gets clobbered (see [`col2im_tap_same_width`]).
+fn col2im<T: Float>(g: &Conv2dGeom, cols: &mut [T], nb: usize, dx_chunk: &mut [T]) {
     let (oh, ow) = (g.out_h(), g.out_w());
     let (p, plane) = (oh * ow, g.h * g.w);
     let ld = nb * p;
     let kk = g.kh * g.kw;
-    let planes_per_task = units_per_task(nb * g.c_in, kk * p, MIN_TASK_ELEMS);
-    par_chunks_mut(dx_chunk, planes_per_task * plane, |t, planes| {
-        for (j, dxp) in planes.chunks_mut(plane).enumerate() {
-            let pl = t * planes_per_task + j;
-            let (img, ci) = (pl / g.c_in, pl % g.c_in);
-            dxp.fill(T::zero());
-            for ki in 0..g.kh {
-                for kj in 0..g.kw {
-                    let r = ci * kk + ki * g.kw + kj;
-                    let src = &cols[r * ld + img * p..][..p];
-                    let off = kj as isize - g.pad as isize;
-                    for orow in 0..oh {
-                        let ih = (orow * g.stride + ki) as isize - g.pad as isize;
-                        if ih < 0 || ih >= g.h as isize {
-                            continue;
-                        }
-                        let d = &mut dxp[ih as usize * g.w..(ih as usize + 1) * g.w];
-                        let s = &src[orow * ow..(orow + 1) * ow];
-                        if g.stride == 1 {
-                            let (lo, hi) = valid_cols(off, g.w, ow);
-                            let d0 = (lo as isize + off) as usize;
-                            for (dv, &sv) in d[d0..d0 + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
-                                *dv += sv;
+    assert!(cols.len() >= g.taps() * ld, "col2im: cols too short");
+    assert_eq!(
+        dx_chunk.len(),
+        nb * g.c_in * plane,
+        "col2im: dx_chunk length"
+    );
+    let blocks = (4 * num_threads()).div_ceil(g.c_in).clamp(1, nb);
+    let block_len = nb.div_ceil(blocks);
+    let blocks = nb.div_ceil(block_len);
+    let table = (p <= SMALL_PLANE).then(|| tap_table(g));
+    let cols_ptr = SharedMutPtr(cols.as_mut_ptr());
+    let dx_ptr = SharedMutPtr(dx_chunk.as_mut_ptr());
+    parallel_for(g.c_in * blocks, |task| {
+        let (ci, block) = (task / blocks, task % blocks);
+        let images = block * block_len..((block + 1) * block_len).min(nb);
+        // SAFETY (both unsafe blocks below): the ranges lie inside `dx_chunk` / `cols`
+        // (asserted above) and belong to this task alone: dx plane `(img, ci)` and the cols
+        // segments `[r·ld + img·P, +P)` with `r` a tap row of channel `ci`, for the images of
+        // this task's block. Both buffers stay exclusively borrowed until `parallel_for`
+        // returns.
+        let dx_plane = |img: usize| unsafe {
+            std::slice::from_raw_parts_mut(dx_ptr.get().add((img * g.c_in + ci) * plane), plane)
+        };
+        for img in images.clone() {
+            dx_plane(img).fill(T::zero());
+        }
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = ci * kk + ki * g.kw + kj;
+                for img in images.clone() {
+                    let src = unsafe {
+                        std::slice::from_raw_parts_mut(cols_ptr.get().add(r * ld + img * p), p)
+                    };
+                    let dxp = dx_plane(img);
+                    if let Some(table) = &table {
+                        let tap = &table[(ki * g.kw + kj) * p..][..p];
+                        for (&sv, &i) in src.iter().zip(tap) {
+                            if i != PADDING {
+                                dxp[i as usize] += sv;
                             }
-                        } else {
-                            for (c, &sv) in s.iter().enumerate() {
-                                let iw = (c * g.stride) as isize + off;
-                                if iw >= 0 && iw < g.w as isize {
-                                    d[iw as usize] += sv;
-                                }
-                            }
                         }
+                    } else if g.stride == 1 && ow == g.w {
+                        col2im_tap_same_width(g, src, ki, kj, oh, dxp);
+                    } else {
+                        col2im_tap(g, src, ki, kj, oh, ow, dxp);
                     }
                 }
             }
         }
     });
+}
+
+/// One tap of one image, any stride: row by row.
+fn col2im_tap<T: Float>(
+    g: &Conv2dGeom,
+    src: &[T],
+    ki: usize,
+    kj: usize,
+    oh: usize,
+    ow: usize,
+    dxp: &mut [T],
+) {
+    let off = kj as isize - g.pad as isize;
+    for orow in 0..oh {
+        let ih = (orow * g.stride + ki) as isize - g.pad as isize;
+        if ih < 0 || ih >= g.h as isize {
+            continue;
+        }
+        let d = &mut dxp[ih as usize * g.w..(ih as usize + 1) * g.w];
+        let s = &src[orow * ow..(orow + 1) * ow];
+        if g.stride == 1 {
+            let (lo, hi) = valid_cols(off, g.w, ow);
+            let d0 = (lo as isize + off) as usize;
+            for (dv, &sv) in d[d0..d0 + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
+                *dv += sv;
+            }
+        } else {
+            for (c, &sv) in s.iter().enumerate() {
+                let iw = (c * g.stride) as isize + off;
+                if iw >= 0 && iw < g.w as isize {
+                    d[iw as usize] += sv;
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_tap_same_width`]: the tap adds to the plane shifted by a constant
+/// offset, as ONE long vectorizable loop (per-row loops of w-1 elements would run entirely in
+/// the scalar remainder of a vectorized loop). Entries of `src` whose input column falls in
+/// the padding would land on a wrapped-around neighbour, so they are zeroed first (adding an
+/// exact 0 changes nothing).
+fn col2im_tap_same_width<T: Float>(
+    g: &Conv2dGeom,
+    src: &mut [T],
+    ki: usize,
+    kj: usize,
+    oh: usize,
+    dxp: &mut [T],
+) {
+    let w = g.w;
+    let off = kj as isize - g.pad as isize;
+    let (lo, hi) = valid_cols(off, w, w);
+    let r_lo = g.pad.saturating_sub(ki).min(oh);
+    let r_hi = (g.h + g.pad).saturating_sub(ki).clamp(r_lo, oh);
+    if lo >= hi || r_lo >= r_hi {
+        return;
+    }
+    if lo > 0 || hi < w {
+        for s in src[r_lo * w..r_hi * w].chunks_exact_mut(w) {
+            zero_edges(s, lo, hi);
+        }
+    }
+    let shift = (ki as isize - g.pad as isize) * w as isize + off;
+    let (start, end) = (r_lo * w + lo, (r_hi - 1) * w + hi);
+    let d0 = (start as isize + shift) as usize;
+    for (d, &s) in dxp[d0..d0 + (end - start)].iter_mut().zip(&src[start..end]) {
+        *d += s;
+    }
+}
+
+/// Zero `row[..lo]` and `row[hi..]`. The common 3×3/pad-1 case zeroes single elements, where
+/// a `memset` call per row would cost more than the store.
+#[inline(always)]
+fn zero_edges<T: Float>(row: &mut [T], lo: usize, hi: usize) {
+    match lo {
+        0 => {}
+        1 => row[0] = T::zero(),
+        _ => row[..lo].fill(T::zero()),
+    }
+    match row.len() - hi {
+        0 => {}
+        1 => row[hi] = T::zero(),
+        _ => row[hi..].fill(T::zero()),
+    }
 }
 
 /// `y_chunk[img, co, :] = ybuf[co, img·P..] + b[co]` (from GEMM layout to NCHW).

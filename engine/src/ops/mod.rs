@@ -22,14 +22,16 @@ pub use relu::*;
 
 use crate::parallel::{num_threads, parallel_for};
 
-/// A raw pointer that tasks of one `parallel_for` may share; see [`par_chunks_mut`].
-struct SharedMutPtr<T>(*mut T);
-// SAFETY: only used by `par_chunks_mut`, whose tasks touch disjoint ranges of one exclusively
-// borrowed slice; `T: Send` makes handing those ranges to other threads sound.
+/// A raw pointer that tasks of one `parallel_for` may share (see [`par_chunks_mut`]; conv's
+/// col2im also uses it for per-task disjoint blocks of its scratch).
+pub(crate) struct SharedMutPtr<T>(pub(crate) *mut T);
+// SAFETY: users only hand each task a range disjoint from every other task's, of a slice that
+// stays exclusively borrowed during the parallel loop; `T: Send` makes handing those ranges
+// to other threads sound.
 unsafe impl<T: Send> Sync for SharedMutPtr<T> {}
 impl<T> SharedMutPtr<T> {
     // A method (not field access) so closures capture the whole `Sync` wrapper.
-    fn get(&self) -> *mut T {
+    pub(crate) fn get(&self) -> *mut T {
         self.0
     }
 }
