@@ -264,6 +264,10 @@ fn check_view(name: &str, v: &MatRef<'_, f32>, rows: usize, cols: usize) {
 /// Multiply-adds (`m·n·k`) each thread must get for a parallel split to pay off
 /// (2^19 ≈ 12 µs of single-core work at 85 GFLOP/s).
 const MIN_WORK_PER_THREAD: usize = 1 << 19;
+/// At most this many parallel parts per thread (see `driver`).
+const PARTS_PER_THREAD: usize = 2;
+/// Extra parts (beyond one per thread) only if each stays at least this wide.
+const MIN_PART_WIDTH: usize = 256;
 
 /// A register-blocked microkernel with its cache-blocking parameters.
 ///
@@ -494,8 +498,15 @@ unsafe fn driver<K: MicroKernel>(
     let split_n = n >= m;
     let (len, step) = if split_n { (n, K::NR) } else { (m, K::MR) };
     let units = len.div_ceil(step);
-    let parts = threads.min(units);
-    crate::parallel::parallel_for_threads(parts, parts, |t| {
+    // Two parts per thread, claimed dynamically, so a thread that loses its core for a
+    // while (DDP's communication thread, other processes) does not hold everyone up. Each
+    // part re-packs the other operand, so parts stay at least MIN_PART_WIDTH wide.
+    let parts = (work / MIN_WORK_PER_THREAD)
+        .min(PARTS_PER_THREAD * threads)
+        .min(len / MIN_PART_WIDTH)
+        .max(threads)
+        .min(units);
+    crate::parallel::parallel_for_threads(threads.min(parts), parts, |t| {
         let lo = (units * t / parts * step).min(len);
         let hi = (units * (t + 1) / parts * step).min(len);
         if lo >= hi {
