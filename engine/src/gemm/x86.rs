@@ -43,6 +43,16 @@ macro_rules! simd_kernel {
         ) {
             const MR: usize = $mr;
             const NV: usize = $nv;
+            // Start pulling the C tile into L1 now so the write-back (which reads C when
+            // beta != 0, and writes it in any case) does not stall on a cache miss.
+            for i in 0..MR {
+                // SAFETY: prefetching is a hint; the addresses are inside the C tile.
+                unsafe {
+                    let row = c.add(i * rsc) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(row);
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(NV * $lanes * 4 - 4));
+                }
+            }
             let mut acc = [[$zero(); NV]; MR];
             let mut ap = a;
             let mut bp = b;
