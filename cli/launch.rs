@@ -1,23 +1,478 @@
-//! `dtrain launch`: start N local ranks of this program (being written).
+//! `dtrain launch --nproc-per-node N [train flags]`: start N local ranks of this program, like
+//! `torchrun --standalone`.
+//!
+//! Each child gets torchrun's environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
+//! LOCAL_RANK, LOCAL_WORLD_SIZE) and the train flags unchanged. Every line a child prints is
+//! prefixed with `[rank k] `. Ctrl-C / SIGTERM are forwarded to the children. When a rank
+//! fails, the others get SIGTERM, then SIGKILL after a grace period; the launcher names the
+//! failed rank and its exit status and exits non-zero. All children are reaped in every case.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::unistd::Pid;
+
+use crate::args::{parse_master_addr, resolve_train_args, TrainArgs, UsageError};
 
 #[derive(Args, Debug, Clone)]
 pub struct LaunchArgs {
     /// Number of ranks to start on this host
     #[arg(long, value_name = "N")]
     pub nproc_per_node: usize,
-    /// Training flags passed to every rank
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "TRAIN FLAGS"
-    )]
-    pub rest: Vec<std::ffi::OsString>,
+    /// Seconds between SIGTERM and SIGKILL when stopping the ranks
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub grace_secs: u64,
+    /// Internal (tests): run `dtrain <CMD>` in each child instead of training
+    #[arg(long, hide = true, value_name = "CMD")]
+    pub child_command: Option<String>,
+    /// Training flags, passed to every rank
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
+/// Internal: a child for testing the launcher. Reads `DTRAIN_TEST_*` variables:
+/// FAIL_RANK (that rank exits with EXIT_CODE, default 3, after printing its lines),
+/// LINES (lines printed on stdout and stderr, default 2), SLEEP_SECS (the other ranks then
+/// sleep this long, default 0, as a stuck rank would), IGNORE_TERM (set: ignore SIGTERM).
+/// Every child first prints `pid <pid> rank <rank>`.
 #[derive(Args, Debug, Clone)]
 pub struct TestChildArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<std::ffi::OsString>,
+    pub rest: Vec<OsString>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error("cannot start rank {rank}: {source}")]
+    Spawn { rank: usize, source: std::io::Error },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Launcher-only flags removed from the command line forwarded to the children.
+const LAUNCH_ONLY_FLAGS: [&str; 3] = ["--nproc-per-node", "--grace-secs", "--child-command"];
+
+/// The child command line: the launch arguments minus launcher-only flags (and their values).
+pub fn forwarded_args(launch_args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in launch_args {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if LAUNCH_ONLY_FLAGS.contains(&s.as_ref()) {
+            skip_value = true;
+            continue;
+        }
+        if LAUNCH_ONLY_FLAGS
+            .iter()
+            .any(|f| s.starts_with(&format!("{f}=")))
+        {
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out
+}
+
+/// Bind port 0 on loopback to learn a free port (as torchrun --standalone does; another
+/// process could take it before rank 0 binds, in which case the rendezvous fails loudly).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `dtrain launch`: validate, spawn, supervise. `launch_args` are the raw arguments after
+/// `launch`. Returns the process exit code.
+pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchError> {
+    let n = args.nproc_per_node;
+    if n == 0 {
+        return Err(
+            UsageError::Invalid("--nproc-per-node must be at least 1, got 0".into()).into(),
+        );
+    }
+    let t = &args.train;
+    if t.rank.is_some() || t.local_rank.is_some() || t.local_world_size.is_some() {
+        return Err(UsageError::Invalid(
+            "dtrain launch sets --rank/--local-rank/--local-world-size of each child itself; remove them"
+                .into(),
+        )
+        .into());
+    }
+    if let Some(w) = t.num_nodes {
+        if w != n {
+            return Err(UsageError::Invalid(format!(
+                "--num-nodes {w} differs from --nproc-per-node {n} (launch starts a standalone world on this host)"
+            ))
+            .into());
+        }
+    }
+    let (master_addr, port_in_addr) = match &t.master_ip {
+        Some(raw) => parse_master_addr(raw)?,
+        None => ("127.0.0.1".to_string(), None),
+    };
+    let master_port = match t.master_port.or(port_in_addr) {
+        Some(p) => p,
+        None => {
+            free_port().map_err(|e| LaunchError::Io(format!("cannot pick a free port: {e}")))?
+        }
+    };
+    let banner = format!("dtrain launch: starting {n} ranks, master {master_addr}:{master_port}");
+    let env_for = move |rank: usize| -> Vec<(&'static str, String)> {
+        vec![
+            ("MASTER_ADDR", master_addr.clone()),
+            ("MASTER_PORT", master_port.to_string()),
+            ("WORLD_SIZE", n.to_string()),
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("LOCAL_WORLD_SIZE", n.to_string()),
+        ]
+    };
+    // Reject bad train flags once, here, rather than N times in the children.
+    if args.child_command.is_none() {
+        let env0: Vec<(&str, String)> = env_for(0);
+        let lookup = |k: &str| env0.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        resolve_train_args(t, &lookup)?;
+    }
+    let forwarded = forwarded_args(launch_args);
+    let mut child_args: Vec<OsString> = Vec::new();
+    if let Some(cmd) = &args.child_command {
+        child_args.push(cmd.into());
+    }
+    child_args.extend(forwarded);
+    eprintln!("{banner}");
+    let spec = LocalRanks {
+        n,
+        args_for: Box::new(move |_| child_args.clone()),
+        env_for: Box::new(move |r| {
+            env_for(r)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        }),
+        prefix_stdout: true,
+        grace: Duration::from_secs(args.grace_secs),
+    };
+    run_local_ranks(spec)
+}
+
+/// What to start: `n` children of the current executable.
+pub struct LocalRanks {
+    pub n: usize,
+    pub args_for: Box<dyn Fn(usize) -> Vec<OsString>>,
+    pub env_for: Box<dyn Fn(usize) -> Vec<(String, String)>>,
+    /// Prefix stdout lines with `[rank k] ` (stderr lines always are).
+    pub prefix_stdout: bool,
+    /// SIGTERM → SIGKILL delay when stopping ranks.
+    pub grace: Duration,
+}
+
+/// Last signal (SIGINT/SIGTERM) received by the launcher, 0 if none.
+static RECEIVED_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn record_signal(sig: i32) {
+    // Only an atomic store: async-signal-safe.
+    RECEIVED_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+fn install_forwarding_handlers() {
+    let action = signal::SigAction::new(
+        SigHandler::Handler(record_signal),
+        signal::SaFlags::SA_RESTART,
+        signal::SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { signal::sigaction(sig, &action) } {
+            eprintln!("dtrain launch: warning: cannot handle {sig:?}: {e}");
+        }
+    }
+}
+
+/// Copy lines from a child's pipe to our stdout/stderr with a prefix. Writes each line in one
+/// call under the stream lock so lines of different ranks never interleave mid-line.
+fn pump(
+    mut from: impl Read + Send + 'static,
+    prefix: String,
+    to_stderr: bool,
+    done: mpsc::Sender<()>,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(&mut from);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if !line.ends_with(b"\n") {
+                        line.push(b'\n');
+                    }
+                    let mut out = Vec::with_capacity(prefix.len() + line.len());
+                    out.extend_from_slice(prefix.as_bytes());
+                    out.extend_from_slice(&line);
+                    // A closed stdout (e.g. `| head`) must not kill the supervision.
+                    let _ = if to_stderr {
+                        std::io::stderr().lock().write_all(&out)
+                    } else {
+                        let mut o = std::io::stdout().lock();
+                        o.write_all(&out).and_then(|_| o.flush())
+                    };
+                }
+            }
+        }
+        let _ = done.send(());
+    });
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => match Signal::try_from(s) {
+            Ok(sig) => format!("signal {s} ({sig:?})"),
+            Err(_) => format!("signal {s}"),
+        },
+        _ => format!("{status}"),
+    }
+}
+
+/// Exit code mirroring a child's failure: its code, or 128 + signal.
+fn exit_code_of(status: ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) if (1..=255).contains(&c) => c as u8,
+        (None, Some(s)) => (128 + s).clamp(1, 255) as u8,
+        _ => 1,
+    }
+}
+
+fn signal_all(children: &mut [(usize, Child)], sig: Signal) {
+    for (_, child) in children.iter_mut() {
+        // Only children not yet reaped: their pid cannot have been reused.
+        if let Ok(None) = child.try_wait() {
+            let _ = signal::kill(Pid::from_raw(child.id() as i32), sig);
+        }
+    }
+}
+
+/// Start the ranks, supervise them, and reap all. Returns the launcher's exit code.
+pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| LaunchError::Io(format!("cannot find the dtrain executable: {e}")))?;
+    install_forwarding_handlers();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut running: Vec<(usize, Child)> = Vec::new();
+    let mut pumps = 0;
+    for rank in 0..spec.n {
+        let mut cmd = Command::new(&exe);
+        cmd.args((spec.args_for)(rank))
+            .envs((spec.env_for)(rank))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match cmd.spawn() {
+            Ok(mut child) => {
+                if let Some(out) = child.stdout.take() {
+                    let prefix = if spec.prefix_stdout {
+                        format!("[rank {rank}] ")
+                    } else {
+                        String::new()
+                    };
+                    pump(out, prefix, false, done_tx.clone());
+                    pumps += 1;
+                }
+                if let Some(err) = child.stderr.take() {
+                    pump(err, format!("[rank {rank}] "), true, done_tx.clone());
+                    pumps += 1;
+                }
+                running.push((rank, child));
+            }
+            Err(source) => {
+                stop_and_reap(&mut running, spec.grace);
+                return Err(LaunchError::Spawn { rank, source });
+            }
+        }
+    }
+    drop(done_tx);
+
+    let mut failure: Option<(usize, ExitStatus)> = None;
+    let mut forwarded_signal: Option<Signal> = None;
+    let mut stop_deadline: Option<Instant> = None;
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; spec.n];
+    loop {
+        let sig = RECEIVED_SIGNAL.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            if let Ok(s) = Signal::try_from(sig) {
+                if forwarded_signal.is_some() && stop_deadline.is_some() {
+                    // A second Ctrl-C: stop waiting for a clean exit.
+                    signal_all(&mut running, Signal::SIGKILL);
+                } else {
+                    eprintln!("dtrain launch: got {s:?}, forwarding it to the ranks");
+                    signal_all(&mut running, s);
+                    forwarded_signal = Some(s);
+                    stop_deadline = Some(Instant::now() + spec.grace);
+                }
+            }
+        }
+        for (rank, child) in running.iter_mut() {
+            if statuses[*rank].is_some() {
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    statuses[*rank] = Some(status);
+                    if !status.success() && failure.is_none() && forwarded_signal.is_none() {
+                        failure = Some((*rank, status));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("dtrain launch: cannot poll rank {rank}: {e}"),
+            }
+        }
+        if statuses.iter().all(|s| s.is_some()) {
+            break;
+        }
+        if let Some((rank, status)) = failure {
+            if stop_deadline.is_none() {
+                eprintln!(
+                    "dtrain launch: rank {rank} failed ({}); stopping the other ranks",
+                    describe(status)
+                );
+                signal_all(&mut running, Signal::SIGTERM);
+                stop_deadline = Some(Instant::now() + spec.grace);
+            }
+        }
+        if let Some(deadline) = stop_deadline {
+            if Instant::now() >= deadline {
+                let late: Vec<usize> = running
+                    .iter()
+                    .filter(|(r, _)| statuses[*r].is_none())
+                    .map(|(r, _)| *r)
+                    .collect();
+                eprintln!(
+                    "dtrain launch: ranks {late:?} still running {:?} after SIGTERM; killing them",
+                    spec.grace
+                );
+                stop_and_reap(&mut running, Duration::ZERO);
+                for (rank, child) in running.iter_mut() {
+                    if statuses[*rank].is_none() {
+                        statuses[*rank] = child.try_wait().ok().flatten();
+                    }
+                }
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the pumps drain what the children printed last (bounded: a grandchild could keep a
+    // pipe open).
+    let drain_deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..pumps {
+        let left = drain_deadline.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            eprintln!("dtrain launch: warning: some rank output was still open after exit");
+            break;
+        }
+    }
+
+    if let Some((rank, status)) = failure {
+        eprintln!(
+            "dtrain launch: error: rank {rank} failed with {}",
+            describe(status)
+        );
+        return Ok(exit_code_of(status));
+    }
+    if let Some(s) = forwarded_signal {
+        eprintln!("dtrain launch: stopped by {s:?}");
+        return Ok(128 + s as i32 as u8);
+    }
+    for (rank, s) in statuses.iter().enumerate() {
+        match s {
+            Some(st) if st.success() => {}
+            Some(st) => {
+                eprintln!(
+                    "dtrain launch: error: rank {rank} failed with {}",
+                    describe(*st)
+                );
+                return Ok(exit_code_of(*st));
+            }
+            None => {
+                eprintln!("dtrain launch: error: rank {rank} could not be reaped");
+                return Ok(1);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// SIGTERM the running children, wait up to `grace`, SIGKILL the rest, reap all.
+fn stop_and_reap(children: &mut [(usize, Child)], grace: Duration) {
+    if !grace.is_zero() {
+        signal_all(children, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline
+            && children
+                .iter_mut()
+                .any(|(_, c)| matches!(c.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for (_, child) in children.iter_mut() {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill(); // SIGKILL
+        }
+        let _ = child.wait(); // cannot block long after SIGKILL
+    }
+}
+
+/// The hidden `launcher-test-child` subcommand (see [`TestChildArgs`]).
+pub fn run_test_child(_args: &TestChildArgs) -> u8 {
+    let var = |k: &str| std::env::var(k).ok();
+    let rank: usize = var("RANK").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let fail_rank: Option<usize> = var("DTRAIN_TEST_FAIL_RANK").and_then(|v| v.parse().ok());
+    let exit_code: u8 = var("DTRAIN_TEST_EXIT_CODE")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let lines: usize = var("DTRAIN_TEST_LINES")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let sleep: u64 = var("DTRAIN_TEST_SLEEP_SECS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let world = var("WORLD_SIZE").unwrap_or_default();
+    if var("DTRAIN_TEST_IGNORE_TERM").is_some() {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in this process handles SIGTERM.
+        let _ = unsafe { signal::signal(Signal::SIGTERM, SigHandler::SigIgn) };
+    }
+    println!("pid {} rank {rank}", std::process::id());
+    for i in 0..lines {
+        println!("hello {i} from rank {rank} of {world}");
+        eprintln!("note {i} from rank {rank}");
+    }
+    let _ = std::io::stdout().flush();
+    if fail_rank == Some(rank) {
+        eprintln!("rank {rank} failing on purpose");
+        return exit_code;
+    }
+    std::thread::sleep(Duration::from_secs(sleep));
+    println!("rank {rank} done");
+    0
+}
+
+/// True when `arg` is the given subcommand name (used by main to split the raw arguments).
+pub fn is_subcommand(arg: &OsStr, name: &str) -> bool {
+    arg == OsStr::new(name)
 }

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use dtrain::args::{parse_cli, resolve_train_args, UsageError};
+use dtrain::args::{parse_cli, resolve_train_args, Command, UsageError};
 
 fn usage_exit(e: UsageError) -> ExitCode {
     if let UsageError::Help(text) = &e {
@@ -16,7 +16,8 @@ fn usage_exit(e: UsageError) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse_cli(std::env::args_os()) {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match parse_cli(raw.clone()) {
         Ok(c) => c,
         Err(e) => return usage_exit(e),
     };
@@ -28,6 +29,22 @@ fn main() -> ExitCode {
                 Err(e) => return usage_exit(e),
             };
             run_training(&cfg)
+        }
+        Some(Command::Launch(args)) => {
+            // Subcommands come first (flags and subcommands conflict), so raw[2..] are the
+            // launch arguments.
+            let launch_args = raw.get(2..).unwrap_or(&[]);
+            match dtrain::launch::run(&args, launch_args) {
+                Ok(code) => ExitCode::from(code),
+                Err(dtrain::launch::LaunchError::Usage(e)) => usage_exit(e),
+                Err(e) => {
+                    eprintln!("dtrain launch: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Some(Command::LauncherTestChild(args)) => {
+            ExitCode::from(dtrain::launch::run_test_child(&args))
         }
         Some(_) => {
             eprintln!("dtrain: error: this subcommand is not built yet");

@@ -1,0 +1,230 @@
+//! `dtrain launch`: children get torchrun's environment, lines are prefixed, a failing rank
+//! stops the others and the launcher names it; everything is reaped.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use dtrain::launch::forwarded_args;
+
+fn launch(n: usize, env: &[(&str, &str)], extra: &[&str]) -> (Output, Duration) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
+    cmd.args([
+        "launch",
+        "--nproc-per-node",
+        &n.to_string(),
+        "--grace-secs",
+        "2",
+    ])
+    .args(["--child-command", "launcher-test-child"])
+    .args(extra)
+    .env_remove("RANK")
+    .env_remove("WORLD_SIZE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let out = cmd.output().expect("run dtrain launch");
+    (out, start.elapsed())
+}
+
+/// The pids the children reported, checked to have exited (no process left behind).
+fn assert_children_gone(stdout: &str, n: usize) {
+    let pids: Vec<u32> = stdout
+        .lines()
+        .filter_map(|l| l.split("] pid ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), n, "pid lines in\n{stdout}");
+    for pid in pids {
+        // The launcher reaped them, so the pid is gone (or reused by an unrelated process,
+        // which would not run our test child).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("launcher-test-child"),
+            "child {pid} still exists"
+        );
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn all_ranks_run_with_prefixed_lines() {
+    let (out, _) = launch(3, &[("DTRAIN_TEST_LINES", "2")], &[]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for rank in 0..3 {
+        for i in 0..2 {
+            let want = format!("[rank {rank}] hello {i} from rank {rank} of 3");
+            assert!(
+                stdout.lines().any(|l| l == want),
+                "missing {want:?} in\n{stdout}"
+            );
+            let want = format!("[rank {rank}] note {i} from rank {rank}");
+            assert!(
+                stderr.lines().any(|l| l == want),
+                "missing {want:?} in\n{stderr}"
+            );
+        }
+        assert!(stdout.contains(&format!("[rank {rank}] rank {rank} done")));
+    }
+    // Every stdout line is prefixed.
+    assert!(stdout.lines().all(|l| l.starts_with("[rank ")), "{stdout}");
+    assert_children_gone(&stdout, 3);
+}
+
+#[test]
+fn a_failing_rank_stops_the_others() {
+    // Rank 1 fails at once with status 7; ranks 0 and 2 would sleep 60 s.
+    let (out, elapsed) = launch(
+        3,
+        &[
+            ("DTRAIN_TEST_FAIL_RANK", "1"),
+            ("DTRAIN_TEST_EXIT_CODE", "7"),
+            ("DTRAIN_TEST_SLEEP_SECS", "60"),
+        ],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("rank 1 failed with exit status 7"),
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("[rank 1] rank 1 failing on purpose"),
+        "{stderr}"
+    );
+    // The sleepers were stopped (SIGTERM), not waited for.
+    assert!(
+        !stdout.contains("rank 0 done") && !stdout.contains("rank 2 done"),
+        "{stdout}"
+    );
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert_children_gone(&stdout, 3);
+}
+
+#[test]
+fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
+    let (out, elapsed) = launch(
+        2,
+        &[
+            ("DTRAIN_TEST_FAIL_RANK", "0"),
+            ("DTRAIN_TEST_SLEEP_SECS", "60"),
+            ("DTRAIN_TEST_IGNORE_TERM", "1"),
+        ],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("still running") && stderr.contains("killing"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rank 0 failed with exit status 3"),
+        "{stderr}"
+    );
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert_children_gone(&stdout, 2);
+}
+
+#[test]
+fn sigterm_to_the_launcher_is_forwarded() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["launch", "--nproc-per-node", "2", "--grace-secs", "5"])
+        .args(["--child-command", "launcher-test-child"])
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env("DTRAIN_TEST_SLEEP_SECS", "60")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both ranks have printed "done"-less hello lines (they then sleep).
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.matches("pid ").count() < 2 || seen.matches("hello 1").count() < 2 {
+        assert!(Instant::now() < deadline, "children did not start: {seen}");
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert_eq!(status.code(), Some(128 + 15), "{stderr}");
+    assert!(stderr.contains("forwarding it to the ranks"), "{stderr}");
+    assert!(!rest.contains("done"), "{rest}");
+    assert_children_gone(&seen, 2);
+}
+
+#[test]
+fn bad_launch_arguments_are_usage_errors() {
+    for extra in [
+        vec!["--rank", "1"],
+        vec!["--num-nodes", "5"],
+        vec!["--batch-size", "0"],
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
+        let out = cmd
+            .args(["launch", "--nproc-per-node", "2"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{extra:?}: {stderr}");
+        assert!(stderr.starts_with("dtrain: error: "), "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["launch", "--nproc-per-node", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn launcher_only_flags_are_not_forwarded() {
+    let args: Vec<std::ffi::OsString> = [
+        "--nproc-per-node",
+        "2",
+        "--mode",
+        "ddp",
+        "--grace-secs=3",
+        "--lr",
+        "0.5",
+        "--child-command",
+        "x",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let fwd: Vec<String> = forwarded_args(&args)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(fwd, vec!["--mode", "ddp", "--lr", "0.5"]);
+}
