@@ -117,7 +117,7 @@ where
             analytic.len()
         )));
     }
-    if !(cfg.eps > 0.0) {
+    if cfg.eps.is_nan() || cfg.eps <= 0.0 {
         return Err(GradcheckError::BadArguments(format!(
             "eps {} <= 0",
             cfg.eps
@@ -155,15 +155,15 @@ where
             let a = analytic[k][i];
             let abs_err = (a - numeric).abs();
             let allowed = cfg.atol + cfg.rtol * numeric.abs();
-            // `!(<=)` also catches NaN on either side.
-            if !(abs_err <= allowed) {
+            // A NaN on either side is a failure too.
+            if abs_err.is_nan() || abs_err > allowed {
                 failures += 1;
                 let excess = if abs_err.is_nan() {
                     f64::INFINITY
                 } else {
                     abs_err / allowed
                 };
-                if worst.map_or(true, |w| excess > w.4) {
+                if worst.is_none_or(|w| excess > w.4) {
                     worst = Some((i, a, numeric, allowed, excess));
                 }
             }

@@ -79,6 +79,7 @@ struct NaiveConv {
     db: Vec<f64>,
 }
 
+#[allow(clippy::needless_range_loop)] // index loops mirror the math
 fn naive_conv(g: &Conv2dGeom, x: &[f64], w: &[f64], b: &[f64], dy: &[f64]) -> NaiveConv {
     let (oh, ow) = (g.out_h(), g.out_w());
     let mut out = NaiveConv {
