@@ -1,13 +1,65 @@
 //! dtrain's collective transport: rendezvous, shared-memory and TCP backends, collectives.
 //!
 //! Knows nothing of tensors or models: it moves `bytemuck::Pod` slices and reduces
-//! f32/f64/i64. Layering follows gloo: *how bytes move* ([`shm`], [`tcp`]) is kept apart
-//! from *algorithms* (one small file each), and a [`Communicator`] holds the peers.
+//! f32/f64/i64. Layering follows gloo: *how bytes move* (shared memory, [`tcp`]) is kept
+//! apart from *algorithms* ([`algorithms`], one small file each), and a [`Communicator`]
+//! holds the peers.
+//!
+//! # API
+//!
+//! ```no_run
+//! use transport::{CommConfig, Communicator, ReduceOp, TransportKind};
+//! # fn main() -> transport::Result<()> {
+//! let mut cfg = CommConfig::new("127.0.0.1", 29500, /* rank */ 0, /* world size */ 2);
+//! cfg.transport = TransportKind::Tcp; // Auto (default): shm on one host, else TCP
+//! cfg.config_hash = 0x1234;           // ranks with a different job config are rejected
+//! cfg.auth_token = std::env::var("DTRAIN_AUTH_TOKEN").ok();
+//! let mut comm = Communicator::connect(&cfg)?; // world size 1: local no-op, no sockets
+//! let mut grads = vec![1.0f32; 1000];
+//! comm.all_reduce(&mut grads, ReduceOp::Avg)?; // bitwise identical on every rank
+//! comm.broadcast(&mut grads, 0)?;
+//! comm.barrier()?;
+//! // Overlap communication with compute: ops queue on a communication thread, in order.
+//! let comm = comm.into_async();
+//! let pending = comm.all_reduce_async(grads, ReduceOp::Sum);
+//! let grads = pending.wait()?;
+//! let rank = comm.run(|c| Ok(c.rank()))?; // runs after the queued ops
+//! # let _ = (grads, rank); Ok(()) }
+//! ```
+//!
+//! Collectives ([`Communicator`]): `all_reduce`, `broadcast`, `gather` (recv required at the
+//! root), `scatter` (send required at the root), `all_gather`, `reduce_scatter`, `barrier`.
+//! Every rank calls the same collectives in the same order with matching lengths. Wrong
+//! lengths, a root `>= world_size` or a missing root buffer return
+//! [`Error::InvalidArgument`] before anything is sent. Failures that involve a peer name its
+//! rank: [`Error::PeerDied`] (EOF/reset — a rank killed with -9 is reported within about a
+//! second by every rank), [`Error::Timeout`] (a silent peer, after `timeouts.collective`),
+//! [`Error::Protocol`] (garbage or mismatched collectives). After such an error the
+//! communicator refuses further work.
+//!
+//! Rendezvous ([`rendezvous`]): rank 0 listens on `master_addr:master_port`, the others
+//! connect with retries until `timeouts.connect`; duplicate ranks, out-of-range ranks and
+//! different world sizes, config hashes or transports are rejected on every rank with a
+//! message naming the problem; [`auth`] is an HMAC-SHA256 challenge-response in both
+//! directions (the token never crosses the wire). Transport choice: `Tcp` → TCP full mesh;
+//! `Shm` → shared memory, error unless all ranks share a host identity; `Auto` → shared
+//! memory when all ranks are on one host, otherwise TCP for all ranks (several hosts with
+//! several ranks each also use TCP everywhere for now).
+//!
+//! Benchmarks: [`bench::run_sweep`] (nccl-tests style algbw/busbw rows, JSON + table).
 
+pub mod algorithms;
+pub mod auth;
 pub mod backend;
+pub mod bench;
+pub mod communicator;
 pub mod error;
+pub mod local;
 pub mod reduce;
+pub mod rendezvous;
+pub mod tcp;
 
 pub use backend::{Backend, Timeouts};
+pub use communicator::{AsyncCommunicator, CommConfig, Communicator, Pending, TransportKind};
 pub use error::{Error, Result};
 pub use reduce::{DType, Element, ReduceOp};

@@ -1,0 +1,265 @@
+//! Collective algorithms written once, over a small point-to-point interface.
+//!
+//! Any transport that can move framed byte messages between two ranks implements
+//! [`PointToPoint`]; [`P2pBackend`] then turns it into a full [`Backend`]. Each algorithm is
+//! one short file:
+//! - [`ring_reduce_scatter`] / [`ring_all_gather`]: the two halves of the ring all-reduce,
+//!   pipelined in pieces so sending, receiving and reducing overlap.
+//! - [`ring_allreduce`]: reduce-scatter + all-gather for large buffers, and a one-shot
+//!   "gather everything, reduce in rank order" path for small ones.
+//! - [`broadcast`]: direct sends from the root for small buffers, a pipelined chain for large.
+//! - [`gather_scatter`]: direct sends to / from the root.
+//! - [`barrier`]: dissemination barrier (ceil(log2 n) rounds of empty messages).
+//!
+//! **Determinism.** Every all-reduce result is computed once and then copied as bytes, or
+//! computed by every rank in the same (rank) order, so all ranks end with bitwise identical
+//! buffers. The exact sum orders are documented in [`ring_allreduce`].
+
+pub mod barrier;
+pub mod broadcast;
+pub mod gather_scatter;
+pub mod ring_all_gather;
+pub mod ring_allreduce;
+pub mod ring_reduce_scatter;
+
+use std::ops::Range;
+
+use crate::{Backend, DType, ReduceOp, Result};
+
+/// Moves whole messages between this rank and one peer. Messages on one (peer, direction)
+/// pair arrive in the order they were sent; a receive must name the exact length the
+/// matching send used (a mismatch is a `Protocol` error naming the peer).
+pub trait PointToPoint: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Names the collective in progress; used in error messages.
+    fn set_op(&mut self, what: &'static str);
+    fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()>;
+    fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()>;
+    /// Sends `send` to `to` while receiving `recv` from `from`, both in flight at once, so two
+    /// ranks exchanging large buffers never deadlock on full socket buffers. `to == from` is
+    /// allowed.
+    fn send_recv(&mut self, to: usize, send: &[u8], from: usize, recv: &mut [u8]) -> Result<()>;
+}
+
+/// Size thresholds that pick between algorithms.
+#[derive(Clone, Copy, Debug)]
+pub struct AlgoConfig {
+    /// All-reduce of at most this many bytes uses the one-shot gather-and-reduce path.
+    pub direct_allreduce_max_bytes: usize,
+    /// Broadcast of more than this many bytes uses the pipelined chain.
+    pub chain_broadcast_min_bytes: usize,
+    /// Pipelining granularity of ring steps and chain broadcast.
+    pub piece_bytes: usize,
+}
+
+impl Default for AlgoConfig {
+    fn default() -> Self {
+        AlgoConfig {
+            direct_allreduce_max_bytes: 64 * 1024,
+            chain_broadcast_min_bytes: 256 * 1024,
+            piece_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Splits `len` bytes of `elem`-byte elements into `parts` contiguous element-aligned ranges
+/// whose lengths differ by at most one element.
+pub fn split_even(len: usize, elem: usize, parts: usize) -> Vec<Range<usize>> {
+    let count = len / elem;
+    (0..parts)
+        .map(|p| (p * count / parts) * elem..((p + 1) * count / parts) * elem)
+        .collect()
+}
+
+/// Piece `j` of `pieces` of `range`, element-aligned. Every rank computes the same pieces for
+/// the same range, which is what keeps senders and receivers in step.
+pub fn piece(range: &Range<usize>, j: usize, pieces: usize, elem: usize) -> Range<usize> {
+    let count = range.len() / elem;
+    let start = range.start + (j * count / pieces) * elem;
+    let end = range.start + ((j + 1) * count / pieces) * elem;
+    start..end
+}
+
+/// Number of pieces so that the largest of `ranges` is cut into pieces of at most
+/// `piece_bytes` (at least one piece, so empty buffers still exchange one empty message).
+pub fn piece_count(ranges: &[Range<usize>], piece_bytes: usize) -> usize {
+    let max = ranges.iter().map(|r| r.len()).max().unwrap_or(0);
+    max.div_ceil(piece_bytes.max(1)).max(1)
+}
+
+/// Borrows two disjoint ranges of one buffer: the first shared, the second mutable.
+pub fn disjoint(buf: &mut [u8], src: Range<usize>, dst: Range<usize>) -> (&[u8], &mut [u8]) {
+    assert!(
+        src.end <= dst.start || dst.end <= src.start || src.is_empty() || dst.is_empty(),
+        "disjoint: ranges {src:?} and {dst:?} overlap"
+    );
+    if src.is_empty() {
+        return (&[], &mut buf[dst]);
+    }
+    if dst.is_empty() {
+        return (&buf[src], &mut []);
+    }
+    if src.start < dst.start {
+        let (lo, hi) = buf.split_at_mut(dst.start);
+        (&lo[src], &mut hi[..dst.len()])
+    } else {
+        let (lo, hi) = buf.split_at_mut(src.start);
+        (&hi[..src.len()], &mut lo[dst])
+    }
+}
+
+/// A [`Backend`] built from any [`PointToPoint`] transport and the algorithms in this module.
+pub struct P2pBackend<P: PointToPoint> {
+    pub p2p: P,
+    pub config: AlgoConfig,
+    scratch: Vec<u8>,
+    scratch2: Vec<u8>,
+}
+
+impl<P: PointToPoint> P2pBackend<P> {
+    pub fn new(p2p: P, config: AlgoConfig) -> Self {
+        P2pBackend {
+            p2p,
+            config,
+            scratch: Vec::new(),
+            scratch2: Vec::new(),
+        }
+    }
+}
+
+impl<P: PointToPoint> Backend for P2pBackend<P> {
+    fn rank(&self) -> usize {
+        self.p2p.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.p2p.world_size()
+    }
+    fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.p2p.set_op("all_reduce");
+        if buf.len() <= self.config.direct_allreduce_max_bytes {
+            ring_allreduce::direct_all_reduce(
+                &mut self.p2p,
+                buf,
+                dtype,
+                op,
+                self.config.piece_bytes,
+                &mut self.scratch,
+            )
+        } else {
+            ring_allreduce::ring_all_reduce(
+                &mut self.p2p,
+                buf,
+                dtype,
+                op,
+                self.config.piece_bytes,
+                &mut self.scratch,
+            )
+        }
+    }
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.p2p.set_op("broadcast");
+        if buf.len() < self.config.chain_broadcast_min_bytes {
+            broadcast::direct_broadcast(&mut self.p2p, buf, root)
+        } else {
+            broadcast::chain_broadcast(&mut self.p2p, buf, root, self.config.piece_bytes)
+        }
+    }
+    fn gather(&mut self, send: &[u8], recv: Option<&mut [u8]>, root: usize) -> Result<()> {
+        self.p2p.set_op("gather");
+        gather_scatter::direct_gather(&mut self.p2p, send, recv, root)
+    }
+    fn scatter(&mut self, send: Option<&[u8]>, recv: &mut [u8], root: usize) -> Result<()> {
+        self.p2p.set_op("scatter");
+        gather_scatter::direct_scatter(&mut self.p2p, send, recv, root)
+    }
+    fn all_gather(&mut self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        self.p2p.set_op("all_gather");
+        let n = self.p2p.world_size();
+        let r = self.p2p.rank();
+        let len = send.len();
+        recv[r * len..(r + 1) * len].copy_from_slice(send);
+        let blocks: Vec<Range<usize>> = (0..n).map(|i| i * len..(i + 1) * len).collect();
+        ring_all_gather::ring_all_gather_in_place(
+            &mut self.p2p,
+            recv,
+            &blocks,
+            1,
+            self.config.piece_bytes,
+        )
+    }
+    fn reduce_scatter(
+        &mut self,
+        send: &[u8],
+        recv: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.p2p.set_op("reduce_scatter");
+        let n = self.p2p.world_size();
+        let r = self.p2p.rank();
+        let len = recv.len();
+        // The ring reduces in place; keep the caller's send buffer intact.
+        self.scratch2.clear();
+        self.scratch2.extend_from_slice(send);
+        let blocks: Vec<Range<usize>> = (0..n).map(|i| i * len..(i + 1) * len).collect();
+        ring_reduce_scatter::ring_reduce_scatter_in_place(
+            &mut self.p2p,
+            &mut self.scratch2,
+            &blocks,
+            dtype,
+            op,
+            self.config.piece_bytes,
+            &mut self.scratch,
+        )?;
+        recv.copy_from_slice(&self.scratch2[blocks[r].clone()]);
+        crate::reduce::scale_for_avg(recv, dtype, op, n);
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.p2p.set_op("barrier");
+        barrier::dissemination_barrier(&mut self.p2p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_even_covers_buffer_with_aligned_ranges() {
+        let r = split_even(7 * 4, 4, 3);
+        assert_eq!(r, vec![0..8, 8..16, 16..28]);
+        let r = split_even(0, 8, 4);
+        assert!(r.iter().all(|x| x.is_empty()));
+        let r = split_even(2 * 8, 8, 4);
+        assert_eq!(r.iter().map(|x| x.len()).sum::<usize>(), 16);
+    }
+
+    #[test]
+    fn pieces_partition_range() {
+        let range = 12..12 + 4 * 1001;
+        let n = 7;
+        let mut next = range.start;
+        for j in 0..n {
+            let p = piece(&range, j, n, 4);
+            assert_eq!(p.start, next);
+            assert_eq!(p.len() % 4, 0);
+            next = p.end;
+        }
+        assert_eq!(next, range.end);
+        assert_eq!(piece_count(&[0..10, 0..0], 4), 3);
+        assert_eq!(piece_count(&[0..0], 4), 1);
+    }
+
+    #[test]
+    fn disjoint_borrows_either_order() {
+        let mut buf: Vec<u8> = (0..10).collect();
+        let (s, d) = disjoint(&mut buf, 6..8, 1..3);
+        d.copy_from_slice(s);
+        assert_eq!(&buf[..4], &[0, 6, 7, 3]);
+        let (s, d) = disjoint(&mut buf, 0..2, 8..10);
+        d.copy_from_slice(s);
+        assert_eq!(&buf[8..], &[0, 6]);
+    }
+}

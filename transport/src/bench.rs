@@ -1,0 +1,1 @@
+//! Collective benchmarks (filled in below).

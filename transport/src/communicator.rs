@@ -1,0 +1,418 @@
+//! The user-facing, typed [`Communicator`] and its asynchronous wrapper.
+//!
+//! `Communicator::connect` runs the rendezvous, picks a backend and checks every argument
+//! before any byte moves, so a wrong length or root is an `InvalidArgument` on the calling
+//! rank rather than a hang or a protocol error on a peer.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crate::local::LocalBackend;
+use crate::rendezvous::{self, Rendezvous};
+use crate::{Backend, DType, Element, Error, ReduceOp, Result, Timeouts};
+
+/// Which backend to use between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Shared memory when all ranks are on one host, TCP otherwise.
+    Auto,
+    /// Shared memory; an error unless all ranks share a host.
+    Shm,
+    /// TCP full mesh, also between ranks of one host.
+    Tcp,
+}
+
+/// Everything a rank needs to join a job.
+#[derive(Clone, Debug)]
+pub struct CommConfig {
+    /// Host name or IP of rank 0 (rank 0 binds its rendezvous port on this address).
+    pub master_addr: String,
+    /// Rendezvous port on the master (default 29500).
+    pub master_port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    pub transport: TransportKind,
+    /// Digest of the job configuration; ranks with a different value are rejected.
+    pub config_hash: u64,
+    /// Shared secret (the caller passes `DTRAIN_AUTH_TOKEN`); `Some` on every rank or none.
+    pub auth_token: Option<String>,
+    pub timeouts: Timeouts,
+}
+
+impl CommConfig {
+    /// Defaults: `TransportKind::Auto`, config hash 0, no auth token, `Timeouts::default()`.
+    pub fn new(
+        master_addr: impl Into<String>,
+        master_port: u16,
+        rank: usize,
+        world_size: usize,
+    ) -> Self {
+        CommConfig {
+            master_addr: master_addr.into(),
+            master_port,
+            rank,
+            world_size,
+            transport: TransportKind::Auto,
+            config_hash: 0,
+            auth_token: None,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// One rank's handle on the job: typed collectives over the chosen backend.
+pub struct Communicator {
+    backend: Box<dyn Backend>,
+    transport: &'static str,
+    rank: usize,
+    world_size: usize,
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+impl Communicator {
+    /// Joins the job described by `cfg`. World size 1 gives a local no-op backend (no sockets).
+    pub fn connect(cfg: &CommConfig) -> Result<Communicator> {
+        if cfg.world_size == 0 {
+            return Err(invalid("world size must be at least 1".into()));
+        }
+        if cfg.rank >= cfg.world_size {
+            return Err(invalid(format!(
+                "rank {} is out of range for world size {} (ranks are 0..{})",
+                cfg.rank,
+                cfg.world_size,
+                cfg.world_size - 1
+            )));
+        }
+        if cfg.world_size == 1 {
+            return Ok(Communicator::from_backend(Box::new(LocalBackend), "local"));
+        }
+        let rv = rendezvous::rendezvous(cfg)?;
+        let use_shm = match cfg.transport {
+            TransportKind::Tcp => false,
+            TransportKind::Shm => {
+                if let Some(other) = rv
+                    .peers
+                    .iter()
+                    .position(|p| p.host_id != rv.peers[0].host_id)
+                {
+                    return Err(Error::ConfigMismatch(format!(
+                        "transport shm needs all ranks on one host, but rank 0 runs on {} and rank {other} on {} — use --transport tcp or auto",
+                        rv.peers[0].hostname(),
+                        rv.peers[other].hostname()
+                    )));
+                }
+                true
+            }
+            // Mixed placements (several hosts, several ranks per host) use TCP for everyone.
+            TransportKind::Auto => rv.all_on_one_host(),
+        };
+        if use_shm {
+            connect_shm(cfg, rv)
+        } else {
+            connect_tcp(cfg, rv)
+        }
+    }
+
+    /// Wraps an already-built backend (tests, benchmarks, other transports).
+    pub fn from_backend(backend: Box<dyn Backend>, transport: &'static str) -> Communicator {
+        let (rank, world_size) = (backend.rank(), backend.world_size());
+        Communicator {
+            backend,
+            transport,
+            rank,
+            world_size,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+    /// `"local"`, `"shm"` or `"tcp"`.
+    pub fn transport_name(&self) -> &'static str {
+        self.transport
+    }
+
+    fn check_root(&self, what: &str, root: usize) -> Result<()> {
+        if root >= self.world_size {
+            return Err(invalid(format!(
+                "{what}: root {root} is out of range for world size {}",
+                self.world_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_reducible<T: Element>(what: &str) -> Result<()> {
+        if T::DTYPE == DType::U8 {
+            return Err(invalid(format!(
+                "{what}: u8 buffers can be moved but not reduced"
+            )));
+        }
+        Ok(())
+    }
+
+    /// In place on every rank. Results are bitwise identical on all ranks.
+    pub fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        Self::check_reducible::<T>("all_reduce")?;
+        self.backend
+            .all_reduce(bytemuck::cast_slice_mut(buf), T::DTYPE, op)
+    }
+
+    /// Copies `root`'s `buf` into every rank's `buf` (same length everywhere).
+    pub fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        self.check_root("broadcast", root)?;
+        self.backend.broadcast(bytemuck::cast_slice_mut(buf), root)
+    }
+
+    /// `recv` (required at the root, ignored elsewhere) gets `world_size` blocks of
+    /// `send.len()`, block `i` from rank `i`.
+    pub fn gather<T: Element>(
+        &mut self,
+        send: &[T],
+        recv: Option<&mut [T]>,
+        root: usize,
+    ) -> Result<()> {
+        self.check_root("gather", root)?;
+        let recv = if self.rank == root {
+            let recv = recv.ok_or_else(|| {
+                invalid(format!(
+                    "gather: rank {root} is the root and must pass a recv buffer"
+                ))
+            })?;
+            if recv.len() != send.len() * self.world_size {
+                return Err(invalid(format!(
+                    "gather: recv has {} elements, expected world_size ({}) x send ({}) = {}",
+                    recv.len(),
+                    self.world_size,
+                    send.len(),
+                    send.len() * self.world_size
+                )));
+            }
+            Some(bytemuck::cast_slice_mut(recv))
+        } else {
+            None
+        };
+        self.backend.gather(bytemuck::cast_slice(send), recv, root)
+    }
+
+    /// `send` (required at the root, ignored elsewhere) holds `world_size` blocks of
+    /// `recv.len()`; rank `i` receives block `i`.
+    pub fn scatter<T: Element>(
+        &mut self,
+        send: Option<&[T]>,
+        recv: &mut [T],
+        root: usize,
+    ) -> Result<()> {
+        self.check_root("scatter", root)?;
+        let send = if self.rank == root {
+            let send = send.ok_or_else(|| {
+                invalid(format!(
+                    "scatter: rank {root} is the root and must pass a send buffer"
+                ))
+            })?;
+            if send.len() != recv.len() * self.world_size {
+                return Err(invalid(format!(
+                    "scatter: send has {} elements, expected world_size ({}) x recv ({}) = {}",
+                    send.len(),
+                    self.world_size,
+                    recv.len(),
+                    recv.len() * self.world_size
+                )));
+            }
+            Some(bytemuck::cast_slice(send))
+        } else {
+            None
+        };
+        self.backend
+            .scatter(send, bytemuck::cast_slice_mut(recv), root)
+    }
+
+    /// `recv` gets `world_size` blocks of `send.len()`, block `i` from rank `i`.
+    pub fn all_gather<T: Element>(&mut self, send: &[T], recv: &mut [T]) -> Result<()> {
+        if recv.len() != send.len() * self.world_size {
+            return Err(invalid(format!(
+                "all_gather: recv has {} elements, expected world_size ({}) x send ({}) = {}",
+                recv.len(),
+                self.world_size,
+                send.len(),
+                send.len() * self.world_size
+            )));
+        }
+        self.backend
+            .all_gather(bytemuck::cast_slice(send), bytemuck::cast_slice_mut(recv))
+    }
+
+    /// `send` holds `world_size` blocks of `recv.len()`; rank `i` receives the reduction of
+    /// block `i` over all ranks.
+    pub fn reduce_scatter<T: Element>(
+        &mut self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        Self::check_reducible::<T>("reduce_scatter")?;
+        if send.len() != recv.len() * self.world_size {
+            return Err(invalid(format!(
+                "reduce_scatter: send has {} elements, expected world_size ({}) x recv ({}) = {}",
+                send.len(),
+                self.world_size,
+                recv.len(),
+                recv.len() * self.world_size
+            )));
+        }
+        self.backend.reduce_scatter(
+            bytemuck::cast_slice(send),
+            bytemuck::cast_slice_mut(recv),
+            T::DTYPE,
+            op,
+        )
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.backend.barrier()
+    }
+
+    /// Moves this communicator onto a communication thread.
+    pub fn into_async(self) -> AsyncCommunicator {
+        AsyncCommunicator::new(self)
+    }
+}
+
+fn connect_tcp(cfg: &CommConfig, rv: Rendezvous) -> Result<Communicator> {
+    let addrs: Vec<_> = rv.peers.iter().map(|p| p.data_addr).collect();
+    let backend = crate::tcp::connect_mesh(
+        cfg.rank,
+        &addrs,
+        &rv.job_id,
+        rv.data_listener,
+        &cfg.timeouts,
+    )?;
+    Ok(Communicator::from_backend(Box::new(backend), "tcp"))
+}
+
+fn connect_shm(cfg: &CommConfig, rv: Rendezvous) -> Result<Communicator> {
+    let _ = (cfg, rv);
+    Err(Error::Shm(
+        "the shared-memory backend is not built into this version yet — use --transport tcp".into(),
+    ))
+}
+
+type Job = Box<dyn FnOnce(&mut Communicator) + Send>;
+
+/// A [`Communicator`] owned by a communication thread. Operations queue in submission order
+/// and run in that order, so every rank must submit the same sequence (as with blocking calls).
+pub struct AsyncCommunicator {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    rank: usize,
+    world_size: usize,
+    transport: &'static str,
+}
+
+/// The result of a queued operation.
+pub struct Pending<T> {
+    result: mpsc::Receiver<Result<T>>,
+    rank: usize,
+}
+
+impl<T> Pending<T> {
+    /// Blocks until the operation has run. Bounded: the operation itself runs under the
+    /// communicator's deadlines.
+    pub fn wait(self) -> Result<T> {
+        self.result
+            .recv()
+            .unwrap_or_else(|_| Err(thread_gone(self.rank)))
+    }
+}
+
+fn thread_gone(rank: usize) -> Error {
+    Error::PeerDied {
+        rank,
+        what: "async operation".into(),
+        detail: "this rank's communication thread exited (a queued operation panicked)".into(),
+    }
+}
+
+impl AsyncCommunicator {
+    fn new(comm: Communicator) -> AsyncCommunicator {
+        let (rank, world_size, transport) = (comm.rank, comm.world_size, comm.transport);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name(format!("dtrain-comm-{rank}"))
+            .spawn(move || {
+                let mut comm = comm;
+                for job in rx {
+                    job(&mut comm);
+                }
+            })
+            .expect("spawning the communication thread");
+        AsyncCommunicator {
+            jobs: Some(tx),
+            thread: Some(thread),
+            rank,
+            world_size,
+            transport,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+    pub fn transport_name(&self) -> &'static str {
+        self.transport
+    }
+
+    fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Communicator) -> Result<R> + Send + 'static,
+    ) -> Pending<R> {
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move |comm| {
+            let _ = tx.send(f(comm));
+        });
+        if let Some(jobs) = &self.jobs {
+            // A send error means the thread is gone; `wait` reports that.
+            let _ = jobs.send(job);
+        }
+        Pending {
+            result: rx,
+            rank: self.rank,
+        }
+    }
+
+    /// Starts an all-reduce of `buf` now; `wait` returns the reduced buffer.
+    pub fn all_reduce_async<T: Element>(&self, buf: Vec<T>, op: ReduceOp) -> Pending<Vec<T>> {
+        self.submit(move |comm| {
+            let mut buf = buf;
+            comm.all_reduce(&mut buf, op)?;
+            Ok(buf)
+        })
+    }
+
+    /// Runs `f` on the communication thread after all queued operations, and waits for it.
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Communicator) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.submit(f).wait()
+    }
+}
+
+impl Drop for AsyncCommunicator {
+    fn drop(&mut self) {
+        drop(self.jobs.take()); // Ends the thread's loop once queued work is done.
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The TCP full mesh: one connection per pair of ranks, and [`PointToPoint`] over it.
+//!
+//! Every wait is a `poll` with a deadline. While blocked on one peer, the sockets of all other
+//! peers are watched for hang-ups (`POLLRDHUP`), so a rank killed with -9 is reported by name
+//! by every rank as soon as its kernel closes its sockets — not only by its ring neighbours.
+//! A rank that drops its communicator sends a goodbye frame first, which tells a clean exit
+//! apart from a crash.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::connection::{Incoming, Link, Outgoing, RecvFailure};
+use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN};
+use crate::algorithms::PointToPoint;
+use crate::{Error, Result, Timeouts};
+
+/// `POLLRDHUP` (peer closed its write side), which nix does not name.
+fn pollrdhup() -> PollFlags {
+    PollFlags::from_bits_retain(nix::libc::POLLRDHUP)
+}
+
+pub struct TcpMesh {
+    rank: usize,
+    world_size: usize,
+    /// `links[p]` is the connection to rank `p` (`None` for this rank).
+    links: Vec<Option<Link>>,
+    timeouts: Timeouts,
+    op: &'static str,
+    /// Set by the first failure; the mesh refuses further work after it.
+    failed: Option<(usize, String)>,
+}
+
+impl TcpMesh {
+    pub fn new(rank: usize, streams: Vec<Option<TcpStream>>, timeouts: Timeouts) -> TcpMesh {
+        let world_size = streams.len();
+        let links = streams
+            .into_iter()
+            .enumerate()
+            .map(|(peer, s)| s.map(|s| Link::new(peer, s)))
+            .collect();
+        TcpMesh {
+            rank,
+            world_size,
+            links,
+            timeouts,
+            op: "setup",
+            failed: None,
+        }
+    }
+
+    fn link(&mut self, peer: usize) -> Result<&mut Link> {
+        let (rank, world_size, op) = (self.rank, self.world_size, self.op);
+        match self.links.get_mut(peer) {
+            Some(Some(link)) => Ok(link),
+            _ => Err(Error::InvalidArgument(format!(
+                "{op}: rank {rank} has no link to rank {peer} (world size {world_size})"
+            ))),
+        }
+    }
+
+    fn check_usable(&self, peers: &[usize]) -> Result<()> {
+        if let Some((rank, reason)) = &self.failed {
+            return Err(Error::PeerDied {
+                rank: *rank,
+                what: self.op.to_string(),
+                detail: format!("communicator is unusable after an earlier failure: {reason}"),
+            });
+        }
+        for &peer in peers {
+            if let Some(Some(link)) = self.links.get(peer) {
+                if let Some(reason) = &link.closed {
+                    return Err(Error::PeerDied {
+                        rank: peer,
+                        what: self.op.to_string(),
+                        detail: reason.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn io_error(&self, peer: usize, e: io::Error) -> Error {
+        let detail = match e.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                format!("connection reset ({e}): the process exited or was killed")
+            }
+            io::ErrorKind::TimedOut => {
+                format!("TCP keepalive/user timeout ({e}): the host stopped answering")
+            }
+            _ => format!("socket error: {e}"),
+        };
+        Error::PeerDied {
+            rank: peer,
+            what: self.op.to_string(),
+            detail,
+        }
+    }
+
+    fn recv_error(&self, peer: usize, failure: RecvFailure) -> Error {
+        let what = self.op.to_string();
+        match failure {
+            RecvFailure::Io(e) => self.io_error(peer, e),
+            RecvFailure::Eof { mid_frame } => Error::PeerDied {
+                rank: peer,
+                what,
+                detail: if mid_frame {
+                    "connection closed in the middle of a message: the process exited or was killed"
+                        .to_string()
+                } else {
+                    "connection closed: the process exited or was killed".to_string()
+                },
+            },
+            RecvFailure::Protocol(detail) => Error::Protocol { rank: peer, detail },
+            RecvFailure::Goodbye => Error::PeerDied {
+                rank: peer,
+                what,
+                detail: "it closed its communicator while this rank still expected data from it \
+                         (ranks ran different numbers of collectives?)"
+                    .to_string(),
+            },
+            RecvFailure::Abort(blamed, reason) => Error::PeerDied {
+                rank: blamed.unwrap_or(peer),
+                what,
+                detail: format!("reported by rank {peer}, which aborted: {reason}"),
+            },
+        }
+    }
+
+    /// Records the first failure and tells every peer (abort frame, then shutdown) so they
+    /// fail fast and name the same culprit instead of waiting for their own deadlines.
+    fn fail(&mut self, err: Error) -> Error {
+        if self.failed.is_some() {
+            return err;
+        }
+        let blamed = match &err {
+            Error::Timeout { rank, .. }
+            | Error::PeerDied { rank, .. }
+            | Error::Protocol { rank, .. } => *rank,
+            _ => self.rank,
+        };
+        let reason = err.to_string();
+        self.failed = Some((blamed, reason.clone()));
+        let payload = encode_abort(blamed, &format!("rank {}: {reason}", self.rank));
+        for link in self.links.iter_mut().flatten() {
+            if !link.send_mid_frame && link.closed.is_none() {
+                let mut frame = link
+                    .next_send_header(FrameKind::Abort, payload.len())
+                    .to_vec();
+                frame.extend_from_slice(&payload);
+                // Best effort: a full socket just means the peer learns from the shutdown.
+                let _ = link.stream.write(&frame);
+            }
+            let _ = link.stream.shutdown(Shutdown::Both);
+        }
+        err
+    }
+
+    /// Runs one send and/or one receive to completion, waiting in `poll` between bursts.
+    fn drive(
+        &mut self,
+        mut out: Option<(usize, &mut Outgoing)>,
+        mut inc: Option<(usize, &mut Incoming)>,
+    ) -> Result<()> {
+        let mut last_progress = Instant::now();
+        loop {
+            if let Some((peer, o)) = out.as_mut() {
+                let peer = *peer;
+                let link = self.link(peer)?;
+                let result = o.advance(&mut link.stream);
+                link.send_mid_frame = o.started() && !o.done();
+                match result {
+                    Ok(true) => last_progress = Instant::now(),
+                    Ok(false) => {}
+                    Err(e) => return Err(self.io_error(peer, e)),
+                }
+            }
+            if let Some((peer, i)) = inc.as_mut() {
+                let peer = *peer;
+                let link = self.link(peer)?;
+                match i.advance(&mut link.stream) {
+                    Ok(true) => last_progress = Instant::now(),
+                    Ok(false) => {}
+                    Err(f) => return Err(self.recv_error(peer, f)),
+                }
+            }
+            let out_peer = out.as_ref().filter(|(_, o)| !o.done()).map(|(p, _)| *p);
+            let inc_peer = inc.as_ref().filter(|(_, i)| !i.done()).map(|(p, _)| *p);
+            let Some(waiting_on) = inc_peer.or(out_peer) else {
+                return Ok(());
+            };
+            let idle = last_progress.elapsed();
+            if idle >= self.timeouts.collective {
+                return Err(Error::Timeout {
+                    rank: waiting_on,
+                    what: self.op.to_string(),
+                    waited: idle,
+                });
+            }
+            self.wait(out_peer, inc_peer, self.timeouts.collective - idle)?;
+        }
+    }
+
+    /// Blocks until the active sockets are ready or `limit` passes; checks hang-ups on the
+    /// watched sockets.
+    fn wait(
+        &mut self,
+        out_peer: Option<usize>,
+        inc_peer: Option<usize>,
+        limit: Duration,
+    ) -> Result<()> {
+        let mut hung_up: Vec<usize> = Vec::new();
+        {
+            let mut peers = Vec::with_capacity(self.world_size);
+            let mut fds = Vec::with_capacity(self.world_size);
+            for link in self.links.iter().flatten() {
+                let mut events = PollFlags::empty();
+                if Some(link.peer) == out_peer {
+                    events |= PollFlags::POLLOUT;
+                }
+                if Some(link.peer) == inc_peer {
+                    events |= PollFlags::POLLIN;
+                } else if link.monitor && link.closed.is_none() {
+                    events |= pollrdhup();
+                }
+                if events.is_empty() {
+                    continue;
+                }
+                peers.push(link.peer);
+                fds.push(PollFd::new(link.stream.as_fd(), events));
+            }
+            let timeout_ms = limit.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("poll while waiting during {}", self.op),
+                        io::Error::from(e),
+                    ))
+                }
+            }
+            let hangup = pollrdhup() | PollFlags::POLLHUP | PollFlags::POLLERR;
+            for (fd, &peer) in fds.iter().zip(&peers) {
+                let revents = fd.revents().unwrap_or(PollFlags::empty());
+                let active_reader = Some(peer) == inc_peer;
+                if !active_reader && revents.intersects(hangup) {
+                    hung_up.push(peer);
+                }
+            }
+        }
+        for peer in hung_up {
+            self.check_hang_up(peer, Some(peer) == out_peer)?;
+        }
+        Ok(())
+    }
+
+    /// A socket we are not reading from reported a hang-up: find out whether the peer left
+    /// cleanly (goodbye), aborted, died, or merely has unread data queued before its close.
+    fn check_hang_up(&mut self, peer: usize, must_send: bool) -> Result<()> {
+        let what = self.op.to_string();
+        let link = self.link(peer)?;
+        let mut peeked = vec![0u8; HEADER_LEN + MAX_CONTROL_LEN as usize];
+        let n = match link.stream.peek(&mut peeked) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                link.monitor = false;
+                return Ok(());
+            }
+            Err(e) => return Err(self.io_error(peer, e)),
+        };
+        if n == 0 {
+            return Err(Error::PeerDied {
+                rank: peer,
+                what,
+                detail: "connection closed: the process exited or was killed".to_string(),
+            });
+        }
+        let header = if n >= HEADER_LEN {
+            FrameHeader::decode(peeked[..HEADER_LEN].try_into().expect("header length"))
+        } else {
+            Err(String::new())
+        };
+        match header {
+            Ok(h) if h.kind == FrameKind::Goodbye => {
+                let mut discard = [0u8; HEADER_LEN];
+                let _ = link.stream.read_exact(&mut discard);
+                let reason = "it closed its communicator (finished or exited)".to_string();
+                link.closed = Some(reason.clone());
+                link.monitor = false;
+                if must_send {
+                    return Err(Error::PeerDied {
+                        rank: peer,
+                        what,
+                        detail: format!("{reason} while this rank still had data for it"),
+                    });
+                }
+                Ok(())
+            }
+            Ok(h) if h.kind == FrameKind::Abort && n >= HEADER_LEN + h.len as usize => {
+                let payload = peeked[HEADER_LEN..HEADER_LEN + h.len as usize].to_vec();
+                let (blamed, reason) = super::framing::decode_abort(&payload);
+                Err(self.recv_error(peer, RecvFailure::Abort(blamed, reason)))
+            }
+            Ok(h) if h.kind == FrameKind::Abort => Ok(()), // rest of the abort is on its way
+            _ => {
+                // Data queued ahead of the close: it is read (and the close seen) in order.
+                link.monitor = false;
+                Ok(())
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+    ) -> Result<()> {
+        let peers: Vec<usize> = send
+            .iter()
+            .map(|s| s.0)
+            .chain(recv.iter().map(|r| r.0))
+            .collect();
+        self.check_usable(&peers)?;
+        let result = (|| {
+            let mut out = match send {
+                Some((peer, buf)) => Some((peer, Outgoing::new(self.link(peer)?, buf))),
+                None => None,
+            };
+            let mut inc = match recv {
+                Some((peer, buf)) => Some((peer, Incoming::new(self.link(peer)?, buf))),
+                None => None,
+            };
+            self.drive(
+                out.as_mut().map(|(p, o)| (*p, o)),
+                inc.as_mut().map(|(p, i)| (*p, i)),
+            )
+        })();
+        result.map_err(|e| self.fail(e))
+    }
+}
+
+impl PointToPoint for TcpMesh {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn set_op(&mut self, what: &'static str) {
+        self.op = what;
+    }
+    fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()> {
+        self.run(Some((peer, buf)), None)
+    }
+    fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()> {
+        self.run(None, Some((peer, buf)))
+    }
+    fn send_recv(&mut self, to: usize, send: &[u8], from: usize, recv: &mut [u8]) -> Result<()> {
+        self.run(Some((to, send)), Some((from, recv)))
+    }
+}
+
+impl Drop for TcpMesh {
+    fn drop(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        for link in self.links.iter_mut().flatten() {
+            if !link.send_mid_frame && link.closed.is_none() {
+                let goodbye = link.next_send_header(FrameKind::Goodbye, 0);
+                let _ = link.stream.write(&goodbye);
+            }
+            let _ = link.stream.shutdown(Shutdown::Write);
+        }
+    }
+}
