@@ -83,6 +83,14 @@ fn pack_panels<const R: usize>(
         let s = base + panel * R * rs;
         let d = &mut dst[panel * R * depth..(panel + 1) * R * depth];
         // Specialize the two common layouts so the compiler sees unit strides.
+        #[cfg(target_arch = "x86_64")]
+        if R == 16 && r == R && cs == 1 && depth >= 8 && avx2_available() {
+            // SAFETY: AVX2 is available; the full panel (16 rows from `s`, `depth`
+            // contiguous floats each) is inside `src` (last element checked above), and
+            // `d` holds 16 * depth floats.
+            unsafe { pack16_contiguous_rows_avx2(src.as_ptr().add(s), rs, depth, d.as_mut_ptr()) };
+            continue;
+        }
         if r == R && cs == 1 {
             pack_full::<R>(src, s, rs, 1, depth, d)
         } else if r == R && rs == 1 {
@@ -131,6 +139,69 @@ fn pack_partial<const R: usize>(
         let col = &mut d[p * R..(p + 1) * R];
         for (i, v) in col.iter_mut().enumerate() {
             *v = if i < r { src[s + i * rs + p * cs] } else { 0.0 };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Pack a full 16-row panel whose rows are contiguous (`cs == 1`, e.g. a B operand given
+/// as a transposed row-major matrix) with 8×8 register transposes instead of 16 scalar
+/// strided reads per depth step.
+///
+/// # Safety
+/// AVX2 must be available; rows `0..16` at `src + i * rs`, each `depth` floats long, must
+/// be readable and `d` must be writable for `16 * depth` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack16_contiguous_rows_avx2(src: *const f32, rs: usize, depth: usize, d: *mut f32) {
+    use std::arch::x86_64::*;
+    let full = depth / 8 * 8;
+    for p0 in (0..full).step_by(8) {
+        for g in 0..2 {
+            // SAFETY: rows g*8..g*8+8, floats p0..p0+8 are inside the panel.
+            let r: [__m256; 8] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.add((g * 8 + i) * rs + p0)) });
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            // Column q holds element p0 + q of the 8 rows.
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (q, col) in cols.into_iter().enumerate() {
+                // SAFETY: slot (p0 + q) * 16 + g * 8 .. + 8 is inside `d`.
+                unsafe { _mm256_storeu_ps(d.add((p0 + q) * 16 + g * 8), col) };
+            }
+        }
+    }
+    for p in full..depth {
+        for i in 0..16 {
+            // SAFETY: (i, p) is inside the panel and slot p * 16 + i inside `d`.
+            unsafe { *d.add(p * 16 + i) = *src.add(i * rs + p) };
         }
     }
 }
