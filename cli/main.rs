@@ -46,6 +46,13 @@ fn main() -> ExitCode {
         Some(Command::LauncherTestChild(args)) => {
             ExitCode::from(dtrain::launch::run_test_child(&args))
         }
+        Some(Command::Plot(args)) => match dtrain::plot::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dtrain plot: error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(_) => {
             eprintln!("dtrain: error: this subcommand is not built yet");
             ExitCode::from(1)
