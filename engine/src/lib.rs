@@ -5,10 +5,21 @@
 //! [`Float`]: `f32` runs the fast SIMD kernels, `f64` runs the same op code over naive
 //! reference kernels, which is what the gradient checks differentiate.
 
+pub mod autograd;
 pub mod float;
 pub mod gemm;
+pub mod init;
 pub mod gradcheck;
 pub mod ops;
+pub mod optim;
 pub mod parallel;
+pub mod state;
+pub mod tensor;
+pub mod vgg;
 
+pub use autograd::{Param, Tape, ValueId};
 pub use float::Float;
+pub use optim::Sgd;
+pub use state::{load_tensors, save_tensors, LoadedState, NamedTensor, StateError, TensorData};
+pub use tensor::Tensor;
+pub use vgg::{parse_spec, LayerSpec, ModelError, StepStats, Vgg, VggConfig};
