@@ -13,20 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Which collective transport to use. `Auto` picks shared memory when every rank is on this
 /// host and TCP otherwise (the transport decides).
-pub use transport_kind::TransportKind;
-
-mod transport_kind {
-    // The transport crate's `TransportKind` is being written concurrently; until it lands this
-    // local definition (same variants) keeps the CLI compiling. Swap for
-    // `pub use transport::TransportKind;` once it exists.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-    pub enum TransportKind {
-        #[default]
-        Auto,
-        Shm,
-        Tcp,
-    }
-}
+pub use transport::TransportKind;
 
 /// How gradients are synchronised between ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
