@@ -57,6 +57,7 @@ pub mod error;
 pub mod local;
 pub mod reduce;
 pub mod rendezvous;
+pub mod shm;
 pub mod tcp;
 
 pub use backend::{Backend, Timeouts};

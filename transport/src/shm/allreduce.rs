@@ -1,0 +1,125 @@
+//! All-reduce, reading peers' data in place in their slots.
+//!
+//! **Small buffers (one-shot).** Every rank copies its buffer into its stage, posts, and then
+//! reduces *all* stages itself: `((x0 ⊕ x1) ⊕ x2) ⊕ ...`, always in rank order, so every rank
+//! computes the identical expression and gets bitwise identical results. One copy-in, one
+//! synchronization.
+//!
+//! **Large buffers (reduce-scatter + all-gather, chunked).** The buffer is processed in chunks
+//! of one stage (256 KiB), so the working set stays in cache. Per chunk: every rank copies its
+//! chunk into its stage and posts; rank r reduces block r of the chunk from all ranks'
+//! stages, again `x0 ⊕ x1 ⊕ ...` in rank order, writes it to its buffer and back into its own
+//! stage, and posts; then every rank copies the other ranks' reduced blocks out of their
+//! stages. Each block is computed once and copied as bytes, so results are bitwise identical
+//! on all ranks and equal to the one-shot path's. `Avg` divides each reduced block before it
+//! is published.
+
+use std::ops::Range;
+
+use super::segment::STAGE_BYTES;
+use super::ShmBackend;
+use crate::reduce::{reduce_into, scale_for_avg};
+use crate::{DType, ReduceOp, Result};
+
+/// All-reduces of at most this many bytes use the one-shot path.
+pub const ONE_SHOT_MAX_BYTES: usize = 32 << 10;
+
+pub(crate) fn all_reduce(
+    b: &mut ShmBackend,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
+    if b.world_size == 1 || buf.is_empty() {
+        return Ok(());
+    }
+    if buf.len() <= ONE_SHOT_MAX_BYTES {
+        one_shot(b, buf, dtype, op)
+    } else {
+        for chunk in buf.chunks_mut(STAGE_BYTES) {
+            chunk_reduce_scatter_all_gather(b, chunk, dtype, op)?;
+        }
+        Ok(())
+    }
+}
+
+fn one_shot(b: &mut ShmBackend, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+    let stage = b.claim_stage(true)?;
+    // SAFETY: stage claimed for writing, not yet published.
+    unsafe { b.write_stage(stage, 0, buf) };
+    let published = b.post();
+    b.wait_all(published)?;
+    reduce_stages_in_rank_order(b, stage, 0, buf, dtype, op);
+    scale_for_avg(buf, dtype, op, b.world_size);
+    let consumed = b.post();
+    b.release_stage(stage, consumed);
+    Ok(())
+}
+
+/// `out = stage[0][offset..] ⊕ stage[1][offset..] ⊕ ...` in rank order. `out` may already hold
+/// rank 0's data only if this is rank 0 (its buffer is its own input).
+fn reduce_stages_in_rank_order(
+    b: &ShmBackend,
+    stage: usize,
+    offset: usize,
+    out: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) {
+    let len = out.len();
+    if b.rank != 0 {
+        // SAFETY: every rank posted the event publishing this stage (caller waited for it)
+        // and this rank has not posted the event releasing it yet.
+        out.copy_from_slice(unsafe { b.read_stage(0, stage, offset, len) });
+    }
+    for peer in 1..b.world_size {
+        // SAFETY: as above.
+        let src = unsafe { b.read_stage(peer, stage, offset, len) };
+        reduce_into(out, src, dtype, op);
+    }
+}
+
+/// Byte range of rank `p`'s block when `len` bytes are split among `n` ranks in 64-byte
+/// units (whole elements of every dtype; cache-line aligned within the stage).
+pub(crate) fn block(len: usize, n: usize, p: usize) -> Range<usize> {
+    const UNIT: usize = 64;
+    let per_rank = len.div_ceil(UNIT).div_ceil(n) * UNIT;
+    (p * per_rank).min(len)..((p + 1) * per_rank).min(len)
+}
+
+fn chunk_reduce_scatter_all_gather(
+    b: &mut ShmBackend,
+    chunk: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
+    let n = b.world_size;
+    let stage = b.claim_stage(true)?;
+    // SAFETY: stage claimed for writing, not yet published.
+    unsafe { b.write_stage(stage, 0, chunk) };
+    let published = b.post();
+    b.wait_all(published)?;
+
+    // Reduce-scatter: this rank's block, from every rank's stage, in rank order.
+    let mine = block(chunk.len(), n, b.rank);
+    let out = &mut chunk[mine.clone()];
+    reduce_stages_in_rank_order(b, stage, mine.start, out, dtype, op);
+    scale_for_avg(out, dtype, op, n);
+    // SAFETY: only this rank reads or writes block `mine` of its own stage during this
+    // phase (peers read their own blocks), and peers read it only after the next post.
+    unsafe { b.write_stage(stage, mine.start, out) };
+    let reduced = b.post();
+    b.wait_all(reduced)?;
+
+    // All-gather: copy the other ranks' reduced blocks out of their stages.
+    for peer in (0..n).filter(|&p| p != b.rank) {
+        let theirs = block(chunk.len(), n, peer);
+        // SAFETY: `peer` posted `reduced` after writing its block; it rewrites this stage only
+        // after this rank posts `consumed` below.
+        let src = unsafe { b.read_stage(peer, stage, theirs.start, theirs.len()) };
+        chunk[theirs].copy_from_slice(src);
+    }
+    let consumed = b.post();
+    b.release_stage(stage, consumed);
+    Ok(())
+}
