@@ -440,6 +440,15 @@ fn maxpool2d_f32_matches_f64_and_definition() {
             k: 2,
             stride: 2,
         },
+        // Even height, odd width: stacked planes whose rows are wider than 2·ow.
+        Pool2dGeom {
+            n: 4,
+            c: 6,
+            h: 8,
+            w: 7,
+            k: 2,
+            stride: 2,
+        },
         Pool2dGeom {
             n: 2,
             c: 3,

@@ -1,6 +1,6 @@
 //! maxpool2d (kernel k, stride s, no padding) with recorded argmax for backward.
 //! Both directions run in parallel over `(n, c)` planes, which are independent.
-use super::{par_chunks_mut, units_per_task};
+use super::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::Float;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,19 +35,33 @@ pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax:
     assert_eq!(y.len(), planes * plane_out, "maxpool2d_forward: y length");
     assert_eq!(argmax.len(), y.len(), "maxpool2d_forward: argmax length");
     let per_task = units_per_task(planes, plane_in, MIN_TASK_ELEMS);
-    // Pair each output plane with its argmax plane so one task owns both.
-    let mut pairs: Vec<(&mut [T], &mut [u32])> = y
-        .chunks_mut(plane_out)
-        .zip(argmax.chunks_mut(plane_out))
-        .collect();
-    par_chunks_mut(&mut pairs, per_task, |t, pairs| {
-        for (j, (yp, ap)) in pairs.iter_mut().enumerate() {
-            let p = t * per_task + j;
-            let xp = &x[p * plane_in..(p + 1) * plane_in];
-            if g.k == 2 && g.stride == 2 {
-                pool_plane_2x2(xp, g.w, oh, ow, yp, ap);
-            } else {
-                pool_plane(g, xp, oh, ow, yp, ap);
+    let argmax_ptr = SharedMutPtr(argmax.as_mut_ptr());
+    par_chunks_mut(y, per_task * plane_out, |t, ys| {
+        let first = t * per_task;
+        let n_planes = ys.len() / plane_out;
+        // SAFETY: the argmax range of this task's planes mirrors its `y` chunk: inside
+        // `argmax` (same length as `y`, asserted) and disjoint from other tasks' ranges;
+        // `argmax` stays exclusively borrowed until `par_chunks_mut` returns.
+        let ap = unsafe {
+            std::slice::from_raw_parts_mut(argmax_ptr.get().add(first * plane_out), ys.len())
+        };
+        let xs = &x[first * plane_in..(first + n_planes) * plane_in];
+        if g.k == 2 && g.stride == 2 && g.h == 2 * oh {
+            // Even height: the task's planes stack into one tall image of n_planes·oh output
+            // rows (no per-plane overhead, which dominates for 2×2 and 4×4 planes).
+            pool_rows_2x2(xs, g.w, oh, ow, n_planes * oh, ys, ap);
+        } else {
+            for j in 0..n_planes {
+                let xp = &xs[j * plane_in..(j + 1) * plane_in];
+                let (yp, app) = (
+                    &mut ys[j * plane_out..(j + 1) * plane_out],
+                    &mut ap[j * plane_out..(j + 1) * plane_out],
+                );
+                if g.k == 2 && g.stride == 2 {
+                    pool_rows_2x2(xp, g.w, oh, ow, oh, yp, app);
+                } else {
+                    pool_plane(g, xp, oh, ow, yp, app);
+                }
             }
         }
     });
@@ -89,22 +103,24 @@ fn pool_plane<T: Float>(
     }
 }
 
-/// The VGG case (2×2, stride 2), one plane: straight-line compares over two input rows, no
-/// inner window loops.
-fn pool_plane_2x2<T: Float>(
-    xp: &[T],
+/// The VGG case (2×2, stride 2): `rows` output rows of width `ow` from input rows of width
+/// `w`, where output row `R` is row `R % oh` of its plane (a stack of planes with even height
+/// is one tall image). Straight-line compares, no inner window loops.
+fn pool_rows_2x2<T: Float>(
+    xs: &[T],
     w: usize,
     oh: usize,
     ow: usize,
-    yp: &mut [T],
+    rows: usize,
+    ys: &mut [T],
     ap: &mut [u32],
 ) {
-    for r in 0..oh {
-        let top = &xp[2 * r * w..2 * r * w + 2 * ow];
-        let bottom = &xp[(2 * r + 1) * w..(2 * r + 1) * w + 2 * ow];
-        let base = (2 * r * w) as u32;
-        let yr = &mut yp[r * ow..(r + 1) * ow];
-        let ar = &mut ap[r * ow..(r + 1) * ow];
+    for big_r in 0..rows {
+        let top = &xs[2 * big_r * w..][..2 * ow];
+        let bottom = &xs[(2 * big_r + 1) * w..][..2 * ow];
+        let base = (2 * (big_r % oh) * w) as u32;
+        let yr = &mut ys[big_r * ow..(big_r + 1) * ow];
+        let ar = &mut ap[big_r * ow..(big_r + 1) * ow];
         for c in 0..ow {
             let (a, b, d, e) = (top[2 * c], top[2 * c + 1], bottom[2 * c], bottom[2 * c + 1]);
             // Window order a, b (top row) then d, e (bottom row).
@@ -139,9 +155,10 @@ pub fn maxpool2d_backward<T: Float>(g: &Pool2dGeom, dy: &[T], argmax: &[u32], dx
     assert_eq!(argmax.len(), dy.len(), "maxpool2d_backward: argmax length");
     let per_task = units_per_task(planes, plane_in, MIN_TASK_ELEMS);
     par_chunks_mut(dx, per_task * plane_in, |t, dx| {
+        // One fill per task, not per plane (planes can be 4 elements).
+        dx.fill(T::zero());
         for (j, dxp) in dx.chunks_mut(plane_in).enumerate() {
             let p = t * per_task + j;
-            dxp.fill(T::zero());
             let range = p * plane_out..(p + 1) * plane_out;
             for (&a, &d) in argmax[range.clone()].iter().zip(&dy[range]) {
                 dxp[a as usize] += d;
