@@ -379,6 +379,8 @@ pub struct Cli {
     pub train: TrainArgs,
 }
 
+// Built once per process, so the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start N local ranks of this program (like torchrun --standalone)

@@ -41,8 +41,22 @@ pub fn make_batch(split: &DataSplit, indices: &[usize], augment: Option<(u64, us
 /// `PREFETCH_BATCHES` ahead). Dropping the loader early stops and joins the thread.
 pub struct TrainLoader {
     batches_per_epoch: usize,
-    receiver: Option<Receiver<Batch>>,
-    worker: Option<JoinHandle<()>>,
+    source: Source,
+}
+
+enum Source {
+    Thread {
+        receiver: Option<Receiver<Batch>>,
+        worker: Option<JoinHandle<()>>,
+    },
+    /// The thread could not be started (resource limits): prepare batches on demand instead.
+    Inline {
+        split: Arc<DataSplit>,
+        indices: Vec<usize>,
+        batch_size: usize,
+        next: usize,
+        augment: Option<(u64, usize)>,
+    },
 }
 
 impl TrainLoader {
@@ -59,27 +73,37 @@ impl TrainLoader {
         let batches_per_epoch = indices.len().div_ceil(batch_size);
         let augment = cfg.augment.then_some((cfg.seed, epoch));
         let (tx, rx) = sync_channel::<Batch>(PREFETCH_BATCHES);
+        // The thread gets its own copies; they are small (one index per sample).
+        let (split, idx) = (train.clone(), indices.clone());
         let worker = std::thread::Builder::new()
             .name(format!("loader-r{}", cfg.rank))
             .spawn(move || {
-                for chunk in indices.chunks(batch_size).skip(start_batch) {
-                    let batch = make_batch(&train, chunk, augment);
+                for chunk in idx.chunks(batch_size).skip(start_batch) {
+                    let batch = make_batch(&split, chunk, augment);
                     if tx.send(batch).is_err() {
                         return; // the loader was dropped
                     }
                 }
             });
-        match worker {
-            Ok(handle) => TrainLoader {
-                batches_per_epoch,
+        let source = match worker {
+            Ok(handle) => Source::Thread {
                 receiver: Some(rx),
                 worker: Some(handle),
             },
             Err(e) => {
-                // Cannot spawn a thread (resource limit): this cannot be recovered from here and
-                // no batch could be produced.
-                panic!("cannot start the data loader thread: {e}")
+                eprintln!("dtrain: warning: no data loader thread ({e}); preparing batches inline");
+                Source::Inline {
+                    split: train,
+                    indices,
+                    batch_size,
+                    next: start_batch,
+                    augment,
+                }
             }
+        };
+        TrainLoader {
+            batches_per_epoch,
+            source,
         }
     }
 
@@ -93,17 +117,36 @@ impl Iterator for TrainLoader {
     type Item = Batch;
 
     fn next(&mut self) -> Option<Batch> {
-        // recv fails only once the worker has sent everything and exited.
-        self.receiver.as_ref()?.recv().ok()
+        match &mut self.source {
+            // recv fails only once the worker has sent everything and exited.
+            Source::Thread { receiver, .. } => receiver.as_ref()?.recv().ok(),
+            Source::Inline {
+                split,
+                indices,
+                batch_size,
+                next,
+                augment,
+            } => {
+                let start = *next * *batch_size;
+                if start >= indices.len() {
+                    return None;
+                }
+                let end = (start + *batch_size).min(indices.len());
+                *next += 1;
+                Some(make_batch(split, &indices[start..end], *augment))
+            }
+        }
     }
 }
 
 impl Drop for TrainLoader {
     fn drop(&mut self) {
-        // Drop the receiver first so a worker blocked in `send` wakes up with an error.
-        self.receiver.take();
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
+        if let Source::Thread { receiver, worker } = &mut self.source {
+            // Drop the receiver first so a worker blocked in `send` wakes up with an error.
+            receiver.take();
+            if let Some(h) = worker.take() {
+                let _ = h.join();
+            }
         }
     }
 }
