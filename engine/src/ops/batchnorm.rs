@@ -1,11 +1,13 @@
 //! batchnorm2d over `[N, C, HW]`: training (batch statistics, biased variance) and eval
 //! (running statistics). Statistics are accumulated in f64.
 //!
-//! Work split: per-channel reductions run in parallel over channels (each task walks its
-//! channel's `N` planes); the elementwise passes run in parallel over `(n, c)` planes. The
-//! reductions use 8 independent f64 lanes so LLVM vectorizes them and each lane sums a
-//! short, well-conditioned series.
-use super::{par_chunks_mut, units_per_task};
+//! Work split: training forward and backward run in parallel over channels; a task reduces
+//! its channel's `N` planes and then immediately writes that channel's output planes, while
+//! they are still in cache (two passes over memory instead of three). The reductions use 8
+//! independent f64 lanes so LLVM vectorizes them and each lane sums a short,
+//! well-conditioned series; the one-pass variance is taken around a sample of the channel so
+//! `|mean| ≫ std` does not cancel. Eval forward is elementwise, parallel over planes.
+use super::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::Float;
 
 /// Elements per parallel task at least (see relu).
@@ -96,6 +98,10 @@ pub fn batchnorm2d_forward_train<T: Float>(
     assert_eq!(mean.len(), c, "batchnorm2d_forward_train: mean length");
     assert_eq!(invstd.len(), c, "batchnorm2d_forward_train: invstd length");
     let count = (n * hw) as f64;
+    let y_ptr = SharedMutPtr(y.as_mut_ptr());
+    // One task per channel group computes a channel's statistics and then normalizes that
+    // channel right away, while its planes are still in cache (a third pass over DRAM
+    // otherwise).
     let stats: Vec<(f64, f64)> = per_channel(c, n * hw, |ch| {
         let shift = x.get(ch * hw).map_or(0.0, |v| v.to_f64_lossy());
         let (mut s, mut q) = (0f64, 0f64);
@@ -107,34 +113,29 @@ pub fn batchnorm2d_forward_train<T: Float>(
         }
         let mean_shifted = s / count;
         let var = (q / count - mean_shifted * mean_shifted).max(0.0);
-        (shift + mean_shifted, 1.0 / (var + eps).sqrt())
+        let (m, is) = (shift + mean_shifted, 1.0 / (var + eps).sqrt());
+        // y = (x - mean)·(gamma·invstd) + beta. The f64 mean is applied as hi + lo parts so
+        // the subtraction stays accurate in f32 even when |mean| ≫ std.
+        let hi = T::from_f64_lossy(m);
+        let lo = T::from_f64_lossy(m - hi.to_f64_lossy());
+        let scale = T::from_f64_lossy(gamma[ch].to_f64_lossy() * is);
+        let b = beta[ch];
+        for img in 0..n {
+            let start = (img * c + ch) * hw;
+            // SAFETY: plane `(img, ch)` lies inside `y` (same length as `x`, asserted) and
+            // only the task of channel `ch` writes it; `y` stays exclusively borrowed until
+            // `per_channel` returns.
+            let yp = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(start), hw) };
+            for (yi, &xi) in yp.iter_mut().zip(&x[start..start + hw]) {
+                *yi = ((xi - hi) - lo) * scale + b;
+            }
+        }
+        (m, is)
     });
     for ((m, is), &(sm, si)) in mean.iter_mut().zip(invstd.iter_mut()).zip(&stats) {
         *m = T::from_f64_lossy(sm);
         *is = T::from_f64_lossy(si);
     }
-    // y = (x - mean)·(gamma·invstd) + beta. The f64 mean is applied as hi + lo parts so the
-    // subtraction stays accurate in f32 even when |mean| ≫ std.
-    let coef: Vec<[T; 4]> = stats
-        .iter()
-        .enumerate()
-        .map(|(ch, &(m, is))| {
-            let hi = T::from_f64_lossy(m);
-            let lo = T::from_f64_lossy(m - hi.to_f64_lossy());
-            let scale = T::from_f64_lossy(gamma[ch].to_f64_lossy() * is);
-            [hi, lo, scale, beta[ch]]
-        })
-        .collect();
-    let per_task = units_per_task(n * c, hw, MIN_TASK_ELEMS);
-    par_chunks_mut(y, per_task * hw, |t, ys| {
-        for (j, yp) in ys.chunks_mut(hw).enumerate() {
-            let p = t * per_task + j;
-            let [hi, lo, scale, b] = coef[p % c];
-            for (yi, &xi) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-                *yi = ((xi - hi) - lo) * scale + b;
-            }
-        }
-    });
 }
 
 /// Eval forward with running statistics.
@@ -250,44 +251,43 @@ pub fn batchnorm2d_backward<T: Float>(
     assert_eq!(dgamma.len(), c, "batchnorm2d_backward: dgamma length");
     assert_eq!(dbeta.len(), c, "batchnorm2d_backward: dbeta length");
     let count = (n * hw) as f64;
+    let dx_ptr = SharedMutPtr(dx.as_mut_ptr());
+    // As in the forward: a channel's reductions and then its dx, in one task, in cache.
     let sums: Vec<(f64, f64)> = per_channel(c, n * hw, |ch| {
         let m = mean[ch].to_f64_lossy();
-        let (mut s, mut p) = (0f64, 0f64);
+        let (mut sum_dy, mut sum_dy_xm) = (0f64, 0f64);
         for img in 0..n {
             let r = (img * c + ch) * hw..(img * c + ch + 1) * hw;
             let (ps, pp) = grad_sums(&dy[r.clone()], &x[r], m);
-            s += ps;
-            p += pp;
+            sum_dy += ps;
+            sum_dy_xm += pp;
         }
-        (s, p)
-    });
-    // dx = a·dy + b·(x - mean) + d with per-channel a, b, d (x - mean is exact-ish in T, so
-    // no cancellation when |mean| ≫ std).
-    let mut coef: Vec<[T; 4]> = Vec::with_capacity(c);
-    for ch in 0..c {
-        let (sum_dy, sum_dy_xm) = sums[ch];
+        // dx = a·dy + b·(x - mean) + d (x - mean is exact-ish in T, so no cancellation when
+        // |mean| ≫ std).
         let is = invstd[ch].to_f64_lossy();
         let k = gamma[ch].to_f64_lossy() * is;
-        dbeta[ch] = T::from_f64_lossy(sum_dy);
-        dgamma[ch] = T::from_f64_lossy(sum_dy_xm * is);
-        coef.push([
-            T::from_f64_lossy(k),
-            T::from_f64_lossy(-k * is * is * sum_dy_xm / count),
-            T::from_f64_lossy(-k * sum_dy / count),
-            mean[ch],
-        ]);
-    }
-    let per_task = units_per_task(n * c, hw, MIN_TASK_ELEMS);
-    par_chunks_mut(dx, per_task * hw, |t, dxs| {
-        for (j, dxp) in dxs.chunks_mut(hw).enumerate() {
-            let p = t * per_task + j;
-            let [a, b, d, m] = coef[p % c];
-            let r = p * hw..(p + 1) * hw;
+        let a = T::from_f64_lossy(k);
+        let b = T::from_f64_lossy(-k * is * is * sum_dy_xm / count);
+        let d = T::from_f64_lossy(-k * sum_dy / count);
+        let mt = mean[ch];
+        for img in 0..n {
+            let start = (img * c + ch) * hw;
+            // SAFETY: plane `(img, ch)` lies inside `dx` (same length as `x`, asserted) and
+            // only the task of channel `ch` writes it; `dx` stays exclusively borrowed until
+            // `per_channel` returns.
+            let dxp = unsafe { std::slice::from_raw_parts_mut(dx_ptr.get().add(start), hw) };
+            let r = start..start + hw;
             for ((dxi, &dyi), &xi) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
-                *dxi = a * dyi + b * (xi - m) + d;
+                *dxi = a * dyi + b * (xi - mt) + d;
             }
         }
+        (sum_dy, sum_dy_xm)
     });
+    for ch in 0..c {
+        let (sum_dy, sum_dy_xm) = sums[ch];
+        dbeta[ch] = T::from_f64_lossy(sum_dy);
+        dgamma[ch] = T::from_f64_lossy(sum_dy_xm * invstd[ch].to_f64_lossy());
+    }
 }
 
 fn check_lengths<T>(op: &str, n: usize, c: usize, hw: usize, x: &[T], gamma: &[T], beta: &[T]) {
