@@ -622,3 +622,52 @@ fn cross_entropy_f32_matches_f64_and_definition() {
         assert_close("ce dlogits", &d32, &d64);
     }
 }
+
+/// With a fixed thread count, results must not depend on thread timing: repeated runs give
+/// bit-identical outputs (VGG-like shapes that use every parallel path).
+#[test]
+fn conv_and_batchnorm_are_deterministic_with_two_threads() {
+    let _guard = thread_lock();
+    set_num_threads(2);
+    for (t, g) in [
+        geom(16, 32, 16, 16, 64, (3, 3), 1, 1),
+        geom(64, 64, 4, 4, 64, (3, 3), 1, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 70_000 + 10 * t as u64;
+        let ylen = g.n * g.c_out * g.out_h() * g.out_w();
+        let (x, _) = rand_pair(seed, g.n * g.c_in * g.h * g.w, -1.0, 1.0);
+        let (w, _) = rand_pair(seed + 1, g.c_out * g.c_in * 9, -1.0, 1.0);
+        let (dy, _) = rand_pair(seed + 2, ylen, -1.0, 1.0);
+        let run = || {
+            let mut y = vec![0f32; ylen];
+            let mut dx = vec![0f32; x.len()];
+            let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; g.c_out]);
+            conv2d_forward(g, &x, &w, None, &mut y);
+            conv2d_backward_data(g, &dy, &w, &mut dx);
+            conv2d_backward_weight(g, &x, &dy, &mut dw, Some(&mut db));
+            let (c, hw) = (g.c_out, g.out_h() * g.out_w());
+            let (gamma, beta) = (vec![1.5f32; c], vec![0.5f32; c]);
+            let mut z = vec![0f32; ylen];
+            let (mut m, mut s) = (vec![0f32; c], vec![0f32; c]);
+            batchnorm2d_forward_train(g.n, c, hw, &y, &gamma, &beta, 1e-5, &mut z, &mut m, &mut s);
+            let mut dz = vec![0f32; ylen];
+            let (mut dg, mut dbt) = (vec![0f32; c], vec![0f32; c]);
+            batchnorm2d_backward(
+                g.n, c, hw, &y, &gamma, &m, &s, &dy, &mut dz, &mut dg, &mut dbt,
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+            [y, dx, dw, db, z, m, s, dz, dg, dbt].map(|v| bits(&v))
+        };
+        let first = run();
+        for _ in 0..3 {
+            assert!(
+                run() == first,
+                "{g:?}: results differ between identical runs"
+            );
+        }
+    }
+    set_num_threads(2);
+}
