@@ -125,11 +125,13 @@ fn conv2d_f32_matches_f64_and_naive_oracle() {
     let _guard = thread_lock();
     let shapes = [
         geom(5, 3, 17, 13, 5, (3, 3), 1, 1), // one chunk of 5 images, odd sizes
-        geom(5, 4, 31, 29, 7, (3, 3), 1, 1), // P = 899: chunks of 3 + 2 images
+        geom(5, 4, 31, 29, 7, (3, 3), 1, 1), // one chunk of 5 wide images
         geom(1, 3, 33, 35, 8, (3, 3), 1, 1), // batch 1: GEMM straight into y
         geom(4, 3, 11, 9, 6, (5, 5), 2, 2),  // 5x5 stride 2
         geom(3, 9, 10, 6, 10, (1, 1), 1, 0), // pointwise
-        geom(2, 3, 40, 40, 4, (1, 1), 1, 0), // pointwise, one image per chunk (no im2col)
+        geom(2, 3, 40, 40, 4, (1, 1), 1, 0), // pointwise, 2-image chunk (copying im2col)
+        geom(2, 130, 64, 64, 4, (1, 1), 1, 0), // pointwise, 1 image per chunk: no im2col
+        geom(6, 64, 32, 32, 8, (3, 3), 1, 1), // 3 chunks of 2 images
         geom(2, 16, 8, 8, 33, (3, 3), 1, 0), // no padding, C_out not a multiple of 8
         geom(130, 20, 2, 2, 24, (3, 3), 1, 1), // late-VGG-like: 2x2 images, wide chunk
         geom(2, 5, 9, 12, 3, (3, 5), 2, 1),  // rectangular kernel, stride 2
@@ -138,6 +140,17 @@ fn conv2d_f32_matches_f64_and_naive_oracle() {
         geom(3, 4, 7, 7, 5, (3, 3), 2, 1),   // 4x4 output: tap-table path with stride 2
         geom(40, 8, 4, 4, 9, (3, 3), 1, 1),  // 4x4 planes, VGG-like: tap-table path
     ];
+    // The chunking paths these shapes are meant to cover.
+    let chunks = |g: &Conv2dGeom| g.n.div_ceil(conv2d_images_per_chunk(g));
+    assert!(shapes
+        .iter()
+        .any(|g| chunks(g) > 1 && conv2d_images_per_chunk(g) > 1));
+    assert!(shapes
+        .iter()
+        .any(|g| g.n > 1 && conv2d_images_per_chunk(g) == 1 && g.kh == 1));
+    assert!(shapes
+        .iter()
+        .any(|g| g.n > 1 && conv2d_images_per_chunk(g) == g.n));
     for threads in [1, 2] {
         set_num_threads(threads);
         for (t, g) in shapes.iter().enumerate() {

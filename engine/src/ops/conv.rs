@@ -74,17 +74,26 @@ impl Conv2dGeom {
 
 /// GEMM width to aim for when batching images into one column matrix.
 const TARGET_COLS: usize = 2048;
+/// Column matrices up to this size (elements, 4 MB in f32) stay cache-resident between
+/// im2col and the GEMM, so layers with few taps (the 3-channel first layer) batch more
+/// images than `TARGET_COLS` asks for: fewer, larger GEMM calls.
+const CACHED_COL_ELEMS: usize = 1 << 20;
 /// Upper bound on the column matrix (elements): 16 MB in f32, whatever the batch size.
 const MAX_COL_ELEMS: usize = 1 << 22;
 /// Elements per parallel task at least, for the copy loops.
 const MIN_TASK_ELEMS: usize = 1 << 14;
 
-/// Images per chunk: wide enough for an efficient GEMM, small enough to bound the scratch.
-fn images_per_chunk(g: &Conv2dGeom) -> usize {
-    let p = g.out_h() * g.out_w();
-    let by_width = TARGET_COLS.div_ceil(p.max(1));
-    let by_memory = MAX_COL_ELEMS / (g.taps() * p).max(1);
-    by_width.min(by_memory).min(g.n).max(1)
+/// Images per chunk: wide enough for an efficient GEMM, small enough to bound the scratch;
+/// then evened out over the batch (128 images in chunks of 37 would leave a runt of 17).
+/// Public so tests can make sure they cover single- and multi-image chunks.
+pub fn conv2d_images_per_chunk(g: &Conv2dGeom) -> usize {
+    let per_image = (g.taps() * g.out_h() * g.out_w()).max(1);
+    let by_width = TARGET_COLS.div_ceil(g.out_h() * g.out_w()).max(1);
+    let by_cache = CACHED_COL_ELEMS / per_image;
+    let by_memory = MAX_COL_ELEMS / per_image;
+    let per_chunk = by_width.max(by_cache).min(by_memory).clamp(1, g.n.max(1));
+    let chunks = g.n.max(1).div_ceil(per_chunk);
+    g.n.max(1).div_ceil(chunks)
 }
 
 thread_local! {
@@ -133,7 +142,7 @@ pub fn conv2d_forward<T: Float>(g: &Conv2dGeom, x: &[T], w: &[T], b: Option<&[T]
     if let Some(b) = b {
         assert_eq!(b.len(), g.c_out, "conv2d_forward: b length");
     }
-    let per_chunk = images_per_chunk(g);
+    let per_chunk = conv2d_images_per_chunk(g);
     let w_mat = MatRef::row_major(w, k);
     with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, ybuf| {
         for start in (0..g.n).step_by(per_chunk) {
@@ -178,7 +187,7 @@ pub fn conv2d_backward_data<T: Float>(g: &Conv2dGeom, dy: &[T], w: &[T], dx: &mu
     assert_eq!(dy.len(), g.n * out_img, "conv2d_backward_data: dy length");
     assert_eq!(w.len(), g.c_out * k, "conv2d_backward_data: w length");
     assert_eq!(dx.len(), g.n * in_img, "conv2d_backward_data: dx length");
-    let per_chunk = images_per_chunk(g);
+    let per_chunk = conv2d_images_per_chunk(g);
     // Wᵀ[K, C_out] is W read column-major.
     let wt = MatRef::col_major(w, k);
     with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, dybuf| {
@@ -232,7 +241,7 @@ pub fn conv2d_backward_weight<T: Float>(
     if g.n == 0 {
         dw.fill(T::zero());
     }
-    let per_chunk = images_per_chunk(g);
+    let per_chunk = conv2d_images_per_chunk(g);
     with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, dybuf| {
         for (chunk_index, start) in (0..g.n).step_by(per_chunk).enumerate() {
             let nb = per_chunk.min(g.n - start);
