@@ -400,6 +400,13 @@ fn serve(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
                     let _ =
                         write_message(&mut stream, MSG_REJECT, &failure_payload(category, &text));
                     abort_all(&mut joined, category, &text);
+                    let mut told: Vec<bool> = joined.iter().map(Option::is_some).collect();
+                    if let Some(t) = told.get_mut(hello.rank) {
+                        *t = true;
+                    }
+                    linger_and_reject(
+                        &listener, &tx, &rx, cfg, deadline, &mut told, category, &text,
+                    );
                     return Err(match category {
                         CAT_AUTH => Error::Auth(text),
                         CAT_CONFIG => Error::ConfigMismatch(text),
@@ -477,6 +484,39 @@ fn serve(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
         peers,
         data_listener,
     })
+}
+
+/// After a fatal configuration error, keep answering for a few seconds so ranks that were
+/// started together but had not connected yet get the same error instead of waiting for
+/// their connect timeout.
+#[allow(clippy::too_many_arguments)]
+fn linger_and_reject(
+    listener: &TcpListener,
+    tx: &mpsc::Sender<Event>,
+    rx: &mpsc::Receiver<Event>,
+    cfg: &CommConfig,
+    deadline: Instant,
+    told: &mut [bool],
+    category: u8,
+    text: &str,
+) {
+    let linger_end = deadline.min(Instant::now() + Duration::from_secs(5));
+    let payload = failure_payload(category, text);
+    while Instant::now() < linger_end && told.iter().skip(1).any(|t| !t) {
+        while let Ok((stream, from)) = listener.accept() {
+            let tx = tx.clone();
+            let token = cfg.auth_token.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(handshake(stream, from, token.as_deref()));
+            });
+        }
+        if let Ok(Event::Joined(mut stream, hello, _)) = rx.recv_timeout(Duration::from_millis(5)) {
+            let _ = write_message(&mut stream, MSG_REJECT, &payload);
+            if let Some(t) = told.get_mut(hello.rank) {
+                *t = true;
+            }
+        }
+    }
 }
 
 fn abort_all(joined: &mut [Option<(TcpStream, Hello)>], category: u8, text: &str) {

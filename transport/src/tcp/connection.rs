@@ -149,6 +149,11 @@ impl<'a> Incoming<'a> {
         self.complete
     }
 
+    /// Whether any byte of the frame was consumed (the stream is no longer at a boundary).
+    pub fn started(&self) -> bool {
+        self.header_got > 0
+    }
+
     /// Reads until done or nothing is available. Returns whether any byte moved.
     pub fn advance(&mut self, stream: &mut TcpStream) -> Result<bool, RecvFailure> {
         let mut moved = false;

@@ -123,11 +123,16 @@ impl TcpMesh {
                          (ranks ran different numbers of collectives?)"
                     .to_string(),
             },
-            RecvFailure::Abort(blamed, reason) => Error::PeerDied {
-                rank: blamed.unwrap_or(peer),
-                what,
-                detail: format!("reported by rank {peer}, which aborted: {reason}"),
-            },
+            RecvFailure::Abort(blamed, reason) => {
+                // An abort blaming this rank means the sender waited on us; the sender is the
+                // rank we were waiting on, so it is the one to name.
+                let rank = blamed.filter(|&b| b != self.rank).unwrap_or(peer);
+                Error::PeerDied {
+                    rank,
+                    what,
+                    detail: format!("reported by rank {peer}, which aborted: {reason}"),
+                }
+            }
         }
     }
 
@@ -158,6 +163,77 @@ impl TcpMesh {
             let _ = link.stream.shutdown(Shutdown::Both);
         }
         err
+    }
+
+    /// A peer went silent. It may itself be stuck waiting on another rank (a stall travels
+    /// along the ring), so tell everyone, then listen briefly on the silent peer's socket:
+    /// if it aborts blaming a third rank, name that rank instead.
+    fn blame_after_timeout(&mut self, silent: usize, waited: Duration, can_read: bool) -> Error {
+        let what = self.op.to_string();
+        let timeout = Error::Timeout {
+            rank: silent,
+            what: what.clone(),
+            waited,
+        };
+        let reason = timeout.to_string();
+        self.failed = Some((silent, reason.clone()));
+        self.send_aborts(silent, &reason, Shutdown::Write);
+        let grace = (self.timeouts.collective / 2).min(Duration::from_secs(2));
+        let deadline = Instant::now() + grace;
+        let mut verdict = None;
+        while can_read && Instant::now() < deadline {
+            let Some(Some(link)) = self.links.get_mut(silent) else {
+                break;
+            };
+            let mut peeked = vec![0u8; HEADER_LEN + MAX_CONTROL_LEN as usize];
+            match link.stream.peek(&mut peeked) {
+                Ok(0) => break,
+                Ok(n) if n >= HEADER_LEN => {
+                    match FrameHeader::decode(
+                        peeked[..HEADER_LEN].try_into().expect("header length"),
+                    ) {
+                        Ok(h) if h.kind == FrameKind::Abort && n >= HEADER_LEN + h.len as usize => {
+                            let payload = &peeked[HEADER_LEN..HEADER_LEN + h.len as usize];
+                            let (blamed, why) = super::framing::decode_abort(payload);
+                            if let Some(b) = blamed.filter(|&b| b != silent && b != self.rank) {
+                                verdict = Some(Error::PeerDied {
+                                    rank: b,
+                                    what: what.clone(),
+                                    detail: format!("rank {silent} stalled because of it: {why}"),
+                                });
+                            }
+                            break;
+                        }
+                        Ok(h) if h.kind == FrameKind::Abort => {}
+                        _ => break,
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+            let fd = PollFd::new(link.stream.as_fd(), PollFlags::POLLIN);
+            let _ = poll(&mut [fd], PollTimeout::from(50u16));
+        }
+        for link in self.links.iter_mut().flatten() {
+            let _ = link.stream.shutdown(Shutdown::Both);
+        }
+        verdict.unwrap_or(timeout)
+    }
+
+    fn send_aborts(&mut self, blamed: usize, reason: &str, how: Shutdown) {
+        let payload = encode_abort(blamed, &format!("rank {}: {reason}", self.rank));
+        for link in self.links.iter_mut().flatten() {
+            if !link.send_mid_frame && link.closed.is_none() {
+                let mut frame = link
+                    .next_send_header(FrameKind::Abort, payload.len())
+                    .to_vec();
+                frame.extend_from_slice(&payload);
+                // Best effort: a full socket just means the peer learns from the shutdown.
+                let _ = link.stream.write(&frame);
+            }
+            let _ = link.stream.shutdown(how);
+        }
     }
 
     /// Runs one send and/or one receive to completion, waiting in `poll` between bursts.
@@ -195,11 +271,11 @@ impl TcpMesh {
             };
             let idle = last_progress.elapsed();
             if idle >= self.timeouts.collective {
-                return Err(Error::Timeout {
-                    rank: waiting_on,
-                    what: self.op.to_string(),
-                    waited: idle,
-                });
+                let can_read = match inc.as_ref() {
+                    Some((p, i)) if *p == waiting_on => !i.started(),
+                    _ => true,
+                };
+                return Err(self.blame_after_timeout(waiting_on, idle, can_read));
             }
             self.wait(out_peer, inc_peer, self.timeouts.collective - idle)?;
         }
@@ -253,15 +329,21 @@ impl TcpMesh {
                 }
             }
         }
+        let waiting_on = inc_peer.or(out_peer);
         for peer in hung_up {
-            self.check_hang_up(peer, Some(peer) == out_peer)?;
+            self.check_hang_up(peer, Some(peer) == out_peer, waiting_on)?;
         }
         Ok(())
     }
 
     /// A socket we are not reading from reported a hang-up: find out whether the peer left
     /// cleanly (goodbye), aborted, died, or merely has unread data queued before its close.
-    fn check_hang_up(&mut self, peer: usize, must_send: bool) -> Result<()> {
+    fn check_hang_up(
+        &mut self,
+        peer: usize,
+        must_send: bool,
+        waiting_on: Option<usize>,
+    ) -> Result<()> {
         let what = self.op.to_string();
         let link = self.link(peer)?;
         let mut peeked = vec![0u8; HEADER_LEN + MAX_CONTROL_LEN as usize];
@@ -304,6 +386,18 @@ impl TcpMesh {
             Ok(h) if h.kind == FrameKind::Abort && n >= HEADER_LEN + h.len as usize => {
                 let payload = peeked[HEADER_LEN..HEADER_LEN + h.len as usize].to_vec();
                 let (blamed, reason) = super::framing::decode_abort(&payload);
+                if blamed == Some(self.rank) {
+                    // The sender gave up on us while we were still waiting on someone else.
+                    if let Some(w) = waiting_on.filter(|&w| w != peer) {
+                        return Err(Error::PeerDied {
+                            rank: w,
+                            what,
+                            detail: format!(
+                                "rank {peer} gave up waiting for this rank, which was itself still waiting for rank {w}"
+                            ),
+                        });
+                    }
+                }
                 Err(self.recv_error(peer, RecvFailure::Abort(blamed, reason)))
             }
             Ok(h) if h.kind == FrameKind::Abort => Ok(()), // rest of the abort is on its way

@@ -38,8 +38,8 @@ pub struct Spawn {
     pub addr: String,
     pub transport: String,
     pub env: Vec<(String, String)>,
-    /// Prefix command (e.g. `ip netns exec NAME`), per rank.
-    pub wrapper: Option<fn(usize) -> Vec<String>>,
+    /// Per-rank command prefix (e.g. `ip netns exec NAME`); empty = run directly.
+    pub wrappers: Vec<Vec<String>>,
 }
 
 impl Spawn {
@@ -51,7 +51,7 @@ impl Spawn {
             addr: "127.0.0.1".to_string(),
             transport: "tcp".to_string(),
             env: Vec::new(),
-            wrapper: None,
+            wrappers: Vec::new(),
         }
     }
 
@@ -63,8 +63,8 @@ impl Spawn {
     pub fn spawn_rank(&self, rank: usize, extra: &[(&str, String)]) -> Worker {
         let exe = std::env::current_exe().expect("current_exe");
         let mut argv: Vec<String> = Vec::new();
-        if let Some(w) = self.wrapper {
-            argv.extend(w(rank));
+        if let Some(prefix) = self.wrappers.get(rank) {
+            argv.extend(prefix.iter().cloned());
         }
         argv.push(exe.to_string_lossy().into_owned());
         argv.extend(["worker", "--exact", "--nocapture", "--test-threads=1"].map(String::from));
