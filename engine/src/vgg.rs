@@ -213,6 +213,8 @@ pub struct Vgg<T: Float> {
     train_batch: usize,
     eval_tape: Tape<T>,
     eval_batch: usize,
+    /// Logits of the last `forward_backward` (train mode), `[n, classes]`.
+    last_logits: Vec<T>,
 }
 
 /// Index of the max logit (first wins on ties, as `argmax`).
@@ -298,6 +300,7 @@ impl<T: Float> Vgg<T> {
             train_batch: 0,
             eval_tape: Tape::new(),
             eval_batch: 0,
+            last_logits: Vec::new(),
         }
     }
 
@@ -485,6 +488,8 @@ impl<T: Float> Vgg<T> {
             .zip(labels)
             .filter(|(row, &l)| argmax(row) == l as usize)
             .count();
+        self.last_logits.clear();
+        self.last_logits.extend_from_slice(tape.data(&logits));
         let (loss, loss_value) = tape.cross_entropy(logits, labels);
         tape.backward(loss, &mut self.params, on_grad_ready);
         let input_grad = input_handle.map(|h| {
@@ -499,6 +504,11 @@ impl<T: Float> Vgg<T> {
             },
             input_grad,
         ))
+    }
+
+    /// The training-mode logits (`[n, classes]` flat) of the last `forward_backward`.
+    pub fn last_logits(&self) -> &[T] {
+        &self.last_logits
     }
 
     /// Inference forward with the running statistics (PyTorch `eval()` semantics, whatever
