@@ -5,6 +5,15 @@
 //!   `[C_out, C_in, KH, KW]`, linear weights `[out, in]` (PyTorch layouts).
 //! - Forward and backward functions *overwrite* their outputs (the tape sums fan-out).
 //! - Generic over [`crate::Float`]: f32 is the fast path, f64 the gradient-checked path.
+//! - Buffer lengths are checked with `assert!` (a mismatch is a programming error in the
+//!   caller, never user data); so is a conv geometry whose kernel does not fit the padded
+//!   input and a cross-entropy label `>= classes`.
+//! - Parallelism: the thread count of [`crate::parallel`]. Work is split so that every output
+//!   element is computed by one task in a fixed order: results are bit-identical from run to
+//!   run for a given thread count (and, apart from SGEMM's blocking, for any thread count).
+//! - Scratch: conv keeps a column buffer per calling thread, bounded independently of the
+//!   batch size (at most 16 MB + the GEMM output of one chunk in f32); free it with
+//!   [`conv2d_release_scratch`].
 
 pub mod batchnorm;
 pub mod conv;
