@@ -149,18 +149,24 @@ enum Node<T> {
 /// Free buffers keyed by length (contents are stale: every user overwrites them).
 struct Pool<E> {
     free: HashMap<usize, Vec<Vec<E>>>,
+    /// Buffers ever allocated (not served from the free lists).
+    fresh: usize,
 }
 
 impl<E: Copy + Default> Pool<E> {
     fn new() -> Self {
         Pool {
             free: HashMap::new(),
+            fresh: 0,
         }
     }
     fn take(&mut self, len: usize) -> Vec<E> {
         match self.free.get_mut(&len).and_then(|v| v.pop()) {
             Some(buf) => buf,
-            None => vec![E::default(); len],
+            None => {
+                self.fresh += 1;
+                vec![E::default(); len]
+            }
         }
     }
     fn give(&mut self, buf: Vec<E>) {
@@ -244,6 +250,12 @@ impl<T: Float> Tape<T> {
         self.reset();
         self.pool.clear();
         self.index_pool.clear();
+    }
+
+    /// Number of buffers this tape has allocated so far (not reused from its pool): constant
+    /// across steps of a fixed batch size once the first step ran.
+    pub fn fresh_allocations(&self) -> usize {
+        self.pool.fresh + self.index_pool.fresh
     }
 
     /// When disabled, ops record nothing and keep no buffers for backward (inference).

@@ -569,6 +569,11 @@ impl<T: Float> Vgg<T> {
         Ok((loss_sum, correct))
     }
 
+    /// Buffers the training tape has allocated so far (see [`Tape::fresh_allocations`]).
+    pub fn train_buffer_allocations(&self) -> usize {
+        self.train_tape.fresh_allocations()
+    }
+
     /// Frees the cached activation/gradient buffers (they are re-allocated on the next step).
     pub fn release_buffers(&mut self) {
         self.train_tape.clear_pool();
