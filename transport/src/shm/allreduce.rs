@@ -5,18 +5,18 @@
 //! computes the identical expression and gets bitwise identical results. One copy-in, one
 //! synchronization.
 //!
-//! **Large buffers (reduce-scatter + all-gather, chunked).** The buffer is processed in chunks
-//! of one stage (256 KiB), so the working set stays in cache. Per chunk: every rank copies its
-//! chunk into its stage and posts; rank r reduces block r of the chunk from all ranks'
-//! stages, again `x0 ⊕ x1 ⊕ ...` in rank order, writes it to its buffer and back into its own
-//! stage, and posts; then every rank copies the other ranks' reduced blocks out of their
-//! stages. Each block is computed once and copied as bytes, so results are bitwise identical
-//! on all ranks and equal to the one-shot path's. `Avg` divides each reduced block before it
-//! is published.
+//! **Large buffers (reduce-scatter + all-gather, chunked and pipelined).** The buffer is
+//! processed in chunks of one stage (1 MiB), so the working set stays in cache. Per chunk:
+//! every rank copies its chunk into its stage and posts; rank r reduces block r of the chunk
+//! from all ranks' stages, again `x0 ⊕ x1 ⊕ ...` in rank order, writes it to its buffer and
+//! back into its own stage, and posts; then every rank copies the other ranks' reduced blocks
+//! out of their stages. The three phases of consecutive chunks are overlapped (`LAG`). Each
+//! block is computed once and copied as bytes, so results are bitwise identical on all ranks
+//! and equal to the one-shot path's. `Avg` divides each reduced block before it is published.
 
 use std::ops::Range;
 
-use super::segment::STAGE_BYTES;
+use super::segment::{NUM_STAGES, STAGE_BYTES};
 use super::ShmBackend;
 use crate::reduce::{reduce_into, scale_for_avg};
 use crate::{DType, ReduceOp, Result};
@@ -36,10 +36,7 @@ pub(crate) fn all_reduce(
     if buf.len() <= ONE_SHOT_MAX_BYTES {
         one_shot(b, buf, dtype, op)
     } else {
-        for chunk in buf.chunks_mut(STAGE_BYTES) {
-            chunk_reduce_scatter_all_gather(b, chunk, dtype, op)?;
-        }
-        Ok(())
+        pipelined_reduce_scatter_all_gather(b, buf, dtype, op)
     }
 }
 
@@ -87,39 +84,65 @@ pub(crate) fn block(len: usize, n: usize, p: usize) -> Range<usize> {
     (p * per_rank).min(len)..((p + 1) * per_rank).min(len)
 }
 
-fn chunk_reduce_scatter_all_gather(
+/// Chunks in flight between the three phases: chunk k is published at step k, reduced at
+/// step k + LAG and gathered at step k + 2 * LAG, so a rank can run up to LAG chunks ahead of a
+/// slow peer instead of idling. 2 * LAG + 1 stages are live at once (< NUM_STAGES).
+const LAG: usize = 1;
+const _: () = assert!(2 * LAG < NUM_STAGES);
+
+fn pipelined_reduce_scatter_all_gather(
     b: &mut ShmBackend,
-    chunk: &mut [u8],
+    buf: &mut [u8],
     dtype: DType,
     op: ReduceOp,
 ) -> Result<()> {
     let n = b.world_size;
-    let stage = b.claim_stage(true)?;
-    // SAFETY: stage claimed for writing, not yet published.
-    unsafe { b.write_stage(stage, 0, chunk) };
-    let published = b.post();
-    b.wait_all(published)?;
-
-    // Reduce-scatter: this rank's block, from every rank's stage, in rank order.
-    let mine = block(chunk.len(), n, b.rank);
-    let out = &mut chunk[mine.clone()];
-    reduce_stages_in_rank_order(b, stage, mine.start, out, dtype, op);
-    scale_for_avg(out, dtype, op, n);
-    // SAFETY: only this rank reads or writes block `mine` of its own stage during this
-    // phase (peers read their own blocks), and peers read it only after the next post.
-    unsafe { b.write_stage(stage, mine.start, out) };
-    let reduced = b.post();
-    b.wait_all(reduced)?;
-
-    // All-gather: copy the other ranks' reduced blocks out of their stages.
-    for peer in (0..n).filter(|&p| p != b.rank) {
-        let theirs = block(chunk.len(), n, peer);
-        // SAFETY: `peer` posted `reduced` after writing its block; it rewrites this stage only
-        // after this rank posts `consumed` below.
-        let src = unsafe { b.read_stage(peer, stage, theirs.start, theirs.len()) };
-        chunk[theirs].copy_from_slice(src);
+    let chunks: Vec<Range<usize>> = (0..buf.len())
+        .step_by(STAGE_BYTES)
+        .map(|at| at..(at + STAGE_BYTES).min(buf.len()))
+        .collect();
+    let count = chunks.len();
+    // Per chunk: its stage and the events that publish its input / its reduced blocks. Every
+    // rank runs the same schedule, so these numbers are the same on every rank.
+    let mut stage = vec![0usize; count];
+    let mut published = vec![0u32; count];
+    let mut reduced = vec![0u32; count];
+    for step in 0..count + 2 * LAG {
+        // Phase 1: publish chunk `step`.
+        if let Some(k) = (step < count).then_some(step) {
+            stage[k] = b.claim_stage(true)?;
+            // SAFETY: stage claimed for writing, not yet published.
+            unsafe { b.write_stage(stage[k], 0, &buf[chunks[k].clone()]) };
+            published[k] = b.post();
+        }
+        // Phase 2: reduce-scatter chunk `step - LAG`: this rank's block from every rank's
+        // stage, in rank order, into its buffer and back into its own stage.
+        if let Some(k) = step.checked_sub(LAG).filter(|&k| k < count) {
+            b.wait_all(published[k])?;
+            let chunk = &mut buf[chunks[k].clone()];
+            let mine = block(chunk.len(), n, b.rank);
+            let out = &mut chunk[mine.clone()];
+            reduce_stages_in_rank_order(b, stage[k], mine.start, out, dtype, op);
+            scale_for_avg(out, dtype, op, n);
+            // SAFETY: block `mine` of this rank's stage is read by no one in this phase
+            // (each rank reads its own block), and by peers only after the next post.
+            unsafe { b.write_stage(stage[k], mine.start, out) };
+            reduced[k] = b.post();
+        }
+        // Phase 3: all-gather chunk `step - 2 * LAG`: the other ranks' reduced blocks.
+        if let Some(k) = step.checked_sub(2 * LAG).filter(|&k| k < count) {
+            b.wait_all(reduced[k])?;
+            let chunk = &mut buf[chunks[k].clone()];
+            for peer in (0..n).filter(|&p| p != b.rank) {
+                let theirs = block(chunk.len(), n, peer);
+                // SAFETY: `peer` posted `reduced[k]` after writing its block; it rewrites this
+                // stage only after this rank posts the release event below.
+                let src = unsafe { b.read_stage(peer, stage[k], theirs.start, theirs.len()) };
+                chunk[theirs].copy_from_slice(src);
+            }
+            let consumed = b.post();
+            b.release_stage(stage[k], consumed);
+        }
     }
-    let consumed = b.post();
-    b.release_stage(stage, consumed);
     Ok(())
 }

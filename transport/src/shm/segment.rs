@@ -26,10 +26,12 @@ use crate::{Error, Result};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"DTRNSHM1");
 pub const VERSION: u32 = 1;
 /// One collective round moves at most this many bytes through a rank's slot.
-pub const STAGE_BYTES: usize = 256 << 10;
+pub const STAGE_BYTES: usize = 1 << 20;
 /// Stages form a ring per slot so a rank can fill the next stage while peers still read the
-/// previous ones. Per-rank data area = 16 * 256 KiB = 4 MiB.
-pub const NUM_STAGES: usize = 16;
+/// previous ones. Per-rank data area = 4 * 1 MiB = 4 MiB. Stages of 1 MiB (rather than
+/// 256 KiB) keep the per-chunk working set in L3 while needing 4x fewer synchronizations,
+/// which matters when ranks share cores with other work and each wait may cost a reschedule.
+pub const NUM_STAGES: usize = 4;
 
 /// `RankInfo::state` values.
 pub const STATE_EMPTY: u32 = 0;
