@@ -1,0 +1,143 @@
+//! Whole VGG11 train step (forward + backward + SGD) on random 3×32×32 batches.
+//!
+//! `cargo bench -p engine --bench train_step` runs each configuration (batch 128 / 1 thread,
+//! batch 256 / 2 threads) in its own child process (this binary re-executed with
+//! `--child BATCH THREADS`) so the peak RSS (VmHWM) is per configuration, and prints ms/step,
+//! images/s (median of the measured steps after warm-up), peak RSS, and ratios against the
+//! PyTorch reference measured on this machine. Environment: `TRAIN_STEP_WARMUP` (default 1),
+//! `TRAIN_STEP_STEPS` (default 3), `TRAIN_STEP_CONFIGS` (e.g. `128x1,256x2`).
+
+use std::process::Command;
+use std::time::Instant;
+
+use engine::{parallel, Sgd, Vgg, VggConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// PyTorch 2.x CPU on this machine (images/s) for (batch, threads).
+const TORCH_REFERENCE: [(usize, usize, f64); 2] = [(128, 1, 99.0), (256, 2, 185.0)];
+const RSS_BUDGET_MB: f64 = 600.0;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Peak resident set size of this process in MB (VmHWM), if readable.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        0.5 * (v[m - 1] + v[m])
+    }
+}
+
+/// Child: run one configuration and print one `RESULT` line.
+fn child(batch: usize, threads: usize) {
+    parallel::set_num_threads(threads);
+    let warmup = env_usize("TRAIN_STEP_WARMUP", 1);
+    let steps = env_usize("TRAIN_STEP_STEPS", 3).max(1);
+    let mut model = Vgg::<f32>::new(VggConfig::vgg11(), 0);
+    let mut sgd = Sgd::<f32>::new(0.01, 0.9, 5e-4);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let x: Vec<f32> = (0..batch * 3 * 32 * 32)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let labels: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..10)).collect();
+    let mut step_ms = Vec::new();
+    let mut fb_ms = Vec::new();
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        model
+            .forward_backward(&x, batch, &labels, &mut |_, _| {})
+            .expect("valid batch");
+        let t1 = Instant::now();
+        sgd.step(model.params_mut());
+        let t2 = Instant::now();
+        if i >= warmup {
+            step_ms.push((t2 - t0).as_secs_f64() * 1e3);
+            fb_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        }
+    }
+    let ms = median(&mut step_ms);
+    let fb = median(&mut fb_ms);
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    println!("RESULT {batch} {threads} {ms:.3} {fb:.3} {rss:.1}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(pos) = args.iter().position(|a| a == "--child") {
+        let batch = args.get(pos + 1).and_then(|v| v.parse().ok());
+        let threads = args.get(pos + 2).and_then(|v| v.parse().ok());
+        match (batch, threads) {
+            (Some(b), Some(t)) => child(b, t),
+            _ => {
+                eprintln!("usage: train_step --child BATCH THREADS");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
+    let configs: Vec<(usize, usize)> = match std::env::var("TRAIN_STEP_CONFIGS") {
+        Ok(s) => s
+            .split(',')
+            .filter_map(|c| {
+                let (b, t) = c.split_once('x')?;
+                Some((b.trim().parse().ok()?, t.trim().parse().ok()?))
+            })
+            .collect(),
+        Err(_) => TORCH_REFERENCE.iter().map(|&(b, t, _)| (b, t)).collect(),
+    };
+    let exe = std::env::current_exe().expect("own executable path");
+    println!("VGG11 train step (forward+backward+SGD), f32, 3x32x32, median of measured steps");
+    println!(
+        "{:>6} {:>7} {:>10} {:>10} {:>9} {:>10} {:>9} {:>11}",
+        "batch", "threads", "ms/step", "fwd+bwd", "img/s", "vs torch", "peak MB", "vs 600 MB"
+    );
+    for (batch, threads) in configs {
+        let out = Command::new(&exe)
+            .args(["--child", &batch.to_string(), &threads.to_string()])
+            .output()
+            .expect("spawn child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT ")) else {
+            eprintln!(
+                "batch {batch} / {threads} threads failed ({}):\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        };
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let (ms, fb, rss) = (f[2], f[3], f[4]);
+        let ips = batch as f64 / (ms / 1e3);
+        let torch = TORCH_REFERENCE
+            .iter()
+            .find(|&&(b, t, _)| b == batch && t == threads)
+            .map(|&(_, _, r)| format!("{:.2}x", ips / r))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{batch:>6} {threads:>7} {ms:>10.1} {fb:>10.1} {ips:>9.1} {torch:>10} {rss:>9.0} {:>10.2}x",
+            rss / RSS_BUDGET_MB
+        );
+    }
+    println!(
+        "(torch reference: 99 img/s at b128/1 thread, 185 img/s at b256/2 threads, 1.1-1.4 GB RSS)"
+    );
+}
