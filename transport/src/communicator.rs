@@ -298,10 +298,12 @@ fn connect_tcp(cfg: &CommConfig, rv: Rendezvous) -> Result<Communicator> {
 }
 
 fn connect_shm(cfg: &CommConfig, rv: Rendezvous) -> Result<Communicator> {
-    let _ = (cfg, rv);
-    Err(Error::Shm(
-        "the shared-memory backend is not built into this version yet — use --transport tcp".into(),
-    ))
+    // The TCP rendezvous stays the source of truth for membership; shared memory is named
+    // after its random job id so concurrent jobs on one host never collide.
+    drop(rv.data_listener);
+    let backend =
+        crate::shm::ShmBackend::attach(&rv.job_id, cfg.rank, cfg.world_size, &cfg.timeouts)?;
+    Ok(Communicator::from_backend(Box::new(backend), "shm"))
 }
 
 type Job = Box<dyn FnOnce(&mut Communicator) + Send>;

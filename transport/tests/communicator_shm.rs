@@ -1,0 +1,173 @@
+//! The shared-memory backend reached through `Communicator` (`TransportKind::Shm` / `Auto`),
+//! plus transport selection: Auto picks shm on one host and TCP across hosts, Shm refuses to
+//! run across hosts. "Another host" is simulated with a UTS namespace (different hostname),
+//! which needs root and `unshare`; without them those tests FAIL saying so.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    assert_success_and_identical, collectives, finish_all, worker_config, Finished, Spawn,
+};
+use transport::ReduceOp;
+
+#[test]
+fn worker() {
+    let Ok(scenario) = std::env::var("DTRAIN_TEST_SCENARIO") else {
+        return;
+    };
+    let cfg = worker_config();
+    let mut comm = common::connect_or_exit(&cfg);
+    println!("TRANSPORT {}", comm.transport_name());
+    match scenario.as_str() {
+        "battery" => collectives::full_battery(&mut comm, 3 << 18),
+        "battery_small" => collectives::full_battery(&mut comm, 20_000),
+        "back_to_back" => collectives::back_to_back(&mut comm, 300),
+        "async" => collectives::async_ops(comm),
+        "loop" => {
+            let mut buf = vec![1.0f32; 1 << 18];
+            let mut iterations = 0u64;
+            loop {
+                if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
+                    common::exit_error(&e);
+                }
+                iterations += 1;
+                if iterations == 3 {
+                    println!("READY");
+                }
+            }
+        }
+        other => common::fail(format!("unknown scenario {other}")),
+    }
+    println!("DONE");
+    std::process::exit(0);
+}
+
+fn run(scenario: &str, world: usize, transport: &str) -> Vec<Finished> {
+    let mut spawn = Spawn::new(scenario, world);
+    spawn.transport = transport.into();
+    let results = finish_all(spawn.spawn_all(), Duration::from_secs(300));
+    assert_success_and_identical(&results);
+    results
+}
+
+fn assert_transport(results: &[Finished], expect: &str) {
+    for r in results {
+        assert_eq!(
+            r.tagged("TRANSPORT"),
+            vec![expect.to_string()],
+            "{}",
+            r.describe()
+        );
+    }
+}
+
+#[test]
+fn shm_battery_world_2() {
+    assert_transport(&run("battery", 2, "shm"), "shm");
+}
+
+#[test]
+fn shm_battery_world_3() {
+    assert_transport(&run("battery", 3, "shm"), "shm");
+}
+
+#[test]
+fn auto_picks_shm_on_one_host_world_4() {
+    assert_transport(&run("battery", 4, "auto"), "shm");
+}
+
+#[test]
+fn shm_battery_world_8_small() {
+    assert_transport(&run("battery_small", 8, "shm"), "shm");
+}
+
+#[test]
+fn shm_back_to_back_world_3() {
+    assert_transport(&run("back_to_back", 3, "shm"), "shm");
+}
+
+#[test]
+fn shm_async_world_2() {
+    assert_transport(&run("async", 2, "shm"), "shm");
+}
+
+#[test]
+fn shm_killed_rank_is_named_by_survivors() {
+    let mut spawn = Spawn::new("loop", 3).env("DTRAIN_TEST_COLLECTIVE_MS", 120_000);
+    spawn.transport = "shm".into();
+    let mut workers = spawn.spawn_all();
+    for w in workers.iter_mut() {
+        assert!(
+            w.wait_for_line("READY", Duration::from_secs(60)).is_some(),
+            "{:?}",
+            w.output
+        );
+    }
+    workers[1].child.kill().expect("SIGKILL");
+    let results = finish_all(workers, Duration::from_secs(30));
+    for r in results.iter().filter(|r| r.rank != 1) {
+        assert_eq!(r.code, Some(3), "{}", r.describe());
+        let err = r.error().unwrap_or_default();
+        assert!(
+            err.contains("rank 1"),
+            "error {err:?} should name rank 1\n{}",
+            r.describe()
+        );
+    }
+}
+
+/// Runs rank 1 in its own UTS namespace with another hostname: a different host identity.
+fn other_host_wrappers(world: usize) -> Vec<Vec<String>> {
+    let root = nix::unistd::geteuid().is_root();
+    let has_unshare = Command::new("unshare").arg("--version").output().is_ok();
+    assert!(
+        root && has_unshare,
+        "simulating a second host needs root and util-linux `unshare`: root = {root}, unshare found = {has_unshare}"
+    );
+    (0..world)
+        .map(|r| {
+            if r == 1 {
+                [
+                    "unshare",
+                    "--uts",
+                    "sh",
+                    "-c",
+                    "hostname dtrain-other-host && exec \"$0\" \"$@\"",
+                ]
+                .map(String::from)
+                .to_vec()
+            } else {
+                Vec::new()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn auto_uses_tcp_when_ranks_are_on_different_hosts() {
+    let mut spawn = Spawn::new("battery_small", 3);
+    spawn.transport = "auto".into();
+    spawn.wrappers = other_host_wrappers(3);
+    let results = finish_all(spawn.spawn_all(), Duration::from_secs(300));
+    assert_success_and_identical(&results);
+    assert_transport(&results, "tcp");
+}
+
+#[test]
+fn shm_across_hosts_is_a_clear_error_on_every_rank() {
+    let mut spawn = Spawn::new("battery_small", 3);
+    spawn.transport = "shm".into();
+    spawn.wrappers = other_host_wrappers(3);
+    for r in finish_all(spawn.spawn_all(), Duration::from_secs(120)) {
+        assert_eq!(r.code, Some(3), "{}", r.describe());
+        let err = r.error().unwrap_or_default();
+        assert!(
+            err.contains("shm needs all ranks on one host") && err.contains("dtrain-other-host"),
+            "unexpected error {err:?}\n{}",
+            r.describe()
+        );
+    }
+}
