@@ -1,86 +1,41 @@
-//! Checkpoints: save (atomically), resume, and PyTorch `state_dict` import.
+//! Checkpoints: save each epoch and at the end, resume exactly, import PyTorch weights.
 //!
-//! A checkpoint is one safetensors file:
-//! - tensors `model.<name>`: every parameter and buffer under its PyTorch `state_dict` name
-//!   (BatchNorm's `num_batches_tracked` stays I64 as in PyTorch), so the file minus the
-//!   `model.` prefix is what `model.load_state_dict` expects;
-//! - tensors `optim.momentum.<name>`: SGD momentum buffers (absent before the first step);
-//! - string metadata: `format`, `version`, `model` (the layer spec), the position
-//!   (`epoch`, `batch` = next batch within that epoch, `iteration` = completed iterations),
-//!   and the settings that fix the data order (`seed`, `world_size`, `batch_size`, `dataset`,
-//!   `shuffle`, `augment`) plus the optimizer settings, for mismatch warnings.
+//! A checkpoint is one safetensors file written with [`engine::state::save_tensors`] (temp
+//! file in the same directory, then rename: a crash leaves the previous checkpoint intact):
+//! - the model's `state_dict` under PyTorch names (`layers.0.weight`, ...,
+//!   `layers.1.running_mean`, `layers.1.num_batches_tracked` (I64), `fc1.weight`, ...), so the
+//!   file loads into the original `model.py` with `load_state_dict(..., strict=False)`;
+//! - SGD momentum buffers as `optimizer.momentum_buffer.<param name>`;
+//! - string metadata: `format=dtrain-checkpoint`, `version`, `model` (the layer spec), the
+//!   position (`epoch`, `batch` = next batch within that epoch, `iteration` = completed
+//!   iterations) and the settings that fix data order and optimisation (`seed`, `world_size`,
+//!   `batch_size`, ...).
 //!
-//! The data order and augmentation are a pure function of (seed, epoch, batch index), so the
+//! The data order and augmentation are pure functions of (seed, epoch, sample index), so the
 //! position *is* the RNG state: resuming at `(epoch, batch)` replays exactly the batches an
-//! uninterrupted run would have seen.
+//! uninterrupted run would have seen, and the rest of the run is bit-identical.
 //!
-//! Saving writes a temporary file in the destination's directory, syncs it, then renames it
-//! over the destination: a crash leaves either the old or the new checkpoint, never half.
+//! Batch-norm buffers are rank 0's (ranks of the non-DDP modes each track their own; they
+//! only affect evaluation, which uses rank 0's anyway — see `train`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
+use engine::optim::Sgd;
+use engine::state::{load_tensors, save_tensors, StateError};
+use engine::vgg::Vgg;
 
 const FORMAT: &str = "dtrain-checkpoint";
 const VERSION: &str = "1";
-const MODEL_PREFIX: &str = "model.";
-const MOMENTUM_PREFIX: &str = "optim.momentum.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot {action} checkpoint {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid safetensors file: {detail}")]
-    Format { path: PathBuf, detail: String },
+    #[error("cannot save checkpoint: {0}")]
+    Save(StateError),
+    #[error("cannot read checkpoint: {0}")]
+    Read(StateError),
     #[error("checkpoint {path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
-}
-
-/// Element data of one tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TensorData {
-    F32(Vec<f32>),
-    I64(Vec<i64>),
-}
-
-impl TensorData {
-    pub fn len(&self) -> usize {
-        match self {
-            TensorData::F32(v) => v.len(),
-            TensorData::I64(v) => v.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    fn dtype(&self) -> Dtype {
-        match self {
-            TensorData::F32(_) => Dtype::F32,
-            TensorData::I64(_) => Dtype::I64,
-        }
-    }
-    fn bytes(&self) -> Vec<u8> {
-        // safetensors is little-endian; to_le_bytes keeps that true on any host.
-        match self {
-            TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
-    }
-}
-
-/// A named tensor, as in a PyTorch `state_dict`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NamedTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: TensorData,
 }
 
 /// Where training stands.
@@ -94,172 +49,52 @@ pub struct Position {
     pub iteration: usize,
 }
 
-/// Everything a resume needs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Checkpoint {
-    /// The model's layer spec (`vgg11` or e.g. `64,M,128,M`).
-    pub model: String,
-    /// Parameters and buffers under their `state_dict` names.
-    pub state: Vec<NamedTensor>,
-    /// Momentum buffers under the name of their parameter (empty before the first step).
-    pub momentum: Vec<NamedTensor>,
+/// What a resume restored besides the model and optimizer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
     pub position: Position,
-    /// Settings recorded for mismatch warnings on resume (`seed`, `world_size`, ...).
     pub settings: BTreeMap<String, String>,
 }
 
-fn to_view<'a>(t: &NamedTensor, bytes: &'a [u8]) -> Result<TensorView<'a>, String> {
-    TensorView::new(t.data.dtype(), t.shape.clone(), bytes).map_err(|e| format!("{}: {e}", t.name))
-}
-
-/// Serialize a checkpoint to safetensors bytes.
-pub fn to_bytes(ckpt: &Checkpoint) -> Result<Vec<u8>, String> {
-    let mut named: Vec<(String, &NamedTensor)> = Vec::new();
-    for t in &ckpt.state {
-        named.push((format!("{MODEL_PREFIX}{}", t.name), t));
-    }
-    for t in &ckpt.momentum {
-        named.push((format!("{MOMENTUM_PREFIX}{}", t.name), t));
-    }
-    let bytes: Vec<Vec<u8>> = named.iter().map(|(_, t)| t.data.bytes()).collect();
-    let mut views = Vec::with_capacity(named.len());
-    for ((name, t), b) in named.iter().zip(&bytes) {
-        views.push((name.clone(), to_view(t, b)?));
-    }
-    let mut meta: HashMap<String, String> = ckpt
-        .settings
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+/// Save model, optimizer, position and `settings` to `path` atomically.
+pub fn save_training(
+    path: &Path,
+    model_spec: &str,
+    model: &Vgg<f32>,
+    sgd: &Sgd<f32>,
+    position: Position,
+    settings: BTreeMap<String, String>,
+) -> Result<(), CheckpointError> {
+    let mut tensors = model.state_dict();
+    tensors.extend(sgd.state_tensors(model.params()));
+    let mut meta: HashMap<String, String> = settings.into_iter().collect();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("version".into(), VERSION.into());
-    meta.insert("model".into(), ckpt.model.clone());
-    meta.insert("epoch".into(), ckpt.position.epoch.to_string());
-    meta.insert("batch".into(), ckpt.position.batch.to_string());
-    meta.insert("iteration".into(), ckpt.position.iteration.to_string());
-    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+    meta.insert("model".into(), model_spec.to_string());
+    meta.insert("epoch".into(), position.epoch.to_string());
+    meta.insert("batch".into(), position.batch.to_string());
+    meta.insert("iteration".into(), position.iteration.to_string());
+    save_tensors(path, &tensors, &meta).map_err(CheckpointError::Save)
 }
 
-/// Write `ckpt` to `path` atomically (temporary file + fsync + rename).
-pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), CheckpointError> {
-    let bytes = to_bytes(ckpt).map_err(|detail| CheckpointError::Invalid {
-        path: path.to_path_buf(),
-        detail,
-    })?;
-    let io_err = |action, source| CheckpointError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| CheckpointError::Invalid {
-            path: path.to_path_buf(),
-            detail: "the path names no file".into(),
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
-        f.write_all(&bytes).map_err(|e| io_err("write", e))?;
-        f.sync_all().map_err(|e| io_err("sync", e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io_err("rename into place", e))?;
-        // Make the rename itself durable; failing to open a directory is not fatal.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, CheckpointError> {
-    std::fs::read(path).map_err(|source| CheckpointError::Io {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn tensor_from_view(
+/// Restore model, optimizer and position from a checkpoint written by [`save_training`].
+/// A checkpoint of a different model (`--model`) is refused with a message saying so.
+pub fn load_resume(
     path: &Path,
-    name: &str,
-    view: &TensorView<'_>,
-) -> Result<NamedTensor, CheckpointError> {
-    let bytes = view.data();
-    let data = match view.dtype() {
-        Dtype::F32 => TensorData::F32(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Dtype::I64 => TensorData::I64(
-            bytes
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    i64::from_le_bytes(a)
-                })
-                .collect(),
-        ),
-        other => {
-            return Err(CheckpointError::Invalid {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "tensor {name} has dtype {other:?}; only F32 and I64 are supported"
-                ),
-            })
-        }
-    };
-    Ok(NamedTensor {
-        name: name.to_string(),
-        shape: view.shape().to_vec(),
-        data,
-    })
-}
-
-/// Read every tensor of a safetensors file, sorted by name, plus its metadata.
-fn read_tensors(
-    path: &Path,
-) -> Result<(Vec<NamedTensor>, HashMap<String, String>), CheckpointError> {
-    let bytes = read_file(path)?;
-    let format_err = |e: safetensors::SafeTensorError| CheckpointError::Format {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(format_err)?;
-    let meta = metadata.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).map_err(format_err)?;
-    let mut tensors = Vec::new();
-    for (name, view) in st.iter() {
-        tensors.push(tensor_from_view(path, name, &view)?);
-    }
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((tensors, meta))
-}
-
-/// Load a checkpoint written by [`save`].
-pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
-    let (tensors, mut meta) = read_tensors(path)?;
+    model_spec: &str,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+) -> Result<Restored, CheckpointError> {
+    let loaded = load_tensors(path).map_err(CheckpointError::Read)?;
     let invalid = |detail: String| CheckpointError::Invalid {
         path: path.to_path_buf(),
         detail,
     };
+    let mut meta = loaded.metadata;
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(invalid(
             "not a dtrain checkpoint (no format=dtrain-checkpoint metadata); \
-             use --init-checkpoint for PyTorch state_dict files"
+             to start from PyTorch weights use --init-checkpoint"
                 .into(),
         ));
     }
@@ -267,6 +102,12 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         return Err(invalid(format!(
             "unsupported checkpoint version {:?} (this build reads {VERSION})",
             meta.get("version")
+        )));
+    }
+    let saved_model = meta.remove("model").unwrap_or_default();
+    if !saved_model.eq_ignore_ascii_case(model_spec) {
+        return Err(invalid(format!(
+            "it was saved for --model {saved_model:?} but this run uses --model {model_spec:?}"
         )));
     }
     let mut number = |key: &str| -> Result<usize, CheckpointError> {
@@ -281,42 +122,39 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         batch: number("batch")?,
         iteration: number("iteration")?,
     };
-    let model = meta
-        .remove("model")
-        .ok_or_else(|| invalid("metadata \"model\" is missing".into()))?;
     meta.remove("format");
     meta.remove("version");
-    let mut state = Vec::new();
-    let mut momentum = Vec::new();
-    for mut t in tensors {
-        if let Some(rest) = t.name.strip_prefix(MOMENTUM_PREFIX) {
-            t.name = rest.to_string();
-            momentum.push(t);
-        } else if let Some(rest) = t.name.strip_prefix(MODEL_PREFIX) {
-            t.name = rest.to_string();
-            state.push(t);
-        } else {
-            return Err(invalid(format!("unexpected tensor {:?}", t.name)));
-        }
-    }
-    Ok(Checkpoint {
-        model,
-        state,
-        momentum,
+    // Model tensors are everything but the optimizer's.
+    let model_tensors: BTreeMap<_, _> = loaded
+        .tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with(engine::optim::MOMENTUM_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    model
+        .load_state_dict(&model_tensors, true)
+        .map_err(|e| invalid(e.to_string()))?;
+    sgd.load_state_tensors(model.params(), &loaded.tensors)
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(Restored {
         position,
         settings: meta.into_iter().collect(),
     })
 }
 
-/// Load a PyTorch `state_dict` saved with `safetensors.torch.save_file(model.state_dict(),
-/// path)` (or a dtrain checkpoint, whose `model.` tensors are used). Returns the tensors by
-/// `state_dict` name.
-pub fn load_state_dict(path: &Path) -> Result<Vec<NamedTensor>, CheckpointError> {
-    let (tensors, meta) = read_tensors(path)?;
-    if meta.get("format").map(String::as_str) == Some(FORMAT) {
-        return Ok(load(path)?.state);
-    }
-    Ok(tensors)
+/// Load weights (and batch-norm buffers) from a PyTorch `state_dict` saved with
+/// `safetensors.torch.save_file(model.state_dict(), path)` from the original `model.py`, or
+/// from a dtrain checkpoint (its optimizer state and position are ignored).
+pub fn load_init(path: &Path, model: &mut Vgg<f32>) -> Result<(), String> {
+    let loaded = load_tensors(path).map_err(|e| e.to_string())?;
+    let model_tensors: BTreeMap<_, _> = loaded
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(engine::optim::MOMENTUM_PREFIX))
+        .collect();
+    model
+        .load_state_dict(&model_tensors, true)
+        .map_err(|e| e.to_string())
 }
 
 /// Human-readable differences between the settings recorded in a checkpoint and the current
@@ -337,6 +175,7 @@ pub fn setting_differences(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::{build_model, parameter_hash};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn temp_dir() -> PathBuf {
@@ -354,113 +193,89 @@ mod tests {
         dir
     }
 
-    fn sample() -> Checkpoint {
-        Checkpoint {
-            model: "8,M,16".into(),
-            state: vec![
-                NamedTensor {
-                    name: "features.0.weight".into(),
-                    shape: vec![2, 3],
-                    data: TensorData::F32(vec![1.5, -2.0, 0.25, f32::MIN_POSITIVE, 7.0, -0.0]),
-                },
-                NamedTensor {
-                    name: "features.1.num_batches_tracked".into(),
-                    shape: vec![],
-                    data: TensorData::I64(vec![42]),
-                },
-            ],
-            momentum: vec![NamedTensor {
-                name: "features.0.weight".into(),
-                shape: vec![2, 3],
-                data: TensorData::F32(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
-            }],
-            position: Position {
-                epoch: 2,
-                batch: 17,
-                iteration: 95,
-            },
-            settings: [("seed".to_string(), "7".to_string())]
-                .into_iter()
-                .collect(),
+    /// A tiny model after two SGD steps on a fixed batch (so momentum and BN stats are set).
+    fn trained(spec: &str, seed: u64) -> (Vgg<f32>, Sgd<f32>) {
+        let mut model = build_model(spec, seed).unwrap();
+        let mut sgd = Sgd::new(0.05, 0.9, 1e-4);
+        let n = 2;
+        let x: Vec<f32> = (0..n * 3 * 32 * 32)
+            .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+            .collect();
+        for _ in 0..2 {
+            model
+                .forward_backward(&x, n, &[3, 7], &mut |_, _| {})
+                .unwrap();
+            sgd.step(model.params_mut());
         }
+        (model, sgd)
     }
 
     #[test]
-    fn save_then_load_round_trips_bit_exactly() {
+    fn save_then_resume_restores_everything() {
         let dir = temp_dir();
         let path = dir.join("run.safetensors");
-        let ckpt = sample();
-        save(&path, &ckpt).expect("save");
-        let back = load(&path).expect("load");
-        assert_eq!(back, ckpt);
-        // No temporary file is left behind.
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("run.safetensors")]);
-        // As a state_dict, the model tensors come back without the prefix.
-        let sd = load_state_dict(&path).expect("state dict");
-        assert_eq!(sd, ckpt.state);
+        let (model, sgd) = trained("4,M", 1);
+        let pos = Position {
+            epoch: 2,
+            batch: 17,
+            iteration: 95,
+        };
+        let settings: BTreeMap<String, String> = [("seed".to_string(), "7".to_string())].into();
+        save_training(&path, "4,M", &model, &sgd, pos, settings.clone()).unwrap();
+        // Only the checkpoint is left in the directory (no temporary file).
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+
+        let mut fresh = build_model("4,M", 99).unwrap();
+        let mut fresh_sgd = Sgd::new(0.05, 0.9, 1e-4);
+        let restored = load_resume(&path, "4,M", &mut fresh, &mut fresh_sgd).unwrap();
+        assert_eq!(restored.position, pos);
+        assert_eq!(restored.settings, settings);
+        assert_eq!(parameter_hash(&fresh), parameter_hash(&model));
+        for (a, b) in fresh.bn_buffers().iter().zip(model.bn_buffers()) {
+            assert_eq!(a.running_mean, b.running_mean);
+            assert_eq!(a.running_var, b.running_var);
+            assert_eq!(a.num_batches_tracked, b.num_batches_tracked);
+        }
+        for i in 0..model.params().len() {
+            assert_eq!(fresh_sgd.momentum_buffer(i), sgd.momentum_buffer(i));
+            assert!(sgd.momentum_buffer(i).is_some());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn overwriting_replaces_the_previous_checkpoint() {
+    fn resume_refuses_another_model_and_non_checkpoints() {
         let dir = temp_dir();
         let path = dir.join("c.safetensors");
-        let mut ckpt = sample();
-        save(&path, &ckpt).unwrap();
-        ckpt.position.iteration = 96;
-        save(&path, &ckpt).unwrap();
-        assert_eq!(load(&path).unwrap().position.iteration, 96);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
+        let (model, sgd) = trained("4,M", 1);
+        save_training(
+            &path,
+            "4,M",
+            &model,
+            &sgd,
+            Position::default(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let mut other = build_model("8,M", 1).unwrap();
+        let mut other_sgd = Sgd::new(0.05, 0.9, 1e-4);
+        let e = load_resume(&path, "8,M", &mut other, &mut other_sgd).unwrap_err();
+        assert!(e.to_string().contains("saved for --model \"4,M\""), "{e}");
 
-    #[test]
-    fn a_failed_save_leaves_the_previous_file_intact() {
-        let dir = temp_dir();
-        let path = dir.join("c.safetensors");
-        save(&path, &sample()).unwrap();
-        // A tensor whose shape disagrees with its data cannot be serialized.
-        let mut bad = sample();
-        bad.state[0].shape = vec![5, 5];
-        let err = save(&path, &bad).unwrap_err();
-        assert!(err.to_string().contains("features.0.weight"), "{err}");
-        assert_eq!(load(&path).unwrap(), sample());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn bad_files_give_clear_errors() {
-        let dir = temp_dir();
-        let missing = load(&dir.join("nope.safetensors")).unwrap_err();
-        assert!(
-            missing.to_string().contains("cannot read checkpoint"),
-            "{missing}"
-        );
-        let garbage = dir.join("garbage.safetensors");
-        std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
-        let e = load(&garbage).unwrap_err();
-        assert!(
-            e.to_string().contains("not a valid safetensors file"),
-            "{e}"
-        );
-        // Truncated: a valid file cut short.
-        let good = to_bytes(&sample()).unwrap();
-        let cut = dir.join("cut.safetensors");
-        std::fs::write(&cut, &good[..good.len() - 3]).unwrap();
-        assert!(load(&cut).is_err());
-        // A plain state_dict is refused by `load` with a hint, accepted by load_state_dict.
+        // A plain state_dict (as PyTorch would save) is refused by resume, accepted by init.
         let plain = dir.join("plain.safetensors");
-        let data = 1.0f32.to_le_bytes();
-        let view = TensorView::new(Dtype::F32, vec![1], &data).unwrap();
-        std::fs::write(&plain, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
-        let e = load(&plain).unwrap_err();
+        save_tensors(&plain, &model.state_dict(), &HashMap::new()).unwrap();
+        let mut m = build_model("4,M", 5).unwrap();
+        let e = load_resume(&plain, "4,M", &mut m, &mut other_sgd).unwrap_err();
         assert!(e.to_string().contains("--init-checkpoint"), "{e}");
-        let sd = load_state_dict(&plain).unwrap();
-        assert_eq!(sd[0].name, "w");
-        assert_eq!(sd[0].data, TensorData::F32(vec![1.0]));
+        load_init(&plain, &mut m).unwrap();
+        assert_eq!(parameter_hash(&m), parameter_hash(&model));
+
+        let garbage = dir.join("garbage.safetensors");
+        std::fs::write(&garbage, b"not a checkpoint").unwrap();
+        assert!(load_init(&garbage, &mut m).is_err());
+        let missing = load_resume(&dir.join("nope"), "4,M", &mut m, &mut other_sgd).unwrap_err();
+        assert!(missing.to_string().contains("nope"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -10,6 +10,10 @@
 //! bucket's cap is small (`--first-bucket-mb`, PyTorch's 1 MiB) so communication starts
 //! early, and every later bucket uses `--bucket-cap-mb` (PyTorch's 25 MiB).
 
+use engine::autograd::Param;
+use engine::vgg::Vgg;
+use transport::{AsyncCommunicator, Pending, ReduceOp};
+
 /// One bucket of the plan: which parameters it holds and where each one's gradient lives
 /// inside the bucket's flat buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +75,133 @@ pub fn mib_to_bytes(mib: f64) -> usize {
         (mib * 1024.0 * 1024.0) as usize
     } else {
         0
+    }
+}
+
+/// Per-step DDP state: the bucket plan, one reusable flat buffer per bucket, and the
+/// all-reduces in flight.
+///
+/// Use per step: [`DdpSync::begin_step`], then pass [`DdpSync::on_grad_ready`] as the
+/// engine's grad-ready hook, then [`DdpSync::finish`] before the optimizer step.
+///
+/// Buckets are launched strictly in plan order (bucket k only after buckets 0..k), as PyTorch
+/// does: every rank then issues the same collectives in the same order whatever order the
+/// engine reports gradients in.
+pub struct DdpSync {
+    plan: Vec<Bucket>,
+    /// Parameter index → (bucket, offset of its gradient in the bucket buffer).
+    slot_of_param: Vec<(usize, usize)>,
+    /// A bucket's buffer when not in flight (allocated once, handed to the transport and
+    /// given back by `Pending::wait`).
+    buffers: Vec<Option<Vec<f32>>>,
+    in_flight: Vec<Option<Pending<Vec<f32>>>>,
+    /// Gradients still missing per bucket in this step.
+    missing: Vec<usize>,
+    next_launch: usize,
+    /// The first launch error of this step, reported by `finish`.
+    error: Option<transport::Error>,
+}
+
+impl DdpSync {
+    pub fn new(model: &Vgg<f32>, first_bucket_mb: f64, bucket_cap_mb: f64) -> DdpSync {
+        let lens: Vec<usize> = model.params().iter().map(|p| p.value.len()).collect();
+        let plan = plan_buckets(
+            &lens,
+            std::mem::size_of::<f32>(),
+            mib_to_bytes(first_bucket_mb),
+            mib_to_bytes(bucket_cap_mb),
+        );
+        let mut slot_of_param = vec![(0, 0); lens.len()];
+        for (b, bucket) in plan.iter().enumerate() {
+            for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
+                slot_of_param[p] = (b, off);
+            }
+        }
+        let buffers = plan.iter().map(|b| Some(vec![0.0f32; b.len])).collect();
+        let in_flight = plan.iter().map(|_| None).collect();
+        let missing = plan.iter().map(|b| b.params.len()).collect();
+        DdpSync {
+            plan,
+            slot_of_param,
+            buffers,
+            in_flight,
+            missing,
+            next_launch: 0,
+            error: None,
+        }
+    }
+
+    /// The bucket plan (launch order).
+    pub fn plan(&self) -> &[Bucket] {
+        &self.plan
+    }
+
+    pub fn begin_step(&mut self) {
+        for (m, b) in self.missing.iter_mut().zip(&self.plan) {
+            *m = b.params.len();
+        }
+        self.next_launch = 0;
+        self.error = None;
+    }
+
+    /// The engine's grad-ready hook: copy the gradient into its bucket and launch every
+    /// bucket that is now complete (in plan order).
+    pub fn on_grad_ready(&mut self, comm: &mut AsyncCommunicator, param: usize, grad: &[f32]) {
+        let (b, off) = self.slot_of_param[param];
+        if let Some(buf) = self.buffers[b].as_mut() {
+            buf[off..off + grad.len()].copy_from_slice(grad);
+        }
+        self.missing[b] = self.missing[b].saturating_sub(1);
+        self.launch_ready(comm, false);
+    }
+
+    /// Launch buckets in order while the next one is complete (or all, when `force`).
+    fn launch_ready(&mut self, comm: &mut AsyncCommunicator, force: bool) {
+        while self.next_launch < self.plan.len() && (force || self.missing[self.next_launch] == 0) {
+            let b = self.next_launch;
+            if let Some(buf) = self.buffers[b].take() {
+                self.in_flight[b] = Some(comm.all_reduce_async(buf, ReduceOp::Avg));
+            }
+            self.next_launch += 1;
+        }
+    }
+
+    /// Launch what is left (parameters that got no gradient keep the one already in their
+    /// bucket slot... i.e. their stale values, as PyTorch without `find_unused_parameters`),
+    /// wait for every bucket, and copy the averaged gradients into the parameters.
+    pub fn finish(
+        &mut self,
+        comm: &mut AsyncCommunicator,
+        params: &mut [Param<f32>],
+    ) -> transport::Result<()> {
+        self.launch_ready(comm, true);
+        let mut first_error = self.error.take();
+        for b in 0..self.plan.len() {
+            let Some(pending) = self.in_flight[b].take() else {
+                continue;
+            };
+            match pending.wait() {
+                Ok(buf) => {
+                    let bucket = &self.plan[b];
+                    for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
+                        let g = &mut params[p].grad;
+                        let n = g.len();
+                        g.copy_from_slice(&buf[off..off + n]);
+                    }
+                    self.buffers[b] = Some(buf);
+                }
+                Err(e) => {
+                    // Keep going so no bucket is left in flight; allocate a fresh buffer so
+                    // the state stays usable (the run is about to end anyway).
+                    self.buffers[b] = Some(vec![0.0; self.plan[b].len]);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -61,9 +61,11 @@ fn main() -> ExitCode {
 }
 
 fn run_training(cfg: &dtrain::args::TrainConfig) -> ExitCode {
-    eprintln!(
-        "dtrain: the training loop (dtrain::train::run) is not built yet; parsed config for rank {} of {}",
-        cfg.rank, cfg.num_nodes
-    );
-    ExitCode::from(1)
+    match dtrain::train::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dtrain: error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
