@@ -5,7 +5,8 @@
 //! `--child BATCH THREADS`) so the peak RSS (VmHWM) is per configuration, and prints ms/step,
 //! images/s (median of the measured steps after warm-up), peak RSS, and ratios against the
 //! PyTorch reference measured on this machine. Environment: `TRAIN_STEP_WARMUP` (default 1),
-//! `TRAIN_STEP_STEPS` (default 3), `TRAIN_STEP_CONFIGS` (e.g. `128x1,256x2`).
+//! `TRAIN_STEP_STEPS` (default 3), `TRAIN_STEP_CONFIGS` (e.g. `128x1,256x2`),
+//! `TRAIN_STEP_PROFILE=1` (per-layer forward/backward times, from the tape's node profile).
 
 use std::process::Command;
 use std::time::Instant;
@@ -55,6 +56,7 @@ fn child(batch: usize, threads: usize) {
         .map(|_| rng.gen_range(-1.0..1.0))
         .collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..10)).collect();
+    let profile = std::env::var("TRAIN_STEP_PROFILE").is_ok_and(|v| v == "1");
     let mut step_ms = Vec::new();
     let mut fb_ms = Vec::new();
     for i in 0..warmup + steps {
@@ -65,6 +67,9 @@ fn child(batch: usize, threads: usize) {
         let t1 = Instant::now();
         sgd.step(model.params_mut());
         let t2 = Instant::now();
+        if i + 1 == warmup {
+            model.set_profiling(profile);
+        }
         if i >= warmup {
             step_ms.push((t2 - t0).as_secs_f64() * 1e3);
             fb_ms.push((t1 - t0).as_secs_f64() * 1e3);
@@ -72,6 +77,18 @@ fn child(batch: usize, threads: usize) {
     }
     let ms = median(&mut step_ms);
     let fb = median(&mut fb_ms);
+    if profile {
+        // Per-node mean ms/step, to stderr (the parent prints it).
+        for p in model.take_profile() {
+            eprintln!(
+                "PROFILE {:<14} {:<18} fwd {:>8.1} ms  bwd {:>8.1} ms",
+                p.op,
+                format!("{:?}", p.out_shape),
+                p.forward_ms / steps as f64,
+                p.backward_ms / steps as f64
+            );
+        }
+    }
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
     println!("RESULT {batch} {threads} {ms:.3} {fb:.3} {rss:.1}");
 }
@@ -126,6 +143,11 @@ fn main() {
             .filter_map(|v| v.parse().ok())
             .collect();
         let (ms, fb, rss) = (f[2], f[3], f[4]);
+        for l in String::from_utf8_lossy(&out.stderr).lines() {
+            if let Some(p) = l.strip_prefix("PROFILE ") {
+                println!("  [b{batch}/t{threads}] {p}");
+            }
+        }
         let ips = batch as f64 / (ms / 1e3);
         let torch = TORCH_REFERENCE
             .iter()

@@ -146,6 +146,18 @@ enum Node<T> {
     },
 }
 
+/// Op name and output slot of a node.
+fn node_info<T>(node: &Node<T>) -> (&'static str, usize) {
+    match node {
+        Node::Conv2d { y, .. } => ("conv2d", *y),
+        Node::BatchNorm2d { y, .. } => ("batchnorm2d", *y),
+        Node::Relu { y, .. } => ("relu", *y),
+        Node::MaxPool2d { y, .. } => ("maxpool2d", *y),
+        Node::Linear { y, .. } => ("linear", *y),
+        Node::CrossEntropy { loss, .. } => ("cross_entropy", *loss),
+    }
+}
+
 /// Free buffers keyed by length (contents are stale: every user overwrites them).
 struct Pool<E> {
     free: HashMap<usize, Vec<Vec<E>>>,
@@ -177,6 +189,15 @@ impl<E: Copy + Default> Pool<E> {
     }
 }
 
+/// Accumulated wall time of one recorded node (see [`Tape::set_profiling`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeProfile {
+    pub op: &'static str,
+    pub out_shape: Vec<usize>,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+}
+
 /// The tape: recorded nodes, value slots and the buffer pools.
 pub struct Tape<T: Float> {
     slots: Vec<Slot<T>>,
@@ -188,6 +209,10 @@ pub struct Tape<T: Float> {
     param_pending: Vec<usize>,
     /// Per parameter index: whether this backward already wrote its gradient.
     param_written: Vec<bool>,
+    profiling: bool,
+    /// When the previous node was recorded (forward time of a node = time since then).
+    profile_mark: Option<std::time::Instant>,
+    profile: Vec<NodeProfile>,
 }
 
 impl<T: Float> Default for Tape<T> {
@@ -218,6 +243,9 @@ impl<T: Float> Tape<T> {
             grad_enabled: true,
             param_pending: Vec::new(),
             param_written: Vec::new(),
+            profiling: false,
+            profile_mark: None,
+            profile: Vec::new(),
         }
     }
 
@@ -243,6 +271,43 @@ impl<T: Float> Tape<T> {
             }
         }
         self.param_pending.iter_mut().for_each(|c| *c = 0);
+        if self.profiling {
+            self.profile_mark = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Per-node timing (accumulated over steps until [`Tape::take_profile`]): a node's forward
+    /// time is measured from the previous node's recording (or `reset`), so it includes any
+    /// leaf copy in between. For benchmarks; off by default.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiling = on;
+        self.profile_mark = on.then(std::time::Instant::now);
+    }
+
+    /// The accumulated per-node profile (in recording order), cleared.
+    pub fn take_profile(&mut self) -> Vec<NodeProfile> {
+        std::mem::take(&mut self.profile)
+    }
+
+    fn push_node(&mut self, node: Node<T>) {
+        if self.profiling {
+            let now = std::time::Instant::now();
+            let i = self.nodes.len();
+            if self.profile.len() <= i {
+                let (op, out) = node_info(&node);
+                self.profile.push(NodeProfile {
+                    op,
+                    out_shape: self.slots[out].shape.clone(),
+                    forward_ms: 0.0,
+                    backward_ms: 0.0,
+                });
+            }
+            if let Some(mark) = self.profile_mark {
+                self.profile[i].forward_ms += (now - mark).as_secs_f64() * 1e3;
+            }
+            self.profile_mark = Some(now);
+        }
+        self.nodes.push(node);
     }
 
     /// [`Tape::reset`] and free the pooled memory.
@@ -398,7 +463,7 @@ impl<T: Float> Tape<T> {
             if let Some(b) = b {
                 self.note_param_use(b);
             }
-            self.nodes.push(Node::Conv2d { geom, x, y, w, b });
+            self.push_node(Node::Conv2d { geom, x, y, w, b });
         }
         self.maybe_free_data(x);
         ValueId(y)
@@ -457,7 +522,7 @@ impl<T: Float> Tape<T> {
                 if record {
                     self.note_param_use(gamma);
                     self.note_param_use(beta);
-                    self.nodes.push(Node::BatchNorm2d {
+                    self.push_node(Node::BatchNorm2d {
                         n,
                         c,
                         hw,
@@ -513,7 +578,7 @@ impl<T: Float> Tape<T> {
         let x = self.consume_input(x, false);
         if record {
             self.slots[y].saved += 1;
-            self.nodes.push(Node::Relu { y, x });
+            self.push_node(Node::Relu { y, x });
         }
         self.maybe_free_data(x);
         ValueId(y)
@@ -546,7 +611,7 @@ impl<T: Float> Tape<T> {
         let record = self.record();
         let x = self.consume_input(x, false);
         if record {
-            self.nodes.push(Node::MaxPool2d { geom, x, y, argmax });
+            self.push_node(Node::MaxPool2d { geom, x, y, argmax });
         } else {
             self.index_pool.give(argmax);
         }
@@ -591,7 +656,7 @@ impl<T: Float> Tape<T> {
             if let Some(b) = b {
                 self.note_param_use(b);
             }
-            self.nodes.push(Node::Linear {
+            self.push_node(Node::Linear {
                 n,
                 d_in,
                 d_out,
@@ -628,7 +693,7 @@ impl<T: Float> Tape<T> {
         let record = self.record();
         let logits = self.consume_input(logits, false);
         if record {
-            self.nodes.push(Node::CrossEntropy {
+            self.push_node(Node::CrossEntropy {
                 n,
                 classes,
                 logits,
@@ -739,16 +804,11 @@ impl<T: Float> Tape<T> {
         self.param_written.iter_mut().for_each(|w| *w = false);
         let nodes = std::mem::take(&mut self.nodes);
         let mut done_nodes = Vec::with_capacity(nodes.len());
-        for node in nodes.into_iter().rev() {
+        let n_nodes = nodes.len();
+        for (rev_i, node) in nodes.into_iter().rev().enumerate() {
+            let node_start = self.profiling.then(std::time::Instant::now);
             // The output's gradient (zeros if it did not reach the loss).
-            let out = match &node {
-                Node::Conv2d { y, .. }
-                | Node::BatchNorm2d { y, .. }
-                | Node::Relu { y, .. }
-                | Node::MaxPool2d { y, .. }
-                | Node::Linear { y, .. } => *y,
-                Node::CrossEntropy { loss, .. } => *loss,
-            };
+            let out = node_info(&node).1;
             let dy = match self.slots[out].grad.take() {
                 Some(g) => g,
                 None => {
@@ -900,9 +960,15 @@ impl<T: Float> Tape<T> {
             }
             // The output's gradient is consumed; leaf outputs do not exist here.
             self.pool.give(dy);
+            if let Some(t0) = node_start {
+                if let Some(p) = self.profile.get_mut(n_nodes - 1 - rev_i) {
+                    p.backward_ms += t0.elapsed().as_secs_f64() * 1e3;
+                }
+            }
             done_nodes.push(node);
         }
-        // Keep the nodes' saved buffers for recycling by `reset`.
+        // Keep the nodes' saved buffers for recycling by `reset` (in recording order).
+        done_nodes.reverse();
         self.nodes = done_nodes;
         // Non-leaf gradients that never reached a producer (none in a connected graph) go back.
         for i in 0..self.slots.len() {

@@ -569,6 +569,14 @@ impl<T: Float> Vgg<T> {
         Ok((loss_sum, correct))
     }
 
+    /// Per-node timing of the training tape (benchmarks); see [`Tape::set_profiling`].
+    pub fn set_profiling(&mut self, on: bool) {
+        self.train_tape.set_profiling(on);
+    }
+    pub fn take_profile(&mut self) -> Vec<crate::autograd::NodeProfile> {
+        self.train_tape.take_profile()
+    }
+
     /// Buffers the training tape has allocated so far (see [`Tape::fresh_allocations`]).
     pub fn train_buffer_allocations(&self) -> usize {
         self.train_tape.fresh_allocations()
