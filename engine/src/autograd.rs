@@ -738,7 +738,7 @@ impl<T: Float> Tape<T> {
         p2: Option<usize>,
         compute: impl FnOnce(&Self, &mut [T], Option<&mut [T]>),
     ) {
-        let fresh = !self.param_written[p1] && p2.map_or(true, |p| !self.param_written[p]);
+        let fresh = !self.param_written[p1] && p2.is_none_or(|p| !self.param_written[p]);
         if fresh {
             match p2 {
                 Some(p2) => {

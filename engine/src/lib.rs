@@ -4,6 +4,9 @@
 //! `*_forward` / `*_backward` functions over flat NCHW buffers (see [`ops`]), generic over
 //! [`Float`]: `f32` runs the fast SIMD kernels, `f64` runs the same op code over naive
 //! reference kernels, which is what the gradient checks differentiate.
+//!
+//! Training API: [`vgg`] (models, with a complete usage example), [`autograd`] (the tape),
+//! [`optim`] (SGD), [`state`] (safetensors I/O), [`init`] (PyTorch default init).
 
 pub mod autograd;
 pub mod float;

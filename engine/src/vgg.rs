@@ -3,21 +3,42 @@
 //! then flatten → `Linear(fc_in, classes)` named `fc1`.
 //!
 //! # Using it
-//! ```ignore
-//! use engine::vgg::{Vgg, VggConfig};
-//! let mut model = Vgg::<f32>::new(VggConfig::vgg11(), /*seed*/ 0);   // PyTorch default init
+//! ```
+//! use engine::{load_tensors, save_tensors, Sgd, Vgg, VggConfig};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Full size: Vgg::<f32>::new(VggConfig::vgg11(), seed). A tiny one here:
+//! let config = VggConfig::from_spec("8,M,16,M", 3, 8, 10)?; // fc1 input 16·2·2
+//! let mut model = Vgg::<f32>::new(config, /* seed */ 0); // PyTorch default init
+//! let mut sgd = Sgd::new(0.1, 0.9, 5e-4);
+//! let n = 2;
+//! let x = vec![0.5f32; n * 3 * 8 * 8]; // [n, 3, H, W] flat
+//! let labels = [3u32, 7];
 //! model.set_training(true);
-//! // x: [n, 3, 32, 32] flat, labels: n class indices
 //! let stats = model.forward_backward(&x, n, &labels, &mut |param_index, grad| {
-//!     // the gradient of model.params()[param_index] is final: e.g. launch its all-reduce
+//!     // model.params()[param_index].grad == grad is final: e.g. start its all-reduce here
+//!     assert!(!grad.is_empty() && param_index < 10);
 //! })?;
-//! // stats.loss (mean CE), stats.correct; gradients are in model.params()[i].grad
-//! for p in model.params_mut() { /* write averaged gradients back into p.grad */ }
-//! sgd.step(model.params_mut());                     // engine::optim::Sgd
-//! let logits = model.forward_eval(&x, n)?;          // running statistics, no tape
+//! assert!(stats.loss > 0.0 && stats.correct <= n);
+//! for p in model.params_mut() {
+//!     // write averaged gradients back into p.grad (p.name, p.shape, p.value also here)
+//!     p.grad.iter_mut().for_each(|g| *g *= 1.0);
+//! }
+//! sgd.step(model.params_mut());
+//! let logits = model.forward_eval(&x, n)?; // running statistics, nothing recorded
+//! assert_eq!(logits.len(), n * 10);
 //! let (loss_sum, correct) = model.evaluate(&x, n, &labels)?;
-//! let sd = model.state_dict();                      // Vec<NamedTensor>, PyTorch names
-//! model.load_state_dict(&loaded.tensors, true)?;     // engine::state::load_tensors
+//! # let _ = (loss_sum, correct);
+//! // Checkpoint: model state (PyTorch names) + momentum + anything else the caller adds.
+//! let mut tensors = model.state_dict();
+//! tensors.extend(sgd.state_tensors(model.params()));
+//! let path = std::env::temp_dir().join(format!("vgg-doc-{}.safetensors", std::process::id()));
+//! save_tensors(&path, &tensors, &Default::default())?;
+//! let loaded = load_tensors(&path)?;
+//! model.load_state_dict(&loaded.tensors, /* strict */ false)?; // strict rejects optimizer.*
+//! sgd.load_state_tensors(model.params(), &loaded.tensors)?;
+//! # std::fs::remove_file(&path)?;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Parameter order (= hook index) is PyTorch's `parameters()` order: per conv block
