@@ -1,0 +1,524 @@
+//! End-to-end tests of `dtrain` as real processes: every sync mode with 2 and 3 ranks (as
+//! separate `--rank` processes and through `dtrain launch`), agreement between modes,
+//! learning, checkpoint + resume, a killed rank, and user errors.
+//!
+//! All runs use synthetic data and a small `--model` so the suite stays quick on 2 cores.
+//! Every child is killed and reaped by [`Ranks`]'s `Drop`, even when an assertion fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
+/// No run of this suite should take anywhere near this long; a hang fails instead of blocking.
+const RUN_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Small problem: 2 conv blocks, 320 synthetic images, batch 16 per rank.
+const SMALL: &[&str] = &[
+    "--dataset",
+    "synthetic",
+    "--synthetic-train",
+    "320",
+    "--synthetic-test",
+    "96",
+    "--model",
+    "8,M,16,M",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--lr",
+    "0.02",
+    "--log-every",
+    "1",
+    "--no-progress",
+];
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "dtrain-e2e-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// What one process printed and how it ended.
+#[derive(Debug)]
+struct Outcome {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Children that are killed and reaped when dropped.
+struct Ranks {
+    children: Vec<Child>,
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dtrain")
+}
+
+/// Read a child's pipes on threads (so a full pipe never blocks it) and wait with a deadline.
+fn collect(ranks: &mut Ranks) -> Vec<Outcome> {
+    let mut readers = Vec::new();
+    for c in &mut ranks.children {
+        let mut out = c.stdout.take().expect("stdout piped");
+        let mut err = c.stderr.take().expect("stderr piped");
+        let o = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        });
+        let e = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        readers.push((o, e));
+    }
+    let start = Instant::now();
+    let mut statuses = vec![None; ranks.children.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (i, c) in ranks.children.iter_mut().enumerate() {
+            if statuses[i].is_none() {
+                statuses[i] = c.try_wait().expect("try_wait");
+            }
+        }
+        assert!(
+            start.elapsed() < RUN_DEADLINE,
+            "dtrain processes still running after {RUN_DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    statuses
+        .into_iter()
+        .zip(readers)
+        .map(|(s, (o, e))| Outcome {
+            status: s.expect("exited"),
+            stdout: o.join().unwrap_or_default(),
+            stderr: e.join().unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Start `world` ranks as separate processes with explicit `--rank`, and wait for them.
+fn run_ranks(world: usize, mode: &str, extra: &[&str]) -> Vec<Outcome> {
+    let port = free_port().to_string();
+    let mut ranks = Ranks {
+        children: Vec::new(),
+    };
+    for r in 0..world {
+        let mut args = strings(SMALL);
+        args.extend(strings(&["--mode", mode, "--master-port", &port]));
+        args.extend(strings(&[
+            "--num-nodes",
+            &world.to_string(),
+            "--rank",
+            &r.to_string(),
+        ]));
+        args.extend(strings(extra));
+        ranks.children.push(spawn(&args));
+    }
+    collect(&mut ranks)
+}
+
+fn run_single(args: &[String]) -> Outcome {
+    let mut ranks = Ranks {
+        children: vec![spawn(args)],
+    };
+    collect(&mut ranks).remove(0)
+}
+
+fn assert_ok(outcomes: &[Outcome]) {
+    for (r, o) in outcomes.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            o.status,
+            o.stdout,
+            o.stderr
+        );
+    }
+}
+
+/// Strip the launcher's `[rank k] ` prefix, if any.
+fn unprefixed(line: &str) -> &str {
+    match line.strip_prefix("[rank ") {
+        Some(rest) => rest.split_once("] ").map(|(_, l)| l).unwrap_or(line),
+        None => line,
+    }
+}
+
+fn hashes(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| unprefixed(l).strip_prefix("Parameter hash: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// (batch index, loss) of every `Training Iteration` line, in order.
+fn losses(text: &str) -> Vec<(usize, f64)> {
+    text.lines()
+        .map(unprefixed)
+        .filter(|l| l.starts_with("Training Iteration: "))
+        .map(|l| {
+            let idx = l["Training Iteration: ".len()..]
+                .split(' ')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("batch index");
+            let loss = l
+                .rsplit("Loss: ")
+                .next()
+                .and_then(|s| s.trim().parse().ok())
+                .expect("loss value");
+            (idx, loss)
+        })
+        .collect()
+}
+
+fn assert_losses_close(a: &[(usize, f64)], b: &[(usize, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: different numbers of loss lines");
+    assert!(!a.is_empty(), "{what}: no loss lines");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0, "{what}: batch indices differ");
+        assert!(
+            (x.1 - y.1).abs() <= 1e-4,
+            "{what}: loss {} vs {} at batch {}",
+            x.1,
+            y.1,
+            x.0
+        );
+    }
+}
+
+#[test]
+fn two_ranks_every_mode_agrees_and_keeps_parameters_identical() {
+    let mut per_mode = Vec::new();
+    for mode in ["gather-scatter", "allreduce", "ddp"] {
+        let outs = run_ranks(2, mode, &["--max-iters", "6", "--transport", "tcp"]);
+        assert_ok(&outs);
+        let h0 = hashes(&outs[0].stdout);
+        let h1 = hashes(&outs[1].stdout);
+        assert_eq!(
+            h0.len(),
+            1,
+            "{mode}: rank 0 prints one hash:\n{}",
+            outs[0].stdout
+        );
+        assert_eq!(h0, h1, "{mode}: ranks ended with different parameters");
+        // Rank 0 alone prints the evaluation.
+        assert!(
+            outs[0].stdout.contains("Test set: Average loss: "),
+            "{mode}"
+        );
+        assert!(!outs[1].stdout.contains("Test set:"), "{mode}");
+        assert!(
+            outs[0].stdout.contains("Average time for 5 iterations: "),
+            "{mode}"
+        );
+        per_mode.push((mode, losses(&outs[0].stdout), losses(&outs[1].stdout), h0));
+    }
+    let (_, ref l0, ref l1, _) = per_mode[0];
+    assert_eq!(l0.len(), 6);
+    // The two ranks train on different shards: their losses differ.
+    assert_ne!(l0, l1);
+    for (mode, m0, m1, _) in &per_mode[1..] {
+        assert_losses_close(l0, m0, &format!("{mode} vs gather-scatter, rank 0"));
+        assert_losses_close(l1, m1, &format!("{mode} vs gather-scatter, rank 1"));
+    }
+}
+
+#[test]
+fn three_ranks_every_mode_through_launch() {
+    let mut per_mode: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
+    for mode in ["gather-scatter", "allreduce", "ddp"] {
+        let port = free_port().to_string();
+        let mut args = strings(&["launch", "--nproc-per-node", "3"]);
+        args.extend(strings(SMALL));
+        args.extend(strings(&[
+            "--mode",
+            mode,
+            "--master-port",
+            &port,
+            "--max-iters",
+            "4",
+        ]));
+        let out = run_single(&args);
+        assert_ok(std::slice::from_ref(&out));
+        let h = hashes(&out.stdout);
+        assert_eq!(h.len(), 3, "{mode}: one hash per rank:\n{}", out.stdout);
+        assert!(h.iter().all(|x| *x == h[0]), "{mode}: ranks differ: {h:?}");
+        // Launch interleaves ranks' lines: compare the sorted set of losses.
+        let mut l = losses(&out.stdout);
+        assert_eq!(
+            l.len(),
+            12,
+            "{mode}: 4 loss lines per rank:\n{}",
+            out.stdout
+        );
+        l.sort_by(|a, b| a.partial_cmp(b).expect("finite losses"));
+        per_mode.push((mode.to_string(), l));
+    }
+    for (mode, l) in &per_mode[1..] {
+        assert_losses_close(
+            &per_mode[0].1,
+            l,
+            &format!("{mode} vs gather-scatter, 3 ranks"),
+        );
+    }
+}
+
+#[test]
+fn loss_decreases_on_synthetic_data() {
+    let dir = temp_dir("learn");
+    let metrics = dir.join("m.jsonl");
+    let mut args = strings(SMALL);
+    args.extend(strings(&[
+        "--mode",
+        "single",
+        "--max-iters",
+        "40",
+        "--epochs",
+        "3",
+    ]));
+    args.extend(strings(&[
+        "--metrics",
+        metrics.to_str().expect("utf-8 path"),
+    ]));
+    let out = run_single(&args);
+    assert_ok(std::slice::from_ref(&out));
+    let l: Vec<f64> = losses(&out.stdout).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(l.len(), 40);
+    let first: f64 = l[..10].iter().sum::<f64>() / 10.0;
+    let last: f64 = l[30..].iter().sum::<f64>() / 10.0;
+    assert!(
+        last < 0.8 * first,
+        "loss did not decrease: first 10 {first}, last 10 {last}"
+    );
+    // The metrics file has one line per iteration and one per evaluation.
+    let text = std::fs::read_to_string(&metrics).expect("metrics file");
+    let iters = text
+        .lines()
+        .filter(|l| l.contains("\"iteration\":"))
+        .count();
+    let evals = text
+        .lines()
+        .filter(|l| l.contains("\"test_accuracy\":"))
+        .count();
+    assert_eq!(iters, 40);
+    // 320 images / 16 = 20 batches per epoch: evaluations after epochs 0 and 1.
+    assert_eq!(evals, 2, "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn resume_continues_exactly_like_an_uninterrupted_run() {
+    let dir = temp_dir("resume");
+    let ckpt = dir.join("run.safetensors");
+    let ckpt_s = ckpt.to_str().expect("utf-8 path").to_string();
+    // 320 images / 2 ranks / 16 = 10 batches per epoch: 14 iterations cross an epoch.
+    let straight = run_ranks(2, "ddp", &["--max-iters", "14", "--epochs", "2"]);
+    assert_ok(&straight);
+    let first = run_ranks(
+        2,
+        "ddp",
+        &[
+            "--max-iters",
+            "6",
+            "--epochs",
+            "2",
+            "--save-checkpoint",
+            &ckpt_s,
+        ],
+    );
+    assert_ok(&first);
+    assert!(ckpt.exists());
+    let resumed = run_ranks(
+        2,
+        "ddp",
+        &["--max-iters", "14", "--epochs", "2", "--resume", &ckpt_s],
+    );
+    assert_ok(&resumed);
+    for r in 0..2 {
+        let all = losses(&straight[r].stdout);
+        let mut joined = losses(&first[r].stdout);
+        joined.extend(losses(&resumed[r].stdout));
+        assert_eq!(all.len(), 14);
+        // Bit-identical continuation: the printed losses are equal as text.
+        assert_eq!(all, joined, "rank {r}: resumed losses differ");
+        assert_eq!(
+            hashes(&straight[r].stdout),
+            hashes(&resumed[r].stdout),
+            "rank {r}"
+        );
+    }
+    // Resuming another model is refused with a clear message.
+    let mut args = strings(SMALL);
+    for (i, a) in args.clone().iter().enumerate() {
+        if a == "8,M,16,M" {
+            args[i] = "8,M".into();
+        }
+    }
+    args.extend(strings(&["--mode", "single", "--resume", &ckpt_s]));
+    let out = run_single(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("saved for --model \"8,M,16,M\""),
+        "{}",
+        out.stderr
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_killed_rank_makes_the_others_exit_naming_it() {
+    let port = free_port().to_string();
+    let world = 3;
+    let mut ranks = Ranks {
+        children: Vec::new(),
+    };
+    for r in 0..world {
+        let mut args = strings(SMALL);
+        args.extend(strings(&[
+            "--mode",
+            "ddp",
+            "--master-port",
+            &port,
+            "--epochs",
+            "1000",
+        ]));
+        args.extend(strings(&["--transport", "tcp", "--timeout", "60"]));
+        args.extend(strings(&["--num-nodes", "3", "--rank", &r.to_string()]));
+        ranks.children.push(spawn(&args));
+    }
+    // Wait until rank 1 is training (its first loss line), then kill -9 it.
+    let stdout = ranks.children[1].stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("Training Iteration: ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("rank 1 never started training");
+    ranks.children[1].kill().expect("kill -9 rank 1");
+    let _ = ranks.children[1].wait();
+    let killed_at = Instant::now();
+    for r in [0, 2] {
+        let c = &mut ranks.children[r];
+        let status = loop {
+            if let Some(s) = c.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(45),
+                "rank {r} still running 45 s after rank 1 was killed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "rank {r} exited successfully");
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(
+            err.contains("rank 1"),
+            "rank {r} does not name rank 1:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn user_errors_are_reported_clearly() {
+    // An unknown mode: usage error, exit 2, one line.
+    let out = run_single(&strings(&["--mode", "bogus"]));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("bogus"), "{}", out.stderr);
+
+    // A bad model spec.
+    let out = run_single(&strings(&["--model", "8,X", "--dataset", "synthetic"]));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(out.stderr.contains("--model"), "{}", out.stderr);
+
+    // CIFAR-10 missing and the download server unreachable (a closed local port).
+    let dir = temp_dir("nodata");
+    let url = format!("http://127.0.0.1:{}/cifar-10-binary.tar.gz", free_port());
+    let out = run_single(&strings(&[
+        "--mode",
+        "single",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        dir.to_str().expect("utf-8 path"),
+        "--download-url",
+        &url,
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("CIFAR-10 not found"), "{}", out.stderr);
+    assert!(!out.stdout.contains("Training Iteration"));
+
+    // An unreadable checkpoint.
+    let bogus = dir.join("bogus.safetensors");
+    std::fs::write(&bogus, b"garbage").expect("write");
+    let mut args = strings(SMALL);
+    args.extend(strings(&[
+        "--mode",
+        "single",
+        "--resume",
+        bogus.to_str().expect("utf-8"),
+    ]));
+    let out = run_single(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("bogus.safetensors"), "{}", out.stderr);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Keep the helper honest: `unprefixed` and `losses` read both plain and launcher lines.
+#[test]
+fn log_parsing_helpers() {
+    let text = "[rank 2] Training Iteration: 3 [48/320 (30%)]\tLoss: 2.500000\nTraining Iteration: 0 [0/320 (0%)]\tLoss: 1.250000\n";
+    assert_eq!(losses(text), vec![(3, 2.5), (0, 1.25)]);
+    assert_eq!(
+        hashes("[rank 0] Parameter hash: 0xab\n"),
+        vec!["0xab".to_string()]
+    );
+    assert!(Path::new(BIN).exists());
+}
