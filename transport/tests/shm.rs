@@ -416,15 +416,17 @@ fn every_collective(w: &Worker) {
             check_all_reduce::<i64>(&mut b, case + 2, len, op, &mut digest);
             case += 3;
         }
-        // Large: several chunks and more than one trip around the stage ring; also sizes just
-        // around the one-shot threshold.
+        // Large: several chunks and more than one trip around the stage ring.
         check_all_reduce::<f32>(&mut b, case, BIG_BYTES / 4, op, &mut digest);
         check_all_reduce::<f64>(&mut b, case + 1, BIG_BYTES / 8 + 3, op, &mut digest);
         check_all_reduce::<i64>(&mut b, case + 2, BIG_BYTES / 8 + 1, op, &mut digest);
         check_all_reduce::<f32>(&mut b, case + 3, 8192, op, &mut digest);
         check_all_reduce::<f32>(&mut b, case + 4, 8193, op, &mut digest);
         check_all_reduce::<f32>(&mut b, case + 5, 65536 + 5, op, &mut digest);
-        case += 6;
+        // Around the one-shot threshold (256 KiB): 65536 f32 is the largest one-shot buffer.
+        check_all_reduce::<f32>(&mut b, case + 6, 65536, op, &mut digest);
+        check_all_reduce::<f32>(&mut b, case + 7, 65537, op, &mut digest);
+        case += 8;
     }
     for len in LENS.into_iter().chain([BIG_BYTES]) {
         for root in 0..n {

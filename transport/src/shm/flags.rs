@@ -152,7 +152,8 @@ impl ShmBackend {
         let deadline = start + self.timeouts.collective;
         let interval =
             (self.timeouts.liveness / 5).clamp(Duration::from_millis(1), Duration::from_secs(1));
-        let mut next_check = Instant::now();
+        // The first /proc check comes one interval in: most slow waits end sooner.
+        let mut next_check = start + interval;
         loop {
             let now = Instant::now();
             if self.seg.rank_info(peer).state.load(Acquire) == STATE_DEPARTED || now >= next_check {
