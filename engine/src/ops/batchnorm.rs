@@ -14,11 +14,10 @@ use crate::Float;
 const MIN_TASK_ELEMS: usize = 1 << 15;
 const LANES: usize = 8;
 
-/// `(Σ (x - shift), Σ (x - shift)²)` in f64. The shift (a sample of the channel) keeps the
-/// one-pass variance free of cancellation when `|mean| ≫ std`.
-fn shifted_sums<T: Float>(xs: &[T], shift: f64) -> (f64, f64) {
-    let mut s = [0f64; LANES];
-    let mut q = [0f64; LANES];
+/// Add `x - shift` and `(x - shift)²` to 8 f64 lanes. The shift (a sample of the channel)
+/// keeps the one-pass variance free of cancellation when `|mean| ≫ std`. Lanes are summed by
+/// the caller once per channel, not per plane (planes can be 4 elements).
+fn accumulate_shifted<T: Float>(xs: &[T], shift: f64, s: &mut [f64; LANES], q: &mut [f64; LANES]) {
     let mut chunks = xs.chunks_exact(LANES);
     for ch in &mut chunks {
         for l in 0..LANES {
@@ -32,13 +31,16 @@ fn shifted_sums<T: Float>(xs: &[T], shift: f64) -> (f64, f64) {
         s[l] += d;
         q[l] += d * d;
     }
-    (s.iter().sum(), q.iter().sum())
 }
 
-/// `(Σ dy, Σ dy·(x - mean))` in f64.
-fn grad_sums<T: Float>(dy: &[T], x: &[T], mean: f64) -> (f64, f64) {
-    let mut s = [0f64; LANES];
-    let mut p = [0f64; LANES];
+/// Add `dy` and `dy·(x - mean)` to 8 f64 lanes (summed by the caller per channel).
+fn accumulate_grads<T: Float>(
+    dy: &[T],
+    x: &[T],
+    mean: f64,
+    s: &mut [f64; LANES],
+    p: &mut [f64; LANES],
+) {
     let mut dy_chunks = dy.chunks_exact(LANES);
     let mut x_chunks = x.chunks_exact(LANES);
     for (dc, xc) in (&mut dy_chunks).zip(&mut x_chunks) {
@@ -58,7 +60,6 @@ fn grad_sums<T: Float>(dy: &[T], x: &[T], mean: f64) -> (f64, f64) {
         s[l] += d;
         p[l] += d * (xv.to_f64_lossy() - mean);
     }
-    (s.iter().sum(), p.iter().sum())
 }
 
 /// Run `f(channel) -> R` for every channel in parallel (a channel spans `channel_len`
@@ -104,13 +105,12 @@ pub fn batchnorm2d_forward_train<T: Float>(
     // otherwise).
     let stats: Vec<(f64, f64)> = per_channel(c, n * hw, |ch| {
         let shift = x.get(ch * hw).map_or(0.0, |v| v.to_f64_lossy());
-        let (mut s, mut q) = (0f64, 0f64);
+        let (mut s_lanes, mut q_lanes) = ([0f64; LANES], [0f64; LANES]);
         for img in 0..n {
             let plane = &x[(img * c + ch) * hw..(img * c + ch + 1) * hw];
-            let (ps, pq) = shifted_sums(plane, shift);
-            s += ps;
-            q += pq;
+            accumulate_shifted(plane, shift, &mut s_lanes, &mut q_lanes);
         }
+        let (s, q): (f64, f64) = (s_lanes.iter().sum(), q_lanes.iter().sum());
         let mean_shifted = s / count;
         let var = (q / count - mean_shifted * mean_shifted).max(0.0);
         let (m, is) = (shift + mean_shifted, 1.0 / (var + eps).sqrt());
@@ -255,13 +255,12 @@ pub fn batchnorm2d_backward<T: Float>(
     // As in the forward: a channel's reductions and then its dx, in one task, in cache.
     let sums: Vec<(f64, f64)> = per_channel(c, n * hw, |ch| {
         let m = mean[ch].to_f64_lossy();
-        let (mut sum_dy, mut sum_dy_xm) = (0f64, 0f64);
+        let (mut s_lanes, mut p_lanes) = ([0f64; LANES], [0f64; LANES]);
         for img in 0..n {
             let r = (img * c + ch) * hw..(img * c + ch + 1) * hw;
-            let (ps, pp) = grad_sums(&dy[r.clone()], &x[r], m);
-            sum_dy += ps;
-            sum_dy_xm += pp;
+            accumulate_grads(&dy[r.clone()], &x[r], m, &mut s_lanes, &mut p_lanes);
         }
+        let (sum_dy, sum_dy_xm): (f64, f64) = (s_lanes.iter().sum(), p_lanes.iter().sum());
         // dx = a·dy + b·(x - mean) + d (x - mean is exact-ish in T, so no cancellation when
         // |mean| ≫ std).
         let is = invstd[ch].to_f64_lossy();

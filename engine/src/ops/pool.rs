@@ -123,17 +123,22 @@ fn pool_rows_2x2<T: Float>(
         let ar = &mut ap[big_r * ow..(big_r + 1) * ow];
         for c in 0..ow {
             let (a, b, d, e) = (top[2 * c], top[2 * c + 1], bottom[2 * c], bottom[2 * c + 1]);
-            // Window order a, b (top row) then d, e (bottom row).
-            let (mut v, mut i) = (a, 2 * c as u32);
-            if takes(b, v) {
-                (v, i) = (b, 2 * c as u32 + 1);
-            }
-            if takes(d, v) {
-                (v, i) = (d, w as u32 + 2 * c as u32);
-            }
-            if takes(e, v) {
-                (v, i) = (e, w as u32 + 2 * c as u32 + 1);
-            }
+            // Window order a, b (top row) then d, e (bottom row). Selects, not branches:
+            // which element wins is data-dependent and mispredicts on real activations.
+            let c2 = 2 * c as u32;
+            let (v, i) = (a, c2);
+            let take = takes(b, v);
+            let (v, i) = (if take { b } else { v }, if take { c2 + 1 } else { i });
+            let take = takes(d, v);
+            let (v, i) = (
+                if take { d } else { v },
+                if take { w as u32 + c2 } else { i },
+            );
+            let take = takes(e, v);
+            let (v, i) = (
+                if take { e } else { v },
+                if take { w as u32 + c2 + 1 } else { i },
+            );
             yr[c] = v;
             ar[c] = base + i;
         }
