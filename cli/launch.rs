@@ -40,7 +40,8 @@ pub struct LaunchArgs {
 /// FAIL_RANK (that rank exits with EXIT_CODE, default 3, after printing its lines),
 /// LINES (lines printed on stdout and stderr, default 2), SLEEP_SECS (the other ranks then
 /// sleep this long, default 0, as a stuck rank would), IGNORE_TERM (set: ignore SIGTERM).
-/// Every child first prints `pid <pid> rank <rank>`.
+/// READY_DIR (a folder: non-failing ranks create `ready-<rank>` in it once set up; the
+/// failing rank waits for them). Every child first prints `pid <pid> rank <rank>`.
 #[derive(Args, Debug, Clone)]
 pub struct TestChildArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -284,6 +285,7 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
             .stderr(Stdio::piped());
         match cmd.spawn() {
             Ok(mut child) => {
+                eprintln!("dtrain launch: rank {rank} is pid {}", child.id());
                 if let Some(out) = child.stdout.take() {
                     let prefix = if spec.prefix_stdout {
                         format!("[rank {rank}] ")
@@ -458,6 +460,22 @@ pub fn run_test_child(_args: &TestChildArgs) -> u8 {
         let _ = unsafe { signal::signal(Signal::SIGTERM, SigHandler::SigIgn) };
     }
     println!("pid {} rank {rank}", std::process::id());
+    // READY_DIR: the other ranks announce they are set up; the failing rank waits for them
+    // (bounded), so "stop the others" is tested on ranks that really are running.
+    let ready_dir = var("DTRAIN_TEST_READY_DIR").map(std::path::PathBuf::from);
+    if let Some(dir) = &ready_dir {
+        if fail_rank != Some(rank) {
+            let _ = std::fs::write(dir.join(format!("ready-{rank}")), b"");
+        } else {
+            let others = world.parse::<usize>().unwrap_or(1).saturating_sub(1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) < others
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
     for i in 0..lines {
         println!("hello {i} from rank {rank} of {world}");
         eprintln!("note {i} from rank {rank}");

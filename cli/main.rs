@@ -53,10 +53,14 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Some(_) => {
-            eprintln!("dtrain: error: this subcommand is not built yet");
-            ExitCode::from(1)
-        }
+        Some(Command::Bench(args)) => match dtrain::bench_cmd::run(&args) {
+            Ok(code) => ExitCode::from(code),
+            Err(dtrain::bench_cmd::BenchError::Usage(msg)) => usage_exit(UsageError::Invalid(msg)),
+            Err(e) => {
+                eprintln!("dtrain bench: error: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

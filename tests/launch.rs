@@ -27,14 +27,15 @@ fn launch(n: usize, env: &[(&str, &str)], extra: &[&str]) -> (Output, Duration) 
     (out, start.elapsed())
 }
 
-/// The pids the children reported, checked to have exited (no process left behind).
-fn assert_children_gone(stdout: &str, n: usize) {
-    let pids: Vec<u32> = stdout
+/// The pids the launcher reported for its children, checked to have exited (no process left
+/// behind).
+fn assert_children_gone(launcher_stderr: &str, n: usize) {
+    let pids: Vec<u32> = launcher_stderr
         .lines()
-        .filter_map(|l| l.split("] pid ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .filter(|l| l.starts_with("dtrain launch: rank "))
+        .filter_map(|l| l.split(" is pid ").nth(1)?.trim().parse().ok())
         .collect();
-    assert_eq!(pids.len(), n, "pid lines in\n{stdout}");
+    assert_eq!(pids.len(), n, "pid lines in\n{launcher_stderr}");
     for pid in pids {
         // The launcher reaped them, so the pid is gone (or reused by an unrelated process,
         // which would not run our test child).
@@ -43,6 +44,30 @@ fn assert_children_gone(stdout: &str, n: usize) {
             !String::from_utf8_lossy(&cmdline).contains("launcher-test-child"),
             "child {pid} still exists"
         );
+    }
+}
+
+/// A unique, self-removing temporary folder.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p = std::env::temp_dir().join(format!(
+            "dtrain-launch-test-{tag}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -77,11 +102,12 @@ fn all_ranks_run_with_prefixed_lines() {
     }
     // Every stdout line is prefixed.
     assert!(stdout.lines().all(|l| l.starts_with("[rank ")), "{stdout}");
-    assert_children_gone(&stdout, 3);
+    assert_children_gone(&stderr, 3);
 }
 
 #[test]
 fn a_failing_rank_stops_the_others() {
+    let ready = TempDir::new("fail");
     // Rank 1 fails at once with status 7; ranks 0 and 2 would sleep 60 s.
     let (out, elapsed) = launch(
         3,
@@ -89,6 +115,7 @@ fn a_failing_rank_stops_the_others() {
             ("DTRAIN_TEST_FAIL_RANK", "1"),
             ("DTRAIN_TEST_EXIT_CODE", "7"),
             ("DTRAIN_TEST_SLEEP_SECS", "60"),
+            ("DTRAIN_TEST_READY_DIR", ready.0.to_str().unwrap()),
         ],
         &[],
     );
@@ -109,21 +136,22 @@ fn a_failing_rank_stops_the_others() {
         "{stdout}"
     );
     assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
-    assert_children_gone(&stdout, 3);
+    assert_children_gone(&stderr, 3);
 }
 
 #[test]
 fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
+    let ready = TempDir::new("ignore-term");
     let (out, elapsed) = launch(
         2,
         &[
             ("DTRAIN_TEST_FAIL_RANK", "0"),
             ("DTRAIN_TEST_SLEEP_SECS", "60"),
             ("DTRAIN_TEST_IGNORE_TERM", "1"),
+            ("DTRAIN_TEST_READY_DIR", ready.0.to_str().unwrap()),
         ],
         &[],
     );
-    let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
@@ -135,7 +163,7 @@ fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
         "{stderr}"
     );
     assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
-    assert_children_gone(&stdout, 2);
+    assert_children_gone(&stderr, 2);
 }
 
 #[test]
@@ -178,7 +206,7 @@ fn sigterm_to_the_launcher_is_forwarded() {
     assert_eq!(status.code(), Some(128 + 15), "{stderr}");
     assert!(stderr.contains("forwarding it to the ranks"), "{stderr}");
     assert!(!rest.contains("done"), "{rest}");
-    assert_children_gone(&seen, 2);
+    assert_children_gone(&stderr, 2);
 }
 
 #[test]
@@ -227,4 +255,53 @@ fn launcher_only_flags_are_not_forwarded() {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     assert_eq!(fwd, vec!["--mode", "ddp", "--lr", "0.5"]);
+}
+
+/// `dtrain bench` starts its ranks itself; rank 0 prints one JSON object per message size.
+#[test]
+fn bench_prints_one_json_row_per_size() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["bench", "--transport", "tcp", "--num-nodes", "2"])
+        .args([
+            "--min-bytes",
+            "4K",
+            "--max-bytes",
+            "16K",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let sizes: Vec<u64> = rows.iter().map(|r| r["bytes"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, vec![4096, 8192, 16384], "{stdout}");
+    for r in &rows {
+        assert_eq!(r["world_size"], 2);
+        assert_eq!(r["transport"], "tcp");
+        assert!(r["busbw_gbps"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn bench_usage_errors() {
+    for extra in [
+        vec!["--num-nodes", "1"],
+        vec!["--min-bytes", "1M", "--max-bytes", "4K"],
+        vec!["--max-bytes", "12Q"],
+        vec!["--rank", "2", "--num-nodes", "2"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .arg("bench")
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{extra:?}: {stderr}");
+    }
 }
