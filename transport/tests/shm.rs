@@ -744,3 +744,26 @@ fn world_of_one_runs_in_process() {
     assert_eq!(buf, vec![1.5, -2.0]);
     b.barrier().unwrap();
 }
+
+/// A rank started with a different world size fails with ConfigMismatch, and so does rank 0,
+/// at once rather than at the connect timeout (which would be a `Timeout` error).
+#[test]
+fn world_size_mismatch_fails_fast_on_both_sides() {
+    let job = unique_job_id("mismatch");
+    let t = test_timeouts();
+    let rank0 = {
+        let job = job.clone();
+        std::thread::spawn(move || ShmBackend::attach(&job, 0, 2, &t).map(|_| ()))
+    };
+    let rank1 = ShmBackend::attach(&job, 1, 3, &t).map(|_| ());
+    let rank0 = rank0.join().unwrap();
+    assert!(
+        matches!(rank1, Err(Error::ConfigMismatch(_))),
+        "rank 1: {rank1:?}"
+    );
+    assert!(
+        matches!(rank0, Err(Error::ConfigMismatch(_))),
+        "rank 0: {rank0:?}"
+    );
+    assert!(!segment_path(&job).exists());
+}

@@ -80,7 +80,7 @@ impl ShmBackend {
         let seg = if rank == 0 {
             Segment::create(&name, layout)?
         } else {
-            Segment::open(&name, layout, deadline)?
+            Segment::open(&name, layout, rank, deadline)?
         };
         let result = register_and_wait(&seg, &name, rank, deadline, timeouts.connect);
         if rank == 0 {
@@ -134,10 +134,12 @@ fn register_and_wait(
     connect: Duration,
 ) -> Result<()> {
     let me = seg.rank_info(rank);
+    let header = seg.header();
     if let Err(state) = me
         .state
         .compare_exchange(STATE_EMPTY, STATE_CLAIMED, AcqRel, Acquire)
     {
+        header.failed_rank.store(rank as u32 + 1, Release);
         return Err(Error::ConfigMismatch(format!(
             "rank {rank} is already attached to /dev/shm{name} (state {state}, pid {}): two \
              processes were given the same rank",
@@ -148,11 +150,17 @@ fn register_and_wait(
     me.start_time.store(liveness::own_start_time(), Relaxed);
     me.heartbeat_ns.store(liveness::monotonic_ns(), Relaxed);
     me.state.store(STATE_ATTACHED, Release);
-    let header = seg.header();
     header.attached.fetch_add(1, AcqRel);
     let world_size = seg.layout.world_size;
     let start = Instant::now();
     while header.attached.load(Acquire) as usize != world_size {
+        let failed = header.failed_rank.load(Acquire);
+        if failed != 0 {
+            return Err(Error::ConfigMismatch(format!(
+                "rank {} could not join /dev/shm{name} (configuration mismatch; see its error)",
+                failed - 1
+            )));
+        }
         for q in 0..world_size {
             let info = seg.rank_info(q);
             if q != rank && info.state.load(Acquire) == STATE_ATTACHED {

@@ -48,6 +48,9 @@ pub struct Header {
     pub num_stages: AtomicU32,
     /// Number of ranks that have mapped the segment and registered their pid.
     pub attached: AtomicU32,
+    /// 0, or 1 + the rank that found it cannot join (configuration mismatch), so the ranks
+    /// waiting for it fail at once instead of at the connect timeout.
+    pub failed_rank: AtomicU32,
 }
 
 #[repr(C, align(128))]
@@ -175,8 +178,8 @@ impl Segment {
     }
 
     /// Ranks > 0: opens the segment rank 0 creates, retrying until `deadline`, and checks it
-    /// was built for the same world size and constants.
-    pub fn open(name: &str, layout: Layout, deadline: Instant) -> Result<Segment> {
+    /// was built for the same world size and constants (on mismatch it flags `failed_rank`).
+    pub fn open(name: &str, layout: Layout, rank: usize, deadline: Instant) -> Result<Segment> {
         let not_yet = || {
             if Instant::now() >= deadline {
                 Err(Error::Timeout {
@@ -220,9 +223,13 @@ impl Segment {
                 not_yet()?;
             }
             let h = seg.header();
+            let give_up = |e: Error| {
+                h.failed_rank.store(rank as u32 + 1, Ordering::Release);
+                Err(e)
+            };
             let theirs = h.world_size.load(Ordering::Relaxed) as usize;
             if theirs != layout.world_size {
-                return Err(Error::ConfigMismatch(format!(
+                return give_up(Error::ConfigMismatch(format!(
                     "rank 0 created the shm segment for world size {theirs}, this rank expects {}",
                     layout.world_size
                 )));
@@ -232,7 +239,7 @@ impl Segment {
                 || h.num_stages.load(Ordering::Relaxed) != NUM_STAGES as u32
                 || size != layout.total
             {
-                return Err(Error::ConfigMismatch(
+                return give_up(Error::ConfigMismatch(
                     "shm segment layout differs between ranks (mixed dtrain builds?)".into(),
                 ));
             }
