@@ -249,7 +249,7 @@ mod tests {
         }
         assert_eq!(next, range.end);
         assert_eq!(piece_count(&[0..10, 0..0], 4), 3);
-        assert_eq!(piece_count(&[0..0], 4), 1);
+        assert_eq!(piece_count(&[0..0, 0..0], 4), 1);
     }
 
     #[test]

@@ -214,9 +214,9 @@ pub fn check_reduce_scatter<T: TestElement>(
     let send = inputs::<T>(r, n * len, seed);
     let mut recv = vec![T::value(99, 0, 0); len];
     run("reduce_scatter", comm.reduce_scatter(&send, &mut recv, op));
-    for i in 0..len {
+    for (i, &got) in recv.iter().enumerate() {
         let column: Vec<T> = (0..n).map(|q| T::value(q, r * len + i, seed)).collect();
-        if let Err(e) = T::check_reduced(recv[i], &column, op) {
+        if let Err(e) = T::check_reduced(got, &column, op) {
             fail(format!(
                 "reduce_scatter {} len {len} element {i}: {e}",
                 T::NAME
@@ -289,7 +289,7 @@ pub fn back_to_back(comm: &mut Communicator, iterations: usize) {
     let mut state: u64 = 0x1234_5678;
     for it in 0..iterations {
         state = mix(it, state as usize, 3);
-        let len = if state % 10 == 0 {
+        let len = if state.is_multiple_of(10) {
             20_000 + (state % 200_000) as usize
         } else {
             (state % 3000) as usize
@@ -322,10 +322,15 @@ pub fn async_ops(comm: Communicator) {
         let got = p
             .wait()
             .unwrap_or_else(|e| super::exit_error_with("all_reduce_async", &e));
-        let len = lens[k];
-        for i in 0..len {
+        if got.len() != lens[k] {
+            fail(format!(
+                "all_reduce_async #{k} returned {} elements",
+                got.len()
+            ));
+        }
+        for (i, &value) in got.iter().enumerate() {
             let column: Vec<f32> = (0..n).map(|r| f32::value(r, i, 900 + k as u64)).collect();
-            if let Err(e) = f32::check_reduced(got[i], &column, ReduceOp::Sum) {
+            if let Err(e) = f32::check_reduced(value, &column, ReduceOp::Sum) {
                 fail(format!("all_reduce_async #{k} element {i}: {e}"));
             }
         }
