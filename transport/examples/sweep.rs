@@ -22,6 +22,7 @@ fn main() {
         max_bytes: arg(4, "134217728").parse().expect("max bytes"),
         ..SweepConfig::default()
     };
+    cfg.memcpy = std::env::var_os("SWEEP_NO_MEMCPY").is_none();
     if let Some(list) = args.get(5) {
         cfg.collectives = BenchCollective::ALL
             .into_iter()

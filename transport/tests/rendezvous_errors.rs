@@ -69,6 +69,18 @@ fn matching_auth_tokens_connect() {
 }
 
 #[test]
+fn ranks_started_before_the_master_retry_until_it_listens() {
+    let spawn = Spawn::new("connect", 3);
+    let early: Vec<_> = (1..3).map(|r| spawn.spawn_rank(r, &[])).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut all = vec![spawn.spawn_rank(0, &[])];
+    all.extend(early);
+    for r in finish_all(all, LIMIT) {
+        expect_done(&r);
+    }
+}
+
+#[test]
 fn wrong_auth_token_is_rejected_on_both_sides() {
     let spawn = Spawn::new("connect", 2).env("DTRAIN_TEST_CONNECT_MS", 4000);
     let w0 = spawn.spawn_rank(0, &[("DTRAIN_TEST_TOKEN", "alpha".into())]);
