@@ -262,4 +262,169 @@ mod tests {
         d.copy_from_slice(s);
         assert_eq!(&buf[8..], &[0, 6]);
     }
+
+    /// In-process transport: one unbounded channel per ordered rank pair.
+    struct ChannelP2p {
+        rank: usize,
+        world_size: usize,
+        to: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
+        from: Vec<std::sync::mpsc::Receiver<Vec<u8>>>,
+    }
+
+    impl PointToPoint for ChannelP2p {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world_size
+        }
+        fn set_op(&mut self, _what: &'static str) {}
+        fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()> {
+            self.to[peer].send(buf.to_vec()).expect("peer alive");
+            Ok(())
+        }
+        fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()> {
+            let msg = self.from[peer].recv().expect("peer alive");
+            assert_eq!(
+                msg.len(),
+                buf.len(),
+                "rank {} from {peer}: length",
+                self.rank
+            );
+            buf.copy_from_slice(&msg);
+            Ok(())
+        }
+        fn send_recv(
+            &mut self,
+            to: usize,
+            send: &[u8],
+            from: usize,
+            recv: &mut [u8],
+        ) -> Result<()> {
+            self.send(to, send)?;
+            self.recv(from, recv)
+        }
+    }
+
+    fn channel_world(n: usize) -> Vec<ChannelP2p> {
+        let mut senders: Vec<Vec<Option<std::sync::mpsc::Sender<Vec<u8>>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<Option<std::sync::mpsc::Receiver<Vec<u8>>>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        for a in 0..n {
+            for b in 0..n {
+                let (tx, rx) = std::sync::mpsc::channel();
+                senders[a][b] = Some(tx);
+                receivers[b][a] = Some(rx);
+            }
+        }
+        (0..n)
+            .map(|r| ChannelP2p {
+                rank: r,
+                world_size: n,
+                to: senders[r].iter_mut().map(|s| s.take().unwrap()).collect(),
+                from: receivers[r].iter_mut().map(|s| s.take().unwrap()).collect(),
+            })
+            .collect()
+    }
+
+    fn value(rank: usize, i: usize) -> i64 {
+        (rank as i64 + 1) * 1_000_003 - (i as i64) * 7919 * (rank as i64 % 3 - 1)
+    }
+
+    /// Ring (tiny pieces: many pieces, some empty) and direct all-reduce, chain and direct
+    /// broadcast, all-gather, reduce-scatter, gather/scatter and barrier on 1..=5 threads,
+    /// every length 0..=23: exact i64 results.
+    #[test]
+    fn algorithms_are_exact_over_an_in_process_transport() {
+        for n in 1..=5 {
+            for len in 0..=23usize {
+                for (direct_max, piece) in [(0usize, 8usize), (usize::MAX, 16), (0, 1 << 20)] {
+                    let config = AlgoConfig {
+                        direct_allreduce_max_bytes: direct_max,
+                        chain_broadcast_min_bytes: if direct_max == 0 { 0 } else { usize::MAX },
+                        piece_bytes: piece,
+                    };
+                    let handles: Vec<_> = channel_world(n)
+                        .into_iter()
+                        .map(|p2p| {
+                            std::thread::spawn(move || {
+                                let r = p2p.rank;
+                                let mut b = P2pBackend::new(p2p, config);
+                                let mut buf: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
+                                b.all_reduce(
+                                    bytemuck::cast_slice_mut(&mut buf),
+                                    DType::I64,
+                                    ReduceOp::Sum,
+                                )
+                                .unwrap();
+                                let mut bc: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
+                                b.broadcast(bytemuck::cast_slice_mut(&mut bc), n - 1)
+                                    .unwrap();
+                                let mine: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
+                                let mut all = vec![0i64; n * len];
+                                b.all_gather(
+                                    bytemuck::cast_slice(&mine),
+                                    bytemuck::cast_slice_mut(&mut all),
+                                )
+                                .unwrap();
+                                let send: Vec<i64> = (0..n * len).map(|i| value(r, i)).collect();
+                                let mut rs = vec![0i64; len];
+                                b.reduce_scatter(
+                                    bytemuck::cast_slice(&send),
+                                    bytemuck::cast_slice_mut(&mut rs),
+                                    DType::I64,
+                                    ReduceOp::Max,
+                                )
+                                .unwrap();
+                                let mut gathered = vec![0i64; n * len];
+                                let root = len % n;
+                                b.gather(
+                                    bytemuck::cast_slice(&mine),
+                                    (r == root).then_some(bytemuck::cast_slice_mut(&mut gathered)),
+                                    root,
+                                )
+                                .unwrap();
+                                let mut scattered = vec![0i64; len];
+                                b.scatter(
+                                    (r == root).then_some(bytemuck::cast_slice(&send)),
+                                    bytemuck::cast_slice_mut(&mut scattered),
+                                    root,
+                                )
+                                .unwrap();
+                                b.barrier().unwrap();
+                                (r, buf, bc, all, rs, gathered, scattered)
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        let (r, buf, bc, all, rs, gathered, scattered) = h.join().unwrap();
+                        let ctx = format!(
+                            "n {n} len {len} rank {r} direct_max {direct_max} piece {piece}"
+                        );
+                        let sum: Vec<i64> = (0..len)
+                            .map(|i| (0..n).map(|q| value(q, i)).sum())
+                            .collect();
+                        assert_eq!(buf, sum, "all_reduce {ctx}");
+                        let root_vals: Vec<i64> = (0..len).map(|i| value(n - 1, i)).collect();
+                        assert_eq!(bc, root_vals, "broadcast {ctx}");
+                        let every: Vec<i64> = (0..n)
+                            .flat_map(|q| (0..len).map(move |i| value(q, i)))
+                            .collect();
+                        assert_eq!(all, every, "all_gather {ctx}");
+                        let max: Vec<i64> = (0..len)
+                            .map(|i| (0..n).map(|q| value(q, r * len + i)).max().unwrap())
+                            .collect();
+                        assert_eq!(rs, max, "reduce_scatter {ctx}");
+                        if r == len % n {
+                            assert_eq!(gathered, every, "gather {ctx}");
+                        }
+                        let block: Vec<i64> =
+                            (0..len).map(|i| value(len % n, r * len + i)).collect();
+                        assert_eq!(scattered, block, "scatter {ctx}");
+                    }
+                }
+            }
+        }
+    }
 }
