@@ -7,8 +7,8 @@
 //! control or `posix_fallocate`, and pulls in a second, older `nix` (0.23). `nix` + `memmap2`
 //! are already workspace dependencies and give us each system call explicitly.
 //!
-//! Files: [`segment`] (name, layout, create/open), [`futex`] (cross-process wait/wake),
-//! [`liveness`] (pid + start time), [`flags`] (progress counters, stage ring, waits — the
+//! Files: `segment` (name, layout, create/open), `futex` (cross-process wait/wake),
+//! `liveness` (pid + start time), `flags` (progress counters, stage ring, waits — the
 //! protocol that makes the raw copies race-free), then one file per collective.
 //!
 //! Lifecycle: rank 0 creates `/dev/shm/dtrain-<uid>-<job_id>` (`O_CREAT|O_EXCL`, 0600), every
