@@ -3,9 +3,9 @@
 //! **Why nix + memmap2, not the `shared_memory` crate.** `shared_memory` (0.12.4, last
 //! released 2022) wraps the same `shm_open`/`mmap` calls but ties unlinking to the lifetime
 //! of the creating handle ("owner unlinks on drop"), while we unlink as soon as every rank has
-//! attached so even a `kill -9` leaves nothing in /dev/shm; it also offers no `O_EXCL`/0600
-//! control or `posix_fallocate`, and pulls in a second, older `nix` (0.23). `nix` + `memmap2`
-//! are already workspace dependencies and give us each system call explicitly.
+//! attached so even a `kill -9` leaves nothing in /dev/shm; it also depends on an older `nix`
+//! (0.23, a second copy in our build). `nix` + `memmap2` are already workspace dependencies
+//! and let us state every flag ourselves (`O_CREAT|O_EXCL`, mode 0600, `posix_fallocate`).
 //!
 //! Files: `segment` (name, layout, create/open), `futex` (cross-process wait/wake),
 //! `liveness` (pid + start time), `flags` (progress counters, stage ring, waits — the
