@@ -136,6 +136,11 @@ impl DdpSync {
         &self.plan
     }
 
+    /// Buckets launched so far in this step.
+    pub fn launched(&self) -> usize {
+        self.next_launch
+    }
+
     pub fn begin_step(&mut self) {
         for (m, b) in self.missing.iter_mut().zip(&self.plan) {
             *m = b.params.len();
@@ -290,5 +295,84 @@ mod tests {
         assert_eq!(mib_to_bytes(0.5), 1 << 19);
         assert_eq!(mib_to_bytes(-1.0), 0);
         assert_eq!(mib_to_bytes(f64::NAN), 0);
+    }
+
+    /// A one-rank backend whose all-reduce doubles every f32: shows where each bucket's
+    /// result lands.
+    struct Doubling;
+    impl transport::Backend for Doubling {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn all_reduce(
+            &mut self,
+            buf: &mut [u8],
+            _: transport::DType,
+            _: ReduceOp,
+        ) -> transport::Result<()> {
+            for c in buf.chunks_exact_mut(4) {
+                let v = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]) * 2.0;
+                c.copy_from_slice(&v.to_ne_bytes());
+            }
+            Ok(())
+        }
+        fn broadcast(&mut self, _: &mut [u8], _: usize) -> transport::Result<()> {
+            Ok(())
+        }
+        fn gather(&mut self, _: &[u8], _: Option<&mut [u8]>, _: usize) -> transport::Result<()> {
+            unreachable!("not used by DDP")
+        }
+        fn scatter(&mut self, _: Option<&[u8]>, _: &mut [u8], _: usize) -> transport::Result<()> {
+            unreachable!("not used by DDP")
+        }
+        fn all_gather(&mut self, _: &[u8], _: &mut [u8]) -> transport::Result<()> {
+            unreachable!("not used by DDP")
+        }
+        fn reduce_scatter(
+            &mut self,
+            _: &[u8],
+            _: &mut [u8],
+            _: transport::DType,
+            _: ReduceOp,
+        ) -> transport::Result<()> {
+            unreachable!("not used by DDP")
+        }
+        fn barrier(&mut self) -> transport::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn buckets_launch_during_backward_and_results_land_on_the_right_parameters() {
+        let mut model = crate::train::build_model("4,M,8,M", 2).expect("model");
+        // Tiny caps: several buckets (the 8x4x3x3 conv weight alone is 1152 bytes).
+        let mut ddp = DdpSync::new(&model, 0.0005, 0.001);
+        assert!(ddp.plan().len() >= 3, "{:?}", ddp.plan());
+        let mut comm =
+            transport::Communicator::from_backend(Box::new(Doubling), "test").into_async();
+        let n = 2;
+        let x: Vec<f32> = (0..n * 3 * 32 * 32)
+            .map(|i| ((i * 29 % 97) as f32) / 48.0 - 1.0)
+            .collect();
+        for step in 0..2 {
+            ddp.begin_step();
+            assert_eq!(ddp.launched(), 0);
+            model
+                .forward_backward(&x, n, &[1, 4], &mut |i, g| {
+                    ddp.on_grad_ready(&mut comm, i, g)
+                })
+                .expect("forward_backward");
+            // Every bucket was launched from inside backward, none waits for `finish`.
+            assert_eq!(ddp.launched(), ddp.plan().len(), "step {step}");
+            let local: Vec<Vec<f32>> = model.params().iter().map(|p| p.grad.clone()).collect();
+            ddp.finish(&mut comm, model.params_mut()).expect("finish");
+            for (p, g) in model.params().iter().zip(&local) {
+                let doubled: Vec<f32> = g.iter().map(|v| v * 2.0).collect();
+                assert_eq!(p.grad, doubled, "{}", p.name);
+            }
+        }
     }
 }

@@ -238,6 +238,8 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     let mut iter_times: Vec<f64> = Vec::new();
     let mut iteration = start.iteration;
     let mut position = start;
+    // The position last written to --save-checkpoint.
+    let mut saved_at: Option<Position> = None;
     let reached_max = |it: usize| cfg.max_iters.is_some_and(|m| it >= m);
     let stdout = std::io::stdout();
 
@@ -374,8 +376,9 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
                 epoch,
             )?;
         }
-        if let Some(path) = &cfg.save_checkpoint {
-            if rank == 0 {
+        // Each finished epoch is checkpointed; a run cut short is saved once, below.
+        if epoch_done && rank == 0 {
+            if let Some(path) = &cfg.save_checkpoint {
                 checkpoint::save_training(
                     path,
                     &cfg.model,
@@ -384,6 +387,7 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
                     position,
                     run_settings(cfg),
                 )?;
+                saved_at = Some(position);
             }
         }
         if !epoch_done {
@@ -393,8 +397,8 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
 
     // The end-of-run checkpoint (also when there was nothing left to train).
-    if let Some(path) = &cfg.save_checkpoint {
-        if rank == 0 {
+    if let Some(path) = cfg.save_checkpoint.as_ref().filter(|_| rank == 0) {
+        if saved_at != Some(position) {
             checkpoint::save_training(path, &cfg.model, &model, &sgd, position, run_settings(cfg))?;
         }
     }
@@ -477,10 +481,10 @@ mod tests {
     #[test]
     fn log_lines_match_the_original_format() {
         // Python: 'Training Iteration: {} [{}/{} ({:.0f}%)]\tLoss: {:.6f}'.format(
-        //     20, 20*64, 50000, 100.*20/782, 2.302585)
+        //     20, 20*64, 50000, 100.*20/782, 2.312345)
         assert_eq!(
-            iteration_line(20, 64, 50000, 782, 2.302585),
-            "Training Iteration: 20 [1280/50000 (3%)]\tLoss: 2.302585"
+            iteration_line(20, 64, 50000, 782, 2.312345),
+            "Training Iteration: 20 [1280/50000 (3%)]\tLoss: 2.312345"
         );
         assert_eq!(
             test_line(1.23456, 5234, 10000),
