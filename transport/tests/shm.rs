@@ -630,6 +630,9 @@ fn kill_9_mid_collective_reports_peer_died() {
             out.contains(&format!("PEERDIED rank={VICTIM}")),
             "rank {r}:\n{out}"
         );
+        if let Some(line) = out.lines().find(|l| l.contains("PEERDIED")) {
+            eprintln!("rank {r}: {line}");
+        }
     }
     assert_eq!(job.wait(&[VICTIM], Duration::from_secs(10)), [false]);
     job.assert_no_segment();
@@ -766,4 +769,35 @@ fn world_size_mismatch_fails_fast_on_both_sides() {
         "rank 0: {rank0:?}"
     );
     assert!(!segment_path(&job).exists());
+}
+
+/// A peer that is alive but never joins the collective makes the waiter fail with a Timeout
+/// naming it after `timeouts.collective`.
+#[test]
+fn stalled_peer_times_out_naming_it() {
+    if let Some(w) = worker_env() {
+        let t = Timeouts {
+            collective: Duration::from_millis(300),
+            ..test_timeouts()
+        };
+        let mut b = ShmBackend::attach(&w.job, w.rank, w.world, &t).unwrap();
+        if w.rank == 1 {
+            // Alive, attached, but not calling any collective.
+            std::thread::sleep(Duration::from_secs(2));
+            return;
+        }
+        let mut buf = vec![0.5f64; 10];
+        match b.all_reduce(
+            bytemuck::cast_slice_mut(&mut buf),
+            DType::F64,
+            ReduceOp::Sum,
+        ) {
+            Err(Error::Timeout { rank: 1, .. }) => println!("TIMED_OUT"),
+            other => panic!("expected Timeout naming rank 1, got {other:?}"),
+        }
+        return;
+    }
+    let outs =
+        Job::spawn("stalled_peer_times_out_naming_it", 2).expect_success(Duration::from_secs(60));
+    assert!(outs[0].contains("TIMED_OUT"), "{}", outs[0]);
 }
