@@ -1,8 +1,8 @@
 //! dtrain's collective transport: rendezvous, shared-memory and TCP backends, collectives.
 //!
 //! Knows nothing of tensors or models: it moves `bytemuck::Pod` slices and reduces
-//! f32/f64/i64. Layering follows gloo: *how bytes move* (shared memory, [`tcp`]) is kept
-//! apart from *algorithms* ([`algorithms`], one small file each), and a [`Communicator`]
+//! f32/f64/i64. Layering follows gloo: *how bytes move* ([`shm`], [`tcp`]) is kept apart
+//! from *algorithms* ([`algorithms`] for TCP, one small file each), and a [`Communicator`]
 //! holds the peers.
 //!
 //! # API
@@ -35,7 +35,12 @@
 //! rank: [`Error::PeerDied`] (EOF/reset — a rank killed with -9 is reported within about a
 //! second by every rank), [`Error::Timeout`] (a silent peer, after `timeouts.collective`),
 //! [`Error::Protocol`] (garbage or mismatched collectives). After such an error the
-//! communicator refuses further work.
+//! communicator refuses further work. Drop the communicator before exiting: a clean drop
+//! tells peers "goodbye", so a rank that finishes first is not mistaken for a dead one.
+//!
+//! Sum order (TCP): documented in [`algorithms::ring_allreduce`]; every all-reduce result is
+//! either computed once and copied as bytes or computed in the same rank order everywhere,
+//! so all ranks hold bitwise identical buffers.
 //!
 //! Rendezvous ([`rendezvous`]): rank 0 listens on `master_addr:master_port`, the others
 //! connect with retries until `timeouts.connect`; duplicate ranks, out-of-range ranks and
