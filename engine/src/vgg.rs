@@ -98,6 +98,11 @@ pub enum ModelError {
     },
     #[error("empty batch")]
     EmptyBatch,
+    #[error(
+        "batch of {n} is too small for training: batch norm at {h}x{w} needs more than one \
+         value per channel (as PyTorch)"
+    )]
+    BatchTooSmallForBatchNorm { n: usize, h: usize, w: usize },
     #[error("forward_backward needs training mode (eval-mode batch norm is not differentiated)")]
     NotTraining,
 }
@@ -478,6 +483,22 @@ impl<T: Float> Vgg<T> {
             return Err(ModelError::NotTraining);
         }
         self.check_batch(x, n, Some(labels))?;
+        // Smallest spatial size any batch norm sees: the size at the last conv.
+        let mut hw = self.config.image_size;
+        let mut bn_hw = hw;
+        for l in &self.config.layers {
+            match l {
+                LayerSpec::Conv(_) => bn_hw = hw,
+                LayerSpec::MaxPool => hw /= 2,
+            }
+        }
+        if n * bn_hw * bn_hw < 2 {
+            return Err(ModelError::BatchTooSmallForBatchNorm {
+                n,
+                h: bn_hw,
+                w: bn_hw,
+            });
+        }
         let tape = &mut self.train_tape;
         if self.train_batch != n {
             // A new batch size: drop the buffers sized for the old one.

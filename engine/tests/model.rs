@@ -22,10 +22,18 @@ fn gradcheck_small_network() {
     let labels = [0u32, 3, 4];
 
     let mut hook_order = Vec::new();
+    let mut hook_grads = Vec::new();
     let (_, input_grad) = model
-        .forward_backward_with_input_grad(&x, n, &labels, &mut |i, _| hook_order.push(i))
+        .forward_backward_with_input_grad(&x, n, &labels, &mut |i, g| {
+            hook_order.push(i);
+            hook_grads.push(g.to_vec());
+        })
         .unwrap();
     let n_params = model.params().len();
+    // What the hook saw is the final gradient (DDP copies it into a bucket right there).
+    for (&i, g) in hook_order.iter().zip(&hook_grads) {
+        assert_eq!(g, &model.params()[i].grad, "{}", model.params()[i].name);
+    }
     assert_eq!(n_params, 10);
     // Ready order: fc1 first, the first conv last.
     let mut sorted = hook_order.clone();
