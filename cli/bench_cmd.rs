@@ -4,11 +4,14 @@
 //! Without `--rank`, the command starts N local ranks of itself (through the launcher's
 //! supervision: a failing rank stops the others) and rank 0 prints the result. With `--rank`
 //! (and `--master-ip` for ranks on other hosts), this process is one rank of a bench job.
+//! The measurement itself is `transport::bench::run_sweep` (median of slowest-rank times).
 
 use std::ffi::OsString;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+
+use transport::bench::{format_table, run_sweep, BenchCollective, SweepConfig};
 
 use crate::args::{parse_master_addr, TransportArg, DEFAULT_MASTER_PORT};
 use crate::launch::{free_port, run_local_ranks, LocalRanks};
@@ -41,14 +44,69 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "table")]
     pub format: BenchFormat,
     /// Smallest message, bytes (suffixes K, M, G allowed)
-    #[arg(long, value_name = "BYTES", default_value = "4K", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "8", value_parser = parse_size)]
     pub min_bytes: usize,
     /// Largest message, bytes (suffixes K, M, G allowed)
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     pub max_bytes: usize,
+    /// Size multiplier between rows
+    #[arg(long, default_value_t = 4)]
+    pub factor: usize,
+    /// Collectives to time (comma-separated)
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "all-reduce,broadcast,gather,scatter,all-gather"
+    )]
+    pub collectives: Vec<CollectiveArg>,
+    /// Timed repetitions for small sizes (fewer for large ones)
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Warm-up repetitions per size
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Leave out the local memcpy reference rows
+    #[arg(long)]
+    pub no_memcpy: bool,
     /// Deadline of one collective, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CollectiveArg {
+    #[value(alias = "all_reduce", alias = "allreduce")]
+    AllReduce,
+    Broadcast,
+    Gather,
+    Scatter,
+    #[value(alias = "all_gather", alias = "allgather")]
+    AllGather,
+}
+
+impl From<CollectiveArg> for BenchCollective {
+    fn from(c: CollectiveArg) -> Self {
+        match c {
+            CollectiveArg::AllReduce => BenchCollective::AllReduce,
+            CollectiveArg::Broadcast => BenchCollective::Broadcast,
+            CollectiveArg::Gather => BenchCollective::Gather,
+            CollectiveArg::Scatter => BenchCollective::Scatter,
+            CollectiveArg::AllGather => BenchCollective::AllGather,
+        }
+    }
+}
+
+impl CollectiveArg {
+    fn flag_value(self) -> &'static str {
+        match self {
+            CollectiveArg::AllReduce => "all-reduce",
+            CollectiveArg::Broadcast => "broadcast",
+            CollectiveArg::Gather => "gather",
+            CollectiveArg::Scatter => "scatter",
+            CollectiveArg::AllGather => "all-gather",
+        }
+    }
 }
 
 /// "4096", "4K", "4KiB", "16M", "1G" → bytes (binary multiples).
@@ -95,11 +153,20 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
             )));
         }
     }
-    if args.min_bytes < 4 || args.min_bytes > args.max_bytes {
+    if args.min_bytes == 0 || args.min_bytes > args.max_bytes {
         return Err(BenchError::Usage(format!(
-            "need 4 <= --min-bytes <= --max-bytes, got {} and {}",
+            "need 1 <= --min-bytes <= --max-bytes, got {} and {}",
             args.min_bytes, args.max_bytes
         )));
+    }
+    if args.factor < 2 {
+        return Err(BenchError::Usage(format!(
+            "--factor must be at least 2, got {}",
+            args.factor
+        )));
+    }
+    if args.iters == 0 {
+        return Err(BenchError::Usage("--iters must be at least 1".into()));
     }
     if args.timeout == 0 {
         return Err(BenchError::Usage(
@@ -166,8 +233,21 @@ fn spawn_local(args: &BenchArgs, host: &str, port: Option<u16>) -> Result<u8, Be
         args.max_bytes.to_string(),
         "--timeout".into(),
         args.timeout.to_string(),
+        "--factor".into(),
+        args.factor.to_string(),
+        "--iters".into(),
+        args.iters.to_string(),
+        "--warmup".into(),
+        args.warmup.to_string(),
+        "--collectives".into(),
+        args.collectives
+            .iter()
+            .map(|c| c.flag_value())
+            .collect::<Vec<_>>()
+            .join(","),
     ]
     .into_iter()
+    .chain(args.no_memcpy.then(|| "--no-memcpy".to_string()))
     .map(OsString::from)
     .collect();
     let spec = LocalRanks {
@@ -192,123 +272,34 @@ fn run_rank(args: &BenchArgs, host: &str, port: u16, rank: usize) -> Result<(), 
     cfg.auth_token = std::env::var("DTRAIN_AUTH_TOKEN").ok();
     cfg.timeouts.collective = Duration::from_secs(args.timeout);
     // Ranks started with different sweeps would deadlock mid-way: reject them at rendezvous.
+    let sweep = SweepConfig {
+        min_bytes: args.min_bytes,
+        max_bytes: args.max_bytes,
+        factor: args.factor,
+        warmup: args.warmup,
+        iters: args.iters,
+        collectives: args.collectives.iter().map(|&c| c.into()).collect(),
+        memcpy: !args.no_memcpy,
+        ..SweepConfig::default()
+    };
+    // Ranks started with different sweeps would deadlock mid-way: reject them at rendezvous.
     cfg.config_hash = {
-        let text = format!(
-            "bench;{};{};{}",
-            args.num_nodes, args.min_bytes, args.max_bytes
-        );
+        let text = format!("bench;{};{sweep:?}", args.num_nodes);
         text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
         })
     };
     let mut comm = transport::Communicator::connect(&cfg)?;
-    let rows = sweep::all_reduce_sweep(&mut comm, args.min_bytes, args.max_bytes)?;
+    let rows = run_sweep(&mut comm, &sweep)?;
     if rank == 0 {
-        let name = comm.transport_name();
         match args.format {
-            BenchFormat::Table => print!("{}", sweep::table(&rows, name, args.num_nodes)),
+            BenchFormat::Table => print!("{}", format_table(&rows)),
             BenchFormat::Json => {
                 for r in &rows {
-                    println!("{}", sweep::json(r, name, args.num_nodes));
+                    println!("{}", r.to_json());
                 }
             }
         }
     }
     Ok(())
-}
-
-/// All-reduce sweep over message sizes (doubling from min to max), timed on every rank;
-/// the reported time is the slowest rank's.
-mod sweep {
-    use std::fmt::Write as _;
-    use std::time::Instant;
-
-    use transport::{Communicator, ReduceOp};
-
-    #[derive(Clone, Debug)]
-    pub struct Row {
-        pub bytes: usize,
-        pub iters: usize,
-        pub seconds: f64,
-        pub algbw_gbps: f64,
-        pub busbw_gbps: f64,
-    }
-
-    /// Enough iterations for a stable mean without long runs on a shared machine.
-    fn iterations(bytes: usize) -> usize {
-        ((64usize << 20) / bytes.max(1)).clamp(3, 200)
-    }
-
-    pub fn all_reduce_sweep(
-        comm: &mut Communicator,
-        min_bytes: usize,
-        max_bytes: usize,
-    ) -> transport::Result<Vec<Row>> {
-        let world = comm.world_size() as f64;
-        let mut rows = Vec::new();
-        let mut bytes = min_bytes / 4 * 4;
-        while bytes <= max_bytes {
-            let mut buf = vec![1.0f32; bytes / 4];
-            let iters = iterations(bytes);
-            for _ in 0..2 {
-                comm.all_reduce(&mut buf, ReduceOp::Sum)?; // warm-up
-            }
-            comm.barrier()?;
-            let start = Instant::now();
-            for _ in 0..iters {
-                comm.all_reduce(&mut buf, ReduceOp::Sum)?;
-            }
-            let mut secs = [start.elapsed().as_secs_f64() / iters as f64];
-            comm.all_reduce(&mut secs, ReduceOp::Max)?;
-            let algbw = bytes as f64 / secs[0] / 1e9;
-            rows.push(Row {
-                bytes,
-                iters,
-                seconds: secs[0],
-                algbw_gbps: algbw,
-                busbw_gbps: algbw * 2.0 * (world - 1.0) / world,
-            });
-            bytes *= 2;
-        }
-        Ok(rows)
-    }
-
-    pub fn table(rows: &[Row], transport: &str, world: usize) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# all_reduce (sum, f32), transport {transport}, {world} ranks"
-        );
-        let _ = writeln!(
-            s,
-            "{:>12} {:>6} {:>12} {:>12} {:>12}",
-            "bytes", "iters", "time_us", "algbw_GB/s", "busbw_GB/s"
-        );
-        for r in rows {
-            let _ = writeln!(
-                s,
-                "{:>12} {:>6} {:>12.1} {:>12.3} {:>12.3}",
-                r.bytes,
-                r.iters,
-                r.seconds * 1e6,
-                r.algbw_gbps,
-                r.busbw_gbps
-            );
-        }
-        s
-    }
-
-    pub fn json(r: &Row, transport: &str, world: usize) -> String {
-        serde_json::json!({
-            "op": "all_reduce",
-            "transport": transport,
-            "world_size": world,
-            "bytes": r.bytes,
-            "iters": r.iters,
-            "time_us": r.seconds * 1e6,
-            "algbw_gbps": r.algbw_gbps,
-            "busbw_gbps": r.busbw_gbps,
-        })
-        .to_string()
-    }
 }

@@ -263,6 +263,13 @@ fn bench_prints_one_json_row_per_size() {
     let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
         .args(["bench", "--transport", "tcp", "--num-nodes", "2"])
         .args([
+            "--factor",
+            "2",
+            "--collectives",
+            "all-reduce,broadcast",
+            "--no-memcpy",
+        ])
+        .args([
             "--min-bytes",
             "4K",
             "--max-bytes",
@@ -278,12 +285,19 @@ fn bench_prints_one_json_row_per_size() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect();
-    let sizes: Vec<u64> = rows.iter().map(|r| r["bytes"].as_u64().unwrap()).collect();
-    assert_eq!(sizes, vec![4096, 8192, 16384], "{stdout}");
+    let rows_of = |c: &str| -> Vec<u64> {
+        rows.iter()
+            .filter(|r| r["collective"] == c)
+            .map(|r| r["bytes"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(rows_of("all_reduce"), vec![4096, 8192, 16384], "{stdout}");
+    assert_eq!(rows_of("broadcast"), vec![4096, 8192, 16384], "{stdout}");
+    assert_eq!(rows.len(), 6, "no memcpy rows: {stdout}");
     for r in &rows {
-        assert_eq!(r["world_size"], 2);
+        assert_eq!(r["ranks"], 2);
         assert_eq!(r["transport"], "tcp");
-        assert!(r["busbw_gbps"].as_f64().unwrap() > 0.0);
+        assert!(r["busbw_gbs"].as_f64().unwrap() > 0.0);
     }
 }
 
@@ -294,6 +308,8 @@ fn bench_usage_errors() {
         vec!["--min-bytes", "1M", "--max-bytes", "4K"],
         vec!["--max-bytes", "12Q"],
         vec!["--rank", "2", "--num-nodes", "2"],
+        vec!["--factor", "1"],
+        vec!["--collectives", "reduce"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
             .arg("bench")
