@@ -136,6 +136,12 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// Replace the value of `flag` (which must be present) in `args`.
+fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let i = args.iter().position(|a| a == flag).expect("flag present");
+    args[i + 1] = value.to_string();
+}
+
 /// Start `world` ranks as separate processes with explicit `--rank`, and wait for them.
 fn run_ranks(world: usize, mode: &str, extra: &[&str]) -> Vec<Outcome> {
     let port = free_port().to_string();
@@ -390,11 +396,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     }
     // Resuming another model is refused with a clear message.
     let mut args = strings(SMALL);
-    for (i, a) in args.clone().iter().enumerate() {
-        if a == "8,M,16,M" {
-            args[i] = "8,M".into();
-        }
-    }
+    set_flag(&mut args, "--model", "8,M");
     args.extend(strings(&["--mode", "single", "--resume", &ckpt_s]));
     let out = run_single(&args);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
@@ -403,6 +405,38 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         "{}",
         out.stderr
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn init_checkpoint_loads_weights_and_starts_fresh() {
+    let dir = temp_dir("init");
+    let ckpt = dir.join("weights.safetensors");
+    let ckpt_s = ckpt.to_str().expect("utf-8 path").to_string();
+    let mut args = strings(SMALL);
+    args.extend(strings(&[
+        "--mode",
+        "single",
+        "--max-iters",
+        "3",
+        "--save-checkpoint",
+        &ckpt_s,
+    ]));
+    let trained = run_single(&args);
+    assert_ok(std::slice::from_ref(&trained));
+    // With lr 0 the parameters stay exactly as loaded, and training starts at batch 0.
+    let mut args = strings(SMALL);
+    set_flag(&mut args, "--lr", "0");
+    args.extend(strings(&["--mode", "single", "--max-iters", "2"]));
+    args.extend(strings(&["--seed", "5", "--init-checkpoint", &ckpt_s]));
+    let init = run_single(&args);
+    assert_ok(std::slice::from_ref(&init));
+    assert_eq!(hashes(&init.stdout), hashes(&trained.stdout));
+    assert_eq!(losses(&init.stdout)[0].0, 0);
+    // The same run without the checkpoint starts elsewhere.
+    let fresh = run_single(&args[..args.len() - 2]);
+    assert_ok(std::slice::from_ref(&fresh));
+    assert_ne!(hashes(&fresh.stdout), hashes(&trained.stdout));
     std::fs::remove_dir_all(&dir).ok();
 }
 
