@@ -2,7 +2,8 @@
 //! trivially.
 //!
 //! Each class has a template: an oriented sinusoidal grating (its own frequency and
-//! direction) with its own per-channel weights. A sample of class c is
+//! direction within a quarter turn, so horizontal flips never map one class onto another)
+//! with its own per-channel weights. A sample of class c is
 //!   pixel = 128 + offset[ch] + amp * w_c[ch] * sin(2π(fx·x + fy·y)/32 + phase) + noise
 //! with a random phase (so the network must recognise the pattern anywhere), a random
 //! amplitude, a random colour offset shared by all classes (so the mean colour alone does not
@@ -38,14 +39,17 @@ fn templates(seed: u64) -> [ClassTemplate; NUM_CLASSES] {
         weights: [0.0; 3],
     }; NUM_CLASSES];
     for (c, t) in out.iter_mut().enumerate() {
-        // Ten directions spread over a half turn, frequencies between 1.5 and 4 cycles.
-        let angle =
-            std::f32::consts::PI * (c as f32 + rng.gen_range(-0.2..0.2)) / NUM_CLASSES as f32;
-        let freq = rng.gen_range(1.5f32..4.0);
+        // Ten directions within a quarter turn: a horizontal flip (augmentation) mirrors a
+        // direction into the other quarter, so no class turns into another one.
+        let angle = std::f32::consts::FRAC_PI_2 * (c as f32 + rng.gen_range(-0.15..0.15))
+            / NUM_CLASSES as f32;
+        let freq = rng.gen_range(1.5f32..3.5);
         t.fx = freq * angle.cos();
         t.fy = freq * angle.sin();
+        // Stripe colours: every channel clearly involved, with a random sign.
         for w in t.weights.iter_mut() {
-            *w = rng.gen_range(-1.0f32..1.0);
+            let sign = if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
+            *w = sign * rng.gen_range(0.5f32..1.0);
         }
     }
     out
@@ -73,11 +77,11 @@ pub fn generate(seed: u64, split: Split, n: usize) -> DataSplit {
         labels[i] = class as u8;
         let t = templates[class];
         let phase = rng.gen_range(0.0f32..2.0 * std::f32::consts::PI);
-        let amp = rng.gen_range(35.0f32..70.0);
+        let amp = rng.gen_range(40.0f32..70.0);
         let offset: [f32; 3] = [
-            rng.gen_range(-40.0f32..40.0),
-            rng.gen_range(-40.0f32..40.0),
-            rng.gen_range(-40.0f32..40.0),
+            rng.gen_range(-25.0f32..25.0),
+            rng.gen_range(-25.0f32..25.0),
+            rng.gen_range(-25.0f32..25.0),
         ];
         // sin(a + b) = sin a cos b + cos a sin b, with a = fx·x + phase and b = fy·y, so only
         // 2×32 sines and cosines per image.
@@ -96,7 +100,7 @@ pub fn generate(seed: u64, split: Split, n: usize) -> DataSplit {
             for y in 0..side {
                 for x in 0..side {
                     let wave = sin_x[x] * cos_y[y] + cos_x[x] * sin_y[y];
-                    let noise: f32 = rng.gen_range(-48.0..48.0);
+                    let noise: f32 = rng.gen_range(-32.0..32.0);
                     let v = base + scale * wave + noise;
                     img[ch * side * side + y * side + x] = v.clamp(0.0, 255.0) as u8;
                 }
