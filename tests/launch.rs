@@ -321,3 +321,64 @@ fn bench_usage_errors() {
         assert_eq!(stderr.lines().count(), 1, "{extra:?}: {stderr}");
     }
 }
+
+/// The launcher with real training: two ranks on tiny synthetic data and a tiny model finish
+/// and end with the same parameters.
+#[test]
+fn launch_trains_two_ranks_end_to_end() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["launch", "--nproc-per-node", "2", "--grace-secs", "2"])
+        .args([
+            "--dataset",
+            "synthetic",
+            "--synthetic-train",
+            "256",
+            "--synthetic-test",
+            "64",
+        ])
+        .args([
+            "--model",
+            "8,M",
+            "--batch-size",
+            "16",
+            "--max-iters",
+            "3",
+            "--threads",
+            "1",
+        ])
+        .args([
+            "--mode",
+            "allreduce",
+            "--transport",
+            "tcp",
+            "--no-progress",
+            "--timeout",
+            "60",
+        ])
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for rank in 0..2 {
+        let prefix = format!("[rank {rank}] ");
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&prefix)),
+            "no output from rank {rank}:\n{stdout}"
+        );
+    }
+    // Both ranks report the same parameter digest (the trainer prints one at the end).
+    let hashes: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split("Parameter hash: ").nth(1))
+        .collect();
+    assert_eq!(hashes.len(), 2, "{stdout}");
+    assert_eq!(hashes[0], hashes[1], "{stdout}");
+    assert_children_gone(&stderr, 2);
+}
