@@ -738,6 +738,19 @@ impl<T: Float> Tape<T> {
         }
     }
 
+    /// Hands a computed gradient buffer to value `v`: it becomes `v`'s gradient (no copy) or,
+    /// on fan-out, is summed into the existing one and recycled.
+    fn deliver_grad(&mut self, v: usize, buf: Vec<T>) {
+        match self.slots[v].grad.take() {
+            None => self.slots[v].grad = Some(buf),
+            Some(mut g) => {
+                g.iter_mut().zip(&buf).for_each(|(a, b)| *a += *b);
+                self.pool.give(buf);
+                self.slots[v].grad = Some(g);
+            }
+        }
+    }
+
     /// Writes one op's gradients for parameter `p1` (and `p2`): directly into `Param::grad`
     /// when this backward has not written them yet, else into scratch that is then summed
     /// (a parameter used by several ops).
@@ -819,7 +832,7 @@ impl<T: Float> Tape<T> {
             let node_start = self.profiling.then(std::time::Instant::now);
             // The output's gradient (zeros if it did not reach the loss).
             let out = node_info(&node).1;
-            let dy = match self.slots[out].grad.take() {
+            let mut dy = match self.slots[out].grad.take() {
                 Some(g) => g,
                 None => {
                     let mut g = self.pool.take(numel(&self.slots[out].shape));
@@ -884,16 +897,29 @@ impl<T: Float> Tape<T> {
                     self.param_done(params, gamma, on_grad_ready);
                     self.param_done(params, beta, on_grad_ready);
                     if self.slots[x].requires_grad {
-                        self.accumulate(x, |_, g| g.copy_from_slice(&dx));
+                        self.deliver_grad(x, dx);
+                    } else {
+                        self.pool.give(dx);
                     }
-                    self.pool.give(dx);
                 }
                 Node::Relu { y, x } => {
                     let (y, x) = (*y, *x);
                     if self.slots[x].requires_grad {
-                        self.accumulate(x, |t, g| {
-                            ops::relu_backward(t.slots[y].data.as_deref().unwrap(), &dy, g)
-                        });
+                        if self.slots[x].grad.is_none() {
+                            // First contribution: mask dy in place and hand it over (saves a
+                            // full activation-sized buffer at the peak).
+                            let yd = self.slots[y].data.as_deref().unwrap();
+                            for (g, &yv) in dy.iter_mut().zip(yd) {
+                                if yv <= T::zero() {
+                                    *g = T::zero();
+                                }
+                            }
+                            self.slots[x].grad = Some(std::mem::take(&mut dy));
+                        } else {
+                            self.accumulate(x, |t, g| {
+                                ops::relu_backward(t.slots[y].data.as_deref().unwrap(), &dy, g)
+                            });
+                        }
                     }
                     self.unsave(y);
                 }
@@ -947,8 +973,7 @@ impl<T: Float> Tape<T> {
                         self.param_done(params, b, on_grad_ready);
                     }
                     if let Some(dx) = dx {
-                        self.accumulate(x, |_, g| g.copy_from_slice(&dx));
-                        self.pool.give(dx);
+                        self.deliver_grad(x, dx);
                     }
                 }
                 Node::CrossEntropy {
@@ -969,7 +994,9 @@ impl<T: Float> Tape<T> {
                 }
             }
             // The output's gradient is consumed; leaf outputs do not exist here.
-            self.pool.give(dy);
+            if !dy.is_empty() {
+                self.pool.give(dy);
+            }
             if let Some(t0) = node_start {
                 if let Some(p) = self.profile.get_mut(n_nodes - 1 - rev_i) {
                     p.backward_ms += t0.elapsed().as_secs_f64() * 1e3;

@@ -92,7 +92,12 @@ fn gradcheck_shared_parameter_and_input() {
         let input = tape.leaf(&[n, d], x, true);
         let keep = tape.share(&input);
         let h = tape.linear(params, input, 0, Some(1));
+        // A second, dead consumer of h: its (zero) gradient arrives first and the live one
+        // must be summed into it.
+        let h_dead = tape.share(&h);
         let h = tape.relu(h);
+        let dead = tape.relu(h_dead);
+        tape.release(dead);
         let logits = tape.linear(params, h, 0, Some(1));
         let (loss, value) = tape.cross_entropy(logits, &labels);
         let mut calls = Vec::new();
