@@ -909,10 +909,10 @@ impl<T: Float> Tape<T> {
                             // First contribution: mask dy in place and hand it over (saves a
                             // full activation-sized buffer at the peak).
                             let yd = self.slots[y].data.as_deref().unwrap();
+                            // A select, not a branch: signs are random and mispredicts cost
+                            // ~10 ns per element.
                             for (g, &yv) in dy.iter_mut().zip(yd) {
-                                if yv <= T::zero() {
-                                    *g = T::zero();
-                                }
+                                *g = if yv > T::zero() { *g } else { T::zero() };
                             }
                             self.slots[x].grad = Some(std::mem::take(&mut dy));
                         } else {
