@@ -25,10 +25,13 @@
 //!
 //! # Metrics (`--metrics FILE`, rank 0 only)
 //! One JSON object per line, flushed as written:
-//! `{"iteration":I,"epoch":E,"batch":B,"loss":L,"seconds":S,"images_per_s":R,"comm_seconds":C}`
+//! `{"iteration":I,"epoch":E,"batch":B,"loss":L,"seconds":S,"images_per_s":R,"comm_seconds":C,
+//! "cpu_seconds":P}`
 //! per iteration (`I` counts completed iterations from the start of the run, so it continues
 //! across a resume; `R` counts the images of all ranks; `C` is the time this rank spent in
-//! gradient/buffer synchronisation outside of compute), and
+//! gradient/buffer synchronisation outside of compute; `cpu_seconds` is the CPU time the whole
+//! process (compute, loader and communication threads) used during the iteration, a number
+//! that stays meaningful on a shared machine), and
 //! `{"epoch":E,"test_loss":L,"test_accuracy":A}` per evaluation (`A` in [0, 1]).
 
 use std::collections::BTreeMap;
@@ -162,6 +165,14 @@ impl Metrics {
     }
 }
 
+/// CPU time used by this process so far (all its threads), in seconds; 0 if unavailable.
+/// Reported next to wall time because the machines we measure on are often shared.
+fn process_cpu_seconds() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+        .unwrap_or(0.0)
+}
+
 /// JSON has no NaN/inf: write them as null.
 fn json_num(v: f64) -> String {
     if v.is_finite() {
@@ -255,6 +266,7 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
                 break;
             }
             let t0 = Instant::now();
+            let cpu0 = process_cpu_seconds();
             let mut comm_time = Duration::ZERO;
             // Forward + backward (+ DDP's overlapped bucket all-reduces).
             let stats = match ddp.as_mut() {
@@ -312,6 +324,7 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
             };
             sgd.step(model.params_mut());
             let secs = t0.elapsed().as_secs_f64();
+            let cpu_secs = process_cpu_seconds() - cpu0;
             iter_times.push(secs);
             iteration += 1;
             position = Position {
@@ -345,11 +358,12 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
                 let _ = out.flush();
             }
             metrics.write(format!(
-                "{{\"iteration\":{iteration},\"epoch\":{epoch},\"batch\":{batch_idx},\"loss\":{},\"seconds\":{},\"images_per_s\":{},\"comm_seconds\":{}}}",
+                "{{\"iteration\":{iteration},\"epoch\":{epoch},\"batch\":{batch_idx},\"loss\":{},\"seconds\":{},\"images_per_s\":{},\"comm_seconds\":{},\"cpu_seconds\":{}}}",
                 json_num(stats.loss),
                 json_num(secs),
                 json_num(images_per_s),
-                json_num(comm_time.as_secs_f64())
+                json_num(comm_time.as_secs_f64()),
+                json_num(cpu_secs)
             ))?;
             batch_idx += 1;
         }

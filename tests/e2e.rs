@@ -339,6 +339,25 @@ fn loss_decreases_on_synthetic_data() {
     );
     // The metrics file has one line per iteration and one per evaluation.
     let text = std::fs::read_to_string(&metrics).expect("metrics file");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("metrics line is JSON");
+        let keys: &[&str] = if v.get("iteration").is_some() {
+            &[
+                "epoch",
+                "batch",
+                "loss",
+                "seconds",
+                "images_per_s",
+                "comm_seconds",
+                "cpu_seconds",
+            ]
+        } else {
+            &["epoch", "test_loss", "test_accuracy"]
+        };
+        for k in keys {
+            assert!(v[*k].is_number(), "{k} missing or not a number in {line}");
+        }
+    }
     let iters = text
         .lines()
         .filter(|l| l.contains("\"iteration\":"))
