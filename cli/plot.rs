@@ -3,7 +3,8 @@
 //!
 //! Input: one JSON object per line. Training lines carry `iteration` and `loss` (and
 //! optionally `images_per_s`, `seconds`, `comm_seconds`); evaluation lines carry
-//! `test_accuracy` and/or `test_loss` (with `iteration` when known). Blank lines are skipped.
+//! `test_accuracy` and/or `test_loss` (placed at their `iteration`, else after the preceding
+//! training line). Blank lines are skipped.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -96,7 +97,8 @@ pub fn parse_metrics(path: &Path, text: &str) -> Result<Metrics, PlotError> {
         let iteration = number(&obj, "iteration");
         if obj.contains_key("test_accuracy") || obj.contains_key("test_loss") {
             m.eval.push(EvalPoint {
-                iteration,
+                // An evaluation without an iteration happened after the last training line.
+                iteration: iteration.or(m.train.last().map(|p| p.iteration)),
                 test_accuracy: number(&obj, "test_accuracy"),
                 test_loss: number(&obj, "test_loss"),
             });
@@ -526,7 +528,8 @@ mod tests {
         let text = "{\"iteration\":1,\"loss\":2.3,\"seconds\":0.5,\"images_per_s\":128.0,\"comm_seconds\":0.1}\n\
                     \n\
                     {\"iteration\":2,\"loss\":null}\n\
-                    {\"iteration\":2,\"test_accuracy\":0.41,\"test_loss\":1.7}\n";
+                    {\"iteration\":2,\"test_accuracy\":0.41,\"test_loss\":1.7}\n\
+                    {\"epoch\":0,\"test_loss\":1.5}\n";
         let m = parse_metrics(Path::new("m.jsonl"), text).unwrap();
         assert_eq!(
             m.train,
@@ -536,8 +539,11 @@ mod tests {
                 images_per_s: Some(128.0)
             }]
         );
-        assert_eq!(m.eval.len(), 1);
+        assert_eq!(m.eval.len(), 2);
         assert_eq!(m.eval[0].test_accuracy, Some(0.41));
+        // No iteration: placed after the last training line (iteration 1).
+        assert_eq!(m.eval[1].iteration, Some(1.0));
+        assert_eq!(m.eval[1].test_loss, Some(1.5));
     }
 
     #[test]
