@@ -46,6 +46,26 @@ fn worker() {
                 Err(e) => common::exit_error(&e),
             }
         }
+        // Rank 0 finishes its part of a gather and exits without dropping its communicator
+        // (no goodbye) while root 1 still waits for the late rank 2: a finished rank must not
+        // be mistaken for a dead one.
+        "exit_without_drop" => {
+            if rank == 2 {
+                std::thread::sleep(std::time::Duration::from_millis(1000));
+            }
+            let send = vec![rank as f32; 1000];
+            let mut recv = vec![0f32; 3000];
+            let root = 1;
+            let result = comm.gather(&send, (rank == root).then_some(&mut recv[..]), root);
+            if let Err(e) = result {
+                common::exit_error(&e);
+            }
+            if rank == root && (0..3000).any(|i| recv[i] != (i / 1000) as f32) {
+                common::fail("wrong gather result");
+            }
+            println!("DONE");
+            std::process::exit(0); // deliberately skips dropping `comm`
+        }
         other => common::fail(format!("unknown scenario {other}")),
     }
 }
@@ -139,4 +159,12 @@ fn mismatched_lengths_are_a_protocol_error() {
         "one rank should detect the mismatch as a protocol error: {:#?}",
         results.iter().map(Finished::describe).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn rank_exiting_without_goodbye_after_its_part_is_not_an_error() {
+    let spawn = Spawn::new("exit_without_drop", 3);
+    for r in finish_all(spawn.spawn_all(), Duration::from_secs(60)) {
+        assert_eq!(r.code, Some(0), "{}", r.describe());
+    }
 }

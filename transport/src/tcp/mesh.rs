@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -17,11 +17,6 @@ use super::connection::{Incoming, Link, Outgoing, RecvFailure};
 use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN};
 use crate::algorithms::PointToPoint;
 use crate::{Error, Result, Timeouts};
-
-/// `POLLRDHUP` (peer closed its write side), which nix does not name.
-fn pollrdhup() -> PollFlags {
-    PollFlags::from_bits_retain(nix::libc::POLLRDHUP)
-}
 
 pub struct TcpMesh {
     rank: usize,
@@ -32,6 +27,13 @@ pub struct TcpMesh {
     op: &'static str,
     /// Set by the first failure; the mesh refuses further work after it.
     failed: Option<(usize, String)>,
+    /// A peer not involved in the current wait whose connection closed without a goodbye
+    /// (killed, crashed, or exited without dropping its communicator). Not an error by
+    /// itself — the rank may simply be done — but it is the culprit named if this rank's
+    /// collective then fails, and any later use of its link fails.
+    vanished: Option<usize>,
+    /// The peer whose incoming frame is partly read (its stream is not at a frame boundary).
+    recv_busy: Option<usize>,
 }
 
 impl TcpMesh {
@@ -49,6 +51,8 @@ impl TcpMesh {
             timeouts,
             op: "setup",
             failed: None,
+            vanished: None,
+            recv_busy: None,
         }
     }
 
@@ -142,6 +146,7 @@ impl TcpMesh {
         if self.failed.is_some() {
             return err;
         }
+        let err = self.explain(err);
         let blamed = match &err {
             Error::Timeout { rank, .. }
             | Error::PeerDied { rank, .. }
@@ -163,6 +168,78 @@ impl TcpMesh {
             let _ = link.stream.shutdown(Shutdown::Both);
         }
         err
+    }
+
+    /// Before reporting a failure, look at every other link without blocking: an abort frame
+    /// waiting there names the rank its sender blames, and a closed connection marks a
+    /// vanished peer. Knock-on failures (a neighbour that gave up, a stall) are then
+    /// attributed to that rank instead of to the messenger.
+    fn explain(&mut self, err: Error) -> Error {
+        let mut reported: Option<(usize, usize, String)> = None;
+        for link in self.links.iter_mut().flatten() {
+            if Some(link.peer) == self.recv_busy || link.closed.is_some() {
+                continue;
+            }
+            let mut peeked = vec![0u8; HEADER_LEN + MAX_CONTROL_LEN as usize];
+            match link.stream.peek(&mut peeked) {
+                Ok(0) => {
+                    self.vanished.get_or_insert(link.peer);
+                }
+                Ok(n) if n >= HEADER_LEN => {
+                    if let Ok(h) =
+                        FrameHeader::decode(peeked[..HEADER_LEN].try_into().expect("header length"))
+                    {
+                        if h.kind == FrameKind::Abort && n >= HEADER_LEN + h.len as usize {
+                            let payload = &peeked[HEADER_LEN..HEADER_LEN + h.len as usize];
+                            let (blamed, why) = super::framing::decode_abort(payload);
+                            if let Some(b) = blamed.filter(|&b| b != self.rank) {
+                                reported.get_or_insert((b, link.peer, why));
+                            }
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.vanished.get_or_insert(link.peer);
+                }
+            }
+        }
+        if let Some((blamed, messenger, why)) = reported {
+            if let Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } = &err {
+                if *rank != blamed {
+                    return Error::PeerDied {
+                        rank: blamed,
+                        what: self.op.to_string(),
+                        detail: format!(
+                            "reported by rank {messenger}, which aborted: {why}; here: {err}"
+                        ),
+                    };
+                }
+            }
+            return err;
+        }
+        self.blame_vanished(err)
+    }
+
+    /// If a peer vanished earlier and the current failure is a knock-on effect (a neighbour
+    /// that gave up or a stall), name the vanished peer as the cause.
+    fn blame_vanished(&self, err: Error) -> Error {
+        let Some(dead) = self.vanished else {
+            return err;
+        };
+        match &err {
+            Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } if *rank != dead => {
+                Error::PeerDied {
+                    rank: dead,
+                    what: self.op.to_string(),
+                    detail: format!(
+                        "its connection closed without a goodbye (the process exited or was killed); then: {err}"
+                    ),
+                }
+            }
+            _ => err,
+        }
     }
 
     /// A peer went silent. It may itself be stuck waiting on another rank (a stall travels
@@ -196,10 +273,23 @@ impl TcpMesh {
                             let payload = &peeked[HEADER_LEN..HEADER_LEN + h.len as usize];
                             let (blamed, why) = super::framing::decode_abort(payload);
                             if let Some(b) = blamed.filter(|&b| b != silent && b != self.rank) {
-                                verdict = Some(Error::PeerDied {
-                                    rank: b,
-                                    what: what.clone(),
-                                    detail: format!("rank {silent} stalled because of it: {why}"),
+                                verdict = Some(if why.contains("timed out") {
+                                    // The same stall, seen first further upstream.
+                                    Error::Timeout {
+                                        rank: b,
+                                        what: format!(
+                                            "{what} (rank {silent} was stalled waiting for it)"
+                                        ),
+                                        waited,
+                                    }
+                                } else {
+                                    Error::PeerDied {
+                                        rank: b,
+                                        what: what.clone(),
+                                        detail: format!(
+                                            "rank {silent} stalled because of it: {why}"
+                                        ),
+                                    }
                                 });
                             }
                             break;
@@ -218,7 +308,7 @@ impl TcpMesh {
         for link in self.links.iter_mut().flatten() {
             let _ = link.stream.shutdown(Shutdown::Both);
         }
-        verdict.unwrap_or(timeout)
+        self.blame_vanished(verdict.unwrap_or(timeout))
     }
 
     fn send_aborts(&mut self, blamed: usize, reason: &str, how: Shutdown) {
@@ -258,7 +348,9 @@ impl TcpMesh {
             if let Some((peer, i)) = inc.as_mut() {
                 let peer = *peer;
                 let link = self.link(peer)?;
-                match i.advance(&mut link.stream) {
+                let result = i.advance(&mut link.stream);
+                self.recv_busy = (i.started() && !i.done()).then_some(peer);
+                match result {
                     Ok(true) => last_progress = Instant::now(),
                     Ok(false) => {}
                     Err(f) => return Err(self.recv_error(peer, f)),
@@ -291,40 +383,48 @@ impl TcpMesh {
     ) -> Result<()> {
         let mut hung_up: Vec<usize> = Vec::new();
         {
+            use nix::libc;
             let mut peers = Vec::with_capacity(self.world_size);
-            let mut fds = Vec::with_capacity(self.world_size);
+            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.world_size);
             for link in self.links.iter().flatten() {
-                let mut events = PollFlags::empty();
+                let mut events: libc::c_short = 0;
                 if Some(link.peer) == out_peer {
-                    events |= PollFlags::POLLOUT;
+                    events |= libc::POLLOUT;
                 }
                 if Some(link.peer) == inc_peer {
-                    events |= PollFlags::POLLIN;
+                    events |= libc::POLLIN;
                 } else if link.monitor && link.closed.is_none() {
-                    events |= pollrdhup();
+                    events |= libc::POLLRDHUP;
                 }
-                if events.is_empty() {
+                if events == 0 {
                     continue;
                 }
                 peers.push(link.peer);
-                fds.push(PollFd::new(link.stream.as_fd(), events));
+                fds.push(libc::pollfd {
+                    fd: link.stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
             }
-            let timeout_ms = limit.as_millis().clamp(1, i32::MAX as u128) as i32;
-            let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX);
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
+            let timeout_ms = limit.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+            // nix's `PollFd::revents` drops flags it does not name (POLLRDHUP), so call poll(2)
+            // directly.
+            // SAFETY: `fds` is a live, exclusively borrowed array of `fds.len()` pollfd structs
+            // whose descriptors belong to sockets in `self.links`, open for the whole call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
                     return Err(Error::io(
                         format!("poll while waiting during {}", self.op),
-                        io::Error::from(e),
-                    ))
+                        e,
+                    ));
                 }
             }
-            let hangup = pollrdhup() | PollFlags::POLLHUP | PollFlags::POLLERR;
+            let hangup = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
             for (fd, &peer) in fds.iter().zip(&peers) {
-                let revents = fd.revents().unwrap_or(PollFlags::empty());
                 let active_reader = Some(peer) == inc_peer;
-                if !active_reader && revents.intersects(hangup) {
+                if !active_reader && fd.revents & hangup != 0 {
                     hung_up.push(peer);
                 }
             }
@@ -353,14 +453,22 @@ impl TcpMesh {
                 link.monitor = false;
                 return Ok(());
             }
-            Err(e) => return Err(self.io_error(peer, e)),
+            Err(e) if must_send => return Err(self.io_error(peer, e)),
+            Err(_) => 0,
         };
         if n == 0 {
-            return Err(Error::PeerDied {
-                rank: peer,
-                what,
-                detail: "connection closed: the process exited or was killed".to_string(),
-            });
+            let detail = "connection closed without a goodbye: the process exited or was killed";
+            if must_send {
+                return Err(Error::PeerDied {
+                    rank: peer,
+                    what,
+                    detail: detail.to_string(),
+                });
+            }
+            link.closed = Some(detail.to_string());
+            link.monitor = false;
+            self.vanished.get_or_insert(peer);
+            return Ok(());
         }
         let header = if n >= HEADER_LEN {
             FrameHeader::decode(peeked[..HEADER_LEN].try_into().expect("header length"))
@@ -387,14 +495,15 @@ impl TcpMesh {
                 let payload = peeked[HEADER_LEN..HEADER_LEN + h.len as usize].to_vec();
                 let (blamed, reason) = super::framing::decode_abort(&payload);
                 if blamed == Some(self.rank) {
-                    // The sender gave up on us while we were still waiting on someone else.
+                    // The sender gave up on us while we were still waiting on someone else:
+                    // the stall is upstream of us.
                     if let Some(w) = waiting_on.filter(|&w| w != peer) {
-                        return Err(Error::PeerDied {
+                        return Err(Error::Timeout {
                             rank: w,
-                            what,
-                            detail: format!(
-                                "rank {peer} gave up waiting for this rank, which was itself still waiting for rank {w}"
+                            what: format!(
+                                "{what} (rank {peer} gave up waiting for this rank, which was itself still waiting for rank {w})"
                             ),
+                            waited: self.timeouts.collective,
                         });
                     }
                 }
