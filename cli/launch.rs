@@ -283,6 +283,21 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let launcher_pid = std::process::id() as i32;
+        // SAFETY: runs in the forked child before exec; prctl and getppid are
+        // async-signal-safe and nothing is allocated.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                // If the launcher dies (even by SIGKILL), the rank gets SIGTERM instead of
+                // being orphaned; if it already died before this point, give up now.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+                if nix::unistd::getppid().as_raw() != launcher_pid {
+                    return Err(std::io::Error::other("the launcher exited"));
+                }
+                Ok(())
+            });
+        }
         match cmd.spawn() {
             Ok(mut child) => {
                 eprintln!("dtrain launch: rank {rank} is pid {}", child.id());

@@ -382,3 +382,56 @@ fn launch_trains_two_ranks_end_to_end() {
     assert_eq!(hashes[0], hashes[1], "{stdout}");
     assert_children_gone(&stderr, 2);
 }
+
+/// A launcher killed with SIGKILL cannot forward anything: its ranks still die (parent-death
+/// signal) instead of being orphaned.
+#[test]
+fn ranks_die_with_a_killed_launcher() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["launch", "--nproc-per-node", "2"])
+        .args(["--child-command", "launcher-test-child"])
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env("DTRAIN_TEST_SLEEP_SECS", "60")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while seen.matches(" is pid ").count() < 2 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The ranks are no longer our children: poll /proc until they are gone (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let alive: Vec<&str> = seen
+            .lines()
+            .filter_map(|l| l.split(" is pid ").nth(1))
+            .filter(|pid| {
+                let cmdline =
+                    std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                    .unwrap_or_default();
+                // A zombie (state Z) waiting for its new parent to reap it has exited.
+                String::from_utf8_lossy(&cmdline).contains("launcher-test-child")
+                    && !stat.contains(") Z ")
+            })
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ranks {alive:?} outlived the launcher"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
