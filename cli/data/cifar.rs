@@ -86,5 +86,14 @@ pub fn load_cifar10(dir: &Path) -> Result<(DataSplit, DataSplit), DataError> {
     }
     let mut test = empty();
     load_file(&dir.join(TEST_FILE), &mut test)?;
+    if (train.n, test.n) != (50_000, 10_000) {
+        // Well-formed but not the official sizes (a hand-made subset?): usable, but say so.
+        eprintln!(
+            "dtrain: warning: {} holds {} training and {} test images, not CIFAR-10's 50000 and 10000",
+            dir.display(),
+            train.n,
+            test.n
+        );
+    }
     Ok((train, test))
 }

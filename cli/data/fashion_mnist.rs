@@ -1,5 +1,7 @@
 //! Fashion-MNIST from IDX files (as shipped by Debian's `dataset-fashion-mnist`, gzipped or
 //! not): 28×28 grey images padded with 2 zero pixels to 32×32 and replicated to 3 channels.
+//! They then go through the same transforms as CIFAR-10 (including its mean/std
+//! normalization), so the model and the loader need no dataset-specific path.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
