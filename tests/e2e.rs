@@ -42,7 +42,23 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
+/// A temporary directory removed when dropped (also when a test fails).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+fn temp_dir(tag: &str) -> TempDir {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -54,7 +70,7 @@ fn temp_dir(tag: &str) -> PathBuf {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// What one process printed and how it ended.
@@ -369,7 +385,6 @@ fn loss_decreases_on_synthetic_data() {
     assert_eq!(iters, 40);
     // 320 images / 16 = 20 batches per epoch: evaluations after epochs 0 and 1.
     assert_eq!(evals, 2, "{text}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -424,7 +439,6 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         "{}",
         out.stderr
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -456,7 +470,6 @@ fn init_checkpoint_loads_weights_and_starts_fresh() {
     let fresh = run_single(&args[..args.len() - 2]);
     assert_ok(std::slice::from_ref(&fresh));
     assert_ne!(hashes(&fresh.stdout), hashes(&trained.stdout));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -561,7 +574,6 @@ fn user_errors_are_reported_clearly() {
     let out = run_single(&args);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("bogus.safetensors"), "{}", out.stderr);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Keep the helper honest: `unprefixed` and `losses` read both plain and launcher lines.
