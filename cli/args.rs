@@ -22,7 +22,7 @@ pub enum Mode {
     Single,
     /// Rank 0 gathers all gradients, averages them and scatters the average back.
     GatherScatter,
-    /// One all-reduce of all gradients after the backward pass.
+    /// After the backward pass, all-reduce (sum) each parameter's gradient, then divide by the world size.
     #[value(name = "allreduce", alias = "all-reduce")]
     AllReduce,
     /// Bucketed all-reduce overlapped with the backward pass (like PyTorch DDP).
