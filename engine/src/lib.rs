@@ -11,8 +11,8 @@
 pub mod autograd;
 pub mod float;
 pub mod gemm;
-pub mod init;
 pub mod gradcheck;
+pub mod init;
 pub mod ops;
 pub mod optim;
 pub mod parallel;
