@@ -205,9 +205,9 @@ mod tests {
     fn reduce_into_handles_unaligned_bytes() {
         let a: Vec<f32> = vec![1.0, 2.0, 3.0];
         let b: Vec<f32> = vec![10.0, 20.0, 30.0];
-        let mut dst = vec![0u8; 13];
+        let mut dst = [0u8; 13];
         dst[1..].copy_from_slice(bytemuck::cast_slice(&a));
-        let mut src = vec![0u8; 13];
+        let mut src = [0u8; 13];
         src[1..].copy_from_slice(bytemuck::cast_slice(&b));
         reduce_into(&mut dst[1..], &src[1..], DType::F32, ReduceOp::Sum);
         let out: Vec<f32> = dst[1..]
