@@ -472,6 +472,61 @@ fn init_checkpoint_loads_weights_and_starts_fresh() {
     assert_ne!(hashes(&fresh.stdout), hashes(&trained.stdout));
 }
 
+/// The width/8 VGG11 state_dict that PyTorch wrote with `safetensors.torch.save_file`
+/// (engine/tests/fixtures/make_reference.py) loads through `--init-checkpoint`.
+#[test]
+fn init_checkpoint_loads_a_pytorch_state_dict() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/engine/tests/fixtures/w8_init.safetensors"
+    );
+    let w8 = "8,M,16,M,32,32,M,64,64,M,64,64,M";
+    let run = |seed: &str, model: &str| {
+        let mut args = strings(SMALL);
+        set_flag(&mut args, "--model", model);
+        set_flag(&mut args, "--lr", "0");
+        args.extend(strings(&[
+            "--mode",
+            "single",
+            "--max-iters",
+            "2",
+            "--seed",
+            seed,
+        ]));
+        args.extend(strings(&["--init-checkpoint", fixture]));
+        run_single(&args)
+    };
+    // The weights come from the file, not from the seed.
+    let a = run("1", w8);
+    let b = run("2", w8);
+    assert_ok(std::slice::from_ref(&a));
+    assert_ok(std::slice::from_ref(&b));
+    // (lr 0: the final parameters are the loaded ones; the seed still changes the data order.)
+    assert_eq!(hashes(&a.stdout), hashes(&b.stdout));
+    let mut args = strings(SMALL);
+    set_flag(&mut args, "--model", w8);
+    set_flag(&mut args, "--lr", "0");
+    args.extend(strings(&[
+        "--mode",
+        "single",
+        "--max-iters",
+        "2",
+        "--seed",
+        "1",
+    ]));
+    let fresh = run_single(&args);
+    assert_ok(std::slice::from_ref(&fresh));
+    assert_ne!(hashes(&fresh.stdout), hashes(&a.stdout));
+    // A model that does not match the file is refused, naming the tensor and both shapes.
+    let wrong = run("1", "8,M,16,M");
+    assert_eq!(wrong.status.code(), Some(1), "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("fc1.weight") && wrong.stderr.contains("[10, 64]"),
+        "{}",
+        wrong.stderr
+    );
+}
+
 #[test]
 fn a_killed_rank_makes_the_others_exit_naming_it() {
     let port = free_port().to_string();
