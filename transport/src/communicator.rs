@@ -148,6 +148,23 @@ impl Communicator {
         Ok(())
     }
 
+    /// `whole` must hold exactly `world_size` blocks of `block` elements.
+    fn check_blocks(
+        &self,
+        what: &str,
+        (whole_name, whole): (&str, usize),
+        (block_name, block): (&str, usize),
+    ) -> Result<()> {
+        if whole != block * self.world_size {
+            return Err(invalid(format!(
+                "{what}: {whole_name} has {whole} elements, expected world_size ({}) x {block_name} ({block}) = {}",
+                self.world_size,
+                block * self.world_size
+            )));
+        }
+        Ok(())
+    }
+
     fn check_reducible<T: Element>(what: &str) -> Result<()> {
         if T::DTYPE == DType::U8 {
             return Err(invalid(format!(
@@ -185,15 +202,7 @@ impl Communicator {
                     "gather: rank {root} is the root and must pass a recv buffer"
                 ))
             })?;
-            if recv.len() != send.len() * self.world_size {
-                return Err(invalid(format!(
-                    "gather: recv has {} elements, expected world_size ({}) x send ({}) = {}",
-                    recv.len(),
-                    self.world_size,
-                    send.len(),
-                    send.len() * self.world_size
-                )));
-            }
+            self.check_blocks("gather", ("recv", recv.len()), ("send", send.len()))?;
             Some(bytemuck::cast_slice_mut(recv))
         } else {
             None
@@ -216,15 +225,7 @@ impl Communicator {
                     "scatter: rank {root} is the root and must pass a send buffer"
                 ))
             })?;
-            if send.len() != recv.len() * self.world_size {
-                return Err(invalid(format!(
-                    "scatter: send has {} elements, expected world_size ({}) x recv ({}) = {}",
-                    send.len(),
-                    self.world_size,
-                    recv.len(),
-                    recv.len() * self.world_size
-                )));
-            }
+            self.check_blocks("scatter", ("send", send.len()), ("recv", recv.len()))?;
             Some(bytemuck::cast_slice(send))
         } else {
             None
@@ -235,15 +236,7 @@ impl Communicator {
 
     /// `recv` gets `world_size` blocks of `send.len()`, block `i` from rank `i`.
     pub fn all_gather<T: Element>(&mut self, send: &[T], recv: &mut [T]) -> Result<()> {
-        if recv.len() != send.len() * self.world_size {
-            return Err(invalid(format!(
-                "all_gather: recv has {} elements, expected world_size ({}) x send ({}) = {}",
-                recv.len(),
-                self.world_size,
-                send.len(),
-                send.len() * self.world_size
-            )));
-        }
+        self.check_blocks("all_gather", ("recv", recv.len()), ("send", send.len()))?;
         self.backend
             .all_gather(bytemuck::cast_slice(send), bytemuck::cast_slice_mut(recv))
     }
@@ -257,15 +250,7 @@ impl Communicator {
         op: ReduceOp,
     ) -> Result<()> {
         Self::check_reducible::<T>("reduce_scatter")?;
-        if send.len() != recv.len() * self.world_size {
-            return Err(invalid(format!(
-                "reduce_scatter: send has {} elements, expected world_size ({}) x recv ({}) = {}",
-                send.len(),
-                self.world_size,
-                recv.len(),
-                recv.len() * self.world_size
-            )));
-        }
+        self.check_blocks("reduce_scatter", ("send", send.len()), ("recv", recv.len()))?;
         self.backend.reduce_scatter(
             bytemuck::cast_slice(send),
             bytemuck::cast_slice_mut(recv),
