@@ -21,40 +21,16 @@ fn check(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn geom(
-    n: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    (kh, kw): (usize, usize),
-    stride: usize,
-    pad: usize,
-) -> Conv2dGeom {
-    Conv2dGeom {
-        n,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh,
-        kw,
-        stride,
-        pad,
-    }
-}
-
 #[test]
 fn gradcheck_conv2d() {
     let shapes = [
-        geom(2, 3, 5, 7, 4, (3, 3), 1, 1), // odd, rectangular image
-        geom(1, 2, 6, 5, 3, (3, 3), 2, 0), // batch 1, stride 2, no padding
-        geom(3, 2, 7, 4, 2, (1, 1), 1, 0), // pointwise (no im2col)
-        geom(2, 1, 9, 8, 2, (5, 5), 2, 2), // 5x5, stride 2, padding 2
-        geom(1, 3, 4, 6, 5, (3, 5), 1, 2), // rectangular kernel, padding 2
-        geom(2, 2, 3, 3, 3, (3, 3), 1, 2), // padding larger than needed: output 5x5
-        geom(1, 2, 5, 5, 2, (1, 1), 2, 1), // 1x1 with stride and padding (im2col path)
+        Conv2dGeom::new(2, 3, 5, 7, 4, (3, 3), 1, 1), // odd, rectangular image
+        Conv2dGeom::new(1, 2, 6, 5, 3, (3, 3), 2, 0), // batch 1, stride 2, no padding
+        Conv2dGeom::new(3, 2, 7, 4, 2, (1, 1), 1, 0), // pointwise (no im2col)
+        Conv2dGeom::new(2, 1, 9, 8, 2, (5, 5), 2, 2), // 5x5, stride 2, padding 2
+        Conv2dGeom::new(1, 3, 4, 6, 5, (3, 5), 1, 2), // rectangular kernel, padding 2
+        Conv2dGeom::new(2, 2, 3, 3, 3, (3, 3), 1, 2), // padding larger than needed: output 5x5
+        Conv2dGeom::new(1, 2, 5, 5, 2, (1, 1), 2, 1), // 1x1 with stride and padding (im2col path)
     ];
     for (t, g) in shapes.iter().enumerate() {
         let seed = 100 * t as u64;
@@ -109,8 +85,8 @@ fn gradcheck_conv2d_multi_chunk() {
         ..GradcheckConfig::default()
     };
     let cases = [
-        (geom(3, 21, 32, 32, 1, (5, 5), 1, 2), 2), // chunks of 2 + 1 images
-        (geom(2, 130, 64, 64, 1, (1, 1), 1, 0), 1), // pointwise, 1 image per chunk
+        (Conv2dGeom::new(3, 21, 32, 32, 1, (5, 5), 1, 2), 2), // chunks of 2 + 1 images
+        (Conv2dGeom::new(2, 130, 64, 64, 1, (1, 1), 1, 0), 1), // pointwise, 1 image per chunk
     ];
     for (t, (g, per_chunk)) in cases.iter().enumerate() {
         assert_eq!(

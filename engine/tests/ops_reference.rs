@@ -46,30 +46,6 @@ fn assert_close(what: &str, a: &[f32], b: &[f64]) {
     assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
 }
 
-#[allow(clippy::too_many_arguments)]
-fn geom(
-    n: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    (kh, kw): (usize, usize),
-    stride: usize,
-    pad: usize,
-) -> Conv2dGeom {
-    Conv2dGeom {
-        n,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh,
-        kw,
-        stride,
-        pad,
-    }
-}
-
 /// Direct convolution by definition: forward, and the two backward passes as the adjoint
 /// scatter of the same 7 loops.
 struct NaiveConv {
@@ -124,21 +100,21 @@ fn naive_conv(g: &Conv2dGeom, x: &[f64], w: &[f64], b: &[f64], dy: &[f64]) -> Na
 fn conv2d_f32_matches_f64_and_naive_oracle() {
     let _guard = thread_lock();
     let shapes = [
-        geom(5, 3, 17, 13, 5, (3, 3), 1, 1), // one chunk of 5 images, odd sizes
-        geom(5, 4, 31, 29, 7, (3, 3), 1, 1), // one chunk of 5 wide images
-        geom(1, 3, 33, 35, 8, (3, 3), 1, 1), // batch 1: GEMM straight into y
-        geom(4, 3, 11, 9, 6, (5, 5), 2, 2),  // 5x5 stride 2
-        geom(3, 9, 10, 6, 10, (1, 1), 1, 0), // pointwise
-        geom(2, 3, 40, 40, 4, (1, 1), 1, 0), // pointwise, 2-image chunk (copying im2col)
-        geom(2, 130, 64, 64, 4, (1, 1), 1, 0), // pointwise, 1 image per chunk: no im2col
-        geom(6, 64, 32, 32, 8, (3, 3), 1, 1), // 3 chunks of 2 images
-        geom(2, 16, 8, 8, 33, (3, 3), 1, 0), // no padding, C_out not a multiple of 8
-        geom(130, 20, 2, 2, 24, (3, 3), 1, 1), // late-VGG-like: 2x2 images, wide chunk
-        geom(2, 5, 9, 12, 3, (3, 5), 2, 1),  // rectangular kernel, stride 2
-        geom(3, 4, 7, 10, 6, (1, 5), 1, 2),  // same width, taller output (rows of zeros)
-        geom(2, 3, 9, 6, 5, (5, 3), 1, 1),   // same width, shorter output
-        geom(3, 4, 7, 7, 5, (3, 3), 2, 1),   // 4x4 output: tap-table path with stride 2
-        geom(40, 8, 4, 4, 9, (3, 3), 1, 1),  // 4x4 planes, VGG-like: tap-table path
+        Conv2dGeom::new(5, 3, 17, 13, 5, (3, 3), 1, 1), // one chunk of 5 images, odd sizes
+        Conv2dGeom::new(5, 4, 31, 29, 7, (3, 3), 1, 1), // one chunk of 5 wide images
+        Conv2dGeom::new(1, 3, 33, 35, 8, (3, 3), 1, 1), // batch 1: GEMM straight into y
+        Conv2dGeom::new(4, 3, 11, 9, 6, (5, 5), 2, 2),  // 5x5 stride 2
+        Conv2dGeom::new(3, 9, 10, 6, 10, (1, 1), 1, 0), // pointwise
+        Conv2dGeom::new(2, 3, 40, 40, 4, (1, 1), 1, 0), // pointwise, 2-image chunk (copying im2col)
+        Conv2dGeom::new(2, 130, 64, 64, 4, (1, 1), 1, 0), // pointwise, 1 image per chunk: no im2col
+        Conv2dGeom::new(6, 64, 32, 32, 8, (3, 3), 1, 1), // 3 chunks of 2 images
+        Conv2dGeom::new(2, 16, 8, 8, 33, (3, 3), 1, 0), // no padding, C_out not a multiple of 8
+        Conv2dGeom::new(130, 20, 2, 2, 24, (3, 3), 1, 1), // late-VGG-like: 2x2 images, wide chunk
+        Conv2dGeom::new(2, 5, 9, 12, 3, (3, 5), 2, 1),  // rectangular kernel, stride 2
+        Conv2dGeom::new(3, 4, 7, 10, 6, (1, 5), 1, 2),  // same width, taller output (rows of zeros)
+        Conv2dGeom::new(2, 3, 9, 6, 5, (5, 3), 1, 1),   // same width, shorter output
+        Conv2dGeom::new(3, 4, 7, 7, 5, (3, 3), 2, 1),   // 4x4 output: tap-table path with stride 2
+        Conv2dGeom::new(40, 8, 4, 4, 9, (3, 3), 1, 1),  // 4x4 planes, VGG-like: tap-table path
     ];
     // The chunking paths these shapes are meant to cover.
     let chunks = |g: &Conv2dGeom| g.n.div_ceil(conv2d_images_per_chunk(g));
@@ -643,8 +619,8 @@ fn conv_and_batchnorm_are_deterministic_with_two_threads() {
     let _guard = thread_lock();
     set_num_threads(2);
     for (t, g) in [
-        geom(16, 32, 16, 16, 64, (3, 3), 1, 1),
-        geom(64, 64, 4, 4, 64, (3, 3), 1, 1),
+        Conv2dGeom::new(16, 32, 16, 16, 64, (3, 3), 1, 1),
+        Conv2dGeom::new(64, 64, 4, 4, 64, (3, 3), 1, 1),
     ]
     .iter()
     .enumerate()

@@ -37,6 +37,31 @@ pub struct Conv2dGeom {
 }
 
 impl Conv2dGeom {
+    /// Geometry of `n` images of `c_in×h×w` convolved into `c_out` channels by a `kh×kw`
+    /// kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> Self {
+        Conv2dGeom {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            pad,
+        }
+    }
     pub fn out_h(&self) -> usize {
         (self.h + 2 * self.pad - self.kh) / self.stride + 1
     }
@@ -400,6 +425,38 @@ fn im2col_tap<T: Float>(
     }
 }
 
+/// Where one tap of a stride-1, same-width conv lands: valid columns `lo..hi`, valid output
+/// rows `r_lo..r_hi`, and the constant offset from a column-buffer index to the input plane.
+/// Shared by [`im2col_tap_same_width`] and its adjoint [`col2im_tap_same_width`], which must
+/// agree exactly. `None` when the tap touches only padding.
+struct SameWidthTap {
+    lo: usize,
+    hi: usize,
+    r_lo: usize,
+    r_hi: usize,
+    shift: isize,
+}
+
+fn same_width_tap(g: &Conv2dGeom, ki: usize, kj: usize, oh: usize) -> Option<SameWidthTap> {
+    let w = g.w;
+    let off = kj as isize - g.pad as isize;
+    let (lo, hi) = valid_cols(off, w, w);
+    // Output rows whose input row `orow + ki - pad` exists.
+    let r_lo = g.pad.saturating_sub(ki).min(oh);
+    let r_hi = (g.h + g.pad).saturating_sub(ki).clamp(r_lo, oh);
+    if lo >= hi || r_lo >= r_hi {
+        return None;
+    }
+    let shift = (ki as isize - g.pad as isize) * w as isize + off;
+    Some(SameWidthTap {
+        lo,
+        hi,
+        r_lo,
+        r_hi,
+        shift,
+    })
+}
+
 /// One tap of one image when stride is 1 and the output is as wide as the input ("same"
 /// padding, e.g. every 3×3/pad-1 VGG conv): the tap is the whole plane shifted by a constant
 /// offset, so the valid rows are ONE contiguous copy; afterwards only the columns that fell
@@ -414,18 +471,19 @@ fn im2col_tap_same_width<T: Float>(
     dst: &mut [T],
 ) {
     let w = g.w;
-    let off = kj as isize - g.pad as isize;
-    let (lo, hi) = valid_cols(off, w, w);
-    // Output rows whose input row `orow + ki - pad` exists.
-    let r_lo = g.pad.saturating_sub(ki).min(oh);
-    let r_hi = (g.h + g.pad).saturating_sub(ki).clamp(r_lo, oh);
-    if lo >= hi || r_lo >= r_hi {
+    let Some(SameWidthTap {
+        lo,
+        hi,
+        r_lo,
+        r_hi,
+        shift,
+    }) = same_width_tap(g, ki, kj, oh)
+    else {
         dst.fill(T::zero());
         return;
-    }
+    };
     dst[..r_lo * w].fill(T::zero());
     dst[r_hi * w..].fill(T::zero());
-    let shift = (ki as isize - g.pad as isize) * w as isize + off;
     let (start, end) = (r_lo * w + lo, (r_hi - 1) * w + hi);
     let s0 = (start as isize + shift) as usize;
     dst[start..end].copy_from_slice(&src[s0..s0 + (end - start)]);
@@ -550,19 +608,21 @@ fn col2im_tap_same_width<T: Float>(
     dxp: &mut [T],
 ) {
     let w = g.w;
-    let off = kj as isize - g.pad as isize;
-    let (lo, hi) = valid_cols(off, w, w);
-    let r_lo = g.pad.saturating_sub(ki).min(oh);
-    let r_hi = (g.h + g.pad).saturating_sub(ki).clamp(r_lo, oh);
-    if lo >= hi || r_lo >= r_hi {
+    let Some(SameWidthTap {
+        lo,
+        hi,
+        r_lo,
+        r_hi,
+        shift,
+    }) = same_width_tap(g, ki, kj, oh)
+    else {
         return;
-    }
+    };
     if lo > 0 || hi < w {
         for s in src[r_lo * w..r_hi * w].chunks_exact_mut(w) {
             zero_edges(s, lo, hi);
         }
     }
-    let shift = (ki as isize - g.pad as isize) * w as isize + off;
     let (start, end) = (r_lo * w + lo, (r_hi - 1) * w + hi);
     let d0 = (start as isize + shift) as usize;
     for (d, &s) in dxp[d0..d0 + (end - start)].iter_mut().zip(&src[start..end]) {
