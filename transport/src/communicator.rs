@@ -7,6 +7,7 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use crate::hierarchical::{host_groups, HierarchicalBackend, Placement};
 use crate::local::LocalBackend;
 use crate::rendezvous::{self, Rendezvous};
 use crate::{Backend, DType, Element, Error, ReduceOp, Result, Timeouts};
@@ -14,7 +15,9 @@ use crate::{Backend, DType, Element, Error, ReduceOp, Result, Timeouts};
 /// Which backend to use between ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportKind {
-    /// Shared memory when all ranks are on one host, TCP otherwise.
+    /// Shared memory when all ranks are on one host; with several hosts, shared memory within
+    /// each host and TCP between host leaders (`"shm+tcp"`) if some host runs several ranks,
+    /// plain TCP if none does.
     Auto,
     /// Shared memory; an error unless all ranks share a host.
     Shm,
@@ -106,11 +109,16 @@ impl Communicator {
                 }
                 true
             }
-            // Mixed placements (several hosts, several ranks per host) use TCP for everyone.
             TransportKind::Auto => rv.all_on_one_host(),
         };
         if use_shm {
             connect_shm(cfg, rv)
+        } else if cfg.transport == TransportKind::Auto
+            && Placement::new(host_groups(&rv.peers)).is_mixed()
+        {
+            // Several hosts, several ranks on some host: shm within hosts, TCP between them.
+            let backend = HierarchicalBackend::connect(cfg.rank, rv, &cfg.timeouts)?;
+            Ok(Communicator::from_backend(Box::new(backend), "shm+tcp"))
         } else {
             connect_tcp(cfg, rv)
         }
@@ -133,7 +141,7 @@ impl Communicator {
     pub fn world_size(&self) -> usize {
         self.world_size
     }
-    /// `"local"`, `"shm"` or `"tcp"`.
+    /// `"local"`, `"shm"`, `"tcp"` or `"shm+tcp"` (hierarchical).
     pub fn transport_name(&self) -> &'static str {
         self.transport
     }

@@ -48,8 +48,10 @@
 //! message naming the problem; [`auth`] is an HMAC-SHA256 challenge-response in both
 //! directions (the token never crosses the wire). Transport choice: `Tcp` → TCP full mesh;
 //! `Shm` → shared memory, error unless all ranks share a host identity; `Auto` → shared
-//! memory when all ranks are on one host, otherwise TCP for all ranks (several hosts with
-//! several ranks each also use TCP everywhere for now).
+//! memory when all ranks are on one host, TCP when every host has one rank, and the
+//! [`hierarchical`] backend (`"shm+tcp"`: shared memory within each host, TCP between host
+//! leaders) for mixed placements. `DTRAIN_HOST_ID` overrides the host identity (see
+//! [`rendezvous::host_identity`]).
 //!
 //! Benchmarks: [`bench::run_sweep`] (nccl-tests style algbw/busbw rows, JSON + table).
 
@@ -59,6 +61,7 @@ pub mod backend;
 pub mod bench;
 pub mod communicator;
 pub mod error;
+pub mod hierarchical;
 pub mod local;
 pub mod reduce;
 pub mod rendezvous;

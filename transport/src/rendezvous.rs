@@ -79,8 +79,18 @@ impl Rendezvous {
     }
 }
 
-/// `hostname|machine-id|boot-id` of this machine.
+/// Environment variable that overrides [`host_identity`].
+pub const HOST_ID_ENV: &str = "DTRAIN_HOST_ID";
+
+/// `hostname|machine-id|boot-id` of this machine, or `<value>|DTRAIN_HOST_ID|` when the
+/// environment variable `DTRAIN_HOST_ID` is set and non-empty. Ranks with equal identities
+/// share memory. The override is for tests (several "hosts" on one machine) and for
+/// containers that share a kernel but must not share /dev/shm: give each such group its own
+/// value. It must never give two ranks on *different* machines the same value.
 pub fn host_identity() -> String {
+    if let Some(id) = std::env::var(HOST_ID_ENV).ok().filter(|v| !v.is_empty()) {
+        return format!("{id}|{HOST_ID_ENV}|");
+    }
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown-host".to_string());

@@ -1,7 +1,8 @@
 //! The shared-memory backend reached through `Communicator` (`TransportKind::Shm` / `Auto`),
-//! plus transport selection: Auto picks shm on one host and TCP across hosts, Shm refuses to
-//! run across hosts. "Another host" is simulated with a UTS namespace (different hostname),
-//! which needs root and `unshare`; without them those tests FAIL saying so.
+//! plus transport selection: Auto picks shm on one host and shm+tcp (hierarchical) when a
+//! host has several ranks and another host exists, Shm refuses to run across hosts. "Another
+//! host" is simulated with a UTS namespace (different hostname), which needs root and
+//! `unshare`; without them those tests FAIL saying so.
 
 mod common;
 
@@ -146,14 +147,16 @@ fn other_host_wrappers(world: usize) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Ranks 0 and 2 share a host, rank 1 is on another: a mixed placement, so Auto picks the
+/// hierarchical backend (shm within a host, TCP between host leaders).
 #[test]
-fn auto_uses_tcp_when_ranks_are_on_different_hosts() {
+fn auto_uses_shm_plus_tcp_when_ranks_are_on_different_hosts() {
     let mut spawn = Spawn::new("battery_small", 3);
     spawn.transport = "auto".into();
     spawn.wrappers = other_host_wrappers(3);
     let results = finish_all(spawn.spawn_all(), Duration::from_secs(300));
     assert_success_and_identical(&results);
-    assert_transport(&results, "tcp");
+    assert_transport(&results, "shm+tcp");
 }
 
 #[test]
