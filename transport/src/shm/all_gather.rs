@@ -1,6 +1,7 @@
 //! All-gather: each round every rank copies the next stage-sized piece of its block into its
 //! stage and posts; then everyone copies all pieces out and posts.
 
+use super::copy::copy_from_peer;
 use super::segment::STAGE_BYTES;
 use super::ShmBackend;
 use crate::Result;
@@ -23,7 +24,7 @@ pub(crate) fn all_gather(b: &mut ShmBackend, send: &[u8], recv: &mut [u8]) -> Re
             // SAFETY: `peer` posted `published` after writing; it rewrites this stage only
             // after this rank posts `consumed`.
             let src = unsafe { b.read_stage(peer, stage, 0, piece.len()) };
-            recv[dst..dst + piece.len()].copy_from_slice(src);
+            copy_from_peer(&mut recv[dst..dst + piece.len()], src);
         }
         let consumed = b.post();
         b.release_stage(stage, consumed);

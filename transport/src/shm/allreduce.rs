@@ -6,18 +6,23 @@
 //! synchronization.
 //!
 //! **Large buffers (reduce-scatter + all-gather, chunked and pipelined).** The buffer is
-//! processed in chunks of one stage (1 MiB), so the working set stays in cache. Per chunk:
-//! every rank copies its chunk into its stage and posts; rank r reduces block r of the chunk
-//! from all ranks' stages, again `x0 ⊕ x1 ⊕ ...` in rank order, writes it to its buffer and
-//! back into its own stage, and posts; then every rank copies the other ranks' reduced blocks
-//! out of their stages. The three phases of consecutive chunks are overlapped (`LAG`). Each
-//! block is computed once and copied as bytes, so results are bitwise identical on all ranks
-//! and equal to the one-shot path's. `Avg` divides each reduced block before it is published.
-//! (For 2 ranks a chunked one-shot variant — every rank reduces whole chunks, one sync fewer
-//! per chunk — was measured at the same speed on 37 MB, ~15 ms, so the one algorithm stays.)
+//! processed in chunks of one stage. Per chunk: every rank copies
+//! the blocks the *other* ranks reduce into its stage and posts; rank r reduces block r from
+//! its own buffer and every peer's stage, again `x0 ⊕ x1 ⊕ ...` in rank order, writes it to
+//! its buffer and into its own stage, and posts; then every rank copies the other ranks'
+//! reduced blocks out of their stages. The three phases of consecutive chunks are overlapped
+//! (`LAG`). Each block is computed once and copied as bytes, so results are bitwise identical
+//! on all ranks and equal to the one-shot path's. `Avg` divides each reduced block before it
+//! is published.
+//!
+//! Per rank this reads its buffer once and writes it once (the minimum), copies
+//! `(n-1)/n` of it into the shared segment and reads `2(n-1)/n` of it out of peers' stages,
+//! which stay in cache. Peer data is read with vector loads (see `copy.rs`). (Streaming
+//! stores for the results were measured slower: the lines were just read and are cached.)
 
 use std::ops::Range;
 
+use super::copy::copy_from_peer;
 use super::segment::{NUM_STAGES, STAGE_BYTES};
 use super::ShmBackend;
 use crate::reduce::{reduce_into, scale_for_avg};
@@ -28,6 +33,9 @@ use crate::{DType, ReduceOp, Result};
 /// 128 KiB), because each extra wait risks a reschedule.
 pub const ONE_SHOT_MAX_BYTES: usize = 256 << 10;
 const _: () = assert!(ONE_SHOT_MAX_BYTES <= STAGE_BYTES);
+
+/// Bytes of the buffer per pipelined round (one stage).
+const CHUNK_BYTES: usize = STAGE_BYTES;
 
 pub(crate) fn all_reduce(
     b: &mut ShmBackend,
@@ -51,33 +59,54 @@ fn one_shot(b: &mut ShmBackend, buf: &mut [u8], dtype: DType, op: ReduceOp) -> R
     unsafe { b.write_stage(stage, 0, buf) };
     let published = b.post();
     b.wait_all(published)?;
-    reduce_stages_in_rank_order(b, stage, 0, buf, dtype, op);
-    scale_for_avg(buf, dtype, op, b.world_size);
+    reduce_in_rank_order(b, stage, 0, buf, false, dtype, op);
     let consumed = b.post();
     b.release_stage(stage, consumed);
     Ok(())
 }
 
-/// `out = stage[0][offset..] ⊕ stage[1][offset..] ⊕ ...` in rank order. `out` may already hold
-/// rank 0's data only if this is rank 0 (its buffer is its own input).
-fn reduce_stages_in_rank_order(
+/// Tiles small enough that the accumulator stays in L1.
+const TILE_BYTES: usize = 4096;
+
+/// `out = x0 ⊕ x1 ⊕ ...` in rank order, where `x_p` is `stage[p][offset..]` for peers and
+/// the bytes already in `out` for this rank. Runs in L1-sized tiles so each input is read
+/// once and the result written once (to `out`, and also to this rank's stage at `offset` if
+/// `publish`, for the peers). Every rank evaluates the same expression in the same
+/// order, so all get bitwise identical results.
+fn reduce_in_rank_order(
     b: &ShmBackend,
     stage: usize,
     offset: usize,
     out: &mut [u8],
+    publish: bool,
     dtype: DType,
     op: ReduceOp,
 ) {
-    let len = out.len();
-    if b.rank != 0 {
-        // SAFETY: every rank posted the event publishing this stage (caller waited for it)
-        // and this rank has not posted the event releasing it yet.
-        out.copy_from_slice(unsafe { b.read_stage(0, stage, offset, len) });
-    }
-    for peer in 1..b.world_size {
-        // SAFETY: as above.
-        let src = unsafe { b.read_stage(peer, stage, offset, len) };
-        reduce_into(out, src, dtype, op);
+    let mut tile = [0u8; TILE_BYTES];
+    for at in (0..out.len()).step_by(TILE_BYTES) {
+        let len = TILE_BYTES.min(out.len() - at);
+        let acc = &mut tile[..len];
+        for p in 0..b.world_size {
+            let x: &[u8] = if p == b.rank {
+                &out[at..at + len]
+            } else {
+                // SAFETY: every rank posted the event publishing this stage (the caller
+                // waited for it) and this rank has not posted the event releasing it yet.
+                unsafe { b.read_stage(p, stage, offset + at, len) }
+            };
+            if p == 0 {
+                copy_from_peer(acc, x);
+            } else {
+                reduce_into(acc, x, dtype, op);
+            }
+        }
+        scale_for_avg(acc, dtype, op, b.world_size);
+        out[at..at + len].copy_from_slice(acc);
+        if publish {
+            // SAFETY: this part of this rank's stage is read by peers only after the next
+            // post (the caller's contract), and by no one before.
+            unsafe { b.write_stage(stage, offset + at, acc) };
+        }
     }
 }
 
@@ -103,8 +132,8 @@ fn pipelined_reduce_scatter_all_gather(
 ) -> Result<()> {
     let n = b.world_size;
     let chunks: Vec<Range<usize>> = (0..buf.len())
-        .step_by(STAGE_BYTES)
-        .map(|at| at..(at + STAGE_BYTES).min(buf.len()))
+        .step_by(CHUNK_BYTES)
+        .map(|at| at..(at + CHUNK_BYTES).min(buf.len()))
         .collect();
     let count = chunks.len();
     // Per chunk: its stage and the events that publish its input / its reduced blocks. Every
@@ -113,25 +142,27 @@ fn pipelined_reduce_scatter_all_gather(
     let mut published = vec![0u32; count];
     let mut reduced = vec![0u32; count];
     for step in 0..count + 2 * LAG {
-        // Phase 1: publish chunk `step`.
+        // Phase 1: publish chunk `step`, except the block this rank reduces from `buf`.
         if let Some(k) = (step < count).then_some(step) {
             stage[k] = b.claim_stage(true)?;
+            let chunk = &buf[chunks[k].clone()];
+            let mine = block(chunk.len(), n, b.rank);
             // SAFETY: stage claimed for writing, not yet published.
-            unsafe { b.write_stage(stage[k], 0, &buf[chunks[k].clone()]) };
+            unsafe {
+                b.write_stage(stage[k], 0, &chunk[..mine.start]);
+                b.write_stage(stage[k], mine.end, &chunk[mine.end..]);
+            }
             published[k] = b.post();
         }
-        // Phase 2: reduce-scatter chunk `step - LAG`: this rank's block from every rank's
-        // stage, in rank order, into its buffer and back into its own stage.
+        // Phase 2: reduce-scatter chunk `step - LAG`: this rank's block from its buffer and
+        // every peer's stage, in rank order, into its buffer and its own stage. Block `mine`
+        // of this rank's stage is read by no one in this phase (each rank reads its own
+        // block) and by peers only after the next post.
         if let Some(k) = step.checked_sub(LAG).filter(|&k| k < count) {
             b.wait_all(published[k])?;
             let chunk = &mut buf[chunks[k].clone()];
             let mine = block(chunk.len(), n, b.rank);
-            let out = &mut chunk[mine.clone()];
-            reduce_stages_in_rank_order(b, stage[k], mine.start, out, dtype, op);
-            scale_for_avg(out, dtype, op, n);
-            // SAFETY: block `mine` of this rank's stage is read by no one in this phase
-            // (each rank reads its own block), and by peers only after the next post.
-            unsafe { b.write_stage(stage[k], mine.start, out) };
+            reduce_in_rank_order(b, stage[k], mine.start, &mut chunk[mine], true, dtype, op);
             reduced[k] = b.post();
         }
         // Phase 3: all-gather chunk `step - 2 * LAG`: the other ranks' reduced blocks.
@@ -143,7 +174,7 @@ fn pipelined_reduce_scatter_all_gather(
                 // SAFETY: `peer` posted `reduced[k]` after writing its block; it rewrites this
                 // stage only after this rank posts the release event below.
                 let src = unsafe { b.read_stage(peer, stage[k], theirs.start, theirs.len()) };
-                chunk[theirs].copy_from_slice(src);
+                copy_from_peer(&mut chunk[theirs], src);
             }
             let consumed = b.post();
             b.release_stage(stage[k], consumed);

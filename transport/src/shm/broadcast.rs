@@ -1,6 +1,7 @@
 //! Broadcast: the root copies each stage-sized chunk into its slot and posts; the others copy
 //! it out and post. The stage ring lets the root fill chunk k+1 while peers still read k.
 
+use super::copy::copy_from_peer;
 use super::segment::STAGE_BYTES;
 use super::ShmBackend;
 use crate::Result;
@@ -23,7 +24,7 @@ pub(crate) fn broadcast(b: &mut ShmBackend, buf: &mut [u8], root: usize) -> Resu
             b.wait_for(root, e)?;
             // SAFETY: the root posted `e` after writing; it rewrites the stage only after this
             // rank posts `e` too (its release event).
-            chunk.copy_from_slice(unsafe { b.read_stage(root, stage, 0, chunk.len()) });
+            copy_from_peer(chunk, unsafe { b.read_stage(root, stage, 0, chunk.len()) });
             b.post();
         }
     }

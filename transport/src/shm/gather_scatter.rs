@@ -5,6 +5,7 @@
 //! Scatter: the root packs the next piece of every rank's block into its stage and posts; each
 //! rank copies its piece out and posts.
 
+use super::copy::copy_from_peer;
 use super::segment::STAGE_BYTES;
 use super::ShmBackend;
 use crate::Result;
@@ -40,7 +41,7 @@ pub(crate) fn gather(
                     // SAFETY: `peer` posted `e` after writing this stage; it rewrites it only
                     // after the root posts `e`.
                     let src = unsafe { b.read_stage(peer, stage, 0, piece.len()) };
-                    recv[dst..dst + piece.len()].copy_from_slice(src);
+                    copy_from_peer(&mut recv[dst..dst + piece.len()], src);
                 }
                 b.post();
             }
@@ -85,7 +86,7 @@ pub(crate) fn scatter(
                 // SAFETY: the root posted `e` after writing; it rewrites the stage only after
                 // every rank posted `e`.
                 let src = unsafe { b.read_stage(root, stage, b.rank * piece, this) };
-                recv[offset..offset + this].copy_from_slice(src);
+                copy_from_peer(&mut recv[offset..offset + this], src);
                 b.post();
             }
         }

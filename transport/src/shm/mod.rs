@@ -19,6 +19,7 @@
 mod all_gather;
 mod allreduce;
 mod broadcast;
+mod copy;
 mod flags;
 mod futex;
 mod gather_scatter;

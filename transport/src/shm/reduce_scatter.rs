@@ -2,6 +2,7 @@
 //! its send buffer into its stage and posts; rank r then reduces piece r from all ranks'
 //! stages in rank order (`x0 ⊕ x1 ⊕ ...`) into its receive buffer and posts.
 
+use super::copy::copy_from_peer;
 use super::segment::STAGE_BYTES;
 use super::ShmBackend;
 use crate::reduce::{reduce_into, scale_for_avg};
@@ -36,7 +37,7 @@ pub(crate) fn reduce_scatter(
         let at = b.rank * piece;
         // SAFETY (both reads): every rank posted `published` after writing its stage, and
         // rewrites it only after this rank posts `consumed`.
-        out.copy_from_slice(unsafe { b.read_stage(0, stage, at, this) });
+        copy_from_peer(out, unsafe { b.read_stage(0, stage, at, this) });
         for peer in 1..n {
             reduce_into(
                 out,
