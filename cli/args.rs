@@ -311,7 +311,8 @@ pub struct TrainArgs {
     pub weight_decay: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Compute threads of this rank [default: cores / local ranks, at least 1]
+    /// Compute threads of this rank [default: cores / local ranks, at least 1; all cores
+    /// it is pinned to under `dtrain launch`]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Stop after this many iterations (in total, across epochs)
@@ -738,10 +739,17 @@ pub fn resolve_train_args(
         Some(0) => return Err(invalid("--threads must be at least 1, got 0")),
         Some(t) => t,
         None => {
+            // available_parallelism counts the CPUs this process may use: all of them are
+            // this rank's when `dtrain launch` pinned it, else they are shared by the
+            // local ranks.
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
-            (cores / local_world_size).max(1)
+            if env(crate::launch::BOUND_ENV).is_some() {
+                cores
+            } else {
+                (cores / local_world_size).max(1)
+            }
         }
     };
     if a.timeout == 0 {

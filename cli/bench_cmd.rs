@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use transport::bench::{format_table, run_sweep, BenchCollective, SweepConfig};
 
 use crate::args::{parse_master_addr, TransportArg, DEFAULT_MASTER_PORT};
-use crate::launch::{free_port, run_local_ranks, LocalRanks};
+use crate::launch::{free_port, run_local_ranks, BindCores, LocalRanks};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchFormat {
@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Leave out the local memcpy reference rows
     #[arg(long)]
     pub no_memcpy: bool,
+    /// Pin each locally started rank to its own CPUs (auto: when there are at least as many
+    /// CPUs as ranks)
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub bind_cores: BindCores,
     /// Deadline of one collective, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
@@ -261,6 +265,7 @@ fn spawn_local(args: &BenchArgs, host: &str, port: Option<u16>) -> Result<u8, Be
         env_for: Box::new(|_| Vec::new()),
         prefix_stdout: false,
         grace: Duration::from_secs(5),
+        bind_cores: args.bind_cores,
     };
     Ok(run_local_ranks(spec)?)
 }

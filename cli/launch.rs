@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use nix::sched::CpuSet;
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
@@ -28,6 +29,10 @@ pub struct LaunchArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping the ranks
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace_secs: u64,
+    /// Pin each rank to its own share of this process's CPUs (auto: when there are at
+    /// least as many CPUs as ranks)
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub bind_cores: BindCores,
     /// Internal (tests): run `dtrain <CMD>` in each child instead of training
     #[arg(long, hide = true, value_name = "CMD")]
     pub child_command: Option<String>,
@@ -59,7 +64,12 @@ pub enum LaunchError {
 }
 
 /// Launcher-only flags removed from the command line forwarded to the children.
-const LAUNCH_ONLY_FLAGS: [&str; 3] = ["--nproc-per-node", "--grace-secs", "--child-command"];
+const LAUNCH_ONLY_FLAGS: [&str; 4] = [
+    "--nproc-per-node",
+    "--grace-secs",
+    "--child-command",
+    "--bind-cores",
+];
 
 /// The child command line: the launch arguments minus launcher-only flags (and their values).
 pub fn forwarded_args(launch_args: &[OsString]) -> Vec<OsString> {
@@ -164,6 +174,7 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
         }),
         prefix_stdout: true,
         grace: Duration::from_secs(args.grace_secs),
+        bind_cores: args.bind_cores,
     };
     run_local_ranks(spec)
 }
@@ -177,6 +188,60 @@ pub struct LocalRanks {
     pub prefix_stdout: bool,
     /// SIGTERM → SIGKILL delay when stopping ranks.
     pub grace: Duration,
+    pub bind_cores: BindCores,
+}
+
+/// CPU binding of local ranks.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindCores {
+    /// Each rank gets a disjoint, contiguous share of the launcher's CPUs when there are at
+    /// least as many CPUs as ranks; otherwise no binding.
+    Auto,
+    /// Leave placement to the kernel.
+    None,
+}
+
+/// Set in the environment of a rank that the launcher pinned to its own CPUs, so the rank
+/// sizes its compute pool to all of them instead of sharing them with the other local ranks.
+pub const BOUND_ENV: &str = "DTRAIN_BOUND_CORES";
+
+/// The CPUs this process may run on, in increasing order.
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Rank `rank`'s share of `allowed` when `n` ranks split it into contiguous blocks (sizes
+/// differ by at most one), or `None` when there are fewer CPUs than ranks.
+pub fn cpus_for_rank(allowed: &[usize], n: usize, rank: usize) -> Option<Vec<usize>> {
+    if n == 0 || allowed.len() < n || rank >= n {
+        return None;
+    }
+    let (lo, hi) = (rank * allowed.len() / n, (rank + 1) * allowed.len() / n);
+    Some(allowed[lo..hi].to_vec())
+}
+
+/// `0-3,6` style list for messages.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
 }
 
 /// Last signal (SIGINT/SIGTERM) received by the launcher, 0 if none.
@@ -276,6 +341,7 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut running: Vec<(usize, Child)> = Vec::new();
     let mut pumps = 0;
+    let allowed = allowed_cpus();
     for rank in 0..spec.n {
         let mut cmd = Command::new(&exe);
         cmd.args((spec.args_for)(rank))
@@ -283,9 +349,29 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Unpinned, the kernel's wake-up placement often stacks two ranks that wake each
+        // other on one CPU while another idles, halving collective bandwidth for a whole run.
+        let binding = match spec.bind_cores {
+            BindCores::Auto => cpus_for_rank(&allowed, spec.n, rank),
+            BindCores::None => None,
+        };
+        let cpu_set = match &binding {
+            Some(cpus) => {
+                let mut set = CpuSet::new();
+                for &c in cpus {
+                    set.set(c).map_err(|e| {
+                        LaunchError::Io(format!("cannot bind rank {rank} to CPU {c}: {e}"))
+                    })?;
+                }
+                cmd.env(BOUND_ENV, cpu_list(cpus));
+                Some(set)
+            }
+            None => None,
+        };
         let launcher_pid = std::process::id() as i32;
-        // SAFETY: runs in the forked child before exec; prctl and getppid are
-        // async-signal-safe and nothing is allocated.
+        // SAFETY: runs in the forked child before exec; prctl, getppid and
+        // sched_setaffinity are async-signal-safe and nothing is allocated (the CPU set is
+        // built before the fork).
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(move || {
@@ -295,12 +381,23 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
                 if nix::unistd::getppid().as_raw() != launcher_pid {
                     return Err(std::io::Error::other("the launcher exited"));
                 }
+                if let Some(set) = &cpu_set {
+                    nix::sched::sched_setaffinity(Pid::from_raw(0), set)
+                        .map_err(std::io::Error::from)?;
+                }
                 Ok(())
             });
         }
         match cmd.spawn() {
             Ok(mut child) => {
-                eprintln!("dtrain launch: rank {rank} is pid {}", child.id());
+                match &binding {
+                    Some(cpus) => eprintln!(
+                        "dtrain launch: rank {rank} is pid {} on CPUs {}",
+                        child.id(),
+                        cpu_list(cpus)
+                    ),
+                    None => eprintln!("dtrain launch: rank {rank} is pid {}", child.id()),
+                }
                 if let Some(out) = child.stdout.take() {
                     let prefix = if spec.prefix_stdout {
                         format!("[rank {rank}] ")
@@ -475,6 +572,7 @@ pub fn run_test_child(_args: &TestChildArgs) -> u8 {
         let _ = unsafe { signal::signal(Signal::SIGTERM, SigHandler::SigIgn) };
     }
     println!("pid {} rank {rank}", std::process::id());
+    println!("rank {rank} cpus {}", cpu_list(&allowed_cpus()));
     // READY_DIR: the other ranks announce they are set up; the failing rank waits for them
     // (bounded), so "stop the others" is tested on ranks that really are running.
     let ready_dir = var("DTRAIN_TEST_READY_DIR").map(std::path::PathBuf::from);
@@ -508,4 +606,21 @@ pub fn run_test_child(_args: &TestChildArgs) -> u8 {
 /// True when `arg` is the given subcommand name (used by main to split the raw arguments).
 pub fn is_subcommand(arg: &OsStr, name: &str) -> bool {
     arg == OsStr::new(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_get_disjoint_contiguous_cpu_shares() {
+        let allowed = [0, 1, 2, 3, 8, 9, 10];
+        let shares: Vec<Vec<usize>> = (0..3)
+            .map(|r| cpus_for_rank(&allowed, 3, r).unwrap())
+            .collect();
+        assert_eq!(shares, vec![vec![0, 1], vec![2, 3], vec![8, 9, 10]]);
+        assert_eq!(cpus_for_rank(&[4, 5], 2, 1), Some(vec![5]));
+        assert_eq!(cpus_for_rank(&[0, 1], 3, 0), None, "more ranks than CPUs");
+        assert_eq!(cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+    }
 }

@@ -230,6 +230,20 @@ fn torchrun_environment() {
 }
 
 #[test]
+fn default_threads_share_the_cpus_unless_the_launcher_pinned_the_rank() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let env = [
+        ("WORLD_SIZE", "2"),
+        ("RANK", "1"),
+        ("LOCAL_WORLD_SIZE", "2"),
+    ];
+    assert_eq!(parse_env("", &env).unwrap().threads, (cores / 2).max(1));
+    let pinned = [env[0], env[1], env[2], ("DTRAIN_BOUND_CORES", "1")];
+    assert_eq!(parse_env("", &pinned).unwrap().threads, cores);
+    assert_eq!(parse_env("--threads 3", &pinned).unwrap().threads, 3);
+}
+
+#[test]
 fn slurm_environment() {
     let env = [
         ("SLURM_PROCID", "5"),

@@ -33,7 +33,14 @@ fn assert_children_gone(launcher_stderr: &str, n: usize) {
     let pids: Vec<u32> = launcher_stderr
         .lines()
         .filter(|l| l.starts_with("dtrain launch: rank "))
-        .filter_map(|l| l.split(" is pid ").nth(1)?.trim().parse().ok())
+        .filter_map(|l| {
+            l.split(" is pid ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     assert_eq!(pids.len(), n, "pid lines in\n{launcher_stderr}");
     for pid in pids {
@@ -103,6 +110,64 @@ fn all_ranks_run_with_prefixed_lines() {
     // Every stdout line is prefixed.
     assert!(stdout.lines().all(|l| l.starts_with("[rank ")), "{stdout}");
     assert_children_gone(&stderr, 3);
+}
+
+/// The CPU list each child printed (`[rank k] rank k cpus 0-1,4`), expanded, by rank.
+fn child_cpus(stdout: &str, n: usize) -> Vec<Vec<usize>> {
+    (0..n)
+        .map(|rank| {
+            let prefix = format!("[rank {rank}] rank {rank} cpus ");
+            let list = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no cpu line for rank {rank} in\n{stdout}"));
+            list.split(',')
+                .flat_map(|part| match part.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect(),
+                    None => vec![part.parse::<usize>().unwrap()],
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn ranks_are_pinned_to_disjoint_cpu_shares() {
+    let mine = dtrain::launch::allowed_cpus();
+    assert!(!mine.is_empty(), "cannot read this process's CPU affinity");
+    // As many ranks as CPUs (at most 4): each gets its own share.
+    let n = mine.len().min(4);
+    let (out, _) = launch(n, &[], &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shares = child_cpus(&stdout, n);
+    let mut seen: Vec<usize> = shares.concat();
+    assert!(shares.iter().all(|s| !s.is_empty()), "{shares:?}");
+    seen.sort_unstable();
+    let total = seen.len();
+    seen.dedup();
+    assert_eq!(seen.len(), total, "shares overlap: {shares:?}");
+    assert!(
+        seen.iter().all(|c| mine.contains(c)),
+        "{shares:?} vs {mine:?}"
+    );
+    assert!(
+        text(&out.stderr).contains("on CPUs"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Opted out, or more ranks than CPUs: no binding, every rank may use every CPU.
+    for (ranks, extra) in [
+        (n, &["--bind-cores", "none"][..]),
+        (mine.len() + 1, &[][..]),
+    ] {
+        let (out, _) = launch(ranks, &[], extra);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        for share in child_cpus(&text(&out.stdout), ranks) {
+            assert_eq!(share, mine, "ranks {ranks} {extra:?}");
+        }
+    }
 }
 
 #[test]
