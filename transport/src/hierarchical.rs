@@ -33,7 +33,9 @@
 //!   leaders, `Avg` divided once by the *global* world size on the leader, then the leader's
 //!   bytes are broadcast over shm — results are bitwise identical on all ranks. Sum order:
 //!   per host in local (= global) rank order as documented in [`crate::shm`], then across
-//!   hosts as documented in [`crate::algorithms::ring_allreduce`] (host sums as operands).
+//!   host sums: up to 64 KiB the host sums travel with the leaders' status records and every
+//!   leader folds them in host order (`((h0 ⊕ h1) ⊕ h2) ...`, one TCP round instead of two);
+//!   above, the TCP ring as documented in [`crate::algorithms::ring_allreduce`].
 //! - `broadcast(root)`: within the root's host from the root, among leaders from the root
 //!   host's leader, then within each other host from its leader.
 //! - `barrier`: shm barrier, status exchange among leaders (an all-to-all, so itself a
@@ -60,7 +62,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::algorithms::PointToPoint;
-use crate::reduce::scale_for_avg;
+use crate::reduce::{reduce_into, scale_for_avg};
 use crate::rendezvous::{PeerInfo, Rendezvous};
 use crate::shm::ShmBackend;
 use crate::tcp::TcpBackend;
@@ -119,6 +121,10 @@ impl Placement {
 }
 
 // ---- status records --------------------------------------------------------------------
+
+/// All-reduces up to this size send the host sums along with the leaders' status records
+/// (one round between leaders instead of two), as TCP's own direct path would.
+const FUSED_ALL_REDUCE_MAX_BYTES: usize = 64 << 10;
 
 /// Size of a status record (ok, or a failure with its culprit and explanation).
 const STATUS_BYTES: usize = 512;
@@ -340,11 +346,11 @@ pub struct HierarchicalBackend {
     broken: Option<(usize, String)>,
 }
 
-fn shm_scope() -> &'static str {
-    "shared memory of the host"
+fn shm_scope(op: &str) -> String {
+    format!("within {op}: shared memory of the host")
 }
-fn tcp_scope() -> &'static str {
-    "TCP mesh of the host leaders"
+fn tcp_scope(op: &str) -> String {
+    format!("within {op}: TCP mesh of the host leaders")
 }
 
 impl HierarchicalBackend {
@@ -362,6 +368,7 @@ impl HierarchicalBackend {
         let host = place.host_of[rank];
         let local = place.local_index[rank];
         let group = &place.hosts[host];
+        let op = "setup";
         let shm_timeouts = Timeouts {
             collective: timeouts.collective * 2 + timeouts.connect,
             ..*timeouts
@@ -369,7 +376,7 @@ impl HierarchicalBackend {
         let mut shm = if group.len() > 1 {
             let job = format!("{}-h{}", rv.job_id, group[0]);
             let attached = ShmBackend::attach(&job, local, group.len(), &shm_timeouts)
-                .map_err(|e| to_global(e, group, shm_scope()))?;
+                .map_err(|e| to_global(e, group, &shm_scope(op)))?;
             Some(attached)
         } else {
             None
@@ -379,7 +386,7 @@ impl HierarchicalBackend {
             let addrs: Vec<_> = leaders.iter().map(|&r| rv.peers[r].data_addr).collect();
             crate::tcp::connect_mesh(host, &addrs, &rv.job_id, rv.data_listener, timeouts)
                 .map(Some)
-                .map_err(|e| to_global(e, &leaders, tcp_scope()))
+                .map_err(|e| to_global(e, &leaders, &tcp_scope(op)))
         } else {
             drop(rv.data_listener);
             Ok(None)
@@ -390,7 +397,7 @@ impl HierarchicalBackend {
             let report = tcp.as_ref().err().map(|e| Report::from_error(e, rank));
             let mut status = encode_status(report.as_ref());
             shm.broadcast(&mut status, 0)
-                .map_err(|e| to_global(e, group, shm_scope()))?;
+                .map_err(|e| to_global(e, group, &shm_scope(op)))?;
             if local != 0 {
                 let leader = group[0];
                 let decoded = decode_status(&status).map_err(|detail| Error::Protocol {
@@ -448,7 +455,7 @@ impl HierarchicalBackend {
         if self.local_size() == 1 {
             return Ok(());
         }
-        let rank = self.rank;
+        let (rank, op) = (self.rank, self.op);
         let place = self.place.clone();
         let Some(shm) = self.shm.as_mut() else {
             return Err(Failure::own(
@@ -456,7 +463,8 @@ impl HierarchicalBackend {
                 rank,
             ));
         };
-        f(shm).map_err(|e| Failure::own(to_global(e, &place.hosts[self.host], shm_scope()), rank))
+        f(shm)
+            .map_err(|e| Failure::own(to_global(e, &place.hosts[self.host], &shm_scope(op)), rank))
     }
 
     /// Phase 2 on leaders: status exchange, then `f` over TCP if everybody is fine. On
@@ -466,15 +474,28 @@ impl HierarchicalBackend {
         prior: Phase,
         f: impl FnOnce(&mut TcpBackend) -> Result<()>,
     ) -> Phase {
+        self.among_leaders_with(prior, &[], &mut [], f)
+    }
+
+    /// [`Self::among_leaders`] whose status records also carry `payload` to every leader
+    /// (gathered by leader index into `gathered`), saving a round for small collectives.
+    fn among_leaders_with(
+        &mut self,
+        prior: Phase,
+        payload: &[u8],
+        gathered: &mut [u8],
+        f: impl FnOnce(&mut TcpBackend) -> Result<()>,
+    ) -> Phase {
         if !self.is_leader() || self.tcp.is_none() {
             return prior;
         }
         let leaders = self.place.leaders();
+        let op = self.op;
         let mine = prior.as_ref().err().map(|f| &f.report);
-        match self.exchange_status(mine) {
+        match self.exchange_status(mine, payload, gathered) {
             Err(e) => {
                 self.tcp_healthy = false;
-                let e = to_global(e, &leaders, tcp_scope());
+                let e = to_global(e, &leaders, &tcp_scope(op));
                 return Err(prior.err().unwrap_or_else(|| Failure::own(e, self.rank)));
             }
             Ok(remote) => {
@@ -490,31 +511,45 @@ impl HierarchicalBackend {
         if let Err(e) = result {
             self.tcp_healthy = false;
             self.owe_report = false;
-            return Err(Failure::own(to_global(e, &leaders, tcp_scope()), self.rank));
+            return Err(Failure::own(
+                to_global(e, &leaders, &tcp_scope(op)),
+                self.rank,
+            ));
         }
         Ok(())
     }
 
-    /// Every leader sends every other leader its status record (direct exchange in
-    /// `n - 1` rounds). Returns the failure reported by another leader, if any (a died
-    /// peer is preferred over a timeout, then the lowest culprit rank). Errors name
-    /// leader indices.
-    fn exchange_status(&mut self, mine: Option<&Report>) -> Result<Option<Report>> {
+    /// Every leader sends every other leader its status record followed by `payload`
+    /// (direct exchange in `n - 1` rounds); the payloads land in `gathered` (`n` blocks of
+    /// `payload.len()`, by leader index, this leader's own included). Returns the failure
+    /// reported by another leader, if any (a dead peer is preferred over a timeout, then the
+    /// lowest culprit rank). Errors name leader indices.
+    fn exchange_status(
+        &mut self,
+        mine: Option<&Report>,
+        payload: &[u8],
+        gathered: &mut [u8],
+    ) -> Result<Option<Report>> {
         let op = self.op;
         let tcp = self.tcp.as_mut().expect("leaders' mesh");
         let n = tcp.world_size();
         let me = tcp.rank();
-        let out = encode_status(mine);
-        let mut incoming = [0u8; STATUS_BYTES];
+        let len = payload.len();
+        let mut out = encode_status(mine).to_vec();
+        out.extend_from_slice(payload);
+        gathered[me * len..(me + 1) * len].copy_from_slice(payload);
+        let mut incoming = vec![0u8; STATUS_BYTES + len];
         let mut worst: Option<Report> = None;
         tcp.p2p.set_op(op);
         for d in 1..n {
             let (to, from) = ((me + d) % n, (me + n - d) % n);
             tcp.p2p.send_recv(to, &out, from, &mut incoming)?;
-            let report = decode_status(&incoming).map_err(|detail| Error::Protocol {
-                rank: from,
-                detail: format!("{op}: bad status record from a host leader: {detail}"),
-            })?;
+            let report =
+                decode_status(&incoming[..STATUS_BYTES]).map_err(|detail| Error::Protocol {
+                    rank: from,
+                    detail: format!("{op}: bad status record from a host leader: {detail}"),
+                })?;
+            gathered[from * len..(from + 1) * len].copy_from_slice(&incoming[STATUS_BYTES..]);
             if let Some(r) = report {
                 let key = |r: &Report| (r.kind != ReportKind::PeerDied, r.culprit);
                 if worst.as_ref().is_none_or(|w| key(&r) < key(w)) {
@@ -537,7 +572,7 @@ impl HierarchicalBackend {
         }
         let place = self.place.clone();
         let group = &place.hosts[self.host];
-        let rank = self.rank;
+        let (rank, op) = (self.rank, self.op);
         let Some(shm) = self.shm.as_mut() else {
             let failure = outcome.err().unwrap_or_else(|| {
                 Failure::own(
@@ -559,7 +594,7 @@ impl HierarchicalBackend {
                 Ok(()) => shm
                     .broadcast(&mut status, 0)
                     .and_then(|()| f(shm))
-                    .map_err(|e| Failure::own(to_global(e, group, shm_scope()), rank)),
+                    .map_err(|e| Failure::own(to_global(e, group, &shm_scope(op)), rank)),
             };
             result.map_err(|failure| self.fail(*failure))
         } else {
@@ -569,7 +604,7 @@ impl HierarchicalBackend {
             let mut status = [0u8; STATUS_BYTES];
             let step = shm
                 .broadcast(&mut status, 0)
-                .map_err(|e| Failure::own(to_global(e, group, shm_scope()), rank))
+                .map_err(|e| Failure::own(to_global(e, group, &shm_scope(op)), rank))
                 .and_then(|()| match decode_status(&status) {
                     Ok(None) => Ok(()),
                     Ok(Some(report)) => Err(Failure::reported(report)),
@@ -582,7 +617,7 @@ impl HierarchicalBackend {
                     )),
                 })
                 .and_then(|()| {
-                    f(shm).map_err(|e| Failure::own(to_global(e, group, shm_scope()), rank))
+                    f(shm).map_err(|e| Failure::own(to_global(e, group, &shm_scope(op)), rank))
                 });
             step.map_err(|failure| self.fail(*failure))
         }
@@ -669,7 +704,27 @@ impl HierarchicalBackend {
             op
         };
         let local = self.local(|shm| shm.all_reduce(buf, dtype, partial_op));
-        let outcome = self.among_leaders(local, |tcp| tcp.all_reduce(buf, dtype, partial_op));
+        let outcome = if buf.len() <= FUSED_ALL_REDUCE_MAX_BYTES {
+            // Host sums travel with the status records; every leader folds them in leader
+            // order, so all leaders compute the same bits.
+            let hosts = self.place.hosts.len();
+            let len = buf.len();
+            let mut sums = if self.is_leader() {
+                vec![0u8; hosts * len]
+            } else {
+                Vec::new()
+            };
+            let outcome = self.among_leaders_with(local, buf, &mut sums, |_| Ok(()));
+            if self.is_leader() && outcome.is_ok() && hosts > 1 {
+                buf.copy_from_slice(&sums[..len]);
+                for h in 1..hosts {
+                    reduce_into(buf, &sums[h * len..(h + 1) * len], dtype, partial_op);
+                }
+            }
+            outcome
+        } else {
+            self.among_leaders(local, |tcp| tcp.all_reduce(buf, dtype, partial_op))
+        };
         if self.is_leader() && outcome.is_ok() {
             scale_for_avg(buf, dtype, op, self.world_size);
         }
@@ -1027,7 +1082,7 @@ mod tests {
                 detail: "gone".into(),
             },
             &[2, 5],
-            shm_scope(),
+            &shm_scope("broadcast"),
         );
         let text = e.to_string();
         assert!(matches!(e, Error::PeerDied { rank: 5, .. }), "{text}");
@@ -1042,10 +1097,10 @@ mod tests {
                 waited: Duration::from_secs(1),
             },
             &[4],
-            tcp_scope(),
+            &tcp_scope("all_reduce"),
         );
         assert!(matches!(e, Error::Timeout { rank: 4, .. }));
-        let e = to_global(Error::InvalidArgument("y".into()), &[4], tcp_scope());
+        let e = to_global(Error::InvalidArgument("y".into()), &[4], "x");
         assert!(matches!(e, Error::InvalidArgument(_)));
     }
 }

@@ -38,8 +38,11 @@ fn worker() {
                 common::exit_error(&e);
             }
         }
-        "loop" => {
-            let mut buf = vec![1.0f32; 1 << 18];
+        // All-reduce until an error: 1 MiB (leaders' TCP ring) or 400 B (fused with the
+        // leaders' status exchange).
+        "loop" | "loop_small" => {
+            let len = if scenario == "loop" { 1 << 18 } else { 100 };
+            let mut buf = vec![1.0f32; len];
             let mut iterations = 0u64;
             loop {
                 if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
@@ -183,9 +186,9 @@ fn transport_selection() {
 
 /// Kills `victim` with SIGKILL once every rank is looping over all-reduces; every survivor
 /// must exit with an error naming `victim` long before the collective deadline (120 s).
-fn kill_one(hosts: &[&str], victim: usize) {
+fn kill_one(scenario: &str, hosts: &[&str], victim: usize) {
     let before = host_segments();
-    let mut spawn = Spawn::new("loop", hosts.len()).env("DTRAIN_TEST_COLLECTIVE_MS", 120_000);
+    let mut spawn = Spawn::new(scenario, hosts.len()).env("DTRAIN_TEST_COLLECTIVE_MS", 120_000);
     spawn.transport = "auto".into();
     let mut workers = spawn_on_hosts(&spawn, hosts);
     for w in workers.iter_mut() {
@@ -223,20 +226,30 @@ fn kill_one(hosts: &[&str], victim: usize) {
 
 #[test]
 fn killed_non_leader_is_named_on_every_host() {
-    kill_one(&["A", "A", "B", "B"], 3);
+    kill_one("loop", &["A", "A", "B", "B"], 3);
 }
 
 #[test]
 fn killed_leader_is_named_on_every_host() {
-    kill_one(&["A", "A", "B", "B"], 2);
+    kill_one("loop", &["A", "A", "B", "B"], 2);
 }
 
 #[test]
 fn killed_non_leader_of_big_host_is_named() {
-    kill_one(&["A", "A", "A", "B"], 1);
+    kill_one("loop", &["A", "A", "A", "B"], 1);
 }
 
 #[test]
 fn killed_leader_interleaved_is_named() {
-    kill_one(&["A", "B", "A", "B"], 1);
+    kill_one("loop", &["A", "B", "A", "B"], 1);
+}
+
+#[test]
+fn killed_non_leader_small_messages_is_named() {
+    kill_one("loop_small", &["A", "A", "B", "B"], 3);
+}
+
+#[test]
+fn killed_leader_small_messages_is_named() {
+    kill_one("loop_small", &["A", "A", "B", "B", "B"], 2);
 }
