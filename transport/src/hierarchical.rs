@@ -57,6 +57,10 @@
 //! its leader's whole TCP phase (and, in `connect`, for the leaders' mesh setup), so shm
 //! waits in this backend use a collective deadline of `2 × collective + connect`; a dead
 //! process is still noticed within `timeouts.liveness` (pid check), independent of it.
+//! Known limit: a *stalled* (alive, e.g. SIGSTOPped) non-leader is detected by its own host
+//! only after that longer deadline, so leaders on other hosts time out on its leader first
+//! and name the leader; every rank still fails within the deadlines. Dead ranks are always
+//! named correctly.
 
 use std::sync::Arc;
 use std::time::Duration;

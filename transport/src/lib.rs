@@ -11,7 +11,7 @@
 //! use transport::{CommConfig, Communicator, ReduceOp, TransportKind};
 //! # fn main() -> transport::Result<()> {
 //! let mut cfg = CommConfig::new("127.0.0.1", 29500, /* rank */ 0, /* world size */ 2);
-//! cfg.transport = TransportKind::Tcp; // Auto (default): shm on one host, else TCP
+//! cfg.transport = TransportKind::Tcp; // Auto (default): shm within a host, TCP across
 //! cfg.config_hash = 0x1234;           // ranks with a different job config are rejected
 //! cfg.auth_token = std::env::var("DTRAIN_AUTH_TOKEN").ok();
 //! let mut comm = Communicator::connect(&cfg)?; // world size 1: local no-op, no sockets

@@ -253,3 +253,51 @@ fn killed_non_leader_small_messages_is_named() {
 fn killed_leader_small_messages_is_named() {
     kill_one("loop_small", &["A", "A", "B", "B", "B"], 2);
 }
+
+/// A leader that stops answering (SIGSTOP): the other leader times out on it over TCP and
+/// tells its host; the stopped leader's own host peer times out on it in shared memory
+/// (after `2 x collective + connect`, the longer deadline non-leaders give their leader).
+#[test]
+fn stopped_leader_times_out_and_is_named() {
+    let victim = 2;
+    let mut spawn = Spawn::new("loop", 4)
+        .env("DTRAIN_TEST_COLLECTIVE_MS", 2000)
+        .env("DTRAIN_TEST_CONNECT_MS", 10_000);
+    spawn.transport = "auto".into();
+    let mut workers = spawn_on_hosts(&spawn, &["A", "A", "B", "B"]);
+    for w in workers.iter_mut() {
+        assert!(
+            w.wait_for_line("READY", Duration::from_secs(60)).is_some(),
+            "rank {} never got going: {:?}",
+            w.rank,
+            w.output
+        );
+    }
+    let pid = nix::unistd::Pid::from_raw(workers[victim].child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let mut survivors = workers;
+    let stopped = survivors.remove(victim);
+    let results = finish_all(survivors, Duration::from_secs(60));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = stopped.finish(Duration::from_secs(10));
+    let mut saw_timeout = false;
+    for r in &results {
+        assert_eq!(r.code, Some(3), "expected an error exit:\n{}", r.describe());
+        let kind = r.tagged("ERRKIND").pop().unwrap_or_default();
+        assert!(
+            kind == "Timeout" || kind == "PeerDied",
+            "kind {kind}:\n{}",
+            r.describe()
+        );
+        saw_timeout |= kind == "Timeout";
+        let err = r.error().unwrap_or_default();
+        eprintln!("rank {} after rank {victim} was stopped: {err}", r.rank);
+        assert!(
+            err.contains(&format!("rank {victim} ")),
+            "rank {}: error {err:?} should name rank {victim}\n{}",
+            r.rank,
+            r.describe()
+        );
+    }
+    assert!(saw_timeout, "some survivor should report a Timeout");
+}
