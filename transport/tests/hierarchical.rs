@@ -4,10 +4,12 @@
 //!
 //! Covered: every collective (f32/f64/i64, lengths 0, 1, 7, 1023 and a few MB, Sum/Avg/Max/
 //! Min) against a naive reference (integers exactly, floats to rounding) with bitwise equal
-//! results on all ranks, on 2 hosts x 2 ranks, 3+1 ranks, and hosts interleaved in rank order
-//! (A,B,A,B); back-to-back collectives and async use; transport selection; a rank killed with
-//! -9 (a non-leader, a leader): every survivor returns an error naming the dead rank's global
-//! rank well before the collective deadline, and nothing is left in /dev/shm.
+//! results on all ranks, on 2 hosts x 2 ranks, 3+1 ranks, hosts interleaved in rank order
+//! (A,B,A,B), and 3 hosts of 1, 3 and 1 ranks; back-to-back collectives and async use;
+//! transport selection; a rank killed with -9 (a non-leader, a leader; large and small
+//! all-reduces): every survivor returns an error naming the dead rank's global rank well
+//! before the collective deadline, and nothing is left in /dev/shm; a SIGSTOPped leader is
+//! named after the timeouts.
 
 mod common;
 
@@ -134,15 +136,21 @@ fn two_hosts_two_ranks_each_battery() {
 
 #[test]
 fn uneven_three_plus_one_battery() {
-    assert_transport(
-        &run("battery_small", &["A", "A", "A", "B"], "auto"),
-        "shm+tcp",
-    );
+    assert_transport(&run("battery", &["A", "A", "A", "B"], "auto"), "shm+tcp");
 }
 
 #[test]
 fn interleaved_hosts_battery() {
     assert_transport(&run("battery", &["A", "B", "A", "B"], "auto"), "shm+tcp");
+}
+
+#[test]
+fn three_hosts_with_single_rank_hosts_battery() {
+    // Rank 0 is alone on host B and host C has one rank: leaders without shared memory.
+    assert_transport(
+        &run("battery_small", &["B", "A", "A", "A", "C"], "auto"),
+        "shm+tcp",
+    );
 }
 
 #[test]
