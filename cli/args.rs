@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Which collective transport to use. `Auto` picks shared memory when every rank is on this
-/// host and TCP otherwise (the transport decides).
+/// Which collective transport to use. `Auto` uses shared memory between ranks on one host and
+/// TCP between hosts (the transport decides).
 pub use transport::TransportKind;
 
 /// How gradients are synchronised between ranks.
@@ -282,7 +282,7 @@ pub struct TrainArgs {
     /// Gradient synchronisation [default: ddp]
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
-    /// Collective transport [default: auto]
+    /// Collective transport [default: auto: shared memory within a host, TCP between hosts]
     #[arg(long, value_enum)]
     pub transport: Option<TransportArg>,
     /// Dataset [default: cifar10]
