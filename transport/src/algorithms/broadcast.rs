@@ -4,7 +4,9 @@
 //! each rank forwards piece `j` to the next rank while receiving piece `j + 1`, so every link
 //! carries the buffer once and the root sends it only once.
 
-use super::{disjoint, piece, PointToPoint};
+use std::ops::Range;
+
+use super::{piece, Pipeline, PointToPoint};
 use crate::Result;
 
 pub fn direct_broadcast<P: PointToPoint + ?Sized>(
@@ -36,32 +38,54 @@ pub fn chain_broadcast<P: PointToPoint + ?Sized>(
         return Ok(());
     }
     let position = (r + n - root) % n;
-    let prev = (r + n - 1) % n;
-    let next = (r + 1) % n;
-    let whole = 0..buf.len();
     let pieces = buf.len().div_ceil(piece_bytes.max(1)).max(1);
-    if position == 0 {
-        for j in 0..pieces {
-            p2p.send(next, &buf[piece(&whole, j, pieces, 1)])?;
-        }
-    } else if position == n - 1 {
-        for j in 0..pieces {
-            p2p.recv(prev, &mut buf[piece(&whole, j, pieces, 1)])?;
-        }
-    } else {
-        p2p.recv(prev, &mut buf[piece(&whole, 0, pieces, 1)])?;
-        for j in 0..pieces {
-            if j + 1 < pieces {
-                let (fwd, incoming) = disjoint(
-                    buf,
-                    piece(&whole, j, pieces, 1),
-                    piece(&whole, j + 1, pieces, 1),
-                );
-                p2p.send_recv(next, fwd, prev, incoming)?;
-            } else {
-                p2p.send(next, &buf[piece(&whole, j, pieces, 1)])?;
-            }
+    let mut plan = ChainPlan {
+        whole: 0..buf.len(),
+        buf,
+        pieces,
+        receives: position != 0,
+        forwards: position != n - 1,
+    };
+    p2p.pipeline((r + 1) % n, (r + n - 1) % n, &mut plan)
+}
+
+/// One rank's part of the chain: receive every piece from the left (unless root), forward
+/// each to the right once it has arrived (unless last).
+struct ChainPlan<'a> {
+    buf: &'a mut [u8],
+    whole: Range<usize>,
+    pieces: usize,
+    receives: bool,
+    forwards: bool,
+}
+
+impl Pipeline for ChainPlan<'_> {
+    fn sends(&self) -> usize {
+        if self.forwards {
+            self.pieces
+        } else {
+            0
         }
     }
-    Ok(())
+    fn recvs(&self) -> usize {
+        if self.receives {
+            self.pieces
+        } else {
+            0
+        }
+    }
+    fn send_after(&self, i: usize) -> usize {
+        if self.receives {
+            i + 1
+        } else {
+            0
+        }
+    }
+    fn send_buf(&self, i: usize) -> &[u8] {
+        &self.buf[piece(&self.whole, i, self.pieces, 1)]
+    }
+    fn recv_buf(&mut self, j: usize) -> &mut [u8] {
+        &mut self.buf[piece(&self.whole, j, self.pieces, 1)]
+    }
+    fn received(&mut self, _j: usize) {}
 }

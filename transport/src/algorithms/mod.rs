@@ -3,8 +3,8 @@
 //! Any transport that can move framed byte messages between two ranks implements
 //! [`PointToPoint`]; [`P2pBackend`] then turns it into a full [`Backend`]. Each algorithm is
 //! one short file:
-//! - [`ring_reduce_scatter`] / [`ring_all_gather`]: the two halves of the ring all-reduce,
-//!   pipelined in pieces so sending, receiving and reducing overlap.
+//! - [`ring`]: ring reduce-scatter and all-gather (the two halves of the ring all-reduce) as
+//!   one [`Pipeline`] of pieces, so sending, receiving and reducing overlap.
 //! - [`ring_allreduce`]: reduce-scatter + all-gather for large buffers, and a one-shot
 //!   "gather everything, reduce in rank order" path for small ones.
 //! - [`broadcast`]: direct sends from the root for small buffers, a pipelined chain for large.
@@ -18,15 +18,34 @@
 pub mod barrier;
 pub mod broadcast;
 pub mod gather_scatter;
-pub mod ring_all_gather;
+pub mod ring;
 pub mod ring_allreduce;
-pub mod ring_reduce_scatter;
 
 use std::ops::Range;
 
 use crate::{Backend, DType, ReduceOp, Result};
 
-/// Moves whole messages between this rank and one peer. Messages on one (peer, direction)
+/// A sequence of messages to send to one peer and to receive from one (possibly other) peer,
+/// where a send may have to wait until some receives are complete — e.g. a ring step forwards
+/// the piece it just received and reduced. Lets a transport keep both directions busy at once
+/// across the whole collective instead of one piece at a time.
+///
+/// Sends and receives are numbered from 0 and happen in that order on their link.
+pub trait Pipeline {
+    fn sends(&self) -> usize;
+    fn recvs(&self) -> usize;
+    /// How many receives must be complete (and [`Pipeline::received`] called for them)
+    /// before send `i` may start. Must not decrease with `i`.
+    fn send_after(&self, i: usize) -> usize;
+    /// Payload of send `i`; the same bytes every time it is asked for until the send completes.
+    fn send_buf(&self, i: usize) -> &[u8];
+    /// Where receive `j` lands; its length is the exact length expected.
+    fn recv_buf(&mut self, j: usize) -> &mut [u8];
+    /// Receive `j` is complete.
+    fn received(&mut self, j: usize);
+}
+
+/// Moves whole messages between this rank and its peers. Messages on one (peer, direction)
 /// pair arrive in the order they were sent; a receive must name the exact length the
 /// matching send used (a mismatch is a `Protocol` error naming the peer).
 pub trait PointToPoint: Send {
@@ -34,12 +53,67 @@ pub trait PointToPoint: Send {
     fn world_size(&self) -> usize;
     /// Names the collective in progress; used in error messages.
     fn set_op(&mut self, what: &'static str);
-    fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()>;
-    fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()>;
-    /// Sends `send` to `to` while receiving `recv` from `from`, both in flight at once, so two
-    /// ranks exchanging large buffers never deadlock on full socket buffers. `to == from` is
-    /// allowed.
-    fn send_recv(&mut self, to: usize, send: &[u8], from: usize, recv: &mut [u8]) -> Result<()>;
+    /// Runs `plan`: its sends go to `to`, its receives come from `from` (`to == from` is
+    /// allowed), with sends and receives in flight at the same time so that two ranks
+    /// exchanging large buffers never deadlock on full socket buffers.
+    fn pipeline(&mut self, to: usize, from: usize, plan: &mut dyn Pipeline) -> Result<()>;
+
+    fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()> {
+        self.pipeline(
+            peer,
+            peer,
+            &mut SendRecv {
+                send: Some(buf),
+                recv: None,
+            },
+        )
+    }
+    fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()> {
+        self.pipeline(
+            peer,
+            peer,
+            &mut SendRecv {
+                send: None,
+                recv: Some(buf),
+            },
+        )
+    }
+    /// Sends `send` to `to` while receiving `recv` from `from`.
+    fn send_recv(&mut self, to: usize, send: &[u8], from: usize, recv: &mut [u8]) -> Result<()> {
+        self.pipeline(
+            to,
+            from,
+            &mut SendRecv {
+                send: Some(send),
+                recv: Some(recv),
+            },
+        )
+    }
+}
+
+/// At most one independent send and one receive.
+pub struct SendRecv<'a> {
+    pub send: Option<&'a [u8]>,
+    pub recv: Option<&'a mut [u8]>,
+}
+
+impl Pipeline for SendRecv<'_> {
+    fn sends(&self) -> usize {
+        self.send.is_some() as usize
+    }
+    fn recvs(&self) -> usize {
+        self.recv.is_some() as usize
+    }
+    fn send_after(&self, _i: usize) -> usize {
+        0
+    }
+    fn send_buf(&self, _i: usize) -> &[u8] {
+        self.send.unwrap_or(&[])
+    }
+    fn recv_buf(&mut self, _j: usize) -> &mut [u8] {
+        self.recv.as_deref_mut().unwrap_or(&mut [])
+    }
+    fn received(&mut self, _j: usize) {}
 }
 
 /// Size thresholds that pick between algorithms.
@@ -86,27 +160,6 @@ pub fn piece(range: &Range<usize>, j: usize, pieces: usize, elem: usize) -> Rang
 pub fn piece_count(ranges: &[Range<usize>], piece_bytes: usize) -> usize {
     let max = ranges.iter().map(|r| r.len()).max().unwrap_or(0);
     max.div_ceil(piece_bytes.max(1)).max(1)
-}
-
-/// Borrows two disjoint ranges of one buffer: the first shared, the second mutable.
-pub fn disjoint(buf: &mut [u8], src: Range<usize>, dst: Range<usize>) -> (&[u8], &mut [u8]) {
-    assert!(
-        src.end <= dst.start || dst.end <= src.start || src.is_empty() || dst.is_empty(),
-        "disjoint: ranges {src:?} and {dst:?} overlap"
-    );
-    if src.is_empty() {
-        return (&[], &mut buf[dst]);
-    }
-    if dst.is_empty() {
-        return (&buf[src], &mut []);
-    }
-    if src.start < dst.start {
-        let (lo, hi) = buf.split_at_mut(dst.start);
-        (&lo[src], &mut hi[..dst.len()])
-    } else {
-        let (lo, hi) = buf.split_at_mut(src.start);
-        (&hi[..src.len()], &mut lo[dst])
-    }
 }
 
 /// A [`Backend`] built from any [`PointToPoint`] transport and the algorithms in this module.
@@ -180,13 +233,7 @@ impl<P: PointToPoint> Backend for P2pBackend<P> {
         let len = send.len();
         recv[r * len..(r + 1) * len].copy_from_slice(send);
         let blocks: Vec<Range<usize>> = (0..n).map(|i| i * len..(i + 1) * len).collect();
-        ring_all_gather::ring_all_gather_in_place(
-            &mut self.p2p,
-            recv,
-            &blocks,
-            1,
-            self.config.piece_bytes,
-        )
+        ring::ring_all_gather_in_place(&mut self.p2p, recv, &blocks, 1, self.config.piece_bytes)
     }
     fn reduce_scatter(
         &mut self,
@@ -203,7 +250,7 @@ impl<P: PointToPoint> Backend for P2pBackend<P> {
         self.scratch2.clear();
         self.scratch2.extend_from_slice(send);
         let blocks: Vec<Range<usize>> = (0..n).map(|i| i * len..(i + 1) * len).collect();
-        ring_reduce_scatter::ring_reduce_scatter_in_place(
+        ring::ring_reduce_scatter_in_place(
             &mut self.p2p,
             &mut self.scratch2,
             &blocks,
@@ -252,17 +299,6 @@ mod tests {
         assert_eq!(piece_count(&[0..0, 0..0], 4), 1);
     }
 
-    #[test]
-    fn disjoint_borrows_either_order() {
-        let mut buf: Vec<u8> = (0..10).collect();
-        let (s, d) = disjoint(&mut buf, 6..8, 1..3);
-        d.copy_from_slice(s);
-        assert_eq!(&buf[..4], &[0, 6, 7, 3]);
-        let (s, d) = disjoint(&mut buf, 0..2, 8..10);
-        d.copy_from_slice(s);
-        assert_eq!(&buf[8..], &[0, 6]);
-    }
-
     /// In-process transport: one unbounded channel per ordered rank pair.
     struct ChannelP2p {
         rank: usize,
@@ -279,30 +315,31 @@ mod tests {
             self.world_size
         }
         fn set_op(&mut self, _what: &'static str) {}
-        fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()> {
-            self.to[peer].send(buf.to_vec()).expect("peer alive");
+        /// Sends never block (unbounded channels), so running the plan in order — each
+        /// send once its receives are in — cannot deadlock.
+        fn pipeline(&mut self, to: usize, from: usize, plan: &mut dyn Pipeline) -> Result<()> {
+            let mut received = 0;
+            let recv_one = |me: &mut Self, plan: &mut dyn Pipeline, j: usize| {
+                let msg = me.from[from].recv().expect("peer alive");
+                let buf = plan.recv_buf(j);
+                assert_eq!(msg.len(), buf.len(), "rank {} from {from}: length", me.rank);
+                buf.copy_from_slice(&msg);
+                plan.received(j);
+            };
+            for i in 0..plan.sends() {
+                while received < plan.send_after(i) {
+                    recv_one(self, plan, received);
+                    received += 1;
+                }
+                self.to[to]
+                    .send(plan.send_buf(i).to_vec())
+                    .expect("peer alive");
+            }
+            while received < plan.recvs() {
+                recv_one(self, plan, received);
+                received += 1;
+            }
             Ok(())
-        }
-        fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()> {
-            let msg = self.from[peer].recv().expect("peer alive");
-            assert_eq!(
-                msg.len(),
-                buf.len(),
-                "rank {} from {peer}: length",
-                self.rank
-            );
-            buf.copy_from_slice(&msg);
-            Ok(())
-        }
-        fn send_recv(
-            &mut self,
-            to: usize,
-            send: &[u8],
-            from: usize,
-            recv: &mut [u8],
-        ) -> Result<()> {
-            self.send(to, send)?;
-            self.recv(from, recv)
         }
     }
 

@@ -1,9 +1,9 @@
 //! All-reduce: pipelined ring for large buffers, one-shot for small ones.
 //!
 //! **Ring** ([`ring_all_reduce`]): reduce-scatter then all-gather over `n` near-equal,
-//! element-aligned segments (see `ring_reduce_scatter` for the sum order of each segment).
-//! Each rank sends and receives `2 (n-1)/n` of the buffer: bandwidth-optimal. `Avg` is
-//! scaled once by the segment's owner before the all-gather.
+//! element-aligned segments, as one pipeline (see [`super::ring`] for the sum order of each
+//! segment). Each rank sends and receives `2 (n-1)/n` of the buffer: bandwidth-optimal.
+//! `Avg` is scaled once by the segment's owner before the all-gather.
 //!
 //! **Direct** ([`direct_all_reduce`]): every rank gathers all `n` buffers (a ring all-gather:
 //! `n - 1` latency-bound steps instead of `2 (n - 1)`), then reduces them locally in rank
@@ -11,7 +11,7 @@
 //!
 //! Both paths leave bitwise identical results on every rank.
 
-use super::{ring_all_gather, ring_reduce_scatter, split_even, PointToPoint};
+use super::{ring, split_even, PointToPoint};
 use crate::reduce::{reduce_into, scale_for_avg};
 use crate::{DType, ReduceOp, Result};
 
@@ -23,20 +23,8 @@ pub fn ring_all_reduce<P: PointToPoint + ?Sized>(
     piece_bytes: usize,
     scratch: &mut Vec<u8>,
 ) -> Result<()> {
-    let n = p2p.world_size();
-    let r = p2p.rank();
-    let segments = split_even(buf.len(), dtype.size(), n);
-    ring_reduce_scatter::ring_reduce_scatter_in_place(
-        p2p,
-        buf,
-        &segments,
-        dtype,
-        op,
-        piece_bytes,
-        scratch,
-    )?;
-    scale_for_avg(&mut buf[segments[r].clone()], dtype, op, n);
-    ring_all_gather::ring_all_gather_in_place(p2p, buf, &segments, dtype.size(), piece_bytes)
+    let segments = split_even(buf.len(), dtype.size(), p2p.world_size());
+    ring::ring_all_reduce_in_place(p2p, buf, &segments, dtype, op, piece_bytes, scratch)
 }
 
 pub fn direct_all_reduce<P: PointToPoint + ?Sized>(
@@ -54,7 +42,7 @@ pub fn direct_all_reduce<P: PointToPoint + ?Sized>(
     scratch.resize(n * len, 0);
     scratch[r * len..(r + 1) * len].copy_from_slice(buf);
     let blocks: Vec<_> = (0..n).map(|i| i * len..(i + 1) * len).collect();
-    ring_all_gather::ring_all_gather_in_place(p2p, scratch, &blocks, dtype.size(), piece_bytes)?;
+    ring::ring_all_gather_in_place(p2p, scratch, &blocks, dtype.size(), piece_bytes)?;
     buf.copy_from_slice(&scratch[..len]);
     for block in &blocks[1..] {
         reduce_into(buf, &scratch[block.clone()], dtype, op);

@@ -7,7 +7,10 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 
+use std::os::fd::AsRawFd;
+
 use super::framing::{decode_abort, FrameHeader, FrameKind, HEADER_LEN};
+use super::splice::{send_more, SplicePipe, SPLICE_MIN_BYTES};
 
 pub struct Link {
     pub peer: usize,
@@ -21,6 +24,10 @@ pub struct Link {
     pub monitor: bool,
     /// The peer said goodbye (dropped its communicator); holds the reason.
     pub closed: Option<String>,
+    /// For zero-copy sends of large frames; created on first use.
+    pipe: Option<SplicePipe>,
+    /// Splicing failed once (e.g. not supported here): copy from then on.
+    splice_unavailable: bool,
 }
 
 impl Link {
@@ -33,7 +40,20 @@ impl Link {
             send_mid_frame: false,
             monitor: true,
             closed: None,
+            pipe: None,
+            splice_unavailable: false,
         }
+    }
+
+    /// The pipe for zero-copy sends, if splicing works here.
+    fn splice_pipe(&mut self) -> Option<&SplicePipe> {
+        if self.pipe.is_none() && !self.splice_unavailable {
+            match SplicePipe::new() {
+                Ok(p) => self.pipe = Some(p),
+                Err(_) => self.splice_unavailable = true,
+            }
+        }
+        self.pipe.as_ref()
     }
 
     pub fn next_send_header(&mut self, kind: FrameKind, len: usize) -> [u8; HEADER_LEN] {
@@ -53,42 +73,58 @@ impl Link {
     }
 }
 
-/// A frame being written.
-pub struct Outgoing<'a> {
+/// A frame being written. The payload is passed to each [`Outgoing::advance`] call rather
+/// than held, so a pipeline can hand out pieces of one buffer it also receives into.
+pub struct Outgoing {
     header: [u8; HEADER_LEN],
-    payload: &'a [u8],
+    len: usize,
+    /// Header and payload bytes handed to the socket.
     sent: usize,
+    /// Payload bytes mapped into the link's pipe but not yet spliced into the socket.
+    in_pipe: usize,
 }
 
-impl<'a> Outgoing<'a> {
-    pub fn new(link: &mut Link, payload: &'a [u8]) -> Outgoing<'a> {
+impl Outgoing {
+    pub fn new(link: &mut Link, len: usize) -> Outgoing {
         Outgoing {
-            header: link.next_send_header(FrameKind::Data, payload.len()),
-            payload,
+            header: link.next_send_header(FrameKind::Data, len),
+            len,
             sent: 0,
+            in_pipe: 0,
         }
     }
 
     pub fn done(&self) -> bool {
-        self.sent == HEADER_LEN + self.payload.len()
+        self.sent == HEADER_LEN + self.len
     }
 
     pub fn started(&self) -> bool {
         self.sent > 0
     }
 
-    /// Writes until done or the socket is full. Returns whether any byte moved.
-    pub fn advance(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
+    /// Writes until done or the socket is full. `payload` must be the same bytes on every
+    /// call. Returns whether any byte moved. Large payloads are spliced (see
+    /// [`super::splice`]); the caller must not change them until the receiver acknowledged.
+    pub fn advance(&mut self, link: &mut Link, payload: &[u8]) -> io::Result<bool> {
+        debug_assert_eq!(payload.len(), self.len);
         let mut moved = false;
+        let use_pipe = self.len >= SPLICE_MIN_BYTES && link.splice_pipe().is_some();
         while !self.done() {
-            let result = if self.sent < HEADER_LEN {
-                // One syscall for header + payload keeps small messages in one segment.
-                stream.write_vectored(&[
+            let splice = use_pipe && link.pipe.is_some();
+            let result = if splice && self.sent < HEADER_LEN {
+                // MSG_MORE: the header waits for the spliced payload instead of leaving alone.
+                send_more(link.stream.as_raw_fd(), &self.header[self.sent..])
+            } else if splice {
+                self.splice_payload(link, payload)
+            } else if self.sent < HEADER_LEN {
+                // One syscall for header + payload: no copy into a frame buffer, and small
+                // messages leave in one segment.
+                link.stream.write_vectored(&[
                     IoSlice::new(&self.header[self.sent..]),
-                    IoSlice::new(self.payload),
+                    IoSlice::new(payload),
                 ])
             } else {
-                stream.write(&self.payload[self.sent - HEADER_LEN..])
+                link.stream.write(&payload[self.sent - HEADER_LEN..])
             };
             match result {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
@@ -102,6 +138,42 @@ impl<'a> Outgoing<'a> {
             }
         }
         Ok(moved)
+    }
+
+    /// Maps the next part of the payload into the pipe if it is empty, then splices from
+    /// the pipe into the socket. Returns the bytes that reached the socket.
+    fn splice_payload(&mut self, link: &mut Link, payload: &[u8]) -> io::Result<usize> {
+        let socket = link.stream.as_raw_fd();
+        let pipe = link.pipe.as_ref().expect("splice pipe exists");
+        if self.in_pipe == 0 {
+            let start = self.sent - HEADER_LEN;
+            let end = payload.len().min(start + pipe.capacity());
+            match pipe.map_in(&payload[start..end]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "vmsplice mapped 0 bytes",
+                    ))
+                }
+                Ok(k) => self.in_pipe = k,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    return Err(e)
+                }
+                Err(_) => {
+                    // Not supported here (the pipe is empty, so nothing is lost): copy.
+                    link.pipe = None;
+                    link.splice_unavailable = true;
+                    return link.stream.write(&payload[start..]);
+                }
+            }
+        }
+        let more = self.sent - HEADER_LEN + self.in_pipe < payload.len();
+        let k = pipe.drain_into(socket, self.in_pipe, more)?;
+        self.in_pipe -= k;
+        Ok(k)
     }
 }
 
@@ -120,11 +192,12 @@ pub enum RecvFailure {
     Abort(Option<usize>, String),
 }
 
-/// A frame being read straight into the caller's buffer.
-pub struct Incoming<'a> {
+/// A frame being read straight into the caller's buffer (passed to each
+/// [`Incoming::advance`] call).
+pub struct Incoming {
     header: [u8; HEADER_LEN],
     header_got: usize,
-    payload: &'a mut [u8],
+    len: usize,
     got: usize,
     expected_seq: u64,
     /// Payload of a control frame (abort), and how much of it arrived.
@@ -132,12 +205,12 @@ pub struct Incoming<'a> {
     complete: bool,
 }
 
-impl<'a> Incoming<'a> {
-    pub fn new(link: &mut Link, payload: &'a mut [u8]) -> Incoming<'a> {
+impl Incoming {
+    pub fn new(link: &mut Link, len: usize) -> Incoming {
         Incoming {
             header: [0; HEADER_LEN],
             header_got: 0,
-            payload,
+            len,
             got: 0,
             expected_seq: link.next_recv_seq(),
             control: None,
@@ -154,8 +227,14 @@ impl<'a> Incoming<'a> {
         self.header_got > 0
     }
 
-    /// Reads until done or nothing is available. Returns whether any byte moved.
-    pub fn advance(&mut self, stream: &mut TcpStream) -> Result<bool, RecvFailure> {
+    /// Reads until done or nothing is available. `payload` must be the same buffer on every
+    /// call. Returns whether any byte moved.
+    pub fn advance(
+        &mut self,
+        stream: &mut TcpStream,
+        payload: &mut [u8],
+    ) -> Result<bool, RecvFailure> {
+        debug_assert_eq!(payload.len(), self.len);
         let mut moved = false;
         while !self.complete {
             let target: &mut [u8] = if self.header_got < HEADER_LEN {
@@ -163,7 +242,7 @@ impl<'a> Incoming<'a> {
             } else if let Some((buf, got)) = &mut self.control {
                 &mut buf[*got..]
             } else {
-                &mut self.payload[self.got..]
+                &mut payload[self.got..]
             };
             let n = if target.is_empty() {
                 0
@@ -195,7 +274,7 @@ impl<'a> Incoming<'a> {
                 self.got += n;
             }
             if self.header_got == HEADER_LEN && self.control.is_none() {
-                self.complete = self.got == self.payload.len();
+                self.complete = self.got == self.len;
             }
         }
         Ok(moved)
@@ -213,14 +292,11 @@ impl<'a> Incoming<'a> {
                 Ok(())
             }
             FrameKind::Data => {
-                if header.seq != self.expected_seq || header.len != self.payload.len() as u64 {
+                if header.seq != self.expected_seq || header.len != self.len as u64 {
                     return Err(RecvFailure::Protocol(format!(
                         "expected message #{} of {} bytes, got message #{} of {} bytes \
                          (ranks called collectives in a different order or with different sizes)",
-                        self.expected_seq,
-                        self.payload.len(),
-                        header.seq,
-                        header.len
+                        self.expected_seq, self.len, header.seq, header.len
                     )));
                 }
                 Ok(())

@@ -15,7 +15,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::connection::{Incoming, Link, Outgoing, RecvFailure};
 use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN};
-use crate::algorithms::PointToPoint;
+use super::splice::SPLICE_MIN_BYTES;
+use crate::algorithms::{Pipeline, PointToPoint, SendRecv};
 use crate::{Error, Result, Timeouts};
 
 pub struct TcpMesh {
@@ -326,47 +327,96 @@ impl TcpMesh {
         }
     }
 
-    /// Runs one send and/or one receive to completion, waiting in `poll` between bursts.
-    fn drive(
+    /// Runs `plan` to completion: one frame out to `to` and one frame in from `from` in
+    /// flight at a time, alternating between them without blocking so both directions stay
+    /// busy, waiting in `poll` only when neither can move.
+    ///
+    /// If a large frame was sent, the pages were spliced and the caller may not touch them
+    /// until the receiver has read them: the receiver of a large frame answers with an empty
+    /// acknowledgement frame once all its receives are done, and the sender waits for it.
+    /// Both sides decide by frame length alone, so they always agree.
+    fn drive(&mut self, to: usize, from: usize, plan: &mut dyn Pipeline) -> Result<()> {
+        let (mut sent_large, mut received_large) = (false, false);
+        self.drive_frames(to, from, plan, &mut sent_large, &mut received_large)?;
+        if !sent_large && !received_large {
+            return Ok(());
+        }
+        let mut ack = SendRecv {
+            send: received_large.then_some(&[][..]),
+            recv: sent_large.then_some(&mut [][..]),
+        };
+        self.drive_frames(from, to, &mut ack, &mut false, &mut false)
+    }
+
+    fn drive_frames(
         &mut self,
-        mut out: Option<(usize, &mut Outgoing)>,
-        mut inc: Option<(usize, &mut Incoming)>,
+        to: usize,
+        from: usize,
+        plan: &mut dyn Pipeline,
+        sent_large: &mut bool,
+        received_large: &mut bool,
     ) -> Result<()> {
+        let (sends, recvs) = (plan.sends(), plan.recvs());
+        let (mut next_send, mut next_recv) = (0, 0);
+        let mut out: Option<Outgoing> = None;
+        let mut inc: Option<Incoming> = None;
         let mut last_progress = Instant::now();
         loop {
-            if let Some((peer, o)) = out.as_mut() {
-                let peer = *peer;
-                let link = self.link(peer)?;
-                let result = o.advance(&mut link.stream);
+            let mut moved = false;
+            if out.is_none() && next_send < sends && plan.send_after(next_send) <= next_recv {
+                let len = plan.send_buf(next_send).len();
+                *sent_large |= len >= SPLICE_MIN_BYTES;
+                out = Some(Outgoing::new(self.link(to)?, len));
+            }
+            if let Some(o) = out.as_mut() {
+                let link = self.link(to)?;
+                let result = o.advance(link, plan.send_buf(next_send));
                 link.send_mid_frame = o.started() && !o.done();
                 match result {
-                    Ok(true) => last_progress = Instant::now(),
-                    Ok(false) => {}
-                    Err(e) => return Err(self.io_error(peer, e)),
+                    Ok(m) => moved |= m,
+                    Err(e) => return Err(self.io_error(to, e)),
+                }
+                if o.done() {
+                    out = None;
+                    next_send += 1;
                 }
             }
-            if let Some((peer, i)) = inc.as_mut() {
-                let peer = *peer;
-                let link = self.link(peer)?;
-                let result = i.advance(&mut link.stream);
-                self.recv_busy = (i.started() && !i.done()).then_some(peer);
+            if inc.is_none() && next_recv < recvs {
+                let len = plan.recv_buf(next_recv).len();
+                *received_large |= len >= SPLICE_MIN_BYTES;
+                inc = Some(Incoming::new(self.link(from)?, len));
+            }
+            if let Some(i) = inc.as_mut() {
+                let link = self.link(from)?;
+                let result = i.advance(&mut link.stream, plan.recv_buf(next_recv));
+                self.recv_busy = (i.started() && !i.done()).then_some(from);
                 match result {
-                    Ok(true) => last_progress = Instant::now(),
-                    Ok(false) => {}
-                    Err(f) => return Err(self.recv_error(peer, f)),
+                    Ok(m) => moved |= m,
+                    Err(f) => return Err(self.recv_error(from, f)),
+                }
+                if i.done() {
+                    inc = None;
+                    plan.received(next_recv);
+                    next_recv += 1;
                 }
             }
-            let out_peer = out.as_ref().filter(|(_, o)| !o.done()).map(|(p, _)| *p);
-            let inc_peer = inc.as_ref().filter(|(_, i)| !i.done()).map(|(p, _)| *p);
+            if next_send == sends && next_recv == recvs {
+                return Ok(());
+            }
+            if moved {
+                last_progress = Instant::now();
+                continue;
+            }
+            let send_ready = next_send < sends && plan.send_after(next_send) <= next_recv;
+            let out_peer = send_ready.then_some(to);
+            let inc_peer = (next_recv < recvs).then_some(from);
             let Some(waiting_on) = inc_peer.or(out_peer) else {
                 return Ok(());
             };
             let idle = last_progress.elapsed();
             if idle >= self.timeouts.collective {
-                let can_read = match inc.as_ref() {
-                    Some((p, i)) if *p == waiting_on => !i.started(),
-                    _ => true,
-                };
+                let can_read =
+                    inc_peer != Some(waiting_on) || !inc.as_ref().is_some_and(|i| i.started());
                 return Err(self.blame_after_timeout(waiting_on, idle, can_read));
             }
             self.wait(out_peer, inc_peer, self.timeouts.collective - idle)?;
@@ -517,34 +567,6 @@ impl TcpMesh {
             }
         }
     }
-
-    fn run(
-        &mut self,
-        send: Option<(usize, &[u8])>,
-        recv: Option<(usize, &mut [u8])>,
-    ) -> Result<()> {
-        let peers: Vec<usize> = send
-            .iter()
-            .map(|s| s.0)
-            .chain(recv.iter().map(|r| r.0))
-            .collect();
-        self.check_usable(&peers)?;
-        let result = (|| {
-            let mut out = match send {
-                Some((peer, buf)) => Some((peer, Outgoing::new(self.link(peer)?, buf))),
-                None => None,
-            };
-            let mut inc = match recv {
-                Some((peer, buf)) => Some((peer, Incoming::new(self.link(peer)?, buf))),
-                None => None,
-            };
-            self.drive(
-                out.as_mut().map(|(p, o)| (*p, o)),
-                inc.as_mut().map(|(p, i)| (*p, i)),
-            )
-        })();
-        result.map_err(|e| self.fail(e))
-    }
 }
 
 impl PointToPoint for TcpMesh {
@@ -557,14 +579,17 @@ impl PointToPoint for TcpMesh {
     fn set_op(&mut self, what: &'static str) {
         self.op = what;
     }
-    fn send(&mut self, peer: usize, buf: &[u8]) -> Result<()> {
-        self.run(Some((peer, buf)), None)
-    }
-    fn recv(&mut self, peer: usize, buf: &mut [u8]) -> Result<()> {
-        self.run(None, Some((peer, buf)))
-    }
-    fn send_recv(&mut self, to: usize, send: &[u8], from: usize, recv: &mut [u8]) -> Result<()> {
-        self.run(Some((to, send)), Some((from, recv)))
+    fn pipeline(&mut self, to: usize, from: usize, plan: &mut dyn Pipeline) -> Result<()> {
+        let mut peers = Vec::with_capacity(2);
+        if plan.sends() > 0 {
+            peers.push(to);
+        }
+        if plan.recvs() > 0 {
+            peers.push(from);
+        }
+        self.check_usable(&peers)?;
+        let result = self.drive(to, from, plan);
+        result.map_err(|e| self.fail(e))
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod framing;
 pub mod mesh;
+pub mod splice;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
