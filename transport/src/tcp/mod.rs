@@ -215,5 +215,27 @@ fn tune_socket(stream: &TcpStream, timeouts: &Timeouts) -> std::io::Result<()> {
         setsockopt(stream, sockopt::TcpUserTimeout, &(liveness_s * 2000))?;
         Ok(())
     };
-    apply().map_err(std::io::Error::from)
+    apply().map_err(std::io::Error::from)?;
+    if stream.peer_addr()?.ip().is_loopback() {
+        use_unpaced_congestion_control(stream);
+    }
+    Ok(())
+}
+
+/// On loopback there is no network to pace for, but BBR (a common system default) still
+/// paces every packet with a timer, which halves large transfers. Ask for cubic, else reno
+/// (always permitted); this socket only, and failing is harmless.
+fn use_unpaced_congestion_control(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    for name in ["cubic", "reno"] {
+        if setsockopt(
+            stream,
+            sockopt::TcpCongestion,
+            &std::ffi::OsString::from(name),
+        )
+        .is_ok()
+        {
+            return;
+        }
+    }
 }
