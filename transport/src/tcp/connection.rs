@@ -26,12 +26,13 @@ pub struct Link {
     pub closed: Option<String>,
     /// For zero-copy sends of large frames; created on first use.
     pipe: Option<SplicePipe>,
-    /// Splicing failed once (e.g. not supported here): copy from then on.
+    /// Splicing is off, or failed once (e.g. not supported here): copy.
     splice_unavailable: bool,
 }
 
 impl Link {
-    pub fn new(peer: usize, stream: TcpStream) -> Link {
+    /// `splice`: send large frames zero-copy (see [`super::splice`]).
+    pub fn new(peer: usize, stream: TcpStream, splice: bool) -> Link {
         Link {
             peer,
             stream,
@@ -41,7 +42,7 @@ impl Link {
             monitor: true,
             closed: None,
             pipe: None,
-            splice_unavailable: false,
+            splice_unavailable: !splice,
         }
     }
 

@@ -19,6 +19,10 @@ use super::splice::SPLICE_MIN_BYTES;
 use crate::algorithms::{Pipeline, PointToPoint, SendRecv};
 use crate::{Error, Result, Timeouts};
 
+/// How long a wait keeps retrying nonblocking I/O before sleeping in `poll`, when every
+/// local rank has a core: a loopback round trip is ~10 µs, a sleep/wake-up several times that.
+const SPIN: Duration = Duration::from_micros(50);
+
 pub struct TcpMesh {
     rank: usize,
     world_size: usize,
@@ -35,15 +39,24 @@ pub struct TcpMesh {
     vanished: Option<usize>,
     /// The peer whose incoming frame is partly read (its stream is not at a frame boundary).
     recv_busy: Option<usize>,
+    /// Busy-retry time before sleeping in `poll` (zero when ranks share cores).
+    spin: Duration,
 }
 
 impl TcpMesh {
-    pub fn new(rank: usize, streams: Vec<Option<TcpStream>>, timeouts: Timeouts) -> TcpMesh {
+    /// `dedicated_cores`: every rank on this host has a core of its own, so waits may spin
+    /// and large sends may be spliced.
+    pub fn new(
+        rank: usize,
+        streams: Vec<Option<TcpStream>>,
+        timeouts: Timeouts,
+        dedicated_cores: bool,
+    ) -> TcpMesh {
         let world_size = streams.len();
         let links = streams
             .into_iter()
             .enumerate()
-            .map(|(peer, s)| s.map(|s| Link::new(peer, s)))
+            .map(|(peer, s)| s.map(|s| Link::new(peer, s, dedicated_cores)))
             .collect();
         TcpMesh {
             rank,
@@ -54,6 +67,11 @@ impl TcpMesh {
             failed: None,
             vanished: None,
             recv_busy: None,
+            spin: if dedicated_cores {
+                SPIN
+            } else {
+                Duration::ZERO
+            },
         }
     }
 
@@ -405,6 +423,10 @@ impl TcpMesh {
             }
             if moved {
                 last_progress = Instant::now();
+                continue;
+            }
+            if last_progress.elapsed() < self.spin {
+                std::hint::spin_loop();
                 continue;
             }
             let send_ready = next_send < sends && plan.send_after(next_send) <= next_recv;
