@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Leave out the local memcpy reference rows
     #[arg(long)]
     pub no_memcpy: bool,
+    /// All-reduce ordinary heap buffers instead of buffers from the transport's
+    /// `alloc_buffer` (which peers read in place on shared memory, as DDP's buckets)
+    #[arg(long)]
+    pub heap_buffers: bool,
     /// Pin each locally started rank to its own CPUs (auto: when there are at least as many
     /// CPUs as ranks)
     #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
@@ -252,6 +256,7 @@ fn spawn_local(args: &BenchArgs, host: &str, port: Option<u16>) -> Result<u8, Be
     ]
     .into_iter()
     .chain(args.no_memcpy.then(|| "--no-memcpy".to_string()))
+    .chain(args.heap_buffers.then(|| "--heap-buffers".to_string()))
     .map(OsString::from)
     .collect();
     let spec = LocalRanks {
@@ -285,6 +290,7 @@ fn run_rank(args: &BenchArgs, host: &str, port: u16, rank: usize) -> Result<(), 
         iters: args.iters,
         collectives: args.collectives.iter().map(|&c| c.into()).collect(),
         memcpy: !args.no_memcpy,
+        shared_buffers: !args.heap_buffers,
         ..SweepConfig::default()
     };
     // Ranks started with different sweeps would deadlock mid-way: reject them at rendezvous.

@@ -4,6 +4,10 @@
 //! `Communicator`, which checks arguments before calling in here. Every call is collective:
 //! all ranks call it in the same order with matching sizes.
 
+use std::any::Any;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
 use crate::{DType, ReduceOp, Result};
 
 pub trait Backend: Send {
@@ -27,6 +31,45 @@ pub trait Backend: Send {
         op: ReduceOp,
     ) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
+    /// Collective: `bytes` of zeroed memory that this backend's peers can read in place, so
+    /// collectives on it skip copying into transport buffers; `None` if the backend has no
+    /// such memory (the caller then uses ordinary memory).
+    fn alloc_shared(&mut self, _bytes: usize) -> Result<Option<SharedMemory>> {
+        Ok(None)
+    }
+}
+
+/// A block of memory owned by a backend's mapping (see [`Backend::alloc_shared`]), kept
+/// alive by `owner`. Only this process writes it.
+pub struct SharedMemory {
+    ptr: NonNull<u8>,
+    bytes: usize,
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the memory is owned by `_owner` (Send + Sync) and this handle is its only writer
+// in this process; moving the handle to another thread moves that exclusive access.
+unsafe impl Send for SharedMemory {}
+
+impl SharedMemory {
+    /// # Safety
+    /// `ptr` is valid for reads and writes of `bytes` bytes, page aligned and zero-filled,
+    /// for as long as `owner` lives, and nothing else in this process accesses it.
+    pub unsafe fn new(ptr: *mut u8, bytes: usize, owner: Arc<dyn Any + Send + Sync>) -> Self {
+        SharedMemory {
+            ptr: NonNull::new(ptr).expect("shared memory pointer is null"),
+            bytes,
+            _owner: owner,
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// Deadlines every backend honours. No wait in this crate is unbounded.

@@ -69,6 +69,9 @@ pub struct SweepConfig {
     pub collectives: Vec<BenchCollective>,
     /// Also time a local memcpy of each size.
     pub memcpy: bool,
+    /// All-reduce buffers from `Communicator::alloc_buffer` (read in place by peers on shared
+    /// memory, as DDP's buckets are) rather than ordinary `Vec`s.
+    pub shared_buffers: bool,
 }
 
 impl Default for SweepConfig {
@@ -82,6 +85,7 @@ impl Default for SweepConfig {
             bytes_per_size: 1 << 30,
             collectives: BenchCollective::ALL.to_vec(),
             memcpy: true,
+            shared_buffers: true,
         }
     }
 }
@@ -147,14 +151,24 @@ fn time_collective(
     comm: &mut Communicator,
     which: BenchCollective,
     bytes: usize,
-    warmup: usize,
-    reps: usize,
+    (warmup, reps): (usize, usize),
+    shared_buffers: bool,
 ) -> Result<(usize, Vec<f64>)> {
     let n = comm.world_size();
     let rank = comm.rank();
     // Moves use u8 blocks; all-reduce uses f32 (the training workload).
     let block = (bytes / n).max(1);
-    let mut floats = vec![1.0f32; (bytes / 4).max(1)];
+    let floats_len = if which == BenchCollective::AllReduce {
+        (bytes / 4).max(1)
+    } else {
+        1
+    };
+    let mut floats = if shared_buffers {
+        comm.alloc_buffer::<f32>(floats_len)?
+    } else {
+        crate::Buffer::heap(floats_len)
+    };
+    floats.fill(1.0);
     let mut buf = vec![rank as u8; bytes.max(1)];
     let mut block_buf = vec![0u8; block];
     let mut whole = vec![0u8; block * n];
@@ -208,7 +222,8 @@ pub fn run_sweep(comm: &mut Communicator, cfg: &SweepConfig) -> Result<Vec<Bench
     for bytes in sizes(cfg) {
         let (warmup, reps) = reps_for(cfg, bytes);
         for &which in &cfg.collectives {
-            let (reported, mut times) = time_collective(comm, which, bytes, warmup, reps)?;
+            let (reported, mut times) =
+                time_collective(comm, which, bytes, (warmup, reps), cfg.shared_buffers)?;
             // The slowest rank defines each repetition.
             comm.all_reduce(&mut times, ReduceOp::Max)?;
             let t = median(&mut times);

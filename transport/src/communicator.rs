@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use crate::hierarchical::{host_groups, HierarchicalBackend, Placement};
 use crate::local::LocalBackend;
 use crate::rendezvous::{self, Rendezvous};
-use crate::{Backend, DType, Element, Error, ReduceOp, Result, Timeouts};
+use crate::{Backend, Buffer, DType, Element, Error, ReduceOp, Result, Timeouts};
 
 /// Which backend to use between ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +187,19 @@ impl Communicator {
         Self::check_reducible::<T>("all_reduce")?;
         self.backend
             .all_reduce(bytemuck::cast_slice_mut(buf), T::DTYPE, op)
+    }
+
+    /// Collective (every rank, same `len`, same order): a zeroed buffer that the transport's
+    /// peers read in place when it can (shared memory), ordinary memory otherwise. Collectives
+    /// on it skip the copy into the transport's staging area (see [`Buffer`]).
+    pub fn alloc_buffer<T: Element>(&mut self, len: usize) -> Result<Buffer<T>> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| invalid(format!("alloc_buffer: {len} elements overflow")))?;
+        Ok(match self.backend.alloc_shared(bytes)? {
+            Some(mem) => Buffer::shared(mem, len),
+            None => Buffer::heap(len),
+        })
     }
 
     /// Copies `root`'s `buf` into every rank's `buf` (same length everywhere).
@@ -385,13 +398,23 @@ impl AsyncCommunicator {
         }
     }
 
-    /// Starts an all-reduce of `buf` now; `wait` returns the reduced buffer.
-    pub fn all_reduce_async<T: Element>(&self, buf: Vec<T>, op: ReduceOp) -> Pending<Vec<T>> {
+    /// Starts an all-reduce of `buf` (a `Vec<T>` or a [`Buffer<T>`]) now; `wait` returns the
+    /// reduced buffer.
+    pub fn all_reduce_async<T: Element, B: AsMut<[T]> + Send + 'static>(
+        &self,
+        buf: B,
+        op: ReduceOp,
+    ) -> Pending<B> {
         self.submit(move |comm| {
             let mut buf = buf;
-            comm.all_reduce(&mut buf, op)?;
+            comm.all_reduce(buf.as_mut(), op)?;
             Ok(buf)
         })
+    }
+
+    /// [`Communicator::alloc_buffer`] on the communication thread (after queued operations).
+    pub fn alloc_buffer<T: Element>(&self, len: usize) -> Result<Buffer<T>> {
+        self.run(move |comm| comm.alloc_buffer(len))
     }
 
     /// Runs `f` on the communication thread after all queued operations, and waits for it.

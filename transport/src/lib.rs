@@ -59,6 +59,7 @@ pub mod algorithms;
 pub mod auth;
 pub mod backend;
 pub mod bench;
+pub mod buffer;
 pub mod communicator;
 pub mod error;
 pub mod hierarchical;
@@ -68,7 +69,8 @@ pub mod rendezvous;
 pub mod shm;
 pub mod tcp;
 
-pub use backend::{Backend, Timeouts};
+pub use backend::{Backend, SharedMemory, Timeouts};
+pub use buffer::Buffer;
 pub use communicator::{AsyncCommunicator, CommConfig, Communicator, Pending, TransportKind};
 pub use error::{Error, Result};
 pub use reduce::{DType, Element, ReduceOp};

@@ -54,10 +54,28 @@ impl Element for u8 {
 /// end with [`scale_for_avg`]), `Max`, `Min`. Panics if lengths differ or the dtype is `U8`
 /// (a programming error, not user input).
 pub fn reduce_into(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
+    reduce_bytes(dst, src, dtype, op, Order::DstFirst);
+}
+
+/// `dst[i] = src[i] ⊕ dst[i]`: like [`reduce_into`] with `src` as the left operand, so a
+/// rank can fold its own values into a buffer holding an earlier rank's and keep the
+/// documented rank order bit for bit (float `+` and max/min of ±0 depend on operand order).
+pub fn reduce_into_rev(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
+    reduce_bytes(dst, src, dtype, op, Order::SrcFirst);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Order {
+    DstFirst,
+    SrcFirst,
+}
+
+fn reduce_bytes(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp, order: Order) {
     assert_eq!(dst.len(), src.len(), "reduce_into: length mismatch");
     match dtype {
-        DType::F32 => combine::<f32>(dst, src, op),
-        DType::F64 => combine::<f64>(dst, src, op),
+        DType::F32 => combine::<f32>(dst, src, op, order),
+        DType::F64 => combine::<f64>(dst, src, op, order),
+        // Wrapping add and integer max/min do not depend on operand order.
         DType::I64 => combine_i64(dst, src, op),
         DType::U8 => panic!("reduce_into: U8 buffers cannot be reduced"),
     }
@@ -95,7 +113,7 @@ fn cast_mut<T: bytemuck::Pod>(buf: &mut [u8]) -> &mut [T] {
 }
 
 // Float combine: written as simple slice loops over chunks so LLVM vectorizes them.
-fn combine<T>(dst: &mut [u8], src: &[u8], op: ReduceOp)
+fn combine<T>(dst: &mut [u8], src: &[u8], op: ReduceOp, order: Order)
 where
     T: bytemuck::Pod + PartialOrd + std::ops::Add<Output = T>,
 {
@@ -105,34 +123,50 @@ where
         bytemuck::try_cast_slice_mut::<u8, T>(dst),
         bytemuck::try_cast_slice::<u8, T>(src),
     ) {
-        (Ok(d), Ok(s)) => combine_typed(d, s, op),
+        (Ok(d), Ok(s)) => combine_typed(d, s, op, order),
         (d, s) => {
             let _ = (d, s);
-            combine_unaligned::<T>(dst, src, op)
+            combine_unaligned::<T>(dst, src, op, order)
         }
     }
 }
 
-fn combine_typed<T>(d: &mut [T], s: &[T], op: ReduceOp)
+/// `max(x, y)` is `y if y > x else x`: the left operand wins ties (±0) and NaN on the right.
+fn combine_typed<T>(d: &mut [T], s: &[T], op: ReduceOp, order: Order)
 where
     T: Copy + PartialOrd + std::ops::Add<Output = T>,
 {
-    match op {
-        ReduceOp::Sum | ReduceOp::Avg => d.iter_mut().zip(s).for_each(|(a, &b)| *a = *a + b),
-        ReduceOp::Max => d.iter_mut().zip(s).for_each(|(a, &b)| {
+    match (op, order) {
+        (ReduceOp::Sum | ReduceOp::Avg, Order::DstFirst) => {
+            d.iter_mut().zip(s).for_each(|(a, &b)| *a = *a + b)
+        }
+        (ReduceOp::Sum | ReduceOp::Avg, Order::SrcFirst) => {
+            d.iter_mut().zip(s).for_each(|(a, &b)| *a = b + *a)
+        }
+        (ReduceOp::Max, Order::DstFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
             if b > *a {
                 *a = b
             }
         }),
-        ReduceOp::Min => d.iter_mut().zip(s).for_each(|(a, &b)| {
+        (ReduceOp::Max, Order::SrcFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
+            if (*a).partial_cmp(&b) != Some(std::cmp::Ordering::Greater) {
+                *a = b
+            }
+        }),
+        (ReduceOp::Min, Order::DstFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
             if b < *a {
+                *a = b
+            }
+        }),
+        (ReduceOp::Min, Order::SrcFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
+            if (*a).partial_cmp(&b) != Some(std::cmp::Ordering::Less) {
                 *a = b
             }
         }),
     }
 }
 
-fn combine_unaligned<T>(dst: &mut [u8], src: &[u8], op: ReduceOp)
+fn combine_unaligned<T>(dst: &mut [u8], src: &[u8], op: ReduceOp, order: Order)
 where
     T: bytemuck::Pod + PartialOrd + std::ops::Add<Output = T>,
 {
@@ -140,7 +174,12 @@ where
     for (d, s) in dst.chunks_exact_mut(size).zip(src.chunks_exact(size)) {
         let mut a: T = bytemuck::pod_read_unaligned(d);
         let b: T = bytemuck::pod_read_unaligned(s);
-        combine_typed(std::slice::from_mut(&mut a), std::slice::from_ref(&b), op);
+        combine_typed(
+            std::slice::from_mut(&mut a),
+            std::slice::from_ref(&b),
+            op,
+            order,
+        );
         d.copy_from_slice(bytemuck::bytes_of(&a));
     }
 }
@@ -199,6 +238,57 @@ mod tests {
             3,
         );
         assert_eq!(avg, vec![1.0, 3.0]);
+    }
+
+    #[test]
+    fn reduce_into_rev_is_reduce_into_with_operands_swapped_bit_for_bit() {
+        let vals = [
+            0.0f32,
+            -0.0,
+            1.5,
+            -2.25,
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            1e-40,
+        ];
+        for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
+            for &x in &vals {
+                for &y in &vals {
+                    // forward: x ⊕ y with x in dst; reversed: x ⊕ y with y in dst.
+                    let mut fwd = [x];
+                    let bytes = |v: &mut [f32; 1]| bytemuck::cast_slice_mut::<f32, u8>(v).to_vec();
+                    reduce_into(
+                        bytemuck::cast_slice_mut(&mut fwd),
+                        bytemuck::cast_slice(&[y]),
+                        DType::F32,
+                        op,
+                    );
+                    let mut rev = [y];
+                    reduce_into_rev(
+                        bytemuck::cast_slice_mut(&mut rev),
+                        bytemuck::cast_slice(&[x]),
+                        DType::F32,
+                        op,
+                    );
+                    assert_eq!(bytes(&mut fwd), bytes(&mut rev), "{op:?} {x} {y}");
+                }
+            }
+        }
+        assert_eq!(
+            {
+                let mut d = [-0.0f32];
+                reduce_into(
+                    bytemuck::cast_slice_mut(&mut d),
+                    bytemuck::cast_slice(&[0.0f32]),
+                    DType::F32,
+                    ReduceOp::Max,
+                );
+                d[0].to_bits()
+            },
+            (-0.0f32).to_bits(),
+            "the left operand wins a tie"
+        );
     }
 
     #[test]

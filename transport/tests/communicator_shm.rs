@@ -27,6 +27,25 @@ fn worker() {
         "battery_small" => collectives::full_battery(&mut comm, 20_000),
         "back_to_back" => collectives::back_to_back(&mut comm, 300),
         "async" => collectives::async_ops(comm),
+        "shared" => {
+            collectives::shared_buffer_battery(&mut comm, 3 << 18);
+            collectives::shared_buffer_async(comm, 3 << 18);
+        }
+        "shared_loop" => {
+            let mut buf = comm
+                .alloc_buffer::<f32>(3 << 18)
+                .unwrap_or_else(|e| common::exit_error(&e));
+            let mut iterations = 0u64;
+            loop {
+                if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
+                    common::exit_error(&e);
+                }
+                iterations += 1;
+                if iterations == 3 {
+                    println!("READY");
+                }
+            }
+        }
         "loop" => {
             let mut buf = vec![1.0f32; 1 << 18];
             let mut iterations = 0u64;
@@ -95,9 +114,47 @@ fn shm_async_world_2() {
     assert_transport(&run("async", 2, "shm"), "shm");
 }
 
+/// Buffers from `alloc_buffer` live in shared memory and all-reduce in place (zero-copy).
+fn run_shared(world: usize) {
+    let results = run("shared", world, "shm");
+    assert_transport(&results, "shm");
+    for r in &results {
+        let shared = r.tagged("SHARED");
+        assert!(
+            !shared.is_empty() && shared.iter().all(|s| s == "true"),
+            "{}",
+            r.describe()
+        );
+    }
+}
+
+#[test]
+fn shm_shared_buffers_world_2() {
+    run_shared(2);
+}
+
+#[test]
+fn shm_shared_buffers_world_3() {
+    run_shared(3);
+}
+
+#[test]
+fn shm_shared_buffers_world_4() {
+    run_shared(4);
+}
+
 #[test]
 fn shm_killed_rank_is_named_by_survivors() {
-    let mut spawn = Spawn::new("loop", 3).env("DTRAIN_TEST_COLLECTIVE_MS", 120_000);
+    killed_rank_is_named("loop");
+}
+
+#[test]
+fn shm_killed_rank_is_named_by_survivors_in_a_zero_copy_all_reduce() {
+    killed_rank_is_named("shared_loop");
+}
+
+fn killed_rank_is_named(scenario: &str) {
+    let mut spawn = Spawn::new(scenario, 3).env("DTRAIN_TEST_COLLECTIVE_MS", 120_000);
     spawn.transport = "shm".into();
     let mut workers = spawn.spawn_all();
     for w in workers.iter_mut() {

@@ -25,12 +25,16 @@ mod futex;
 mod gather_scatter;
 mod liveness;
 mod reduce_scatter;
+mod region;
 mod segment;
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::time::{Duration, Instant};
 
-use crate::{Backend, DType, Error, ReduceOp, Result, Timeouts};
+use std::sync::{Arc, Weak};
+
+use crate::{Backend, DType, Error, ReduceOp, Result, SharedMemory, Timeouts};
+use region::RegionMaps;
 use segment::{
     Layout, Segment, NUM_STAGES, STATE_ATTACHED, STATE_CLAIMED, STATE_DEPARTED, STATE_EMPTY,
 };
@@ -54,6 +58,12 @@ pub struct ShmBackend {
     /// Set after a failed collective: ranks may be at different events, so the backend can't
     /// be used again.
     broken: Option<String>,
+    /// Segment name (`/dtrain-<uid>-<job>`), the prefix of shared regions' names.
+    name: String,
+    /// Shared regions allocated so far (index = id); dead once the user dropped the buffer.
+    regions: Vec<Weak<RegionMaps>>,
+    /// All-reduces that ran zero-copy on shared regions (tests check the path is taken).
+    zero_copy_count: u64,
 }
 
 impl ShmBackend {
@@ -99,6 +109,9 @@ impl ShmBackend {
             next_stage: 0,
             op: "attach",
             broken: None,
+            name,
+            regions: Vec::new(),
+            zero_copy_count: 0,
         })
     }
 
@@ -317,6 +330,17 @@ impl Backend for ShmBackend {
         self.run("reduce_scatter", |b| {
             reduce_scatter::reduce_scatter(b, send, recv, dtype, op)
         })
+    }
+
+    fn alloc_shared(&mut self, bytes: usize) -> Result<Option<SharedMemory>> {
+        let region = self.run("alloc_shared", |b| b.alloc_region(bytes))?;
+        let ptr = region.ptr(self.rank);
+        let owner: Arc<dyn std::any::Any + Send + Sync> = region;
+        // SAFETY: this rank's copy of the region is mapped read-write for as long as the
+        // region lives (kept by `owner`), page aligned, zero-filled by ftruncate, and nothing
+        // else in this process writes it (peers map it read-only and read it only inside
+        // collectives).
+        Ok(Some(unsafe { SharedMemory::new(ptr, bytes, owner) }))
     }
 
     fn barrier(&mut self) -> Result<()> {

@@ -24,7 +24,7 @@ use nix::sys::stat::Mode;
 use crate::{Error, Result};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"DTRNSHM1");
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// One collective round moves at most this many bytes through a rank's slot.
 pub const STAGE_BYTES: usize = 1 << 20;
 /// Stages form a ring per slot so a rank can fill the next stage while peers still read the
@@ -69,6 +69,11 @@ pub struct RankSync {
     pub progress: AtomicU32,
     /// Number of processes sleeping (or about to sleep) on `progress`.
     pub sleepers: AtomicU32,
+    /// The buffer of the all-reduce this rank is in: 1 + its shared region's id (0: not in a
+    /// shared region), and its byte offset and length there. Written before the entry event.
+    pub region: AtomicU32,
+    pub region_offset: AtomicU64,
+    pub region_len: AtomicU64,
 }
 
 const RANKS_OFF: usize = 128;

@@ -252,6 +252,116 @@ pub fn full_battery(comm: &mut Communicator, big: usize) {
     check_argument_errors(comm);
 }
 
+/// All-reduce of a window `[at, at + len)` of a buffer from `alloc_buffer`; rank `heap_rank`
+/// (if any) uses an ordinary `Vec` instead and rank `shifted_rank` (if any) another offset,
+/// so the transport must fall back to its staged path on every rank.
+fn check_all_reduce_in_buffer<T: TestElement>(
+    comm: &mut Communicator,
+    buf: &mut transport::Buffer<T>,
+    (at, len): (usize, usize),
+    op: ReduceOp,
+    seed: u64,
+    (heap_rank, shifted_rank): (Option<usize>, Option<usize>),
+) {
+    let (n, rank) = (comm.world_size(), comm.rank());
+    let at = if shifted_rank == Some(rank) {
+        at + 16
+    } else {
+        at
+    };
+    let mine = inputs::<T>(rank, len, seed);
+    let result: Vec<T> = if heap_rank == Some(rank) {
+        let mut v = mine;
+        run("all_reduce", comm.all_reduce(&mut v, op));
+        v
+    } else {
+        let window = &mut buf[at..at + len];
+        window.copy_from_slice(&mine);
+        run("all_reduce", comm.all_reduce(window, op));
+        window.to_vec()
+    };
+    let all: Vec<Vec<T>> = (0..n).map(|r| inputs::<T>(r, len, seed)).collect();
+    for i in 0..len {
+        let column: Vec<T> = all.iter().map(|v| v[i]).collect();
+        if let Err(e) = T::check_reduced(result[i], &column, op) {
+            fail(format!(
+                "all_reduce in buffer {} len {len} element {i}: {e}",
+                T::NAME
+            ));
+        }
+    }
+    report(&format!("shared/{}/{op:?}/{len}/{seed}", T::NAME), &result);
+}
+
+fn shared_battery_for<T: TestElement>(comm: &mut Communicator, lens: &[usize]) {
+    let max = lens.iter().copied().max().unwrap_or(0);
+    let mut buf = run("alloc_buffer", comm.alloc_buffer::<T>(max + 64));
+    println!("SHARED {}", buf.is_shared());
+    let n = comm.world_size();
+    for (k, &len) in lens.iter().enumerate() {
+        let seed = 7000 + k as u64;
+        for (j, op) in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min]
+            .into_iter()
+            .enumerate()
+        {
+            let at = [0, 3, 16, 48][j];
+            check_all_reduce_in_buffer(comm, &mut buf, (at, len), op, seed, (None, None));
+        }
+        // Fallbacks: one rank's buffer is not shared, or is at another offset.
+        let odd = Some(k % n);
+        check_all_reduce_in_buffer(comm, &mut buf, (0, len), ReduceOp::Sum, seed, (odd, None));
+        check_all_reduce_in_buffer(comm, &mut buf, (0, len), ReduceOp::Sum, seed, (None, odd));
+    }
+}
+
+/// All-reduce in buffers from `alloc_buffer` (zero-copy on shared memory): f32/f64/i64,
+/// every op, windows at several offsets, lengths around the one-shot threshold and `big`,
+/// fallbacks when ranks disagree, and the same buffer rewritten right after each of many
+/// back-to-back all-reduces (a rank must not leave before peers finished reading it).
+pub fn shared_buffer_battery(comm: &mut Communicator, big: usize) {
+    let lens = [0, 1, 7, 1023, 70_000, big, big + 13];
+    shared_battery_for::<f32>(comm, &lens);
+    shared_battery_for::<f64>(comm, &lens);
+    shared_battery_for::<i64>(comm, &lens);
+    let mut buf = run("alloc_buffer", comm.alloc_buffer::<i64>(big));
+    for it in 0..20u64 {
+        let len = big - (it as usize * 977) % (big / 2);
+        check_all_reduce_in_buffer(
+            comm,
+            &mut buf,
+            (0, len),
+            ReduceOp::Sum,
+            9000 + it,
+            (None, None),
+        );
+    }
+}
+
+/// A buffer from `alloc_buffer` all-reduced through the communication thread, as DDP does.
+pub fn shared_buffer_async(comm: Communicator, len: usize) {
+    let rank = comm.rank();
+    let comm = comm.into_async();
+    let mut buf = run("alloc_buffer", comm.alloc_buffer::<f32>(len));
+    buf.copy_from_slice(&inputs::<f32>(rank, len, 77));
+    let got = comm
+        .all_reduce_async(buf, ReduceOp::Sum)
+        .wait()
+        .unwrap_or_else(|e| super::exit_error_with("all_reduce_async", &e));
+    let all: Vec<Vec<f32>> = (0..comm.world_size())
+        .map(|r| inputs::<f32>(r, len, 77))
+        .collect();
+    for i in 0..len {
+        let column: Vec<f32> = all.iter().map(|v| v[i]).collect();
+        if let Err(e) = f32::check_reduced(got[i], &column, ReduceOp::Sum) {
+            fail(format!(
+                "async all_reduce of a shared buffer element {i}: {e}"
+            ));
+        }
+    }
+    report("shared/async", &got);
+    run("barrier", comm.run(|c| c.barrier()));
+}
+
 /// Argument errors are caught locally, on every rank, before any communication.
 pub fn check_argument_errors(comm: &mut Communicator) {
     let n = comm.world_size();
