@@ -12,7 +12,7 @@
 
 use engine::autograd::Param;
 use engine::vgg::Vgg;
-use transport::{AsyncCommunicator, Pending, ReduceOp};
+use transport::{AsyncCommunicator, Buffer, Pending, ReduceOp};
 
 /// One bucket of the plan: which parameters it holds and where each one's gradient lives
 /// inside the bucket's flat buffer.
@@ -91,10 +91,11 @@ pub struct DdpSync {
     plan: Vec<Bucket>,
     /// Parameter index → (bucket, offset of its gradient in the bucket buffer).
     slot_of_param: Vec<(usize, usize)>,
-    /// A bucket's buffer when not in flight (allocated once, handed to the transport and
-    /// given back by `Pending::wait`).
-    buffers: Vec<Option<Vec<f32>>>,
-    in_flight: Vec<Option<Pending<Vec<f32>>>>,
+    /// A bucket's buffer when not in flight (allocated once by the transport — in shared
+    /// memory on one host, so peers reduce it in place — handed to the communication thread
+    /// and given back by `Pending::wait`).
+    buffers: Vec<Option<Buffer<f32>>>,
+    in_flight: Vec<Option<Pending<Buffer<f32>>>>,
     /// Gradients still missing per bucket in this step.
     missing: Vec<usize>,
     next_launch: usize,
@@ -103,7 +104,13 @@ pub struct DdpSync {
 }
 
 impl DdpSync {
-    pub fn new(model: &Vgg<f32>, first_bucket_mb: f64, bucket_cap_mb: f64) -> DdpSync {
+    /// Collective: allocates the bucket buffers through `comm` (same plan on every rank).
+    pub fn new(
+        model: &Vgg<f32>,
+        first_bucket_mb: f64,
+        bucket_cap_mb: f64,
+        comm: &AsyncCommunicator,
+    ) -> transport::Result<DdpSync> {
         let lens: Vec<usize> = model.params().iter().map(|p| p.value.len()).collect();
         let plan = plan_buckets(
             &lens,
@@ -117,10 +124,13 @@ impl DdpSync {
                 slot_of_param[p] = (b, off);
             }
         }
-        let buffers = plan.iter().map(|b| Some(vec![0.0f32; b.len])).collect();
+        let buffers = plan
+            .iter()
+            .map(|b| comm.alloc_buffer::<f32>(b.len).map(Some))
+            .collect::<transport::Result<_>>()?;
         let in_flight = plan.iter().map(|_| None).collect();
         let missing = plan.iter().map(|b| b.params.len()).collect();
-        DdpSync {
+        Ok(DdpSync {
             plan,
             slot_of_param,
             buffers,
@@ -128,7 +138,7 @@ impl DdpSync {
             missing,
             next_launch: 0,
             error: None,
-        }
+        })
     }
 
     /// The bucket plan (launch order).
@@ -198,7 +208,7 @@ impl DdpSync {
                 Err(e) => {
                     // Keep going so no bucket is left in flight; allocate a fresh buffer so
                     // the state stays usable (the run is about to end anyway).
-                    self.buffers[b] = Some(vec![0.0; self.plan[b].len]);
+                    self.buffers[b] = Some(Buffer::heap(self.plan[b].len));
                     first_error.get_or_insert(e);
                 }
             }
@@ -349,10 +359,10 @@ mod tests {
     fn buckets_launch_during_backward_and_results_land_on_the_right_parameters() {
         let mut model = crate::train::build_model("4,M,8,M", 2).expect("model");
         // Tiny caps: several buckets (the 8x4x3x3 conv weight alone is 1152 bytes).
-        let mut ddp = DdpSync::new(&model, 0.0005, 0.001);
-        assert!(ddp.plan().len() >= 3, "{:?}", ddp.plan());
         let mut comm =
             transport::Communicator::from_backend(Box::new(Doubling), "test").into_async();
+        let mut ddp = DdpSync::new(&model, 0.0005, 0.001, &comm).expect("buffers");
+        assert!(ddp.plan().len() >= 3, "{:?}", ddp.plan());
         let n = 2;
         let x: Vec<f32> = (0..n * 3 * 32 * 32)
             .map(|i| ((i * 29 % 97) as f32) / 48.0 - 1.0)

@@ -238,7 +238,8 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
         let mut flat = Vec::new();
         sync::broadcast_bn_buffers(&mut comm, &mut model, &mut flat).map_err(comm_err)?;
         comm.make_async();
-        Some(DdpSync::new(&model, cfg.first_bucket_mb, cfg.bucket_cap_mb))
+        let (first, cap) = (cfg.first_bucket_mb, cfg.bucket_cap_mb);
+        Some(DdpSync::new(&model, first, cap, comm.async_comm()).map_err(comm_err)?)
     } else {
         None
     };
