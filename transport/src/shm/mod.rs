@@ -333,7 +333,9 @@ impl Backend for ShmBackend {
     }
 
     fn alloc_shared(&mut self, bytes: usize) -> Result<Option<SharedMemory>> {
-        let region = self.run("alloc_shared", |b| b.alloc_region(bytes))?;
+        let Some(region) = self.run("alloc_shared", |b| b.alloc_region(bytes))? else {
+            return Ok(None);
+        };
         let ptr = region.ptr(self.rank);
         let owner: Arc<dyn std::any::Any + Send + Sync> = region;
         // SAFETY: this rank's copy of the region is mapped read-write for as long as the

@@ -10,6 +10,7 @@
 //! collective, under the event protocol of `flags.rs`.
 
 use std::fs::File;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -98,18 +99,31 @@ fn open_peer(name: &str, bytes: usize) -> Result<MmapRaw> {
 
 impl ShmBackend {
     /// Collective: allocates a region of `bytes` (rounded up to whole pages) in every rank.
-    pub(crate) fn alloc_region(&mut self, bytes: usize) -> Result<Arc<RegionMaps>> {
+    /// `None` (on every rank) if some rank could not create its segment, e.g. a small
+    /// /dev/shm: callers then use ordinary memory.
+    pub(crate) fn alloc_region(&mut self, bytes: usize) -> Result<Option<Arc<RegionMaps>>> {
         let bytes = bytes.max(1).div_ceil(4096) * 4096;
         let id = self.regions.len() as u32;
         let own_name = region_name(&self.name, id, self.rank);
-        let own = create(&own_name, bytes)?;
+        let own = create(&own_name, bytes);
+        if let Err(e) = &own {
+            eprintln!(
+                "dtrain: rank {}: no shared buffer of {bytes} bytes ({e}); using ordinary memory",
+                self.rank
+            );
+        }
+        let sync = self.seg.rank_sync(self.rank);
+        sync.region_alloc_ok.store(own.is_ok() as u32, Relaxed);
         let result = (|| {
-            // Event 1: every rank's segment exists. Event 2: every rank mapped all of them.
+            // Event 1: every rank tried to create its segment. Event 2: every rank mapped all
+            // of them, or saw that one failed (so nobody rewrites its flag before all read it).
             let created = self.post();
             self.wait_all(created)?;
+            let all_ok = (0..self.world_size)
+                .all(|p| self.seg.rank_sync(p).region_alloc_ok.load(Relaxed) == 1);
             let mut maps = Vec::with_capacity(self.world_size);
             for p in 0..self.world_size {
-                if p == self.rank {
+                if p == self.rank || !all_ok {
                     maps.push(None);
                 } else {
                     maps.push(Some(open_peer(&region_name(&self.name, id, p), bytes)?));
@@ -117,17 +131,20 @@ impl ShmBackend {
             }
             let mapped = self.post();
             self.wait_all(mapped)?;
-            Ok(maps)
+            Ok(all_ok.then_some(maps))
         })();
         unlink(&own_name);
+        let (Some(maps), Ok(own)) = (result?, own) else {
+            return Ok(None);
+        };
         let mut own = Some(own);
-        let maps = result?
+        let maps = maps
             .into_iter()
             .map(|m| m.unwrap_or_else(|| own.take().expect("own map used once")))
             .collect();
         let region = Arc::new(RegionMaps { id, bytes, maps });
         self.regions.push(Arc::downgrade(&region));
-        Ok(region)
+        Ok(Some(region))
     }
 
     /// The live region whose own copy holds `len` bytes at `ptr`, with the offset there.
@@ -142,5 +159,55 @@ impl ShmBackend {
             let start = region.ptr(self.rank) as usize;
             (at >= start && at + len <= start + region.bytes).then(|| (region.clone(), at - start))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::segment_name;
+    use crate::{Backend, Timeouts};
+
+    /// A rank that cannot create its segment (here: the name is taken) makes every rank get
+    /// `None` — no rank is left with a half-shared buffer — and the next allocation works.
+    #[test]
+    fn one_failed_segment_means_no_shared_region_on_any_rank() {
+        let job = format!("unit-region-{}", std::process::id());
+        let blocker = region_name(&segment_name(&job).unwrap(), 0, 1);
+        let fd = shm_open(
+            blocker.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .expect("create blocker");
+        drop(fd);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = std::sync::Mutex::new(rx);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (job, tx, rx) = (&job, tx.clone(), &rx);
+                    s.spawn(move || {
+                        let t = Timeouts::default();
+                        let mut b = ShmBackend::attach(job, rank, 2, &t).unwrap();
+                        let first = b.alloc_shared(10_000).unwrap().is_some();
+                        // Rank 0 removes the blocker between the two allocations.
+                        if rank == 0 {
+                            unlink(&region_name(&b.name, 0, 1));
+                            tx.send(()).unwrap();
+                        } else {
+                            rx.lock().unwrap().recv().unwrap();
+                        }
+                        b.barrier().unwrap();
+                        let second = b.alloc_shared(10_000).unwrap().is_some();
+                        (first, second)
+                    })
+                })
+                .collect();
+            for h in handles {
+                assert_eq!(h.join().unwrap(), (false, true));
+            }
+        });
+        unlink(&blocker);
     }
 }

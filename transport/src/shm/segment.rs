@@ -74,6 +74,8 @@ pub struct RankSync {
     pub region: AtomicU32,
     pub region_offset: AtomicU64,
     pub region_len: AtomicU64,
+    /// 1 if this rank created its segment of the shared region being allocated.
+    pub region_alloc_ok: AtomicU32,
 }
 
 const RANKS_OFF: usize = 128;
