@@ -17,6 +17,10 @@
 //! let mut comm = Communicator::connect(&cfg)?; // world size 1: local no-op, no sockets
 //! let mut grads = vec![1.0f32; 1000];
 //! comm.all_reduce(&mut grads, ReduceOp::Avg)?; // bitwise identical on every rank
+//! // Collective buffers the transport's peers read in place (shared memory on one host):
+//! let mut bucket = comm.alloc_buffer::<f32>(1000)?;
+//! bucket.copy_from_slice(&grads);
+//! comm.all_reduce(&mut bucket, ReduceOp::Avg)?; // zero-copy on shm, same result
 //! comm.broadcast(&mut grads, 0)?;
 //! comm.barrier()?;
 //! // Overlap communication with compute: ops queue on a communication thread, in order.
