@@ -60,8 +60,10 @@ pub struct ShmBackend {
     broken: Option<String>,
     /// Segment name (`/dtrain-<uid>-<job>`), the prefix of shared regions' names.
     name: String,
-    /// Shared regions allocated so far (index = id); dead once the user dropped the buffer.
+    /// Live shared regions (an entry dies when the user drops the buffer).
     regions: Vec<Weak<RegionMaps>>,
+    /// Shared-region allocations so far: the next region's id.
+    regions_allocated: u32,
     /// All-reduces that ran zero-copy on shared regions (tests check the path is taken).
     zero_copy_count: u64,
 }
@@ -111,6 +113,7 @@ impl ShmBackend {
             broken: None,
             name,
             regions: Vec::new(),
+            regions_allocated: 0,
             zero_copy_count: 0,
         })
     }

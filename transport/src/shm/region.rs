@@ -103,7 +103,10 @@ impl ShmBackend {
     /// /dev/shm: callers then use ordinary memory.
     pub(crate) fn alloc_region(&mut self, bytes: usize) -> Result<Option<Arc<RegionMaps>>> {
         let bytes = bytes.max(1).div_ceil(4096) * 4096;
-        let id = self.regions.len() as u32;
+        // Ids count attempts, identically on every rank (alloc is collective).
+        let id = self.regions_allocated;
+        self.regions_allocated += 1;
+        self.regions.retain(|r| r.strong_count() > 0);
         let own_name = region_name(&self.name, id, self.rank);
         let own = create(&own_name, bytes);
         if let Err(e) = &own {
