@@ -47,7 +47,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "BYTES", default_value = "8", value_parser = parse_size)]
     pub min_bytes: usize,
     /// Largest message, bytes (suffixes K, M, G allowed)
-    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "128M", value_parser = parse_size)]
     pub max_bytes: usize,
     /// Size multiplier between rows
     #[arg(long, default_value_t = 4)]
