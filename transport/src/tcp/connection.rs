@@ -83,16 +83,31 @@ pub struct Outgoing {
     sent: usize,
     /// Payload bytes mapped into the link's pipe but not yet spliced into the socket.
     in_pipe: usize,
+    /// Sent as [`FrameKind::SplicedData`]: the receiver will acknowledge it.
+    spliced: bool,
 }
 
 impl Outgoing {
     pub fn new(link: &mut Link, len: usize) -> Outgoing {
+        let spliced = len >= SPLICE_MIN_BYTES && link.splice_pipe().is_some();
+        let kind = if spliced {
+            FrameKind::SplicedData
+        } else {
+            FrameKind::Data
+        };
         Outgoing {
-            header: link.next_send_header(FrameKind::Data, len),
+            header: link.next_send_header(kind, len),
             len,
             sent: 0,
             in_pipe: 0,
+            spliced,
         }
+    }
+
+    /// The payload is (announced as) spliced: wait for the receiver's acknowledgement
+    /// before the caller may change it.
+    pub fn spliced(&self) -> bool {
+        self.spliced
     }
 
     pub fn done(&self) -> bool {
@@ -109,9 +124,8 @@ impl Outgoing {
     pub fn advance(&mut self, link: &mut Link, payload: &[u8]) -> io::Result<bool> {
         debug_assert_eq!(payload.len(), self.len);
         let mut moved = false;
-        let use_pipe = self.len >= SPLICE_MIN_BYTES && link.splice_pipe().is_some();
         while !self.done() {
-            let splice = use_pipe && link.pipe.is_some();
+            let splice = self.spliced && link.pipe.is_some();
             let result = if splice && self.sent < HEADER_LEN {
                 // MSG_MORE: the header waits for the spliced payload instead of leaving alone.
                 send_more(link.stream.as_raw_fd(), &self.header[self.sent..])
@@ -204,6 +218,8 @@ pub struct Incoming {
     /// Payload of a control frame (abort), and how much of it arrived.
     control: Option<(Vec<u8>, usize)>,
     complete: bool,
+    /// The header announced a spliced payload: acknowledge it.
+    spliced: bool,
 }
 
 impl Incoming {
@@ -216,7 +232,13 @@ impl Incoming {
             expected_seq: link.next_recv_seq(),
             control: None,
             complete: false,
+            spliced: false,
         }
+    }
+
+    /// The sender spliced this frame and waits for an acknowledgement.
+    pub fn spliced(&self) -> bool {
+        self.spliced
     }
 
     pub fn done(&self) -> bool {
@@ -292,7 +314,8 @@ impl Incoming {
                 }
                 Ok(())
             }
-            FrameKind::Data => {
+            FrameKind::Data | FrameKind::SplicedData => {
+                self.spliced = header.kind == FrameKind::SplicedData;
                 if header.seq != self.expected_seq || header.len != self.len as u64 {
                     return Err(RecvFailure::Protocol(format!(
                         "expected message #{} of {} bytes, got message #{} of {} bytes \

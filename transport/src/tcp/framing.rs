@@ -18,6 +18,15 @@ pub enum FrameKind {
     Goodbye = 2,
     /// The sender hit an error; payload = rank it blames (u64) + UTF-8 reason.
     Abort = 3,
+    /// Payload of a collective, spliced from the sender's pages: the receiver acknowledges
+    /// once its receives of the current operation are done (see `super::splice`).
+    SplicedData = 4,
+}
+
+impl FrameKind {
+    pub fn is_data(self) -> bool {
+        matches!(self, FrameKind::Data | FrameKind::SplicedData)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +60,7 @@ impl FrameHeader {
             1 => FrameKind::Data,
             2 => FrameKind::Goodbye,
             3 => FrameKind::Abort,
+            4 => FrameKind::SplicedData,
             other => return Err(format!("unknown frame kind {other}")),
         };
         let header = FrameHeader {
@@ -58,7 +68,7 @@ impl FrameHeader {
             seq: dword(8),
             len: dword(16),
         };
-        if kind != FrameKind::Data && header.len > MAX_CONTROL_LEN {
+        if !kind.is_data() && header.len > MAX_CONTROL_LEN {
             return Err(format!("control frame of {} bytes is too long", header.len));
         }
         Ok(header)
@@ -94,6 +104,11 @@ mod tests {
             len: 1 << 33,
         };
         assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
+        let spliced = FrameHeader {
+            kind: FrameKind::SplicedData,
+            ..h
+        };
+        assert_eq!(FrameHeader::decode(&spliced.encode()), Ok(spliced));
         let mut bad = h.encode();
         bad[0] ^= 0xff;
         assert!(FrameHeader::decode(&bad).unwrap_err().contains("magic"));

@@ -15,7 +15,6 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::connection::{Incoming, Link, Outgoing, RecvFailure};
 use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN};
-use super::splice::SPLICE_MIN_BYTES;
 use crate::algorithms::{Pipeline, PointToPoint, SendRecv};
 use crate::{Error, Result, Timeouts};
 
@@ -349,19 +348,19 @@ impl TcpMesh {
     /// flight at a time, alternating between them without blocking so both directions stay
     /// busy, waiting in `poll` only when neither can move.
     ///
-    /// If a large frame was sent, the pages were spliced and the caller may not touch them
-    /// until the receiver has read them: the receiver of a large frame answers with an empty
-    /// acknowledgement frame once all its receives are done, and the sender waits for it.
-    /// Both sides decide by frame length alone, so they always agree.
+    /// Spliced frames are read from the caller's pages, which it may not change until the
+    /// receiver has read them: the receiver of a spliced frame (the header says so) answers
+    /// with an empty acknowledgement frame once all its receives are done, and the sender
+    /// waits for it.
     fn drive(&mut self, to: usize, from: usize, plan: &mut dyn Pipeline) -> Result<()> {
-        let (mut sent_large, mut received_large) = (false, false);
-        self.drive_frames(to, from, plan, &mut sent_large, &mut received_large)?;
-        if !sent_large && !received_large {
+        let (mut sent_spliced, mut received_spliced) = (false, false);
+        self.drive_frames(to, from, plan, &mut sent_spliced, &mut received_spliced)?;
+        if !sent_spliced && !received_spliced {
             return Ok(());
         }
         let mut ack = SendRecv {
-            send: received_large.then_some(&[][..]),
-            recv: sent_large.then_some(&mut [][..]),
+            send: received_spliced.then_some(&[][..]),
+            recv: sent_spliced.then_some(&mut [][..]),
         };
         self.drive_frames(from, to, &mut ack, &mut false, &mut false)
     }
@@ -371,8 +370,8 @@ impl TcpMesh {
         to: usize,
         from: usize,
         plan: &mut dyn Pipeline,
-        sent_large: &mut bool,
-        received_large: &mut bool,
+        sent_spliced: &mut bool,
+        received_spliced: &mut bool,
     ) -> Result<()> {
         let (sends, recvs) = (plan.sends(), plan.recvs());
         let (mut next_send, mut next_recv) = (0, 0);
@@ -383,8 +382,9 @@ impl TcpMesh {
             let mut moved = false;
             if out.is_none() && next_send < sends && plan.send_after(next_send) <= next_recv {
                 let len = plan.send_buf(next_send).len();
-                *sent_large |= len >= SPLICE_MIN_BYTES;
-                out = Some(Outgoing::new(self.link(to)?, len));
+                let o = Outgoing::new(self.link(to)?, len);
+                *sent_spliced |= o.spliced();
+                out = Some(o);
             }
             if let Some(o) = out.as_mut() {
                 let link = self.link(to)?;
@@ -401,7 +401,6 @@ impl TcpMesh {
             }
             if inc.is_none() && next_recv < recvs {
                 let len = plan.recv_buf(next_recv).len();
-                *received_large |= len >= SPLICE_MIN_BYTES;
                 inc = Some(Incoming::new(self.link(from)?, len));
             }
             if let Some(i) = inc.as_mut() {
@@ -413,6 +412,7 @@ impl TcpMesh {
                     Err(f) => return Err(self.recv_error(from, f)),
                 }
                 if i.done() {
+                    *received_spliced |= i.spliced();
                     inc = None;
                     plan.received(next_recv);
                     next_recv += 1;

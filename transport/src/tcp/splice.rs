@@ -5,16 +5,19 @@
 //!
 //! The pages are read when the receiver reads, not when the send returns. Memory stays valid
 //! (the kernel holds page references), but the *bytes* must not change until the peer has
-//! read them: the mesh therefore ends every pipeline that sent a large frame by waiting for
-//! an acknowledgement from the receiver (see `TcpMesh::drive`).
+//! read them: spliced frames say so in their header, and the mesh ends every operation that
+//! sent one by waiting for an acknowledgement from the receiver (see `TcpMesh::drive`).
+//!
+//! `splice` into a closed socket raises SIGPIPE; Rust programs ignore SIGPIPE by default, so
+//! this surfaces as an `EPIPE` error naming the peer.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::libc;
 
-/// Frames of at least this many payload bytes are spliced (and acknowledged); smaller ones
-/// are copied, which is cheaper than the extra round trip.
+/// Frames of at least this many payload bytes are spliced (and acknowledged); for smaller
+/// ones a copy is cheaper than the acknowledgement round trip.
 pub const SPLICE_MIN_BYTES: usize = 128 << 10;
 /// Pipe capacity asked for (the default is 64 KiB; unprivileged processes may go to
 /// /proc/sys/fs/pipe-max-size, 1 MiB by default).
