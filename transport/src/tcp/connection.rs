@@ -88,8 +88,9 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub fn new(link: &mut Link, len: usize) -> Outgoing {
-        let spliced = len >= SPLICE_MIN_BYTES && link.splice_pipe().is_some();
+    /// `may_splice`: the caller allows a zero-copy send of a large payload.
+    pub fn new(link: &mut Link, len: usize, may_splice: bool) -> Outgoing {
+        let spliced = may_splice && len >= SPLICE_MIN_BYTES && link.splice_pipe().is_some();
         let kind = if spliced {
             FrameKind::SplicedData
         } else {
