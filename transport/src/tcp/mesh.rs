@@ -20,6 +20,8 @@ use crate::{Error, Result, Timeouts};
 
 /// How long a wait keeps retrying nonblocking I/O before sleeping in `poll`, when every
 /// local rank has a core: a loopback round trip is ~10 µs, a sleep/wake-up several times that.
+/// Retries yield the CPU in between, so a thread or peer rank runnable on this core (unpinned
+/// ranks, a DDP compute thread) runs first instead of waiting out the spin.
 const SPIN: Duration = Duration::from_micros(50);
 
 pub struct TcpMesh {
@@ -430,7 +432,7 @@ impl TcpMesh {
                 continue;
             }
             if last_progress.elapsed() < self.spin {
-                std::hint::spin_loop();
+                std::thread::yield_now();
                 continue;
             }
             let send_ready = next_send < sends && plan.send_after(next_send) <= next_recv;
