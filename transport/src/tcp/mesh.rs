@@ -18,10 +18,10 @@ use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTR
 use crate::algorithms::{Pipeline, PointToPoint, SendRecv};
 use crate::{Error, Result, Timeouts};
 
-/// How long a wait keeps retrying nonblocking I/O before sleeping in `poll`, when every
-/// local rank has a core: a loopback round trip is ~10 µs, a sleep/wake-up several times that.
-/// Retries yield the CPU in between, so a thread or peer rank runnable on this core (unpinned
-/// ranks, a DDP compute thread) runs first instead of waiting out the spin.
+/// How long a wait keeps retrying nonblocking I/O before sleeping in `poll`: a loopback round
+/// trip is ~10 µs, a sleep/wake-up several times that. Retries yield the CPU in between, so a
+/// thread or rank runnable on this core (more ranks than cores, unpinned ranks, a DDP compute
+/// thread) runs first instead of waiting out the spin.
 const SPIN: Duration = Duration::from_micros(50);
 
 pub struct TcpMesh {
@@ -40,24 +40,21 @@ pub struct TcpMesh {
     vanished: Option<usize>,
     /// The peer whose incoming frame is partly read (its stream is not at a frame boundary).
     recv_busy: Option<usize>,
-    /// Busy-retry time before sleeping in `poll` (zero when ranks share cores).
-    spin: Duration,
 }
 
 impl TcpMesh {
-    /// `dedicated_cores`: every rank on this host has a core of its own, so waits may spin
-    /// and large sends may be spliced.
+    /// `splice`: large sends may be zero-copy (see [`super::splice`]).
     pub fn new(
         rank: usize,
         streams: Vec<Option<TcpStream>>,
         timeouts: Timeouts,
-        dedicated_cores: bool,
+        splice: bool,
     ) -> TcpMesh {
         let world_size = streams.len();
         let links = streams
             .into_iter()
             .enumerate()
-            .map(|(peer, s)| s.map(|s| Link::new(peer, s, dedicated_cores)))
+            .map(|(peer, s)| s.map(|s| Link::new(peer, s, splice)))
             .collect();
         TcpMesh {
             rank,
@@ -68,11 +65,6 @@ impl TcpMesh {
             failed: None,
             vanished: None,
             recv_busy: None,
-            spin: if dedicated_cores {
-                SPIN
-            } else {
-                Duration::ZERO
-            },
         }
     }
 
@@ -431,7 +423,7 @@ impl TcpMesh {
                 last_progress = Instant::now();
                 continue;
             }
-            if last_progress.elapsed() < self.spin {
+            if last_progress.elapsed() < SPIN {
                 std::thread::yield_now();
                 continue;
             }
