@@ -31,23 +31,15 @@ fn worker() {
             collectives::shared_buffer_battery(&mut comm, 3 << 18);
             collectives::shared_buffer_async(comm, 3 << 18);
         }
-        "shared_loop" => {
-            let mut buf = comm
-                .alloc_buffer::<f32>(3 << 18)
-                .unwrap_or_else(|e| common::exit_error(&e));
-            let mut iterations = 0u64;
-            loop {
-                if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
-                    common::exit_error(&e);
-                }
-                iterations += 1;
-                if iterations == 3 {
-                    println!("READY");
-                }
-            }
-        }
-        "loop" => {
-            let mut buf = vec![1.0f32; 1 << 18];
+        // All-reduce forever (until a peer is killed): ordinary or zero-copy buffers.
+        "loop" | "shared_loop" => {
+            let mut buf = if scenario == "loop" {
+                transport::Buffer::heap(1 << 18)
+            } else {
+                comm.alloc_buffer::<f32>(3 << 18)
+                    .unwrap_or_else(|e| common::exit_error(&e))
+            };
+            buf.fill(1.0);
             let mut iterations = 0u64;
             loop {
                 if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {

@@ -14,12 +14,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 
 use memmap2::{MmapOptions, MmapRaw};
-use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::mman::shm_open;
 use nix::sys::stat::Mode;
 
-use super::segment::unlink;
+use super::segment::{create_mapped, unlink};
 use super::ShmBackend;
 use crate::{Error, Result};
 
@@ -40,41 +39,6 @@ impl RegionMaps {
 
 fn region_name(base: &str, id: u32, rank: usize) -> String {
     format!("{base}-r{id}-{rank}")
-}
-
-/// Creates this rank's segment of `bytes` (at least one page) and maps it read-write.
-fn create(name: &str, bytes: usize) -> Result<MmapRaw> {
-    let fd = shm_open(
-        name,
-        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
-        Mode::S_IRUSR | Mode::S_IWUSR,
-    )
-    .map_err(|e| match e {
-        Errno::EEXIST => Error::Shm(format!(
-            "/dev/shm{name} already exists (another job with this id, or a crashed one: remove \
-             the file if no job uses it)"
-        )),
-        e => Error::Shm(format!("shm_open({name}): {e}")),
-    })?;
-    let result = (|| {
-        let file = File::from(fd);
-        nix::unistd::ftruncate(&file, bytes as i64)
-            .map_err(|e| Error::Shm(format!("ftruncate {name}: {e}")))?;
-        {
-            use std::os::fd::AsRawFd;
-            // Reserve the pages now: a full /dev/shm fails here, not with SIGBUS later.
-            nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, bytes as i64).map_err(|e| {
-                Error::Shm(format!(
-                    "reserving {bytes} bytes in /dev/shm for {name}: {e}"
-                ))
-            })?;
-        }
-        MmapRaw::map_raw(&file).map_err(|e| Error::io(format!("mmap {name}"), e))
-    })();
-    if result.is_err() {
-        unlink(name);
-    }
-    result
 }
 
 /// Maps a peer's segment read-only, checking its size.
@@ -108,7 +72,7 @@ impl ShmBackend {
         self.regions_allocated += 1;
         self.regions.retain(|r| r.strong_count() > 0);
         let own_name = region_name(&self.name, id, self.rank);
-        let own = create(&own_name, bytes);
+        let own = create_mapped(&own_name, bytes);
         if let Err(e) = &own {
             eprintln!(
                 "dtrain: rank {}: no shared buffer of {bytes} bytes ({e}); using ordinary memory",

@@ -128,6 +128,42 @@ pub fn unlink(name: &str) {
     let _ = shm_unlink(name);
 }
 
+/// Creates `/dev/shm<name>` exclusively (mode 0600), sizes it to `bytes`, reserves its pages
+/// (so a full /dev/shm fails here with ENOSPC instead of SIGBUS later) and maps it read-write.
+/// On error the name is unlinked again.
+pub fn create_mapped(name: &str, bytes: usize) -> Result<MmapRaw> {
+    let fd = shm_open(
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )
+    .map_err(|e| match e {
+        Errno::EEXIST => Error::Shm(format!(
+            "/dev/shm{name} already exists: another job with this id is running, or a \
+             previous run crashed during startup (remove the file if no job uses it)"
+        )),
+        e => Error::Shm(format!("shm_open({name}): {e}")),
+    })?;
+    let result = (|| {
+        let file = File::from(fd);
+        nix::unistd::ftruncate(&file, bytes as i64)
+            .map_err(|e| Error::Shm(format!("ftruncate {name}: {e}")))?;
+        {
+            use std::os::fd::AsRawFd;
+            nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, bytes as i64).map_err(|e| {
+                Error::Shm(format!(
+                    "reserving {bytes} bytes in /dev/shm for {name}: {e}"
+                ))
+            })?;
+        }
+        MmapRaw::map_raw(&file).map_err(|e| Error::io(format!("mmap {name}"), e))
+    })();
+    if result.is_err() {
+        unlink(name);
+    }
+    result
+}
+
 /// A mapped segment. Dropping it unmaps; the name is unlinked separately (by rank 0).
 pub struct Segment {
     map: MmapRaw,
@@ -139,49 +175,17 @@ impl Segment {
     /// full /dev/shm fails here with ENOSPC instead of SIGBUS mid-training) and publishes the
     /// header. On error the name is unlinked again.
     pub fn create(name: &str, layout: Layout) -> Result<Segment> {
-        let fd = shm_open(
-            name,
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
-            Mode::S_IRUSR | Mode::S_IWUSR,
-        )
-        .map_err(|e| match e {
-            Errno::EEXIST => Error::Shm(format!(
-                "/dev/shm{name} already exists: another job with this id is running, or a \
-                 previous run crashed during startup (remove the file if no job uses it)"
-            )),
-            e => Error::Shm(format!("shm_open({name}): {e}")),
-        })?;
-        let result = (|| {
-            let file = File::from(fd);
-            nix::unistd::ftruncate(&file, layout.total as i64)
-                .map_err(|e| Error::Shm(format!("ftruncate {name}: {e}")))?;
-            {
-                use std::os::fd::AsRawFd;
-                nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, layout.total as i64).map_err(
-                    |e| {
-                        Error::Shm(format!(
-                            "reserving {} bytes in /dev/shm for {name}: {e}",
-                            layout.total
-                        ))
-                    },
-                )?;
-            }
-            let map = MmapRaw::map_raw(&file).map_err(|e| Error::io(format!("mmap {name}"), e))?;
-            let seg = Segment { map, layout };
-            let h = seg.header();
-            h.version.store(VERSION, Ordering::Relaxed);
-            h.world_size
-                .store(layout.world_size as u32, Ordering::Relaxed);
-            h.stage_bytes.store(STAGE_BYTES as u64, Ordering::Relaxed);
-            h.num_stages.store(NUM_STAGES as u32, Ordering::Relaxed);
-            // Release: openers that see the magic see every field above.
-            h.magic.store(MAGIC, Ordering::Release);
-            Ok(seg)
-        })();
-        if result.is_err() {
-            unlink(name);
-        }
-        result
+        let map = create_mapped(name, layout.total)?;
+        let seg = Segment { map, layout };
+        let h = seg.header();
+        h.version.store(VERSION, Ordering::Relaxed);
+        h.world_size
+            .store(layout.world_size as u32, Ordering::Relaxed);
+        h.stage_bytes.store(STAGE_BYTES as u64, Ordering::Relaxed);
+        h.num_stages.store(NUM_STAGES as u32, Ordering::Relaxed);
+        // Release: openers that see the magic see every field above.
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(seg)
     }
 
     /// Ranks > 0: opens the segment rank 0 creates, retrying until `deadline`, and checks it
