@@ -40,21 +40,22 @@ pub trait Backend: Send {
 }
 
 /// A block of memory owned by a backend's mapping (see [`Backend::alloc_shared`]), kept
-/// alive by `owner`. Only this process writes it.
+/// alive by `owner`. Peers access it only inside collectives this process takes part in.
 pub struct SharedMemory {
     ptr: NonNull<u8>,
     bytes: usize,
     _owner: Arc<dyn Any + Send + Sync>,
 }
 
-// SAFETY: the memory is owned by `_owner` (Send + Sync) and this handle is its only writer
-// in this process; moving the handle to another thread moves that exclusive access.
+// SAFETY: the memory is owned by `_owner` (Send + Sync) and this handle is its only user in
+// this process; moving the handle to another thread moves that exclusive access.
 unsafe impl Send for SharedMemory {}
 
 impl SharedMemory {
     /// # Safety
     /// `ptr` is valid for reads and writes of `bytes` bytes, page aligned and zero-filled,
-    /// for as long as `owner` lives, and nothing else in this process accesses it.
+    /// for as long as `owner` lives; nothing else in this process accesses it, and other
+    /// processes only inside collectives this process is in.
     pub unsafe fn new(ptr: *mut u8, bytes: usize, owner: Arc<dyn Any + Send + Sync>) -> Self {
         SharedMemory {
             ptr: NonNull::new(ptr).expect("shared memory pointer is null"),

@@ -342,9 +342,9 @@ impl Backend for ShmBackend {
         let ptr = region.ptr(self.rank);
         let owner: Arc<dyn std::any::Any + Send + Sync> = region;
         // SAFETY: this rank's copy of the region is mapped read-write for as long as the
-        // region lives (kept by `owner`), page aligned, zero-filled by ftruncate, and nothing
-        // else in this process writes it (peers map it read-only and read it only inside
-        // collectives).
+        // region lives (kept by `owner`), page aligned and zero-filled by ftruncate; peers
+        // access it only inside a collective this rank is in, and nothing else in this
+        // process touches it.
         Ok(Some(unsafe { SharedMemory::new(ptr, bytes, owner) }))
     }
 

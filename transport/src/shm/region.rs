@@ -4,16 +4,16 @@
 //! `alloc_region` is collective: every rank asks for the same size in the same order (the
 //! k-th region has id k on every rank). Each rank creates its own segment
 //! `/dtrain-<uid>-<job>-r<id>-<rank>` (0600, exclusive, pages reserved), posts, maps every
-//! peer's segment **read-only**, posts again, and unlinks its own name once every peer has
-//! mapped it — so, as for the main segment, nothing is left in /dev/shm even after a crash
-//! past this point. Only the owner writes its region; peers read it only inside a
-//! collective, under the event protocol of `flags.rs`.
+//! peer's segment, posts again, and unlinks its own name once every peer has mapped it — so,
+//! as for the main segment, nothing is left in /dev/shm even after a crash past this point.
+//! Peers touch a rank's region only inside a collective the rank is in, under the event
+//! protocol of `flags.rs` (the all-reduce writes each reduced block into every copy).
 
 use std::fs::File;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::MmapRaw;
 use nix::fcntl::OFlag;
 use nix::sys::mman::shm_open;
 use nix::sys::stat::Mode;
@@ -31,7 +31,7 @@ pub struct RegionMaps {
 }
 
 impl RegionMaps {
-    /// Start of `rank`'s copy of the region (writable only for this process's own rank).
+    /// Start of `rank`'s copy of the region.
     pub fn ptr(&self, rank: usize) -> *mut u8 {
         self.maps[rank].as_mut_ptr()
     }
@@ -41,9 +41,10 @@ fn region_name(base: &str, id: u32, rank: usize) -> String {
     format!("{base}-r{id}-{rank}")
 }
 
-/// Maps a peer's segment read-only, checking its size.
+/// Maps a peer's segment read-write (the all-reduce writes each reduced block straight into
+/// every rank's buffer), checking its size.
 fn open_peer(name: &str, bytes: usize) -> Result<MmapRaw> {
-    let fd = shm_open(name, OFlag::O_RDONLY, Mode::empty())
+    let fd = shm_open(name, OFlag::O_RDWR, Mode::empty())
         .map_err(|e| Error::Shm(format!("shm_open({name}) of a peer's region: {e}")))?;
     let file = File::from(fd);
     let size = file
@@ -56,9 +57,7 @@ fn open_peer(name: &str, bytes: usize) -> Result<MmapRaw> {
              buffers of different sizes or in a different order"
         )));
     }
-    MmapOptions::new()
-        .map_raw_read_only(&file)
-        .map_err(|e| Error::io(format!("mmap {name}"), e))
+    MmapRaw::map_raw(&file).map_err(|e| Error::io(format!("mmap {name}"), e))
 }
 
 impl ShmBackend {
