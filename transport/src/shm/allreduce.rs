@@ -1,4 +1,4 @@
-//! All-reduce, reading peers' data in place in their slots.
+//! All-reduce over shared memory: in place in shared buffers, or through the stages.
 //!
 //! **Shared buffers (zero-copy).** When every rank's buffer lies in a shared region (a
 //! [`crate::Buffer`] from `alloc_buffer`) at the same offset — ranks announce region, offset
@@ -17,8 +17,8 @@
 //! computes the identical expression and gets bitwise identical results. One copy-in, one
 //! synchronization.
 //!
-//! **Large buffers (reduce-scatter + all-gather, chunked and pipelined).** The buffer is
-//! processed in chunks of one stage. Per chunk: every rank copies
+//! **Other large buffers (reduce-scatter + all-gather through the stages, chunked and
+//! pipelined).** The buffer is processed in chunks of one stage. Per chunk: every rank copies
 //! the blocks the *other* ranks reduce into its stage and posts; rank r reduces block r from
 //! its own buffer and every peer's stage, again `x0 ⊕ x1 ⊕ ...` in rank order, writes it to
 //! its buffer and into its own stage, and posts; then every rank copies the other ranks'
@@ -33,7 +33,6 @@
 //! stores for the results were measured slower: the lines were just read and are cached.)
 
 use std::ops::Range;
-
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
