@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{
     assert_success_and_identical, collectives, finish_all, worker_config, Finished, Spawn,
 };
-use transport::ReduceOp;
 
 #[test]
 fn worker() {
@@ -40,16 +39,7 @@ fn worker() {
                     .unwrap_or_else(|e| common::exit_error(&e))
             };
             buf.fill(1.0);
-            let mut iterations = 0u64;
-            loop {
-                if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
-                    common::exit_error(&e);
-                }
-                iterations += 1;
-                if iterations == 3 {
-                    println!("READY");
-                }
-            }
+            collectives::all_reduce_until_error(&mut comm, &mut buf)
         }
         other => common::fail(format!("unknown scenario {other}")),
     }

@@ -19,7 +19,6 @@ use std::time::Duration;
 use common::{
     assert_success_and_identical, collectives, finish_all, worker_config, Finished, Spawn, Worker,
 };
-use transport::ReduceOp;
 
 #[test]
 fn worker() {
@@ -44,17 +43,7 @@ fn worker() {
         // leaders' status exchange).
         "loop" | "loop_small" => {
             let len = if scenario == "loop" { 1 << 18 } else { 100 };
-            let mut buf = vec![1.0f32; len];
-            let mut iterations = 0u64;
-            loop {
-                if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
-                    common::exit_error(&e);
-                }
-                iterations += 1;
-                if iterations == 3 {
-                    println!("READY");
-                }
-            }
+            collectives::all_reduce_until_error(&mut comm, &mut vec![1.0f32; len])
         }
         other => common::fail(format!("unknown scenario {other}")),
     }

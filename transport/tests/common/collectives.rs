@@ -362,6 +362,21 @@ pub fn shared_buffer_async(comm: Communicator, len: usize) {
     run("barrier", comm.run(|c| c.barrier()));
 }
 
+/// All-reduces `buf` (Avg) until a collective fails, then exits with that error; prints
+/// `READY` after three rounds so the parent knows every rank is inside the loop.
+pub fn all_reduce_until_error(comm: &mut Communicator, buf: &mut [f32]) -> ! {
+    let mut iterations = 0u64;
+    loop {
+        if let Err(e) = comm.all_reduce(buf, ReduceOp::Avg) {
+            super::exit_error(&e);
+        }
+        iterations += 1;
+        if iterations == 3 {
+            println!("READY");
+        }
+    }
+}
+
 /// Argument errors are caught locally, on every rank, before any communication.
 pub fn check_argument_errors(comm: &mut Communicator) {
     let n = comm.world_size();
