@@ -158,15 +158,15 @@ fn time_collective(
     let rank = comm.rank();
     // Moves use u8 blocks; all-reduce uses f32 (the training workload).
     let block = (bytes / n).max(1);
-    let floats_len = if which == BenchCollective::AllReduce {
-        (bytes / 4).max(1)
+    // Only all-reduce uses the f32 buffer; other collectives get a token one (allocating a
+    // shared region is itself a collective, so skip it for them).
+    let all_reduce = which == BenchCollective::AllReduce;
+    let mut floats = if all_reduce && shared_buffers {
+        comm.alloc_buffer::<f32>((bytes / 4).max(1))?
+    } else if all_reduce {
+        crate::Buffer::heap((bytes / 4).max(1))
     } else {
-        1
-    };
-    let mut floats = if shared_buffers {
-        comm.alloc_buffer::<f32>(floats_len)?
-    } else {
-        crate::Buffer::heap(floats_len)
+        crate::Buffer::heap(1)
     };
     floats.fill(1.0);
     let mut buf = vec![rank as u8; bytes.max(1)];
