@@ -16,6 +16,7 @@ pub mod init;
 pub mod ops;
 pub mod optim;
 pub mod parallel;
+pub mod simd;
 pub mod state;
 pub mod tensor;
 pub mod vgg;

@@ -93,15 +93,19 @@ impl Kernel {
         }
     }
 
-    /// The best kernel this CPU can run (detected once, then cached).
+    /// The kernel of a SIMD level.
+    pub fn for_level(level: crate::simd::SimdLevel) -> Kernel {
+        match level {
+            crate::simd::SimdLevel::Avx512 => Kernel::Avx512,
+            crate::simd::SimdLevel::Avx2 => Kernel::Avx2Fma,
+            crate::simd::SimdLevel::Portable => Kernel::Portable,
+        }
+    }
+
+    /// The kernel of the process's SIMD level ([`crate::simd::level`]: the best this CPU
+    /// runs, capped by `DTRAIN_SIMD`).
     pub fn detect() -> Kernel {
-        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            Kernel::ALL
-                .into_iter()
-                .find(|k| k.is_available())
-                .unwrap_or(Kernel::Portable)
-        })
+        Kernel::for_level(crate::simd::level())
     }
 
     /// The register tile `(MR, NR)` of this kernel.

@@ -145,7 +145,7 @@ fn pack_partial<const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_available() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
+    crate::simd::level() >= crate::simd::SimdLevel::Avx2
 }
 
 /// Pack a full 16-row panel whose rows are contiguous (`cs == 1`, e.g. a B operand given
