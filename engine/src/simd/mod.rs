@@ -14,6 +14,11 @@
 
 use std::sync::OnceLock;
 
+mod vector;
+pub use vector::{dispatch, F32Vec, Portable16, Portable8, SimdKernel};
+#[cfg(target_arch = "x86_64")]
+pub use vector::{Avx2, Avx512};
+
 /// A SIMD instruction-set level, lowest first (so levels compare with `<`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SimdLevel {
