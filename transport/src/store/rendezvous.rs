@@ -160,11 +160,12 @@ pub(crate) fn rendezvous_via_store(
                 client.addr()
             )));
         }
-        drop(client);
         let label = format!(
-            "{} (published under {key:?} in the TCPStore at {}:{})",
-            mine.addr, store.host, store.port
+            "{}, published in the TCPStore at {}",
+            mine.addr,
+            client.addr()
         );
+        drop(client);
         rendezvous::serve(cfg, listener, &label, deadline)
     } else {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -188,35 +189,33 @@ pub(crate) fn rendezvous_via_store(
                 client.addr()
             ))
         })?;
+        let master = rank0_endpoint(&record, store, client.addr(), &host_identity())?;
         drop(client);
-        let master = rank0_endpoint(&record, store, &host_identity())?;
         rendezvous::join(cfg, &master, deadline)
     }
 }
 
 /// Where a joining rank on host `my_host` reaches the rank 0 described by `record`.
+/// (`store_addr` names the store in messages.)
 fn rank0_endpoint(
     record: &Rank0Record,
     store: &StoreRendezvous,
+    store_addr: &str,
     my_host: &str,
 ) -> Result<MasterEndpoint> {
-    let published = format!(
-        "published by rank 0 (pid {}) in the TCPStore at {}:{}",
-        record.pid, store.host, store.port
-    );
     if record.addr.ip().is_loopback() && record.host_id != my_host {
         let port = record.addr.port();
         return Ok(MasterEndpoint {
             addrs: rendezvous::resolve("TCPStore host", &store.host, port)?,
             label: format!(
-                "{}:{port} (rank 0's port, {published}, on the store's host)",
+                "{}:{port}, the store's host with rank 0's port from the TCPStore at {store_addr}",
                 store.host
             ),
         });
     }
     Ok(MasterEndpoint {
         addrs: vec![record.addr],
-        label: format!("{} ({published})", record.addr),
+        label: format!("{}, from the TCPStore at {store_addr}", record.addr),
     })
 }
 
@@ -249,15 +248,15 @@ mod tests {
             pid: 1,
             host_id: "A|m|b".into(),
         };
-        let same = rank0_endpoint(&record, &store, "A|m|b").unwrap();
+        let same = rank0_endpoint(&record, &store, "s", "A|m|b").unwrap();
         assert_eq!(same.addrs, vec!["127.0.0.1:4000".parse().unwrap()]);
-        let other = rank0_endpoint(&record, &store, "B|m|b").unwrap();
+        let other = rank0_endpoint(&record, &store, "s", "B|m|b").unwrap();
         assert_eq!(other.addrs, vec!["127.0.0.2:4000".parse().unwrap()]);
         let routable = Rank0Record {
             addr: "10.1.2.3:4000".parse().unwrap(),
             ..record
         };
-        let remote = rank0_endpoint(&routable, &store, "B|m|b").unwrap();
+        let remote = rank0_endpoint(&routable, &store, "s", "B|m|b").unwrap();
         assert_eq!(remote.addrs, vec!["10.1.2.3:4000".parse().unwrap()]);
     }
 
