@@ -12,6 +12,7 @@ pub mod bench_cmd;
 pub mod checkpoint;
 pub mod data;
 pub mod ddp;
+pub mod error_file;
 pub mod launch;
 pub mod plot;
 pub mod sync;

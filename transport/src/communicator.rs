@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use crate::hierarchical::{host_groups, HierarchicalBackend, Placement};
 use crate::local::LocalBackend;
 use crate::rendezvous::{self, Rendezvous};
+use crate::store::StoreRendezvous;
 use crate::{Backend, Buffer, DType, Element, Error, ReduceOp, Result, Timeouts};
 
 /// Which backend to use between ranks.
@@ -40,10 +41,14 @@ pub struct CommConfig {
     /// Shared secret (the caller passes `DTRAIN_AUTH_TOKEN`); `Some` on every rank or none.
     pub auth_token: Option<String>,
     pub timeouts: Timeouts,
+    /// Find rank 0 through this TCPStore (torchrun's agent store) instead of rank 0 binding
+    /// `master_addr:master_port`; `None` (the default) for the classic rendezvous.
+    pub store: Option<StoreRendezvous>,
 }
 
 impl CommConfig {
-    /// Defaults: `TransportKind::Auto`, config hash 0, no auth token, `Timeouts::default()`.
+    /// Defaults: `TransportKind::Auto`, config hash 0, no auth token, `Timeouts::default()`,
+    /// no store.
     pub fn new(
         master_addr: impl Into<String>,
         master_port: u16,
@@ -59,6 +64,7 @@ impl CommConfig {
             config_hash: 0,
             auth_token: None,
             timeouts: Timeouts::default(),
+            store: None,
         }
     }
 }

@@ -55,7 +55,9 @@
 //! memory when all ranks are on one host, TCP when every host has one rank, and the
 //! [`hierarchical`] backend (`"shm+tcp"`: shared memory within each host, TCP between host
 //! leaders) for mixed placements. `DTRAIN_HOST_ID` overrides the host identity (see
-//! [`rendezvous::host_identity`]).
+//! [`rendezvous::host_identity`]). With `cfg.store` (a [`StoreRendezvous`]: torchrun's agent
+//! store), rank 0 binds an ephemeral port instead and publishes it in that TCPStore, and the
+//! same rendezvous runs against the published address (see [`store`]).
 //!
 //! Benchmarks: [`bench::run_sweep`] (nccl-tests style algbw/busbw rows, JSON + table).
 
@@ -71,6 +73,7 @@ pub mod local;
 pub mod reduce;
 pub mod rendezvous;
 pub mod shm;
+pub mod store;
 pub mod tcp;
 
 pub use backend::{Backend, SharedMemory, Timeouts};
@@ -78,3 +81,4 @@ pub use buffer::Buffer;
 pub use communicator::{AsyncCommunicator, CommConfig, Communicator, Pending, TransportKind};
 pub use error::{Error, Result};
 pub use reduce::{DType, Element, ReduceOp};
+pub use store::{StoreClient, StoreError, StoreRendezvous, StoreServer};

@@ -287,28 +287,44 @@ fn remaining(deadline: Instant) -> Duration {
 
 // ---- entry point ---------------------------------------------------------------------
 
-/// Runs the rendezvous for `cfg` (world size > 1). Rank 0 serves; others join.
+/// Runs the rendezvous for `cfg` (world size > 1). Rank 0 serves; others join. With
+/// `cfg.store`, ranks first find rank 0 through that TCPStore (see [`crate::store`]).
 pub fn rendezvous(cfg: &CommConfig) -> Result<Rendezvous> {
-    let addrs: Vec<SocketAddr> = (cfg.master_addr.as_str(), cfg.master_port)
+    if let Some(store) = &cfg.store {
+        return crate::store::rendezvous_via_store(cfg, store);
+    }
+    let deadline = Instant::now() + cfg.timeouts.connect;
+    let master = MasterEndpoint {
+        addrs: resolve("master address", &cfg.master_addr, cfg.master_port)?,
+        label: format!("{}:{}", cfg.master_addr, cfg.master_port),
+    };
+    if cfg.rank == 0 {
+        let listener = bind_master(cfg, &master.addrs)?;
+        serve(cfg, listener, &master.label, deadline)
+    } else {
+        join(cfg, &master, deadline)
+    }
+}
+
+/// Where the joining ranks reach rank 0's rendezvous listener.
+pub(crate) struct MasterEndpoint {
+    pub(crate) addrs: Vec<SocketAddr>,
+    /// `host:port` (and where it came from) for messages.
+    pub(crate) label: String,
+}
+
+/// `host:port` → socket addresses; `what` names the address in errors.
+pub(crate) fn resolve(what: &str, host: &str, port: u16) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
-        .map_err(|e| {
-            Error::Rendezvous(format!(
-                "cannot resolve master address {:?}: {e}",
-                cfg.master_addr
-            ))
-        })?
+        .map_err(|e| Error::Rendezvous(format!("cannot resolve {what} {host:?}: {e}")))?
         .collect();
     if addrs.is_empty() {
         return Err(Error::Rendezvous(format!(
-            "master address {:?} resolved to no addresses",
-            cfg.master_addr
+            "{what} {host:?} resolved to no addresses"
         )));
     }
-    if cfg.rank == 0 {
-        serve(cfg, &addrs)
-    } else {
-        join(cfg, &addrs)
-    }
+    Ok(addrs)
 }
 
 fn bind_master(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<TcpListener> {
@@ -353,10 +369,15 @@ enum Event {
     Dropped(String),
 }
 
-fn serve(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
-    let start = Instant::now();
-    let deadline = start + cfg.timeouts.connect;
-    let listener = bind_master(cfg, addrs)?;
+/// Rank 0's side, on an already bound `listener` (`label` names it in messages). A listener
+/// on the unspecified address (store rendezvous) gets a data listener there too, and each
+/// rank is told rank 0's data address on the interface that rank reached it by.
+pub(crate) fn serve(
+    cfg: &CommConfig,
+    listener: TcpListener,
+    label: &str,
+    deadline: Instant,
+) -> Result<Rendezvous> {
     let master_ip = listener
         .local_addr()
         .map_err(|e| Error::io("rendezvous listener address", e))?
@@ -433,8 +454,8 @@ fn serve(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
         if Instant::now() >= deadline {
             let missing: Vec<usize> = (1..n).filter(|&r| joined[r].is_none()).collect();
             let mut text = format!(
-                "rank 0 timed out after {:?} waiting for ranks {missing:?} to join at {}:{}",
-                cfg.timeouts.connect, cfg.master_addr, cfg.master_port
+                "rank 0 timed out after {:?} waiting for ranks {missing:?} to join at {label}",
+                cfg.timeouts.connect
             );
             if !dropped.is_empty() {
                 text.push_str(&format!("; rejected connections: {}", dropped.join("; ")));
@@ -465,17 +486,20 @@ fn serve(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
             data_addr,
         });
     }
-    let mut w = Writer::default();
-    w.bytes(job_id.as_bytes()).u64(n as u64);
-    for p in &peers {
-        w.bytes(p.host_id.as_bytes())
-            .u32(p.pid)
-            .bytes(p.data_addr.to_string().as_bytes());
-    }
     let mut failed = None;
     for (rank, slot) in joined.iter_mut().enumerate().skip(1) {
         let (stream, _) = slot.as_mut().expect("all joined");
-        if let Err(e) = write_message(stream, MSG_TABLE, &w.0) {
+        let mut rank0_data = my_data;
+        if my_data.ip().is_unspecified() {
+            if let Ok(local) = stream.local_addr() {
+                rank0_data.set_ip(local.ip());
+            }
+        }
+        if let Err(e) = write_message(
+            stream,
+            MSG_TABLE,
+            &encode_table(&job_id, &peers, rank0_data),
+        ) {
             failed = Some(Error::PeerDied {
                 rank,
                 what: "rendezvous".into(),
@@ -488,7 +512,6 @@ fn serve(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
         abort_all(&mut joined, CAT_RENDEZVOUS, &err.to_string());
         return Err(err);
     }
-    let _ = start;
     Ok(Rendezvous {
         job_id,
         peers,
@@ -707,7 +730,25 @@ fn handshake_inner(
 
 // ---- ranks > 0 -----------------------------------------------------------------------
 
-fn connect_master(cfg: &CommConfig, addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream> {
+/// The peer table as sent to one rank, with `rank0_data` as rank 0's data address.
+fn encode_table(job_id: &str, peers: &[PeerInfo], rank0_data: SocketAddr) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(job_id.as_bytes()).u64(peers.len() as u64);
+    for (rank, p) in peers.iter().enumerate() {
+        let addr = if rank == 0 { rank0_data } else { p.data_addr };
+        w.bytes(p.host_id.as_bytes())
+            .u32(p.pid)
+            .bytes(addr.to_string().as_bytes());
+    }
+    w.0
+}
+
+fn connect_master(
+    cfg: &CommConfig,
+    master: &MasterEndpoint,
+    deadline: Instant,
+) -> Result<TcpStream> {
+    let addrs = &master.addrs;
     let mut backoff = Duration::from_millis(10);
     loop {
         let mut last_error = None;
@@ -726,9 +767,8 @@ fn connect_master(cfg: &CommConfig, addrs: &[SocketAddr], deadline: Instant) -> 
                 _ => e.to_string(),
             };
             return Err(Error::Rendezvous(format!(
-                "could not reach master at {}:{} after {:.1}s: {reason} — is rank 0 running?",
-                cfg.master_addr,
-                cfg.master_port,
+                "could not reach master at {} after {:.1}s: {reason} — is rank 0 running?",
+                master.label,
                 cfg.timeouts.connect.as_secs_f64()
             )));
         }
@@ -737,10 +777,14 @@ fn connect_master(cfg: &CommConfig, addrs: &[SocketAddr], deadline: Instant) -> 
     }
 }
 
-fn join(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<Rendezvous> {
-    let deadline = Instant::now() + cfg.timeouts.connect;
-    let mut stream = connect_master(cfg, addrs, deadline)?;
-    let master = format!("master {}:{}", cfg.master_addr, cfg.master_port);
+/// A rank > 0's side: connect to rank 0 at `master` (retrying until `deadline`) and join.
+pub(crate) fn join(
+    cfg: &CommConfig,
+    master: &MasterEndpoint,
+    deadline: Instant,
+) -> Result<Rendezvous> {
+    let mut stream = connect_master(cfg, master, deadline)?;
+    let master = format!("master {}", master.label);
     let io_err = |what: &str, e: io::Error| -> Error {
         if is_timeout(&e) {
             Error::Timeout {

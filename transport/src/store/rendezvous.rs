@@ -1,0 +1,304 @@
+//! Rendezvous through a TCPStore: how ranks started by torchrun find rank 0.
+//!
+//! torchrun's agent already listens on `MASTER_ADDR:MASTER_PORT` (its TCPStore), so rank 0
+//! cannot bind that port for dtrain's own rendezvous. Instead rank 0 binds an ephemeral port
+//! on every interface and publishes `address, pid, host identity` under
+//! `<prefix>/rank0` with a compare-set (so a second process claiming rank 0 is an error, not
+//! a silent overwrite); the other ranks wait for that key, with the connect deadline, and
+//! then run dtrain's ordinary rendezvous against the published address. The store is only
+//! the directory: the hello (rank, world size, config hash, transport, host identity, data
+//! address, pid), the HMAC token proof and every rejection stay in [`crate::rendezvous`], so
+//! both ways of starting a job check exactly the same things.
+//!
+//! The prefix must be unique per attempt — torchrun keeps its store across worker restarts —
+//! so build it with [`torchelastic_prefix`] from `TORCHELASTIC_RUN_ID` and
+//! `TORCHELASTIC_RESTART_COUNT`. (torchrun restarts workers after a membership change
+//! without raising the restart count; that case is reported as a second rank 0.)
+//!
+//! Which address the others use: rank 0 publishes the local address of its own store
+//! connection (the interface that routes to the store). If that is a loopback address, the
+//! store runs on rank 0's host, so a rank on another host (different host identity) uses the
+//! store's host name with the published port instead.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use super::{StoreClient, StoreError};
+use crate::communicator::CommConfig;
+use crate::rendezvous::{self, host_identity, MasterEndpoint, Rendezvous};
+use crate::{Error, Result};
+
+/// Where the ranks of a job meet: a TCPStore and a key prefix unique to this attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreRendezvous {
+    /// The store's host (torchrun: `MASTER_ADDR`).
+    pub host: String,
+    /// The store's port (torchrun: `MASTER_PORT`).
+    pub port: u16,
+    /// Prefix of every key this job writes, e.g. from [`torchelastic_prefix`].
+    pub prefix: String,
+}
+
+/// `dtrain/<run id>/attempt_<restart count>`: keys of one attempt of one torchrun job.
+pub fn torchelastic_prefix(run_id: &str, restart_count: u64) -> String {
+    format!("dtrain/{run_id}/attempt_{restart_count}")
+}
+
+/// The store rendezvous torchrun asks for, from its worker environment: `Ok(None)` unless
+/// `TORCHELASTIC_USE_AGENT_STORE=True` (then `MASTER_ADDR:MASTER_PORT` is free for rank 0 to
+/// bind, as without torchrun). Errors name the variable that is missing or malformed.
+pub fn torchelastic_store(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> std::result::Result<Option<StoreRendezvous>, String> {
+    if env("TORCHELASTIC_USE_AGENT_STORE").as_deref() != Some("True") {
+        return Ok(None);
+    }
+    let need = |name: &str| {
+        env(name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("TORCHELASTIC_USE_AGENT_STORE=True but {name} is not set"))
+    };
+    let host = need("MASTER_ADDR")?;
+    let port_text = need("MASTER_PORT")?;
+    let port = port_text
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| {
+            format!("environment variable MASTER_PORT={port_text:?} is not a port number")
+        })?;
+    let run_id = need("TORCHELASTIC_RUN_ID")?;
+    let restarts_text = need("TORCHELASTIC_RESTART_COUNT")?;
+    let restarts = restarts_text.parse::<u64>().map_err(|_| {
+        format!(
+            "environment variable TORCHELASTIC_RESTART_COUNT={restarts_text:?} is not a non-negative integer"
+        )
+    })?;
+    Ok(Some(StoreRendezvous {
+        host,
+        port,
+        prefix: torchelastic_prefix(&run_id, restarts),
+    }))
+}
+
+/// What rank 0 publishes: `v1`, its rendezvous address, pid, host identity (one per line;
+/// the host identity last, as the rest of the value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rank0Record {
+    addr: SocketAddr,
+    pid: u32,
+    host_id: String,
+}
+
+impl Rank0Record {
+    fn encode(&self) -> Vec<u8> {
+        format!("v1\n{}\n{}\n{}", self.addr, self.pid, self.host_id).into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> std::result::Result<Rank0Record, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+        let mut parts = text.splitn(4, '\n');
+        let (Some("v1"), Some(addr), Some(pid), Some(host_id)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!("not a dtrain rank 0 record: {text:?}"));
+        };
+        Ok(Rank0Record {
+            addr: addr.parse().map_err(|_| format!("bad address {addr:?}"))?,
+            pid: pid.parse().map_err(|_| format!("bad pid {pid:?}"))?,
+            host_id: host_id.to_string(),
+        })
+    }
+}
+
+fn store_error(e: StoreError) -> Error {
+    Error::Rendezvous(e.to_string())
+}
+
+/// [`crate::rendezvous::rendezvous`] for a `cfg` with a store.
+pub(crate) fn rendezvous_via_store(
+    cfg: &CommConfig,
+    store: &StoreRendezvous,
+) -> Result<Rendezvous> {
+    let deadline = Instant::now() + cfg.timeouts.connect;
+    let mut client =
+        StoreClient::connect(&store.host, store.port, cfg.timeouts.connect).map_err(store_error)?;
+    let key = format!("{}/rank0", store.prefix);
+    if cfg.rank == 0 {
+        let local_ip = client.local_addr().map_err(store_error)?.ip();
+        let any: IpAddr = match local_ip {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let listener = TcpListener::bind((any, 0))
+            .map_err(|e| Error::io(format!("binding rank 0's rendezvous listener on {any}"), e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::io("rendezvous listener address", e))?
+            .port();
+        let mine = Rank0Record {
+            addr: SocketAddr::new(local_ip, port),
+            pid: std::process::id(),
+            host_id: host_identity(),
+        };
+        let stored = client
+            .compare_set(&key, b"", &mine.encode())
+            .map_err(store_error)?;
+        if stored != mine.encode() {
+            let other = match Rank0Record::decode(&stored) {
+                Ok(r) => format!(
+                    "pid {} on {} (rendezvous address {})",
+                    r.pid,
+                    r.host_id.split('|').next().unwrap_or("?"),
+                    r.addr
+                ),
+                Err(e) => e,
+            };
+            return Err(Error::ConfigMismatch(format!(
+                "two processes claim rank 0: key {key:?} in the TCPStore at {} already names {other} \
+                 — every attempt needs its own key prefix (TORCHELASTIC_RESTART_COUNT)",
+                client.addr()
+            )));
+        }
+        let label = format!(
+            "{}, published in the TCPStore at {}",
+            mine.addr,
+            client.addr()
+        );
+        drop(client);
+        rendezvous::serve(cfg, listener, &label, deadline)
+    } else {
+        let left = deadline.saturating_duration_since(Instant::now());
+        client
+            .wait(&[&key], left.max(Duration::from_millis(1)))
+            .map_err(|e| match e {
+                StoreError::Timeout { addr, waited, .. } => Error::Timeout {
+                    rank: 0,
+                    what: format!(
+                        "rendezvous (rank 0 publishing its address under key {key:?} in the \
+                         TCPStore at {addr}; is rank 0 running?)"
+                    ),
+                    waited,
+                },
+                other => store_error(other),
+            })?;
+        let value = client.get(&key).map_err(store_error)?;
+        let record = Rank0Record::decode(&value).map_err(|e| {
+            Error::Rendezvous(format!(
+                "key {key:?} in the TCPStore at {}: {e}",
+                client.addr()
+            ))
+        })?;
+        let master = rank0_endpoint(&record, store, client.addr(), &host_identity())?;
+        drop(client);
+        rendezvous::join(cfg, &master, deadline)
+    }
+}
+
+/// Where a joining rank on host `my_host` reaches the rank 0 described by `record`.
+/// (`store_addr` names the store in messages.)
+fn rank0_endpoint(
+    record: &Rank0Record,
+    store: &StoreRendezvous,
+    store_addr: &str,
+    my_host: &str,
+) -> Result<MasterEndpoint> {
+    if record.addr.ip().is_loopback() && record.host_id != my_host {
+        let port = record.addr.port();
+        return Ok(MasterEndpoint {
+            addrs: rendezvous::resolve("TCPStore host", &store.host, port)?,
+            label: format!(
+                "{}:{port}, the store's host with rank 0's port from the TCPStore at {store_addr}",
+                store.host
+            ),
+        });
+    }
+    Ok(MasterEndpoint {
+        addrs: vec![record.addr],
+        label: format!("{}, from the TCPStore at {store_addr}", record.addr),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank0_record_round_trips_and_rejects_garbage() {
+        let r = Rank0Record {
+            addr: "[::1]:4000".parse().unwrap(),
+            pid: 77,
+            host_id: "node|m|b".into(),
+        };
+        assert_eq!(Rank0Record::decode(&r.encode()), Ok(r));
+        assert!(Rank0Record::decode(b"v2\n1.2.3.4:5\n1\nh").is_err());
+        assert!(Rank0Record::decode(b"v1\nnot-an-addr\n1\nh").is_err());
+        assert!(Rank0Record::decode(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn loopback_address_is_replaced_by_the_store_host_for_other_hosts_only() {
+        let store = StoreRendezvous {
+            host: "127.0.0.2".into(),
+            port: 29500,
+            prefix: "p".into(),
+        };
+        let record = Rank0Record {
+            addr: "127.0.0.1:4000".parse().unwrap(),
+            pid: 1,
+            host_id: "A|m|b".into(),
+        };
+        let same = rank0_endpoint(&record, &store, "s", "A|m|b").unwrap();
+        assert_eq!(same.addrs, vec!["127.0.0.1:4000".parse().unwrap()]);
+        let other = rank0_endpoint(&record, &store, "s", "B|m|b").unwrap();
+        assert_eq!(other.addrs, vec!["127.0.0.2:4000".parse().unwrap()]);
+        let routable = Rank0Record {
+            addr: "10.1.2.3:4000".parse().unwrap(),
+            ..record
+        };
+        let remote = rank0_endpoint(&routable, &store, "s", "B|m|b").unwrap();
+        assert_eq!(remote.addrs, vec!["10.1.2.3:4000".parse().unwrap()]);
+    }
+
+    #[test]
+    fn torchelastic_env_is_read_only_with_the_agent_store() {
+        let env_of = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let full: &[(&str, &str)] = &[
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("MASTER_ADDR", "localhost"),
+            ("MASTER_PORT", "38763"),
+            ("TORCHELASTIC_RUN_ID", "5679"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ];
+        assert_eq!(
+            torchelastic_store(&env_of(full)),
+            Ok(Some(StoreRendezvous {
+                host: "localhost".into(),
+                port: 38763,
+                prefix: "dtrain/5679/attempt_2".into(),
+            }))
+        );
+        assert_eq!(
+            torchelastic_store(&env_of(&[("TORCHELASTIC_USE_AGENT_STORE", "False")])),
+            Ok(None)
+        );
+        assert_eq!(torchelastic_store(&env_of(&[])), Ok(None));
+        let no_count: &[(&str, &str)] = &full[..4];
+        let err = torchelastic_store(&env_of(no_count)).unwrap_err();
+        assert!(err.contains("TORCHELASTIC_RESTART_COUNT"), "{err}");
+        let bad_port: &[(&str, &str)] = &[
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("MASTER_ADDR", "localhost"),
+            ("MASTER_PORT", "70000"),
+        ];
+        let err = torchelastic_store(&env_of(bad_port)).unwrap_err();
+        assert!(err.contains("MASTER_PORT=\"70000\""), "{err}");
+    }
+}
