@@ -214,7 +214,7 @@ fn value<H: HalfFloat>(rank: usize, n: usize, i: usize, seed: u64) -> H {
         9 => -0.0,       // -0 + -0 = -0
         10 => [0.0, -0.0][rank % 2],
         _ => {
-            let exp = if r % 3 == 0 {
+            let exp = if r.is_multiple_of(3) {
                 (r >> 8) as i32 % 3
             } else {
                 min_exp + ((r >> 8) % (max_exp - min_exp) as u64) as i32
