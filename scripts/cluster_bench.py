@@ -155,10 +155,11 @@ class Processes:
 
 
 class Cluster:
-    def __init__(self, hosts, mtu):
+    def __init__(self, hosts, mtu, sysctls):
         tag = f"{PREFIX}{os.getpid()}"
         self.hosts = hosts
         self.mtu = mtu
+        self.sysctls = sysctls
         self.ns = [f"{tag}h{h}" for h in range(hosts)]
         self.switch = f"{tag}sw" if hosts > 2 else None
         self.ifname = [f"{tag}e{h}" for h in range(hosts)]  # each host's end of its link
@@ -188,6 +189,8 @@ class Cluster:
         for h in range(self.hosts):
             run(["ip", "-n", self.ns[h], "addr", "add", f"{self.ip[h]}/24", "dev", self.ifname[h]])
             run(["ip", "-n", self.ns[h], "link", "set", self.ifname[h], "mtu", str(self.mtu), "up"])
+            for setting in self.sysctls:  # per network namespace: the host's own settings
+                run(["ip", "netns", "exec", self.ns[h], "sysctl", "-q", "-w", setting])
 
     def link_ends(self):
         ends = [(self.ns[h], self.ifname[h]) for h in range(self.hosts)]
@@ -382,6 +385,10 @@ def cpu_model():
     return "unknown CPU"
 
 
+def link_settings(args):
+    return f", MTU {args.mtu}" + "".join(f", {s}" for s in args.sysctl)
+
+
 def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
@@ -394,8 +401,9 @@ def train(args, cluster, procs, workdir):
     rows = []
     header = (f"{args.hosts} hosts x {args.ranks_per_host} rank(s), {args.model}, batch {args.batch_size}"
               f"/rank, {args.threads} thread(s), {args.iters} iterations (mean of 1..{args.iters - 1}), "
-              f"{cpu_model()}, {len(bench.cpus)} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    log(f"cluster bench: {header}")
+              f"{cpu_model()}, {len(bench.cpus)} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+              f"{link_settings(args)}")
+    log(f"running: {header}")
     for rate in args.rates:
         cluster.shape(rate)
         log(f"[{rate}] one process: dtrain ...")
@@ -477,8 +485,8 @@ def collectives(args, cluster, procs, workdir):
     header = (f"all-reduce of {nbytes} B, {bench.world} ranks ({args.hosts} hosts x "
               f"{args.ranks_per_host}), transport {args.transport or 'tcp'}, "
               f"{'sweep example' if use_sweep else 'dtrain bench'}, {cpu_model()}, "
-              f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
-    log(header)
+              f"{time.strftime('%Y-%m-%d %H:%M %Z')}{link_settings(args)}")
+    log(f"running: {header}")
     rows = []
     for rate in args.rates:
         cluster.shape(rate)
@@ -559,6 +567,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="collectives: runs per rate")
     ap.add_argument("--tool", choices=["auto", "sweep", "dtrain"], default="auto")
     ap.add_argument("--mtu", type=int, default=1500)
+    ap.add_argument("--sysctl", action="append", default=[],
+                    help="KEY=VALUE set in every host namespace (repeatable), e.g. "
+                         "net.ipv4.tcp_congestion_control=cubic")
     ap.add_argument("--run-timeout", type=int, default=1200, help="seconds one run may take")
     ap.add_argument("--json", help="also append one JSON object per row to this file")
     args = ap.parse_args()
@@ -584,7 +595,7 @@ def main():
         signal.signal(sig, on_signal)
     remove_stale_namespaces()
     procs = Processes()
-    cluster = Cluster(args.hosts, args.mtu)
+    cluster = Cluster(args.hosts, args.mtu, args.sysctl)
     workdir = tempfile.mkdtemp(prefix="dtrain-cluster-bench-")
     code = 0
     try:
