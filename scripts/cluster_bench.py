@@ -12,8 +12,9 @@ of every link is shaped with `tc qdisc ... root tbf rate R burst 4mb latency 50m
 netem is not available on these kernels), so each host has an R full-duplex link. Host h has
 address 10.77.0.(h+1); rank 0 (on host 0) is the master.
 
-`train` runs, per link rate, the one-process baseline (`--mode single`, measured again before
-every rate, because these VMs drift by ~10 % within minutes) and each `--modes` entry with
+`train` runs, per link rate, the one-process baseline (`--mode single`, once before and once
+after the rate's rows, their mean being the baseline, because these VMs drift by ~10 % within
+minutes) and each `--modes` entry with
 RANKS_PER_HOST ranks per host, each rank pinned to its own core (round robin over the CPUs this
 script may use), `--threads` compute threads, synthetic data, `--iters` iterations. Transport:
 `tcp` with one rank per host, `auto` (shared memory within a host, TCP between hosts) with
@@ -394,9 +395,12 @@ def fmt(v, spec):
 
 
 def train(args, cluster, procs, workdir):
-    use_torch = {"on": True, "off": False}.get(args.torch) if args.torch != "auto" else torch_available()
+    named_vgg = args.model.upper() in ("VGG11", "VGG13", "VGG16")  # what torch_ddp.py builds
+    if args.torch == "on" and not named_vgg:
+        fail(f"--torch on needs --model vgg11, vgg13 or vgg16 (torch_ddp.py has no {args.model!r})")
     if args.torch == "on" and not torch_available():
         fail("--torch on, but `import torch` fails")
+    use_torch = args.torch == "on" or (args.torch == "auto" and named_vgg and torch_available())
     bench = Bench(args, cluster, procs, workdir)
     rows = []
     header = (f"{args.hosts} hosts x {args.ranks_per_host} rank(s), {args.model}, batch {args.batch_size}"
@@ -404,17 +408,20 @@ def train(args, cluster, procs, workdir):
               f"{cpu_model()}, {len(bench.cpus)} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}"
               f"{link_settings(args)}")
     log(f"running: {header}")
+    def baselines(rate, when):
+        log(f"[{rate}] one process ({when}): dtrain ...")
+        single = bench.dtrain_single()
+        if not use_torch:
+            return single, None
+        log(f"[{rate}] one process ({when}): PyTorch ...")
+        return single, bench.torch_job("single", 1)
+
     for rate in args.rates:
         cluster.shape(rate)
-        log(f"[{rate}] one process: dtrain ...")
-        single = bench.dtrain_single()
-        torch_single = None
-        if use_torch:
-            log(f"[{rate}] one process: PyTorch ...")
-            torch_single = bench.torch_job("single", 1)
+        before = baselines(rate, "before")
+        first_row = len(rows)
         for mode in args.modes:
-            row = {"link": rate, "mode": mode, "ranks": bench.world, "single_s": single,
-                   "torch_single_s": torch_single}
+            row = {"link": rate, "mode": mode, "ranks": bench.world}
             try:
                 log(f"[{rate}] dtrain --mode {mode} ...")
                 row["dtrain_s"], row["comm_s"] = bench.dtrain_mode(mode)
@@ -425,6 +432,14 @@ def train(args, cluster, procs, workdir):
                 log(f"[{rate}] {mode} FAILED: {e}")
                 row["error"] = str(e).splitlines()[0]
             rows.append(row)
+        # The baseline is the mean of one-process runs before and after the rate's rows.
+        after = baselines(rate, "after")
+        for row in rows[first_row:]:
+            row["single_runs_s"] = [before[0], after[0]]
+            row["single_s"] = (before[0] + after[0]) / 2
+            if use_torch:
+                row["torch_single_runs_s"] = [before[1], after[1]]
+                row["torch_single_s"] = (before[1] + after[1]) / 2
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -434,26 +449,29 @@ def train(args, cluster, procs, workdir):
 def print_table(header, rows, args, use_torch):
     images = args.batch_size * args.hosts * args.ranks_per_host
     print(f"\n{header}\n")
-    cols = ["link", "mode", "ranks", "one process ms", "dtrain ms/it", "images/s", "efficiency",
+    cols = ["link", "mode", "ranks", "one process ms (before/after)", "dtrain ms/it", "images/s", "efficiency",
             "exposed comm ms"]
     if use_torch:
-        cols += ["PyTorch one process ms", "PyTorch ms/it", "PyTorch eff.", "PyTorch / dtrain"]
+        cols += ["PyTorch one process ms (before/after)", "PyTorch ms/it", "PyTorch eff.", "PyTorch / dtrain"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         d, t = r.get("dtrain_s"), r.get("torch_s")
-        cells = [r["link"], r["mode"], str(r["ranks"]), fmt(r["single_s"] * 1e3, ".0f"),
+        cells = [r["link"], r["mode"], str(r["ranks"]),
+                 "/".join(f"{v * 1e3:.0f}" for v in r["single_runs_s"]),
                  fmt(d and d * 1e3, ".0f"), fmt(d and images / d, ".1f"),
                  fmt(d and r["single_s"] / d, ".2f"), fmt(r.get("comm_s") and r["comm_s"] * 1e3, ".0f")]
         if use_torch:
             ts = r.get("torch_single_s")
-            cells += [fmt(ts and ts * 1e3, ".0f"), fmt(t and t * 1e3, ".0f"),
+            cells += ["/".join(f"{v * 1e3:.0f}" for v in r["torch_single_runs_s"]),
+                      fmt(t and t * 1e3, ".0f"),
                       fmt(t and ts and ts / t, ".2f"), fmt(t and d and t / d, ".2f") + ("x" if t and d else "")]
         if "error" in r:
             cells.append("FAILED: " + r["error"])
         print("| " + " | ".join(cells) + " |")
-    print("\nefficiency = one process's ms/iteration / the mode's (same batch per rank), measured "
-          "before each link rate's rows; exposed comm = rank 0's comm_seconds per iteration.")
+    print("\nefficiency = one process's ms/iteration (the mean of one run before and one after each "
+          "link rate's rows) / the mode's, at the same batch per rank; exposed comm = rank 0's "
+          "comm_seconds per iteration.")
 
 
 # ---- collectives -----------------------------------------------------------------------
