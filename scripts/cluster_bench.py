@@ -30,7 +30,9 @@ per iteration (rank 0's `comm_seconds` from --metrics), and PyTorch's numbers.
 `collectives` times one all-reduce size across the shaped link, one rank per host, with
 transport's sweep example (f32 and bf16 rows; build it with `cargo build --release -p
 transport --example sweep`) or, when that is missing, `dtrain bench`; it prints the time, the
-bus bandwidth and the share of the link rate that was used.
+bus bandwidth and the share of the link rate that was used. `--parallel-links 1,2,4` also
+times the same all-reduce split over K independent TCP communicators (K sockets and threads
+per pair: transport's parallel_links example), to see whether one connection is the limit.
 
 Every namespace and process this script creates is removed on exit, also on Ctrl-C, SIGTERM
 or an error (namespaces of an earlier run of this script that was killed with -9 are removed
@@ -559,6 +561,43 @@ def collectives(args, cluster, procs, workdir):
                   f"{fmt(bound and bound / med, '.0%')} |")
     print("\nlink-bound = the wire bytes one rank sends / the link rate (tbf counts Ethernet "
           "frames, so ~97 % of the rate is the TCP payload ceiling at MTU 1500).")
+    if args.parallel_links:
+        parallel_links(args, cluster, bench, nbytes)
+
+
+def parallel_links(args, cluster, bench, nbytes):
+    """The same all-reduce split over K TCP communicators (K sockets, K threads) per pair."""
+    exe = os.path.join(REPO, "target", "release", "examples", "parallel_links")
+    if not os.path.exists(exe):
+        fail(f"{exe} is missing: cargo build --release -p transport --example parallel_links")
+    if bench.world != 2:
+        fail("--parallel-links needs 2 ranks (--hosts 2 --ranks-per-host 1)")
+    results = {}
+    for rate in args.rates:
+        cluster.shape(rate)
+        for rep in range(args.repeat):
+            for k in args.parallel_links:
+                port = bench.next_port()
+                bench.port += k  # the example uses ports port..port+k-1
+                job = bench.job(f"links-{rate}-{k}-{rep}")
+                for rank, h, core in bench.placement():
+                    env = {"PL_RANK": str(rank), "PL_MASTER": cluster.ip[0], "PL_PORT": str(port),
+                           "PL_K": str(k), "PL_BYTES": str(nbytes)}
+                    job.add(rank, h, cluster.ns[h], core, [exe], env)
+                out = job.wait()
+                bad = [(r, c, t) for r, c, t in out if c != 0]
+                if bad:
+                    log(f"[{rate}] parallel links K={k} FAILED: rank {bad[0][0]}:\n{tail(bad[0][2])}")
+                    continue
+                line = next(l for l in out[0][2].splitlines() if l.startswith("{"))
+                results.setdefault((rate, k), []).append(json.loads(line)["median_ms"])
+    print(f"\nall-reduce of {nbytes} B split over K TCP communicators (K sockets and threads per "
+          "rank pair, ranks pinned as above); per run the median of 8 repetitions\n")
+    print("| link | K | median of runs ms | runs ms |")
+    print("|---|---|---|---|")
+    for (rate, k), times in results.items():
+        t = sorted(times)
+        print(f"| {rate} | {k} | {t[len(t) // 2]:.1f} | {', '.join(f'{v:.1f}' for v in times)} |")
 
 
 # ---- main ------------------------------------------------------------------------------
@@ -584,6 +623,9 @@ def main():
     ap.add_argument("--bytes", default="36M", help="collectives: all-reduce size")
     ap.add_argument("--repeat", type=int, default=3, help="collectives: runs per rate")
     ap.add_argument("--tool", choices=["auto", "sweep", "dtrain"], default="auto")
+    ap.add_argument("--parallel-links", default="",
+                    help="collectives: also time the all-reduce over K TCP communicators per pair, "
+                         "for each K of this list (e.g. 1,2,4; needs the parallel_links example)")
     ap.add_argument("--mtu", type=int, default=1500)
     ap.add_argument("--sysctl", action="append", default=[],
                     help="KEY=VALUE set in every host namespace (repeatable), e.g. "
@@ -593,6 +635,10 @@ def main():
     args = ap.parse_args()
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        args.parallel_links = [int(k) for k in args.parallel_links.split(",") if k.strip()]
+    except ValueError:
+        fail(f"bad --parallel-links {args.parallel_links!r} (e.g. 1,2,4)")
     for rate in args.rates:
         if rate != "none" and not RATE_RE.fullmatch(rate):
             fail(f"bad rate {rate!r} (e.g. 10gbit, 500mbit, none)")
