@@ -397,9 +397,9 @@ def fmt(v, spec):
 
 
 def train(args, cluster, procs, workdir):
-    named_vgg = args.model.upper() in ("VGG11", "VGG13", "VGG16")  # what torch_ddp.py builds
+    named_vgg = args.model.upper() in ("VGG11", "VGG13", "VGG16", "VGG19")  # what torch_ddp.py builds
     if args.torch == "on" and not named_vgg:
-        fail(f"--torch on needs --model vgg11, vgg13 or vgg16 (torch_ddp.py has no {args.model!r})")
+        fail(f"--torch on needs --model vgg11, vgg13, vgg16 or vgg19 (torch_ddp.py has no {args.model!r})")
     if args.torch == "on" and not torch_available():
         fail("--torch on, but `import torch` fails")
     use_torch = args.torch == "on" or (args.torch == "auto" and named_vgg and torch_available())

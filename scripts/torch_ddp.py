@@ -9,7 +9,8 @@ scripts/cluster_bench.py can start it inside network namespaces next to dtrain:
         python3 scripts/torch_ddp.py --mode ddp --iters 8 --batch-size 128
 
 The model is the original repository's model.py VGG (conv3x3 + BatchNorm + ReLU blocks,
-max-pools, one Linear(512, 10)), as in engine/tests/fixtures/make_reference.py. Optimizer:
+max-pools, one Linear(512, 10)), imported from engine/tests/fixtures/make_reference.py (which
+needs safetensors too). Optimizer:
 SGD lr 0.1, momentum 0.9, weight decay 1e-4 (dtrain's defaults). Data: synthetic
 CIFAR-shaped batches (random images and labels, fixed seed per rank), since only the step time
 is measured. Modes as dtrain's:
@@ -23,44 +24,18 @@ Prints, like dtrain, `Average time for N iterations: S s` (the mean wall time of
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-cfg = {
-    "VGG11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "VGG13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "VGG16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-}
+# The original model.py's VGG, as the PyTorch reference fixtures use it (one copy of it).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine", "tests", "fixtures"))
+from make_reference import VGG  # noqa: E402
 
-
-class VGG(nn.Module):
-    def __init__(self, vgg_name):
-        super(VGG, self).__init__()
-        self.layers = self._make_layers(cfg[vgg_name])
-        self.fc1 = nn.Linear(512, 10)
-
-    def forward(self, x):
-        out = self.layers(x)
-        out = out.view(out.size(0), -1)
-        return self.fc1(out)
-
-    def _make_layers(self, cfg):
-        layers = []
-        in_channels = 3
-        for x in cfg:
-            if x == "M":
-                layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
-            else:
-                layers += [
-                    nn.Conv2d(in_channels, x, kernel_size=3, padding=1),
-                    nn.BatchNorm2d(x),
-                    nn.ReLU(inplace=True),
-                ]
-                in_channels = x
-        return nn.Sequential(*layers)
+MODELS = ["VGG11", "VGG13", "VGG16", "VGG19"]
 
 
 def sync_gather_scatter(model, rank, world):
@@ -87,7 +62,7 @@ def main():
     ap.add_argument("--mode", choices=["single", "gather-scatter", "allreduce", "ddp"], default="ddp")
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--model", default="VGG11", type=str.upper, choices=sorted(cfg))
+    ap.add_argument("--model", default="VGG11", type=str.upper, choices=MODELS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
