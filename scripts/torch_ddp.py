@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # The original model.py's VGG, as the PyTorch reference fixtures use it (one copy of it).
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine", "tests", "fixtures"))
 from make_reference import VGG  # noqa: E402
 
