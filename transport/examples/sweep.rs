@@ -1,7 +1,9 @@
 //! Runs `bench::run_sweep` over N local ranks (this program re-executes itself per rank).
 //!
 //! `cargo run --release -p transport --example sweep -- <ranks> <tcp|shm|auto> [min_bytes] [max_bytes] [collectives,...]`
-//! e.g. `... -- 2 tcp 8 37748736 all_reduce`. Prints the table and JSON lines from rank 0.
+//! e.g. `... -- 2 tcp 8 37748736 all_reduce,all_reduce_bf16`. Prints the table and JSON lines
+//! from rank 0. One rank per command instead (e.g. in different network namespaces): set
+//! `SWEEP_RANK`, `SWEEP_PORT` and `SWEEP_MASTER` (rank 0's address, default 127.0.0.1).
 
 use std::process::Command;
 
@@ -35,7 +37,8 @@ fn main() {
             .expect("port")
             .parse()
             .expect("port");
-        let mut cc = CommConfig::new("127.0.0.1", port, rank, ranks);
+        let master = std::env::var("SWEEP_MASTER").unwrap_or_else(|_| "127.0.0.1".into());
+        let mut cc = CommConfig::new(master, port, rank, ranks);
         cc.transport = transport;
         let mut comm = Communicator::connect(&cc).unwrap_or_else(|e| panic!("rank {rank}: {e}"));
         let rows = run_sweep(&mut comm, &cfg).unwrap_or_else(|e| panic!("rank {rank}: {e}"));

@@ -11,10 +11,16 @@
 //! `2(n-1)/n` for all-reduce, `(n-1)/n` for gather / scatter / all-gather and `1` for
 //! broadcast: the bandwidth each link must sustain, comparable across rank counts.
 //! `memcpy` rows time a local `copy_from_slice` of the same sizes as a reference ceiling.
+//!
+//! `all_reduce_bf16` / `all_reduce_fp16` rows all-reduce the same number of elements as the
+//! `all_reduce` row of that size, in 16 bits (gradient compression: half the bytes move,
+//! summed in f32 at each step). Their `bytes` is the f32 size of those elements, so times
+//! and bandwidths line up with the f32 row they replace: `algbw` is the effective f32
+//! gradient bandwidth.
 
 use std::time::Instant;
 
-use crate::{Communicator, ReduceOp, Result};
+use crate::{Bf16, Buffer, Communicator, Element, HalfFloat, ReduceOp, Result, F16};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchCollective {
@@ -23,15 +29,21 @@ pub enum BenchCollective {
     Gather,
     Scatter,
     AllGather,
+    /// All-reduce of the same elements as bf16 (see the module docs).
+    AllReduceBf16,
+    /// All-reduce of the same elements as IEEE binary16.
+    AllReduceF16,
 }
 
 impl BenchCollective {
-    pub const ALL: [BenchCollective; 5] = [
+    pub const ALL: [BenchCollective; 7] = [
         BenchCollective::AllReduce,
         BenchCollective::Broadcast,
         BenchCollective::Gather,
         BenchCollective::Scatter,
         BenchCollective::AllGather,
+        BenchCollective::AllReduceBf16,
+        BenchCollective::AllReduceF16,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +53,8 @@ impl BenchCollective {
             BenchCollective::Gather => "gather",
             BenchCollective::Scatter => "scatter",
             BenchCollective::AllGather => "all_gather",
+            BenchCollective::AllReduceBf16 => "all_reduce_bf16",
+            BenchCollective::AllReduceF16 => "all_reduce_fp16",
         }
     }
 
@@ -48,7 +62,9 @@ impl BenchCollective {
     pub fn busbw_factor(self, n: usize) -> f64 {
         let n = n as f64;
         match self {
-            BenchCollective::AllReduce => 2.0 * (n - 1.0) / n,
+            BenchCollective::AllReduce
+            | BenchCollective::AllReduceBf16
+            | BenchCollective::AllReduceF16 => 2.0 * (n - 1.0) / n,
             BenchCollective::Broadcast => 1.0,
             _ => (n - 1.0) / n,
         }
@@ -92,7 +108,8 @@ impl Default for SweepConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchRow {
-    /// `all_reduce`, `broadcast`, `gather`, `scatter`, `all_gather` or `memcpy`.
+    /// `all_reduce`, `broadcast`, `gather`, `scatter`, `all_gather`, `all_reduce_bf16`,
+    /// `all_reduce_fp16` or `memcpy`.
     pub collective: String,
     pub transport: String,
     pub ranks: usize,
@@ -114,12 +131,12 @@ impl BenchRow {
 /// A fixed-width table of rows (one line per row, with a header).
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut out = format!(
-        "{:<11} {:>9} {:>5} {:>12} {:>12} {:>10} {:>10}\n",
+        "{:<15} {:>9} {:>5} {:>12} {:>12} {:>10} {:>10}\n",
         "collective", "transport", "ranks", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<11} {:>9} {:>5} {:>12} {:>12.2} {:>10.3} {:>10.3}\n",
+            "{:<15} {:>9} {:>5} {:>12} {:>12.2} {:>10.3} {:>10.3}\n",
             r.collective, r.transport, r.ranks, r.bytes, r.time_us, r.algbw_gbs, r.busbw_gbs
         ));
     }
@@ -156,24 +173,39 @@ fn time_collective(
 ) -> Result<(usize, Vec<f64>)> {
     let n = comm.world_size();
     let rank = comm.rank();
-    // Moves use u8 blocks; all-reduce uses f32 (the training workload).
+    // Moves use u8 blocks; all-reduces use f32 (the training workload) or its 16-bit forms.
     let block = (bytes / n).max(1);
-    // Only all-reduce uses the f32 buffer; other collectives get a token one (allocating a
-    // shared region is itself a collective, so skip it for them).
-    let all_reduce = which == BenchCollective::AllReduce;
-    let mut floats = if all_reduce && shared_buffers {
-        comm.alloc_buffer::<f32>((bytes / 4).max(1))?
-    } else if all_reduce {
-        crate::Buffer::heap((bytes / 4).max(1))
-    } else {
-        crate::Buffer::heap(1)
-    };
+    let elems = (bytes / 4).max(1);
+    // Each all-reduce row gets a full buffer of its type, other rows a token one (allocating
+    // a shared region is itself a collective, so skip it for them).
+    let mut floats = reduce_buffer::<f32>(
+        comm,
+        which == BenchCollective::AllReduce,
+        elems,
+        shared_buffers,
+    )?;
     floats.fill(1.0);
+    let mut bf16s = reduce_buffer::<Bf16>(
+        comm,
+        which == BenchCollective::AllReduceBf16,
+        elems,
+        shared_buffers,
+    )?;
+    bf16s.fill(Bf16::from_f32(1.0));
+    let mut f16s = reduce_buffer::<F16>(
+        comm,
+        which == BenchCollective::AllReduceF16,
+        elems,
+        shared_buffers,
+    )?;
+    f16s.fill(F16::from_f32(1.0));
     let mut buf = vec![rank as u8; bytes.max(1)];
     let mut block_buf = vec![0u8; block];
     let mut whole = vec![0u8; block * n];
     let reported = match which {
-        BenchCollective::AllReduce => floats.len() * 4,
+        BenchCollective::AllReduce
+        | BenchCollective::AllReduceBf16
+        | BenchCollective::AllReduceF16 => elems * 4,
         BenchCollective::Broadcast => buf.len(),
         _ => block * n,
     };
@@ -188,6 +220,8 @@ fn time_collective(
                 comm.scatter((rank == 0).then_some(&whole[..]), &mut block_buf, 0)
             }
             BenchCollective::AllGather => comm.all_gather(&block_buf, &mut whole),
+            BenchCollective::AllReduceBf16 => comm.all_reduce(&mut bf16s, ReduceOp::Sum),
+            BenchCollective::AllReduceF16 => comm.all_reduce(&mut f16s, ReduceOp::Sum),
         }
     };
     for _ in 0..warmup {
@@ -201,6 +235,21 @@ fn time_collective(
         times.push(t0.elapsed().as_secs_f64());
     }
     Ok((reported, times))
+}
+
+/// `len` elements for the row that reduces `T` (shared or heap as configured), one element
+/// otherwise.
+fn reduce_buffer<T: Element>(
+    comm: &mut Communicator,
+    used: bool,
+    len: usize,
+    shared: bool,
+) -> Result<Buffer<T>> {
+    match (used, shared) {
+        (true, true) => comm.alloc_buffer::<T>(len),
+        (true, false) => Ok(Buffer::heap(len)),
+        (false, _) => Ok(Buffer::heap(1)),
+    }
 }
 
 fn reps_for(cfg: &SweepConfig, bytes: usize) -> (usize, usize) {
@@ -314,7 +363,7 @@ mod tests {
             ..SweepConfig::default()
         };
         let rows = run_sweep(&mut comm, &cfg).unwrap();
-        assert_eq!(rows.len(), 4 * 6); // sizes 8, 32, 128, 512 × (5 collectives + memcpy)
+        assert_eq!(rows.len(), 4 * 8); // sizes 8, 32, 128, 512 × (7 collectives + memcpy)
         assert!(rows
             .iter()
             .all(|r| r.time_us > 0.0 && r.algbw_gbs.is_finite()));

@@ -128,7 +128,7 @@ impl Placement {
 
 /// All-reduces up to this size send the host sums along with the leaders' status records
 /// (one round between leaders instead of two), as TCP's own direct path would.
-const FUSED_ALL_REDUCE_MAX_BYTES: usize = 64 << 10;
+pub const FUSED_ALL_REDUCE_MAX_BYTES: usize = 64 << 10;
 
 /// Size of a status record (ok, or a failure with its culprit and explanation).
 const STATUS_BYTES: usize = 512;

@@ -1,7 +1,8 @@
 //! dtrain's collective transport: rendezvous, shared-memory and TCP backends, collectives.
 //!
 //! Knows nothing of tensors or models: it moves `bytemuck::Pod` slices and reduces
-//! f32/f64/i64. Layering follows gloo: *how bytes move* ([`shm`], [`tcp`]) is kept apart
+//! f32/f64/i64 and 16-bit floats ([`Bf16`], [`F16`]: summed in f32 at each step, half the
+//! bytes on the wire). Layering follows gloo: *how bytes move* ([`shm`], [`tcp`]) is kept apart
 //! from *algorithms* ([`algorithms`] for TCP, one small file each), and a [`Communicator`]
 //! holds the peers.
 //!
@@ -80,5 +81,5 @@ pub use backend::{Backend, SharedMemory, Timeouts};
 pub use buffer::Buffer;
 pub use communicator::{AsyncCommunicator, CommConfig, Communicator, Pending, TransportKind};
 pub use error::{Error, Result};
-pub use reduce::{DType, Element, ReduceOp};
+pub use reduce::{Bf16, DType, Element, HalfFloat, ReduceOp, F16};
 pub use store::{StoreClient, StoreError, StoreRendezvous, StoreServer};

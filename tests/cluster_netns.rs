@@ -1,0 +1,298 @@
+//! `dtrain` across two "hosts" with a shaped link, as `scripts/cluster_bench.py` runs it: two
+//! network namespaces joined by a veth pair, each end limited with `tc ... tbf rate 1gbit
+//! burst 4mb latency 50ms`, ranks started by hand (`--master-ip`, `--rank`) inside them. A
+//! few DDP iterations of a tiny model with one rank per host over TCP, and with two ranks
+//! per host (`--transport auto`: shared memory within a host, TCP between the hosts); every
+//! rank must end with the same parameter hash, and the same hash as the same job on loopback
+//! with the same host identities (`DTRAIN_HOST_ID`), i.e. the same transport and sum order:
+//! the link changes nothing but time. No timing is checked.
+//!
+//! Needs root, iproute2 (`ip`, `tc`) and the `sch_tbf` qdisc; without them this test FAILS
+//! with a message saying so (CI runs as root and installs iproute2). Namespaces are deleted
+//! and every child killed and reaped on drop, also when an assertion fails.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
+const RUN_DEADLINE: Duration = Duration::from_secs(240);
+const IPS: [&str; 2] = ["10.214.0.1", "10.214.0.2"];
+
+/// Tiny problem: 2 conv blocks, batch 16 per rank, 4 iterations.
+const TINY: &[&str] = &[
+    "--dataset",
+    "synthetic",
+    "--synthetic-train",
+    "512",
+    "--synthetic-test",
+    "64",
+    "--model",
+    "8,M,16,M",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--max-iters",
+    "4",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--mode",
+    "ddp",
+];
+
+fn command(program: &str, args: &[&str]) -> Result<Output, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("running `{program} {}`: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out)
+}
+
+fn require_root_ip_and_tc() {
+    let is_root = nix::unistd::geteuid().is_root();
+    let has_ip = Command::new("ip").arg("-V").output().is_ok();
+    let has_tc = Command::new("tc").arg("-V").output().is_ok();
+    assert!(
+        is_root && has_ip && has_tc,
+        "the shaped two-host test needs root and iproute2 (`ip`, `tc`): running as root = \
+         {is_root}, `ip` found = {has_ip}, `tc` found = {has_tc}. Run the tests as root with \
+         iproute2 installed (CI does)."
+    );
+}
+
+/// Two namespaces joined by a veth pair, both ends shaped; deleted on drop.
+struct ShapedHosts {
+    names: [String; 2],
+}
+
+impl ShapedHosts {
+    fn create(rate: &str) -> ShapedHosts {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let id = format!(
+            "{}{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let hosts = ShapedHosts {
+            names: [format!("dtrain-ca-{id}"), format!("dtrain-cb-{id}")],
+        };
+        let names = hosts.names.clone();
+        let (a, b) = (names[0].as_str(), names[1].as_str());
+        let (va, vb) = (format!("dca{id}"), format!("dcb{id}"));
+        let mut steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", a],
+            vec!["netns", "add", b],
+            vec![
+                "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
+            ],
+        ];
+        let cidrs = IPS.map(|ip| format!("{ip}/24"));
+        for (ns, dev, ip) in [(a, va.as_str(), &cidrs[0]), (b, vb.as_str(), &cidrs[1])] {
+            steps.push(vec!["-n", ns, "addr", "add", ip, "dev", dev]);
+            steps.push(vec!["-n", ns, "link", "set", "lo", "up"]);
+            steps.push(vec!["-n", ns, "link", "set", dev, "up"]);
+        }
+        for step in steps {
+            if let Err(e) = command("ip", &step) {
+                drop(hosts);
+                panic!("setting up network namespaces failed: {e}");
+            }
+        }
+        for (ns, dev) in [(a, &va), (b, &vb)] {
+            let shape = [
+                "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                "burst", "4mb", "latency", "50ms",
+            ];
+            if let Err(e) = command("ip", &shape) {
+                drop(hosts);
+                panic!("shaping the link with tc tbf failed (is sch_tbf available?): {e}");
+            }
+        }
+        hosts
+    }
+}
+
+impl Drop for ShapedHosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            // Deleting a namespace deletes its veth end (and so the pair) and its qdisc.
+            let _ = command("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+/// Children that are killed and reaped when dropped (also when a test fails).
+struct Ranks(Vec<Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Rank {
+    /// Network namespace to run in; `None` = this one.
+    netns: Option<String>,
+    args: Vec<String>,
+    host_id: String,
+}
+
+/// Starts every rank, waits for all (bounded), returns each one's stdout; panics with the
+/// failing rank's output if one does not exit 0.
+fn run(ranks: Vec<Rank>) -> Vec<String> {
+    let mut children = Ranks(Vec::new());
+    for r in &ranks {
+        let mut cmd = match &r.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(&r.args)
+            .env("DTRAIN_HOST_ID", &r.host_id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        children.0.push(cmd.spawn().expect("spawn dtrain"));
+    }
+    // Read the pipes on threads so a full pipe never blocks a rank.
+    let readers: Vec<_> = children
+        .0
+        .iter_mut()
+        .map(|c| {
+            let (mut out, mut err) = (c.stdout.take().unwrap(), c.stderr.take().unwrap());
+            std::thread::spawn(move || {
+                let (mut o, mut e) = (String::new(), String::new());
+                let _ = std::io::Read::read_to_string(&mut out, &mut o);
+                let _ = std::io::Read::read_to_string(&mut err, &mut e);
+                (o, e)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut statuses = vec![None; children.0.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (s, c) in statuses.iter_mut().zip(children.0.iter_mut()) {
+            if s.is_none() {
+                *s = c.try_wait().expect("try_wait");
+            }
+        }
+        assert!(
+            start.elapsed() < RUN_DEADLINE,
+            "dtrain ranks still running after {RUN_DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stdouts = Vec::new();
+    for (rank, (status, reader)) in statuses.into_iter().zip(readers).enumerate() {
+        let (out, err) = reader.join().unwrap_or_default();
+        let status = status.expect("exited");
+        assert!(
+            status.success(),
+            "rank {rank} failed ({status}):\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        stdouts.push(out);
+    }
+    stdouts
+}
+
+fn parameter_hash(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Parameter hash: "))
+        .unwrap_or_else(|| panic!("no parameter hash in:\n{stdout}"))
+        .to_string()
+}
+
+/// `per_host` ranks on each of the two hosts (rank-major: host 0 has ranks 0..per_host).
+fn ranks_on(hosts: Option<&ShapedHosts>, per_host: usize, transport: &str) -> Vec<Rank> {
+    let world = 2 * per_host;
+    let master = if hosts.is_some() { IPS[0] } else { "127.0.0.1" };
+    let port = if hosts.is_some() {
+        29500 // fresh namespaces: nothing else listens there
+    } else {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let tag = format!("cluster-test-{}", std::process::id());
+    (0..world)
+        .map(|rank| {
+            let host = rank / per_host;
+            let mut args: Vec<String> = TINY.iter().map(|s| s.to_string()).collect();
+            args.extend(
+                [
+                    "--master-ip",
+                    master,
+                    "--master-port",
+                    &port.to_string(),
+                    "--num-nodes",
+                    &world.to_string(),
+                    "--rank",
+                    &rank.to_string(),
+                    "--transport",
+                    transport,
+                ]
+                .map(String::from),
+            );
+            Rank {
+                netns: hosts.map(|h| h.names[host].clone()),
+                args,
+                host_id: format!("{tag}-host{host}"),
+            }
+        })
+        .collect()
+}
+
+fn assert_all_equal(hashes: &[String], what: &str) {
+    assert!(
+        hashes.iter().all(|h| h == &hashes[0]),
+        "{what}: parameter hashes differ between ranks: {hashes:?}"
+    );
+}
+
+/// Runs the job across two shaped hosts and on loopback (same host identities, so the same
+/// transport and sum order) and returns both sets of hashes.
+fn across_and_loopback(per_host: usize, transport: &str) -> (Vec<String>, Vec<String>) {
+    let hashes = |outs: Vec<String>| outs.iter().map(|o| parameter_hash(o)).collect::<Vec<_>>();
+    let hosts = ShapedHosts::create("1gbit");
+    let across = hashes(run(ranks_on(Some(&hosts), per_host, transport)));
+    drop(hosts);
+    let loopback = hashes(run(ranks_on(None, per_host, transport)));
+    (across, loopback)
+}
+
+fn check(per_host: usize, transport: &str) {
+    require_root_ip_and_tc();
+    let what = format!("2 hosts x {per_host} rank(s), --transport {transport}");
+    let (across, loopback) = across_and_loopback(per_host, transport);
+    assert_all_equal(&across, &format!("{what}, shaped link"));
+    assert_all_equal(&loopback, &format!("{what}, loopback"));
+    assert_eq!(
+        across[0], loopback[0],
+        "{what}: the job over the shaped link and over loopback ended with different parameters"
+    );
+}
+
+#[test]
+fn ddp_one_rank_per_shaped_host_tcp() {
+    check(1, "tcp");
+}
+
+#[test]
+fn ddp_two_ranks_per_shaped_host_hierarchical() {
+    check(2, "auto");
+}
