@@ -49,6 +49,26 @@ pub struct Position {
     pub iteration: usize,
 }
 
+impl Position {
+    /// Where training stands after one more batch of this epoch.
+    pub fn after_batch(self) -> Position {
+        Position {
+            batch: self.batch + 1,
+            iteration: self.iteration + 1,
+            ..self
+        }
+    }
+
+    /// The start of the next epoch.
+    pub fn next_epoch(self) -> Position {
+        Position {
+            epoch: self.epoch + 1,
+            batch: 0,
+            ..self
+        }
+    }
+}
+
 /// What a resume restored besides the model and optimizer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Restored {

@@ -3,8 +3,9 @@
 //! - [`args`]: flags, launcher environment (torchrun/Slurm/Open MPI), validation → `TrainConfig`.
 //! - [`data`]: CIFAR-10 (with download), synthetic, Fashion-MNIST; sharding, augmentation, loader.
 //! - [`train`]: the training loop, logs, metrics, evaluation.
-//! - [`sync`]: gather-scatter and all-reduce gradient sync; [`ddp`]: bucketed, overlapped DDP.
-//! - [`checkpoint`]: save/resume/init checkpoints.
+//! - [`sync`]: `GradSync`, one variant per mode owning its communicator; [`ddp`]: bucketed,
+//!   overlapped DDP.
+//! - [`checkpoint`]: save/resume/init checkpoints; [`hash`]: the one FNV-1a digest.
 //! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`.
 
 pub mod args;
@@ -12,6 +13,7 @@ pub mod bench_cmd;
 pub mod checkpoint;
 pub mod data;
 pub mod ddp;
+pub mod hash;
 pub mod launch;
 pub mod plot;
 pub mod sync;

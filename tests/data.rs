@@ -270,9 +270,9 @@ fn download_extracts_verifies_and_loads() {
     let server = HttpServer::start(archive, None);
     let tmp = TempDir::new("dl-ok");
     let mut cfg = TrainConfig::single_process_defaults();
-    cfg.data_dir = tmp.0.clone();
-    cfg.download_url = server.url.clone();
-    cfg.download_md5 = md5;
+    cfg.opts.data_dir = tmp.0.clone();
+    cfg.opts.download_url = server.url.clone();
+    cfg.opts.download_md5 = md5;
     let (train, test) = load_dataset(&cfg).unwrap();
     assert_eq!((train.n, test.n), (5 * RECORDS_PER_FILE, RECORDS_PER_FILE));
     assert_eq!(train.image(4), &record(1, 1)[1..]);
@@ -587,8 +587,8 @@ fn loader_shards_batches_and_resumes() {
     let mut cfg = TrainConfig::single_process_defaults();
     cfg.num_nodes = 2;
     cfg.rank = 1;
-    cfg.batch_size = 16;
-    cfg.seed = 9;
+    cfg.opts.batch_size = 16;
+    cfg.opts.seed = 9;
     let loader = TrainLoader::new(split.clone(), &cfg, 3, 0);
     assert_eq!(loader.batches_per_epoch(), 4); // 52 samples: 16+16+16+4
     let batches: Vec<_> = loader.collect();
@@ -620,9 +620,9 @@ fn loader_shards_batches_and_resumes() {
 fn loader_without_augment_and_shuffle_is_plain() {
     let split = Arc::new(numbered_split(10));
     let mut cfg = TrainConfig::single_process_defaults();
-    cfg.batch_size = 4;
-    cfg.augment = false;
-    cfg.shuffle = false;
+    cfg.opts.batch_size = 4;
+    cfg.opts.no_augment = true;
+    cfg.opts.no_shuffle = true;
     let batches: Vec<_> = TrainLoader::new(split.clone(), &cfg, 0, 0).collect();
     assert_eq!(batches.len(), 3);
     let mut want = vec![0f32; IMAGE_SIZE];
@@ -669,9 +669,9 @@ fn synthetic_is_deterministic_and_balanced() {
     a.labels.iter().for_each(|&l| counts[l as usize] += 1);
     assert!(counts.iter().all(|&c| (25..80).contains(&c)), "{counts:?}");
     let mut cfg = TrainConfig::single_process_defaults();
-    cfg.dataset = DatasetKind::Synthetic;
-    cfg.synthetic_train = 300;
-    cfg.synthetic_test = 70;
+    cfg.opts.dataset = DatasetKind::Synthetic;
+    cfg.opts.synthetic_train = 300;
+    cfg.opts.synthetic_test = 70;
     let (tr, te) = load_dataset(&cfg).unwrap();
     assert_eq!((tr.n, te.n, tr.images.len()), (300, 70, 300 * IMAGE_SIZE));
 }

@@ -119,19 +119,20 @@ impl DataError {
     }
 }
 
-/// Load (downloading CIFAR-10 if needed) the train and test splits of `cfg.dataset`.
+/// Load (downloading CIFAR-10 if needed) the train and test splits of `--dataset`.
 pub fn load_dataset(cfg: &TrainConfig) -> Result<(DataSplit, DataSplit), DataError> {
-    match cfg.dataset {
+    let o = &cfg.opts;
+    match o.dataset {
         DatasetKind::Cifar10 => {
-            download::ensure_cifar10(&cfg.data_dir, &cfg.download_url, &cfg.download_md5)?;
-            cifar::load_cifar10(&cfg.data_dir.join(cifar::CIFAR_DIR))
+            download::ensure_cifar10(&o.data_dir, &o.download_url, &o.download_md5)?;
+            cifar::load_cifar10(&o.data_dir.join(cifar::CIFAR_DIR))
         }
         DatasetKind::Synthetic => Ok((
-            synthetic::generate(cfg.seed, synthetic::Split::Train, cfg.synthetic_train),
-            synthetic::generate(cfg.seed, synthetic::Split::Test, cfg.synthetic_test),
+            synthetic::generate(o.seed, synthetic::Split::Train, o.synthetic_train),
+            synthetic::generate(o.seed, synthetic::Split::Test, o.synthetic_test),
         )),
         DatasetKind::FashionMnist => {
-            let dir = fashion_mnist::find_dir(&cfg.data_dir)?;
+            let dir = fashion_mnist::find_dir(&o.data_dir)?;
             fashion_mnist::load(&dir)
         }
     }
