@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::memory::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
+
 /// Which collective transport to use. `Auto` uses shared memory between ranks on one host and
 /// TCP between hosts (the transport decides).
 pub use transport::TransportKind;
@@ -97,6 +99,9 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Draw progress bars: stdout is a terminal and `--no-progress` was not given.
     pub progress: bool,
+    /// How many times the launcher restarted the job before this attempt (0 for the first),
+    /// from [`RESTART_COUNT_ENV`].
+    pub restart_count: usize,
     /// The flags used as given.
     pub opts: RunOptions,
 }
@@ -242,6 +247,27 @@ pub struct TrainArgs {
     pub opts: RunOptions,
 }
 
+/// What `--resume` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// `--resume auto`: the `--save-checkpoint` file, if it exists.
+    Auto,
+    /// `--resume FILE` (a file named `auto` is `./auto`).
+    File(PathBuf),
+}
+
+fn parse_resume(raw: &str) -> Result<ResumeFrom, String> {
+    match raw {
+        "" => Err("expected a checkpoint file or auto".into()),
+        "auto" => Ok(ResumeFrom::Auto),
+        path => Ok(ResumeFrom::File(PathBuf::from(path))),
+    }
+}
+
+/// The environment variable torchrun (and `dtrain launch`) sets to the number of times the
+/// job has been restarted; a rank with a count above 0 resumes as `--resume auto` does.
+pub const RESTART_COUNT_ENV: &str = "TORCHELASTIC_RESTART_COUNT";
+
 /// The training flags that are used as given (after validation).
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct RunOptions {
@@ -289,12 +315,17 @@ pub struct RunOptions {
     /// Append one JSON object per iteration to FILE
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
-    /// Save a checkpoint to FILE (at the end of each epoch and of the run)
+    /// Save a checkpoint to FILE (at the end of each epoch and of the run, and every
+    /// --checkpoint-every iterations); rank 0 writes it
     #[arg(long, value_name = "FILE")]
     pub save_checkpoint: Option<PathBuf>,
-    /// Resume model, optimizer and position from a checkpoint
-    #[arg(long, value_name = "FILE")]
-    pub resume: Option<PathBuf>,
+    /// Also checkpoint every N iterations (in the background; needs --save-checkpoint)
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Resume model, optimizer and position from a checkpoint FILE, or `auto`: from the
+    /// --save-checkpoint file if it exists, else start fresh (what a restarted rank does)
+    #[arg(long, value_name = "FILE|auto", value_parser = parse_resume)]
+    pub resume: Option<ResumeFrom>,
     /// Start from the weights of a checkpoint (fresh optimizer, epoch 0)
     #[arg(long, value_name = "FILE")]
     pub init_checkpoint: Option<PathBuf>,
@@ -532,18 +563,29 @@ pub fn validate_model_spec(spec: &str) -> Result<(), UsageError> {
         ))
     };
     let mut convs = 0;
+    let layers = spec.split(',').count();
     for tok in spec.split(',') {
         let tok = tok.trim();
         if tok.eq_ignore_ascii_case("m") {
             continue;
         }
         match tok.parse::<usize>() {
+            Ok(n) if n > MAX_CONV_WIDTH => {
+                return Err(invalid(format!(
+                    "--model {spec:?}: conv width {n} is above the limit of {MAX_CONV_WIDTH}"
+                )))
+            }
             Ok(n) if n > 0 => convs += 1,
             _ => return Err(bad()),
         }
     }
     if convs == 0 {
         return Err(bad());
+    }
+    if layers > MAX_LAYERS {
+        return Err(invalid(format!(
+            "--model {spec:?}: {layers} layers is above the limit of {MAX_LAYERS}"
+        )));
     }
     Ok(())
 }
@@ -643,7 +685,11 @@ pub fn resolve_train_args(
     }
 
     let threads = match a.threads {
-        Some(0) => return Err(invalid("--threads must be at least 1, got 0")),
+        Some(t) if t == 0 || t > MAX_THREADS => {
+            return Err(invalid(format!(
+                "--threads must be in 1..={MAX_THREADS}, got {t}"
+            )))
+        }
         Some(t) => t,
         None => {
             // available_parallelism counts the CPUs this process may use: all of them are
@@ -675,6 +721,7 @@ pub fn resolve_train_args(
         transport: a.transport.unwrap_or(TransportArg::Auto).into(),
         threads,
         progress,
+        restart_count: env_usize(env, RESTART_COUNT_ENV)?.unwrap_or(0),
         opts,
     })
 }
@@ -756,10 +803,25 @@ fn validate_run_options(o: &mut RunOptions, num_nodes: usize) -> Result<(), Usag
     if o.download_url.is_empty() {
         return Err(invalid("--download-url must not be empty"));
     }
-    if o.resume.is_some() && o.init_checkpoint.is_some() {
+    if matches!(o.resume, Some(ResumeFrom::File(_))) && o.init_checkpoint.is_some() {
         return Err(invalid(
             "--resume and --init-checkpoint cannot be used together (resume restores everything)",
         ));
+    }
+    if o.save_checkpoint.is_none() {
+        if o.resume == Some(ResumeFrom::Auto) {
+            return Err(invalid(
+                "--resume auto resumes from the --save-checkpoint file: give --save-checkpoint FILE too",
+            ));
+        }
+        if o.checkpoint_every.is_some() {
+            return Err(invalid(
+                "--checkpoint-every needs --save-checkpoint FILE (where to write)",
+            ));
+        }
+    }
+    if o.checkpoint_every == Some(0) {
+        return Err(invalid("--checkpoint-every must be at least 1, got 0"));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! - [`sync`]: `GradSync`, one variant per mode owning its communicator; [`ddp`]: bucketed,
 //!   overlapped DDP.
 //! - [`checkpoint`]: save/resume/init checkpoints; [`hash`]: the one FNV-1a digest.
+//! - [`memory`]: bounds on every flag that sizes memory.
 //! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`.
 
 pub mod args;
@@ -15,6 +16,7 @@ pub mod data;
 pub mod ddp;
 pub mod hash;
 pub mod launch;
+pub mod memory;
 pub mod plot;
 pub mod sync;
 pub mod train;

@@ -185,6 +185,33 @@ impl GradSync {
         Ok(())
     }
 
+    /// Rank 0's `bytes` on every rank (any length, empty included).
+    pub fn broadcast_bytes(&mut self, bytes: &mut Vec<u8>) -> transport::Result<()> {
+        let Some(peers) = self.peers() else {
+            return Ok(());
+        };
+        let data = std::mem::take(bytes);
+        *bytes = peers.run(move |c| {
+            let mut len = [data.len() as i64];
+            c.broadcast(&mut len[..], 0)?;
+            let mut data = data;
+            if c.rank() != 0 {
+                let len = usize::try_from(len[0]).unwrap_or(usize::MAX);
+                data.try_reserve_exact(len).map_err(|_| {
+                    transport::Error::InvalidArgument(format!(
+                        "rank 0 sent {len} bytes, more than this rank can hold"
+                    ))
+                })?;
+                data.resize(len, 0);
+            }
+            if !data.is_empty() {
+                c.broadcast(&mut data[..], 0)?;
+            }
+            Ok(data)
+        })?;
+        Ok(())
+    }
+
     /// Rank 0's batch-norm running statistics on every rank.
     pub fn broadcast_bn_buffers(&mut self, model: &mut Vgg<f32>) -> transport::Result<()> {
         match self.peers() {

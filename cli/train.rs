@@ -44,7 +44,7 @@ use engine::optim::Sgd;
 use engine::vgg::{Vgg, VggConfig};
 
 use crate::args::TrainConfig;
-use crate::checkpoint::{self, CheckpointError, Position};
+use crate::checkpoint::{self, CheckpointError, Checkpoints, Position, ResumeSource};
 use crate::data::{self, DataError, DataSplit, TrainLoader};
 use crate::hash::Fnv1a;
 use crate::sync::{GradSync, StepStats, SyncError};
@@ -60,8 +60,6 @@ pub enum TrainError {
     Model { spec: String, reason: String },
     #[error("{0}")]
     Checkpoint(#[from] CheckpointError),
-    #[error("cannot resume from {path}: {reason}")]
-    Resume { path: PathBuf, reason: String },
     #[error("cannot use --init-checkpoint {path}: {reason}")]
     InitCheckpoint { path: PathBuf, reason: String },
     #[error("cannot write metrics file {path}: {source}")]
@@ -212,27 +210,129 @@ fn run_settings(cfg: &TrainConfig) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// The model, optimizer and position training starts from: fresh from the seed, from
-/// `--init-checkpoint` weights, or everything from `--resume`.
-fn initial_state(cfg: &TrainConfig) -> Result<(Vgg<f32>, Sgd<f32>, Position), TrainError> {
+/// The model and optimizer a run starts from: fresh from the seed, or with
+/// `--init-checkpoint` weights.
+fn initial_state(cfg: &TrainConfig) -> Result<(Vgg<f32>, Sgd<f32>), TrainError> {
     let o = &cfg.opts;
     let mut model = build_model(&o.model, o.seed)?;
-    let mut sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64);
-    let mut start = Position::default();
+    let sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64);
     if let Some(path) = &o.init_checkpoint {
         checkpoint::load_init(path, &mut model).map_err(|reason| TrainError::InitCheckpoint {
             path: path.clone(),
             reason,
         })?;
     }
-    if let Some(path) = &o.resume {
-        let restored = checkpoint::load_resume(path, &o.model, &mut model, &mut sgd)?;
-        for diff in checkpoint::setting_differences(&restored.settings, &run_settings(cfg)) {
-            eprintln!("dtrain: warning: resuming with a different setting ({diff}); the run will not match an uninterrupted one");
-        }
-        start = restored.position;
+    Ok((model, sgd))
+}
+
+/// A checkpoint being resumed: where it came from and its bytes (for rank 0's peers).
+struct Resumed {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// `restart N: ` on restarted ranks, for the lines about resuming.
+fn restart_tag(cfg: &TrainConfig) -> String {
+    match cfg.restart_count {
+        0 => String::new(),
+        n => format!("restart {n}: "),
     }
-    Ok((model, sgd, start))
+}
+
+/// Restore `bytes` into model and optimizer, warn about changed settings, and say so.
+fn restore(
+    cfg: &TrainConfig,
+    resumed: &Resumed,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+) -> Result<Position, TrainError> {
+    let restored = checkpoint::restore(&resumed.bytes, &resumed.path, &cfg.opts.model, model, sgd)?;
+    for diff in checkpoint::setting_differences(&restored.settings, &run_settings(cfg)) {
+        eprintln!("dtrain: warning: resuming with a different setting ({diff}); the run will not match an uninterrupted one");
+    }
+    let p = restored.position;
+    let from = match cfg.rank {
+        0 => resumed.path.display().to_string(),
+        _ => format!("rank 0's checkpoint {}", resumed.path.display()),
+    };
+    eprintln!(
+        "dtrain: {}resuming from {from} at epoch {}, batch {} (iteration {})",
+        restart_tag(cfg),
+        p.epoch,
+        p.batch,
+        p.iteration
+    );
+    Ok(p)
+}
+
+/// Rank 0 picks the checkpoint to resume from ([`checkpoint::resume_source`]), reads it and
+/// restores it before the rendezvous, so a bad file fails before anyone waits. Only rank 0
+/// reads checkpoints (it alone writes them); its peers get the same bytes in
+/// [`share_resume`].
+fn resume_on_rank0(
+    cfg: &TrainConfig,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+) -> Result<Option<(Resumed, Position)>, TrainError> {
+    if cfg.rank != 0 {
+        return Ok(None);
+    }
+    let o = &cfg.opts;
+    let source = checkpoint::resume_source(
+        o.resume.as_ref(),
+        o.save_checkpoint.as_deref(),
+        cfg.restart_count,
+    );
+    match source {
+        ResumeSource::Fresh { why } => {
+            if let Some(why) = why {
+                eprintln!(
+                    "dtrain: {}{why}; starting from the beginning",
+                    restart_tag(cfg)
+                );
+            }
+            Ok(None)
+        }
+        ResumeSource::File(path) => {
+            let resumed = Resumed {
+                bytes: checkpoint::read_checkpoint(&path)?,
+                path,
+            };
+            let at = restore(cfg, &resumed, model, sgd)?;
+            Ok(Some((resumed, at)))
+        }
+    }
+}
+
+/// After the rendezvous: rank 0's resume checkpoint (or none) on every rank, so all ranks
+/// continue from the same state wherever the file lives. Returns the start position.
+fn share_resume(
+    cfg: &TrainConfig,
+    sync: &mut GradSync,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+    rank0: Option<(Resumed, Position)>,
+) -> Result<Option<Position>, TrainError> {
+    let (mut resumed, at) = match rank0 {
+        Some((r, at)) => (r, Some(at)),
+        None => (
+            Resumed {
+                path: PathBuf::new(),
+                bytes: Vec::new(),
+            },
+            None,
+        ),
+    };
+    // The path travels with the bytes, for the message.
+    let mut path = resumed.path.to_string_lossy().into_owned().into_bytes();
+    sync.broadcast_bytes(&mut path)
+        .and_then(|_| sync.broadcast_bytes(&mut resumed.bytes))
+        .map_err(TrainError::comm(cfg.rank))?;
+    if cfg.rank == 0 || resumed.bytes.is_empty() {
+        return Ok(at);
+    }
+    resumed.path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+    restore(cfg, &resumed, model, sgd).map(Some)
 }
 
 /// What a rank prints and records while training: log lines, the progress line, metrics,
@@ -355,22 +455,25 @@ impl RunLog {
 pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     engine::parallel::set_num_threads(cfg.threads);
     let (rank, o) = (cfg.rank, &cfg.opts);
-    // Data first: a missing dataset is reported before anyone waits on a rendezvous.
+    // Data, model and checkpoints first: a missing dataset or a bad checkpoint is reported
+    // before anyone waits on a rendezvous.
     let (train, test) = data::load_dataset(cfg)?;
     let train = Arc::new(train);
-    let (mut model, mut sgd, start) = initial_state(cfg)?;
-    let mut sync = GradSync::connect(cfg, &mut model).map_err(TrainError::comm(rank))?;
-    let mut log = RunLog::open(cfg, train.n, o.resume.is_some())?;
-    let reached_max = |p: Position| o.max_iters.is_some_and(|m| p.iteration >= m);
-    let save = |model: &Vgg<f32>, sgd: &Sgd<f32>, at: Position| match &o.save_checkpoint {
-        Some(path) if rank == 0 => {
-            checkpoint::save_training(path, &o.model, model, sgd, at, run_settings(cfg))
-        }
-        _ => Ok(()),
+    let (mut model, mut sgd) = initial_state(cfg)?;
+    let resumed = resume_on_rank0(cfg, &mut model, &mut sgd)?;
+    let mut checkpoints = match &o.save_checkpoint {
+        Some(path) if rank == 0 => Some(Checkpoints::new(path, &o.model, run_settings(cfg))?),
+        _ => None,
     };
-    let mut position = start;
-    // The position last written to --save-checkpoint.
-    let mut saved_at: Option<Position> = None;
+    let mut sync = GradSync::connect(cfg, &mut model).map_err(TrainError::comm(rank))?;
+    let start = share_resume(cfg, &mut sync, &mut model, &mut sgd, resumed)?;
+    let mut log = RunLog::open(cfg, train.n, start.is_some())?;
+    let reached_max = |p: Position| o.max_iters.is_some_and(|m| p.iteration >= m);
+    let periodic = |p: Position| {
+        o.checkpoint_every
+            .is_some_and(|n| p.iteration.is_multiple_of(n))
+    };
+    let mut position = start.unwrap_or_default();
 
     while position.epoch < o.epochs && !reached_max(position) {
         let loader = TrainLoader::new(Arc::clone(&train), cfg, position.epoch, position.batch);
@@ -386,6 +489,12 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
                 .map_err(TrainError::sync(rank))?;
             log.iteration(position, batches, batch.n, stats, started)?;
             position = position.after_batch();
+            // The epoch's end and the run's end have their own checkpoints.
+            if periodic(position) && position.batch < batches && !reached_max(position) {
+                if let Some(c) = checkpoints.as_mut() {
+                    c.save_in_background(&model, &sgd, position);
+                }
+            }
         }
         let epoch = position.epoch;
         let epoch_done = position.batch >= batches;
@@ -397,17 +506,17 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
         if epoch_done || reached_max(position) {
             evaluate(cfg, &mut sync, &mut model, &test, &mut log, epoch)?;
         }
-        // Each finished epoch is checkpointed; a run cut short is saved once, below.
         if !epoch_done {
             break;
         }
-        save(&model, &sgd, position)?;
-        saved_at = Some(position);
+        if let Some(c) = checkpoints.as_mut() {
+            c.save_in_background(&model, &sgd, position);
+        }
     }
 
     // The end-of-run checkpoint (also when there was nothing left to train).
-    if saved_at != Some(position) {
-        save(&model, &sgd, position)?;
+    if let Some(c) = checkpoints.as_mut() {
+        c.save_final(&model, &sgd, position)?;
     }
     sync.shutdown().map_err(TrainError::comm(rank))?;
     log.finish(&model);

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use dtrain::args::{
-    parse_master_addr, parse_train_args, DatasetKind, Mode, TrainConfig, TransportKind, UsageError,
+    parse_master_addr, parse_train_args, DatasetKind, Mode, ResumeFrom, TrainConfig, TransportKind,
+    UsageError,
 };
 
 fn args(line: &str) -> Vec<OsString> {
@@ -162,7 +163,7 @@ fn every_flag() {
 
     assert_eq!(
         ok("--resume r.ckpt").opts.resume,
-        Some(PathBuf::from("r.ckpt"))
+        Some(ResumeFrom::File(PathBuf::from("r.ckpt")))
     );
     assert_eq!(ok("--mode single").opts.mode, Mode::Single);
     assert_eq!(ok("--mode allreduce").opts.mode, Mode::AllReduce);
@@ -339,6 +340,19 @@ fn invalid_values_are_rejected_with_a_clear_message() {
         ("--model 64,X", "--model"),
         ("--download-md5 xyz", "--download-md5"),
         ("--resume a --init-checkpoint b", "cannot be used together"),
+        ("--resume auto", "give --save-checkpoint FILE too"),
+        ("--checkpoint-every 5", "needs --save-checkpoint"),
+        (
+            "--checkpoint-every 0 --save-checkpoint c",
+            "--checkpoint-every must be at least 1",
+        ),
+        ("--resume=", "expected a checkpoint file or auto"),
+        ("--threads 1025", "--threads must be in 1..=1024"),
+        (
+            "--model 65537,M",
+            "conv width 65537 is above the limit of 65536",
+        ),
+        ("--model 99999999999999999999999,M", "--model"),
         (
             "--local-rank 3 --local-world-size 2 --num-nodes 4",
             "--local-rank 3",
@@ -423,4 +437,40 @@ fn binary_usage_errors_exit_2_with_one_line() {
         help.contains("--master-ip") && help.contains("launch"),
         "{help}"
     );
+}
+
+#[test]
+fn checkpoint_and_restart_flags() {
+    let c = ok("--save-checkpoint c.st --checkpoint-every 50 --resume auto");
+    assert_eq!(c.opts.checkpoint_every, Some(50));
+    assert_eq!(c.opts.resume, Some(ResumeFrom::Auto));
+    assert_eq!(c.opts.save_checkpoint, Some(PathBuf::from("c.st")));
+    // A file that happens to be called auto is ./auto.
+    assert_eq!(
+        ok("--resume ./auto").opts.resume,
+        Some(ResumeFrom::File(PathBuf::from("./auto")))
+    );
+    // --resume auto may start from --init-checkpoint weights when there is nothing to resume.
+    ok("--resume auto --save-checkpoint c --init-checkpoint w");
+    // torchrun (and dtrain launch) say which attempt this is.
+    let env = [("TORCHELASTIC_RESTART_COUNT", "2")];
+    assert_eq!(parse_env("", &env).unwrap().restart_count, 2);
+    let msg = err_env("", &[("TORCHELASTIC_RESTART_COUNT", "-1")]);
+    assert!(msg.contains("TORCHELASTIC_RESTART_COUNT"), "{msg}");
+    // Restarts and the resume decision do not change what ranks must agree on.
+    assert_eq!(
+        parse_env("--num-nodes 2", &env).unwrap().config_hash(),
+        ok("--num-nodes 2").config_hash()
+    );
+}
+
+#[test]
+fn model_depth_is_bounded() {
+    let deep = vec!["8"; 257].join(",");
+    let msg = err(&format!("--model {deep}"));
+    assert!(
+        msg.contains("257 layers is above the limit of 256"),
+        "{msg}"
+    );
+    ok(&format!("--model {}", vec!["8"; 256].join(",")));
 }

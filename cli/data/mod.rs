@@ -119,6 +119,39 @@ impl DataError {
     }
 }
 
+/// `len` zero bytes for `what` (named in the error), allocated fallibly: sizes that come from
+/// flags or file headers must not abort the process.
+pub fn try_zeroed(len: Option<usize>, what: &str) -> Result<Vec<u8>, DataError> {
+    let mut v = Vec::new();
+    len.and_then(|n| v.try_reserve_exact(n).ok().map(|_| n))
+        .map(|n| {
+            v.resize(n, 0);
+            v
+        })
+        .ok_or_else(|| DataError::Invalid(format!("not enough memory for {what}")))
+}
+
+/// A whole file, read with a fallible allocation of its length.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>, DataError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| DataError::io("cannot read", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| DataError::io("cannot read", path, e))?
+        .len();
+    let mut bytes = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| bytes.try_reserve_exact(n).ok())
+        .ok_or_else(|| DataError::BadFile {
+            path: path.to_path_buf(),
+            detail: format!("{len} bytes do not fit in memory"),
+        })?;
+    file.read_to_end(&mut bytes)
+        .map_err(|e| DataError::io("cannot read", path, e))?;
+    Ok(bytes)
+}
+
 /// Load (downloading CIFAR-10 if needed) the train and test splits of `--dataset`.
 pub fn load_dataset(cfg: &TrainConfig) -> Result<(DataSplit, DataSplit), DataError> {
     let o = &cfg.opts;
@@ -128,8 +161,8 @@ pub fn load_dataset(cfg: &TrainConfig) -> Result<(DataSplit, DataSplit), DataErr
             cifar::load_cifar10(&o.data_dir.join(cifar::CIFAR_DIR))
         }
         DatasetKind::Synthetic => Ok((
-            synthetic::generate(o.seed, synthetic::Split::Train, o.synthetic_train),
-            synthetic::generate(o.seed, synthetic::Split::Test, o.synthetic_test),
+            synthetic::generate(o.seed, synthetic::Split::Train, o.synthetic_train)?,
+            synthetic::generate(o.seed, synthetic::Split::Test, o.synthetic_test)?,
         )),
         DatasetKind::FashionMnist => {
             let dir = fashion_mnist::find_dir(&o.data_dir)?;
