@@ -183,6 +183,24 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
             "--timeout must be at least 1 second".into(),
         ));
     }
+    // Each rank holds about three buffers of the largest size (all-reduce, send, gather);
+    // ranks started here share this machine.
+    let ranks_here = if args.rank.is_some() {
+        1
+    } else {
+        args.num_nodes
+    };
+    let need = (args.max_bytes as u128)
+        .saturating_mul(3)
+        .saturating_mul(ranks_here as u128);
+    if let Some(available) = crate::memory::available_memory().filter(|&a| need > a) {
+        return Err(BenchError::Usage(format!(
+            "--max-bytes {} needs at least {} of memory for {ranks_here} rank(s) but {} is available",
+            args.max_bytes,
+            crate::memory::human_bytes(need),
+            crate::memory::human_bytes(available)
+        )));
+    }
     Ok(())
 }
 

@@ -357,11 +357,7 @@ fn a_crash_during_a_checkpoint_write_leaves_the_previous_one_loadable() {
     assert!(probe
         .stderr
         .contains("left by an interrupted checkpoint write"));
-    let left: Vec<_> = std::fs::read_dir(&*dir)
-        .expect("list")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
-    assert_eq!(left, ["big.safetensors"]);
+    assert_eq!(file_names(&dir), ["big.safetensors"]);
 }
 
 /// Checkpoint writes that fail for real (the child's file size limit makes every write
@@ -434,11 +430,7 @@ fn failed_checkpoint_writes_keep_the_previous_checkpoint() {
     );
     assert!(!out.stdout.contains("Parameter hash"), "{}", out.stdout);
     assert_eq!(std::fs::read(&ckpt).expect("checkpoint"), before);
-    let left: Vec<_> = std::fs::read_dir(&*dir)
-        .expect("list")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
-    assert_eq!(left, ["run.safetensors"]);
+    assert_eq!(file_names(&dir), ["run.safetensors"]);
 }
 
 /// `--resume auto` started by hand, and a rank started (as torchrun does) with

@@ -10,6 +10,23 @@ use common::temp_dir;
 
 use dtrain::launch::forwarded_args;
 
+/// `dtrain launch` of `n` test children with `extra` flags and `env`, stdout and stderr
+/// piped, for tests that watch it run.
+fn spawn_launcher(n: usize, extra: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
+    cmd.args(["launch", "--nproc-per-node", &n.to_string()])
+        .args(["--child-command", "launcher-test-child"])
+        .args(extra)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn dtrain launch")
+}
+
 fn launch(n: usize, env: &[(&str, &str)], extra: &[&str]) -> (Output, Duration) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
     cmd.args([
@@ -214,16 +231,11 @@ fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
 #[test]
 fn sigterm_to_the_launcher_is_forwarded() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(["launch", "--nproc-per-node", "2", "--grace-secs", "5"])
-        .args(["--child-command", "launcher-test-child"])
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env("DTRAIN_TEST_SLEEP_SECS", "60")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_launcher(
+        2,
+        &["--grace-secs", "5"],
+        &[("DTRAIN_TEST_SLEEP_SECS", "60")],
+    );
     // Wait until both ranks have printed "done"-less hello lines (they then sleep).
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut seen = String::new();
@@ -357,6 +369,7 @@ fn bench_usage_errors() {
         vec!["--rank", "2", "--num-nodes", "2"],
         vec!["--factor", "1"],
         vec!["--collectives", "reduce"],
+        vec!["--max-bytes", "1000000G"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
             .arg("bench")
@@ -435,16 +448,7 @@ fn launch_trains_two_ranks_end_to_end() {
 #[test]
 fn ranks_die_with_a_killed_launcher() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(["launch", "--nproc-per-node", "2"])
-        .args(["--child-command", "launcher-test-child"])
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env("DTRAIN_TEST_SLEEP_SECS", "60")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_launcher(2, &[], &[("DTRAIN_TEST_SLEEP_SECS", "60")]);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     while seen.matches(" is pid ").count() < 2 {
@@ -574,16 +578,11 @@ fn a_rank_that_always_fails_ends_the_job_after_max_restarts() {
 #[test]
 fn sigterm_while_restarting_stops_the_launcher() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(["launch", "--nproc-per-node", "2", "--max-restarts", "5"])
-        .args(["--child-command", "launcher-test-child"])
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env("DTRAIN_TEST_FAIL_RANK", "0")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_launcher(
+        2,
+        &["--max-restarts", "5"],
+        &[("DTRAIN_TEST_FAIL_RANK", "0")],
+    );
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     while !seen.contains("restarting all ranks") {
