@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::memory::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
+
 /// Which collective transport to use. `Auto` uses shared memory between ranks on one host and
 /// TCP between hosts (the transport decides).
 pub use transport::TransportKind;
@@ -81,7 +83,9 @@ pub const DEFAULT_MASTER_PORT: u16 = 29500;
 pub const DEFAULT_CIFAR_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const DEFAULT_CIFAR_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 
-/// Everything one rank needs to train. Built only by [`parse_train_args`] (or by hand in tests).
+/// Everything one rank needs to train. Built only by [`parse_train_args`] /
+/// [`resolve_train_args`]: the settings the launcher environment can supply are resolved into
+/// fields here, every other flag is kept as given (validated) in [`TrainConfig::opts`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
     pub master_addr: String,
@@ -91,89 +95,48 @@ pub struct TrainConfig {
     pub rank: usize,
     pub local_rank: usize,
     pub local_world_size: usize,
-    pub mode: Mode,
     pub transport: TransportKind,
-    pub dataset: DatasetKind,
-    pub data_dir: PathBuf,
-    pub download_url: String,
-    pub download_md5: String,
-    pub epochs: usize,
-    /// Per rank.
-    pub batch_size: usize,
-    pub lr: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
-    pub seed: u64,
     pub threads: usize,
-    pub max_iters: Option<usize>,
-    pub log_every: usize,
-    pub augment: bool,
-    pub shuffle: bool,
-    pub metrics: Option<PathBuf>,
-    pub save_checkpoint: Option<PathBuf>,
-    pub resume: Option<PathBuf>,
-    pub init_checkpoint: Option<PathBuf>,
-    pub first_bucket_mb: f64,
-    pub bucket_cap_mb: f64,
-    /// "vgg11" or a layer spec like "64,M,128,M" (numbers are conv widths, M is max-pool).
-    pub model: String,
-    pub synthetic_train: usize,
-    pub synthetic_test: usize,
     /// Draw progress bars: stdout is a terminal and `--no-progress` was not given.
     pub progress: bool,
-    /// Deadline of one collective, in seconds.
-    pub timeout_secs: u64,
-    /// Deadline of the rendezvous, in seconds.
-    pub connect_timeout_secs: u64,
+    /// How many times the launcher restarted the job before this attempt (0 for the first),
+    /// from [`RESTART_COUNT_ENV`].
+    pub restart_count: usize,
+    /// The flags used as given.
+    pub opts: RunOptions,
 }
 
 impl TrainConfig {
-    /// A single-process configuration with the original defaults; handy for tests.
+    /// A single-process configuration with the original defaults (one thread, no progress
+    /// bar); handy for tests.
     pub fn single_process_defaults() -> Self {
-        TrainConfig {
-            master_addr: "127.0.0.1".into(),
-            master_port: DEFAULT_MASTER_PORT,
-            num_nodes: 1,
-            rank: 0,
-            local_rank: 0,
-            local_world_size: 1,
-            mode: Mode::Single,
-            transport: TransportKind::Auto,
-            dataset: DatasetKind::Cifar10,
-            data_dir: PathBuf::from("./data"),
-            download_url: DEFAULT_CIFAR_URL.into(),
-            download_md5: DEFAULT_CIFAR_MD5.into(),
-            epochs: 1,
-            batch_size: 64,
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            seed: 0,
-            threads: 1,
-            max_iters: None,
-            log_every: 20,
-            augment: true,
-            shuffle: true,
-            metrics: None,
-            save_checkpoint: None,
-            resume: None,
-            init_checkpoint: None,
-            first_bucket_mb: 1.0,
-            bucket_cap_mb: 25.0,
-            model: "vgg11".into(),
-            synthetic_train: 50_000,
-            synthetic_test: 10_000,
-            progress: false,
-            timeout_secs: 300,
-            connect_timeout_secs: 120,
-        }
+        let line = [
+            "dtrain",
+            "--mode",
+            "single",
+            "--threads",
+            "1",
+            "--no-progress",
+        ];
+        parse_train_args(line.map(OsString::from), &|_| None).expect("the default flags are valid")
+    }
+
+    /// Random crop and flip of training images (not `--no-augment`).
+    pub fn augment(&self) -> bool {
+        !self.opts.no_augment
+    }
+
+    /// Shuffled training order (not `--no-shuffle`).
+    pub fn shuffle(&self) -> bool {
+        !self.opts.no_shuffle
     }
 
     /// A stable digest (FNV-1a 64 over a canonical text) of the settings that must be equal
     /// on every rank for the run to be meaningful. Excludes per-rank and per-host things
     /// (rank, local rank, threads, paths, progress, deadlines, transport choice).
     pub fn config_hash(&self) -> u64 {
-        let max_iters = match self.max_iters {
+        let o = &self.opts;
+        let max_iters = match o.max_iters {
             Some(n) => n.to_string(),
             None => "none".into(),
         };
@@ -182,34 +145,25 @@ impl TrainConfig {
              epochs={};max_iters={};model={};augment={};shuffle={};first_bucket={:016x};\
              bucket_cap={:016x};synthetic={}/{}",
             self.num_nodes,
-            self.mode.name(),
-            self.dataset.name(),
-            self.batch_size,
-            self.lr.to_bits(),
-            self.momentum.to_bits(),
-            self.weight_decay.to_bits(),
-            self.seed,
-            self.epochs,
+            o.mode.name(),
+            o.dataset.name(),
+            o.batch_size,
+            o.lr.to_bits(),
+            o.momentum.to_bits(),
+            o.weight_decay.to_bits(),
+            o.seed,
+            o.epochs,
             max_iters,
-            self.model,
-            self.augment,
-            self.shuffle,
-            self.first_bucket_mb.to_bits(),
-            self.bucket_cap_mb.to_bits(),
-            self.synthetic_train,
-            self.synthetic_test,
+            o.model,
+            self.augment(),
+            self.shuffle(),
+            o.first_bucket_mb.to_bits(),
+            o.bucket_cap_mb.to_bits(),
+            o.synthetic_train,
+            o.synthetic_test,
         );
-        fnv1a64(canonical.as_bytes())
+        crate::hash::fnv1a64(canonical.as_bytes())
     }
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// A bad command line. `Display` is a single line without the `dtrain: error:` prefix.
@@ -257,9 +211,9 @@ fn invalid(msg: impl Into<String>) -> UsageError {
     UsageError::Invalid(msg.into())
 }
 
-/// The training flags. Everything distributed is optional so that launcher environment
-/// variables can fill the gaps.
-#[derive(Args, Debug, Clone, Default)]
+/// The training flags. Everything the launcher environment can supply is optional so that
+/// its variables can fill the gaps; the rest is [`RunOptions`].
+#[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Address of rank 0: IP, IP:PORT or tcp://IP:PORT [env: MASTER_ADDR] [default: 127.0.0.1]
     #[arg(long, value_name = "ADDR")]
@@ -279,15 +233,50 @@ pub struct TrainArgs {
     /// Number of ranks on this host [env: LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE, OMPI_COMM_WORLD_LOCAL_SIZE]
     #[arg(long, value_name = "N")]
     pub local_world_size: Option<usize>,
-    /// Gradient synchronisation [default: ddp]
-    #[arg(long, value_enum)]
-    pub mode: Option<Mode>,
     /// Collective transport [default: auto: shared memory within a host, TCP between hosts]
     #[arg(long, value_enum)]
     pub transport: Option<TransportArg>,
-    /// Dataset [default: cifar10]
-    #[arg(long, value_enum)]
-    pub dataset: Option<DatasetKind>,
+    /// Compute threads of this rank [default: cores / local ranks, at least 1; all cores
+    /// it is pinned to under `dtrain launch`]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bars even on a terminal
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub opts: RunOptions,
+}
+
+/// What `--resume` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// `--resume auto`: the `--save-checkpoint` file, if it exists.
+    Auto,
+    /// `--resume FILE` (a file named `auto` is `./auto`).
+    File(PathBuf),
+}
+
+fn parse_resume(raw: &str) -> Result<ResumeFrom, String> {
+    match raw {
+        "" => Err("expected a checkpoint file or auto".into()),
+        "auto" => Ok(ResumeFrom::Auto),
+        path => Ok(ResumeFrom::File(PathBuf::from(path))),
+    }
+}
+
+/// The environment variable torchrun (and `dtrain launch`) sets to the number of times the
+/// job has been restarted; a rank with a count above 0 resumes as `--resume auto` does.
+pub const RESTART_COUNT_ENV: &str = "TORCHELASTIC_RESTART_COUNT";
+
+/// The training flags that are used as given (after validation).
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct RunOptions {
+    /// Gradient synchronisation
+    #[arg(long, value_enum, default_value = "ddp")]
+    pub mode: Mode,
+    /// Dataset
+    #[arg(long, value_enum, default_value = "cifar10")]
+    pub dataset: DatasetKind,
     /// Where datasets live (CIFAR-10 is downloaded here)
     #[arg(long, value_name = "DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -311,10 +300,6 @@ pub struct TrainArgs {
     pub weight_decay: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Compute threads of this rank [default: cores / local ranks, at least 1; all cores
-    /// it is pinned to under `dtrain launch`]
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Stop after this many iterations (in total, across epochs)
     #[arg(long, value_name = "N")]
     pub max_iters: Option<usize>,
@@ -330,12 +315,17 @@ pub struct TrainArgs {
     /// Append one JSON object per iteration to FILE
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
-    /// Save a checkpoint to FILE (at the end of each epoch and of the run)
+    /// Save a checkpoint to FILE (at the end of each epoch and of the run, and every
+    /// --checkpoint-every iterations); rank 0 writes it
     #[arg(long, value_name = "FILE")]
     pub save_checkpoint: Option<PathBuf>,
-    /// Resume model, optimizer and position from a checkpoint
-    #[arg(long, value_name = "FILE")]
-    pub resume: Option<PathBuf>,
+    /// Also checkpoint every N iterations (in the background; needs --save-checkpoint)
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Resume model, optimizer and position from a checkpoint FILE, or `auto`: from the
+    /// --save-checkpoint file if it exists, else start fresh (what a restarted rank does)
+    #[arg(long, value_name = "FILE|auto", value_parser = parse_resume)]
+    pub resume: Option<ResumeFrom>,
     /// Start from the weights of a checkpoint (fresh optimizer, epoch 0)
     #[arg(long, value_name = "FILE")]
     pub init_checkpoint: Option<PathBuf>,
@@ -354,9 +344,6 @@ pub struct TrainArgs {
     /// Test images of --dataset synthetic
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub synthetic_test: usize,
-    /// No progress bars even on a terminal
-    #[arg(long)]
-    pub no_progress: bool,
     /// Deadline of one collective, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub timeout: u64,
@@ -576,18 +563,29 @@ pub fn validate_model_spec(spec: &str) -> Result<(), UsageError> {
         ))
     };
     let mut convs = 0;
+    let layers = spec.split(',').count();
     for tok in spec.split(',') {
         let tok = tok.trim();
         if tok.eq_ignore_ascii_case("m") {
             continue;
         }
         match tok.parse::<usize>() {
+            Ok(n) if n > MAX_CONV_WIDTH => {
+                return Err(invalid(format!(
+                    "--model {spec:?}: conv width {n} is above the limit of {MAX_CONV_WIDTH}"
+                )))
+            }
             Ok(n) if n > 0 => convs += 1,
             _ => return Err(bad()),
         }
     }
     if convs == 0 {
         return Err(bad());
+    }
+    if layers > MAX_LAYERS {
+        return Err(invalid(format!(
+            "--model {spec:?}: {layers} layers is above the limit of {MAX_LAYERS}"
+        )));
     }
     Ok(())
 }
@@ -686,57 +684,12 @@ pub fn resolve_train_args(
         )));
     }
 
-    let mode = a.mode.unwrap_or(Mode::Ddp);
-    if mode == Mode::Single && num_nodes != 1 {
-        return Err(invalid(format!(
-            "--mode single needs --num-nodes 1, got {num_nodes}"
-        )));
-    }
-
-    // --- optimisation
-    if a.epochs == 0 {
-        return Err(invalid("--epochs must be at least 1, got 0"));
-    }
-    if a.batch_size == 0 {
-        return Err(invalid("--batch-size must be at least 1, got 0"));
-    }
-    if !a.lr.is_finite() || a.lr < 0.0 {
-        return Err(invalid(format!(
-            "--lr must be a finite number >= 0, got {}",
-            a.lr
-        )));
-    }
-    if !a.momentum.is_finite() || !(0.0..1.0).contains(&a.momentum) {
-        return Err(invalid(format!(
-            "--momentum must be in [0, 1), got {}",
-            a.momentum
-        )));
-    }
-    if !a.weight_decay.is_finite() || a.weight_decay < 0.0 {
-        return Err(invalid(format!(
-            "--weight-decay must be a finite number >= 0, got {}",
-            a.weight_decay
-        )));
-    }
-    if a.max_iters == Some(0) {
-        return Err(invalid("--max-iters must be at least 1, got 0"));
-    }
-    if a.log_every == 0 {
-        return Err(invalid("--log-every must be at least 1, got 0"));
-    }
-    for (flag, v) in [
-        ("--first-bucket-mb", a.first_bucket_mb),
-        ("--bucket-cap-mb", a.bucket_cap_mb),
-    ] {
-        if !v.is_finite() || v <= 0.0 {
-            return Err(invalid(format!(
-                "{flag} must be a positive number, got {v}"
-            )));
-        }
-    }
-    validate_model_spec(&a.model)?;
     let threads = match a.threads {
-        Some(0) => return Err(invalid("--threads must be at least 1, got 0")),
+        Some(t) if t == 0 || t > MAX_THREADS => {
+            return Err(invalid(format!(
+                "--threads must be in 1..={MAX_THREADS}, got {t}"
+            )))
+        }
         Some(t) => t,
         None => {
             // available_parallelism counts the CPUs this process may use: all of them are
@@ -752,37 +705,8 @@ pub fn resolve_train_args(
             }
         }
     };
-    if a.timeout == 0 {
-        return Err(invalid("--timeout must be at least 1 second, got 0"));
-    }
-    if a.connect_timeout == 0 {
-        return Err(invalid(
-            "--connect-timeout must be at least 1 second, got 0",
-        ));
-    }
-
-    // --- data
-    let dataset = a.dataset.unwrap_or(DatasetKind::Cifar10);
-    if dataset == DatasetKind::Synthetic && (a.synthetic_train == 0 || a.synthetic_test == 0) {
-        return Err(invalid(
-            "--synthetic-train and --synthetic-test must be at least 1",
-        ));
-    }
-    let md5 = a.download_md5.trim().to_ascii_lowercase();
-    if md5.len() != 32 || !md5.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(invalid(format!(
-            "--download-md5 {:?}: expected 32 hex digits",
-            a.download_md5
-        )));
-    }
-    if a.download_url.trim().is_empty() {
-        return Err(invalid("--download-url must not be empty"));
-    }
-    if a.resume.is_some() && a.init_checkpoint.is_some() {
-        return Err(invalid(
-            "--resume and --init-checkpoint cannot be used together (resume restores everything)",
-        ));
-    }
+    let mut opts = a.opts.clone();
+    validate_run_options(&mut opts, num_nodes)?;
 
     use std::io::IsTerminal;
     let progress = !a.no_progress && std::io::stdout().is_terminal();
@@ -794,34 +718,110 @@ pub fn resolve_train_args(
         rank,
         local_rank,
         local_world_size,
-        mode,
         transport: a.transport.unwrap_or(TransportArg::Auto).into(),
-        dataset,
-        data_dir: a.data_dir.clone(),
-        download_url: a.download_url.trim().to_string(),
-        download_md5: md5,
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        seed: a.seed,
         threads,
-        max_iters: a.max_iters,
-        log_every: a.log_every,
-        augment: !a.no_augment,
-        shuffle: !a.no_shuffle,
-        metrics: a.metrics.clone(),
-        save_checkpoint: a.save_checkpoint.clone(),
-        resume: a.resume.clone(),
-        init_checkpoint: a.init_checkpoint.clone(),
-        first_bucket_mb: a.first_bucket_mb,
-        bucket_cap_mb: a.bucket_cap_mb,
-        model: a.model.clone(),
-        synthetic_train: a.synthetic_train,
-        synthetic_test: a.synthetic_test,
         progress,
-        timeout_secs: a.timeout,
-        connect_timeout_secs: a.connect_timeout,
+        restart_count: env_usize(env, RESTART_COUNT_ENV)?.unwrap_or(0),
+        opts,
     })
+}
+
+/// Check the flags used as given, normalising the MD5 (lower case) and URL (trimmed).
+fn validate_run_options(o: &mut RunOptions, num_nodes: usize) -> Result<(), UsageError> {
+    if o.mode == Mode::Single && num_nodes != 1 {
+        return Err(invalid(format!(
+            "--mode single needs --num-nodes 1, got {num_nodes}"
+        )));
+    }
+
+    // --- optimisation
+    if o.epochs == 0 {
+        return Err(invalid("--epochs must be at least 1, got 0"));
+    }
+    if o.batch_size == 0 {
+        return Err(invalid("--batch-size must be at least 1, got 0"));
+    }
+    if !o.lr.is_finite() || o.lr < 0.0 {
+        return Err(invalid(format!(
+            "--lr must be a finite number >= 0, got {}",
+            o.lr
+        )));
+    }
+    if !o.momentum.is_finite() || !(0.0..1.0).contains(&o.momentum) {
+        return Err(invalid(format!(
+            "--momentum must be in [0, 1), got {}",
+            o.momentum
+        )));
+    }
+    if !o.weight_decay.is_finite() || o.weight_decay < 0.0 {
+        return Err(invalid(format!(
+            "--weight-decay must be a finite number >= 0, got {}",
+            o.weight_decay
+        )));
+    }
+    if o.max_iters == Some(0) {
+        return Err(invalid("--max-iters must be at least 1, got 0"));
+    }
+    if o.log_every == 0 {
+        return Err(invalid("--log-every must be at least 1, got 0"));
+    }
+    for (flag, v) in [
+        ("--first-bucket-mb", o.first_bucket_mb),
+        ("--bucket-cap-mb", o.bucket_cap_mb),
+    ] {
+        if !v.is_finite() || v <= 0.0 {
+            return Err(invalid(format!(
+                "{flag} must be a positive number, got {v}"
+            )));
+        }
+    }
+    validate_model_spec(&o.model)?;
+    if o.timeout == 0 {
+        return Err(invalid("--timeout must be at least 1 second, got 0"));
+    }
+    if o.connect_timeout == 0 {
+        return Err(invalid(
+            "--connect-timeout must be at least 1 second, got 0",
+        ));
+    }
+
+    // --- data
+    if o.dataset == DatasetKind::Synthetic && (o.synthetic_train == 0 || o.synthetic_test == 0) {
+        return Err(invalid(
+            "--synthetic-train and --synthetic-test must be at least 1",
+        ));
+    }
+    let md5 = o.download_md5.trim().to_ascii_lowercase();
+    if md5.len() != 32 || !md5.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(invalid(format!(
+            "--download-md5 {:?}: expected 32 hex digits",
+            o.download_md5
+        )));
+    }
+    o.download_md5 = md5;
+    o.download_url = o.download_url.trim().to_string();
+    if o.download_url.is_empty() {
+        return Err(invalid("--download-url must not be empty"));
+    }
+    if matches!(o.resume, Some(ResumeFrom::File(_))) && o.init_checkpoint.is_some() {
+        return Err(invalid(
+            "--resume and --init-checkpoint cannot be used together (resume restores everything)",
+        ));
+    }
+    if o.save_checkpoint.is_none() {
+        if o.resume == Some(ResumeFrom::Auto) {
+            return Err(invalid(
+                "--resume auto resumes from the --save-checkpoint file: give --save-checkpoint FILE too",
+            ));
+        }
+        if o.checkpoint_every.is_some() {
+            return Err(invalid(
+                "--checkpoint-every needs --save-checkpoint FILE (where to write)",
+            ));
+        }
+    }
+    if o.checkpoint_every == Some(0) {
+        return Err(invalid("--checkpoint-every must be at least 1, got 0"));
+    }
+    Ok(())
 }

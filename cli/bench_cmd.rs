@@ -14,7 +14,9 @@ use clap::{Args, ValueEnum};
 use transport::bench::{format_table, run_sweep, BenchCollective, SweepConfig};
 
 use crate::args::{parse_master_addr, TransportArg, DEFAULT_MASTER_PORT};
+use crate::hash::fnv1a64;
 use crate::launch::{free_port, run_local_ranks, BindCores, LocalRanks};
+use crate::sync::connect_peers;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchFormat {
@@ -181,6 +183,24 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
             "--timeout must be at least 1 second".into(),
         ));
     }
+    // Each rank holds about three buffers of the largest size (all-reduce, send, gather);
+    // ranks started here share this machine.
+    let ranks_here = if args.rank.is_some() {
+        1
+    } else {
+        args.num_nodes
+    };
+    let need = (args.max_bytes as u128)
+        .saturating_mul(3)
+        .saturating_mul(ranks_here as u128);
+    if let Some(available) = crate::memory::available_memory().filter(|&a| need > a) {
+        return Err(BenchError::Usage(format!(
+            "--max-bytes {} needs at least {} of memory for {ranks_here} rank(s) but {} is available",
+            args.max_bytes,
+            crate::memory::human_bytes(need),
+            crate::memory::human_bytes(available)
+        )));
+    }
     Ok(())
 }
 
@@ -279,7 +299,6 @@ fn spawn_local(args: &BenchArgs, host: &str, port: Option<u16>) -> Result<u8, Be
 fn run_rank(args: &BenchArgs, host: &str, port: u16, rank: usize) -> Result<(), BenchError> {
     let mut cfg = transport::CommConfig::new(host, port, rank, args.num_nodes);
     cfg.transport = args.transport.into();
-    cfg.auth_token = std::env::var("DTRAIN_AUTH_TOKEN").ok();
     cfg.timeouts.collective = Duration::from_secs(args.timeout);
     // Ranks started with different sweeps would deadlock mid-way: reject them at rendezvous.
     let sweep = SweepConfig {
@@ -293,14 +312,8 @@ fn run_rank(args: &BenchArgs, host: &str, port: u16, rank: usize) -> Result<(), 
         shared_buffers: !args.heap_buffers,
         ..SweepConfig::default()
     };
-    // Ranks started with different sweeps would deadlock mid-way: reject them at rendezvous.
-    cfg.config_hash = {
-        let text = format!("bench;{};{sweep:?}", args.num_nodes);
-        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    };
-    let mut comm = transport::Communicator::connect(&cfg)?;
+    cfg.config_hash = fnv1a64(format!("bench;{};{sweep:?}", args.num_nodes).as_bytes());
+    let mut comm = connect_peers(cfg)?;
     let rows = run_sweep(&mut comm, &sweep)?;
     if rank == 0 {
         match args.format {

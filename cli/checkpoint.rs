@@ -20,10 +20,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use engine::optim::Sgd;
-use engine::state::{load_tensors, save_tensors, StateError};
+use engine::state::{
+    load_tensors, parse_tensors, read_state_file, save_tensors, temp_path, NamedTensor, StateError,
+};
 use engine::vgg::Vgg;
+
+use crate::args::ResumeFrom;
 
 const FORMAT: &str = "dtrain-checkpoint";
 const VERSION: &str = "1";
@@ -49,11 +55,72 @@ pub struct Position {
     pub iteration: usize,
 }
 
+impl Position {
+    /// Where training stands after one more batch of this epoch.
+    pub fn after_batch(self) -> Position {
+        Position {
+            batch: self.batch + 1,
+            iteration: self.iteration + 1,
+            ..self
+        }
+    }
+
+    /// The start of the next epoch.
+    pub fn next_epoch(self) -> Position {
+        Position {
+            epoch: self.epoch + 1,
+            batch: 0,
+            ..self
+        }
+    }
+}
+
 /// What a resume restored besides the model and optimizer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Restored {
     pub position: Position,
     pub settings: BTreeMap<String, String>,
+}
+
+/// A copy of the training state taken between two steps: everything a checkpoint file
+/// holds, so it can be written while training goes on.
+pub struct Snapshot {
+    tensors: Vec<NamedTensor>,
+    metadata: HashMap<String, String>,
+    pub position: Position,
+}
+
+impl Snapshot {
+    /// Copy model (parameters, batch-norm buffers), optimizer (momentum), position and
+    /// `settings`. This copy is all a background checkpoint costs the training loop.
+    pub fn take(
+        model_spec: &str,
+        model: &Vgg<f32>,
+        sgd: &Sgd<f32>,
+        position: Position,
+        settings: BTreeMap<String, String>,
+    ) -> Snapshot {
+        let mut tensors = model.state_dict();
+        tensors.extend(sgd.state_tensors(model.params()));
+        let mut metadata: HashMap<String, String> = settings.into_iter().collect();
+        metadata.insert("format".into(), FORMAT.into());
+        metadata.insert("version".into(), VERSION.into());
+        metadata.insert("model".into(), model_spec.to_string());
+        metadata.insert("epoch".into(), position.epoch.to_string());
+        metadata.insert("batch".into(), position.batch.to_string());
+        metadata.insert("iteration".into(), position.iteration.to_string());
+        Snapshot {
+            tensors,
+            metadata,
+            position,
+        }
+    }
+
+    /// Write to `path` atomically and durably ([`save_tensors`]): on failure `path` still
+    /// holds what it held and no temporary file is left.
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        save_tensors(path, &self.tensors, &self.metadata).map_err(CheckpointError::Save)
+    }
 }
 
 /// Save model, optimizer, position and `settings` to `path` atomically.
@@ -65,16 +132,13 @@ pub fn save_training(
     position: Position,
     settings: BTreeMap<String, String>,
 ) -> Result<(), CheckpointError> {
-    let mut tensors = model.state_dict();
-    tensors.extend(sgd.state_tensors(model.params()));
-    let mut meta: HashMap<String, String> = settings.into_iter().collect();
-    meta.insert("format".into(), FORMAT.into());
-    meta.insert("version".into(), VERSION.into());
-    meta.insert("model".into(), model_spec.to_string());
-    meta.insert("epoch".into(), position.epoch.to_string());
-    meta.insert("batch".into(), position.batch.to_string());
-    meta.insert("iteration".into(), position.iteration.to_string());
-    save_tensors(path, &tensors, &meta).map_err(CheckpointError::Save)
+    Snapshot::take(model_spec, model, sgd, position, settings).save(path)
+}
+
+/// The bytes of a checkpoint file (read whole with a fallible allocation), as rank 0 reads
+/// them before handing them to its peers.
+pub fn read_checkpoint(path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    read_state_file(path).map_err(CheckpointError::Read)
 }
 
 /// Restore model, optimizer and position from a checkpoint written by [`save_training`].
@@ -85,7 +149,18 @@ pub fn load_resume(
     model: &mut Vgg<f32>,
     sgd: &mut Sgd<f32>,
 ) -> Result<Restored, CheckpointError> {
-    let loaded = load_tensors(path).map_err(CheckpointError::Read)?;
+    restore(&read_checkpoint(path)?, path, model_spec, model, sgd)
+}
+
+/// [`load_resume`] from the bytes of the file at `path` (named in errors).
+pub fn restore(
+    bytes: &[u8],
+    path: &Path,
+    model_spec: &str,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+) -> Result<Restored, CheckpointError> {
+    let loaded = parse_tensors(bytes, path).map_err(CheckpointError::Read)?;
     let invalid = |detail: String| CheckpointError::Invalid {
         path: path.to_path_buf(),
         detail,
@@ -140,6 +215,250 @@ pub fn load_resume(
         position,
         settings: meta.into_iter().collect(),
     })
+}
+
+/// The outcome of one background write: the position it held and whether it landed.
+pub type WriteOutcome = (Position, Result<(), CheckpointError>);
+
+/// Writes snapshots to one path on a background thread, one at a time: starting a write
+/// first waits for the one in flight. Dropping the writer waits for the write in flight.
+pub struct CheckpointWriter {
+    path: PathBuf,
+    jobs: Option<mpsc::Sender<Snapshot>>,
+    done: mpsc::Receiver<WriteOutcome>,
+    /// The outcome of a write made inline (no thread could be started).
+    inline_done: Option<WriteOutcome>,
+    in_flight: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CheckpointWriter {
+    /// A writer for `path`. Fails now if its directory cannot take a file (missing, not
+    /// writable), rather than at the first checkpoint; removes temporary files that writers
+    /// which died (a crash mid-write, `kill -9`) left next to `path`.
+    pub fn new(path: &Path) -> Result<CheckpointWriter, CheckpointError> {
+        remove_stale_temp_files(path);
+        let probe = temp_path(path, std::process::id());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(|source| {
+                CheckpointError::Save(StateError::Io {
+                    action: "create",
+                    path: probe.clone(),
+                    source,
+                })
+            })?;
+        let _ = std::fs::remove_file(&probe);
+        let (job_tx, job_rx) = mpsc::channel::<Snapshot>();
+        let (done_tx, done) = mpsc::channel();
+        let target = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for snapshot in job_rx {
+                    let outcome = (snapshot.position, snapshot.save(&target));
+                    drop(snapshot);
+                    if done_tx.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            });
+        let (jobs, thread) = match thread {
+            Ok(t) => (Some(job_tx), Some(t)),
+            Err(e) => {
+                eprintln!("dtrain: warning: no checkpoint writer thread ({e}); checkpoints will be written inline");
+                (None, None)
+            }
+        };
+        Ok(CheckpointWriter {
+            path: path.to_path_buf(),
+            jobs,
+            done,
+            inline_done: None,
+            in_flight: false,
+            thread,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Wait for the write in flight, if any; returns its outcome.
+    pub fn wait(&mut self) -> Option<WriteOutcome> {
+        if !std::mem::take(&mut self.in_flight) {
+            return None;
+        }
+        if let Some(outcome) = self.inline_done.take() {
+            return Some(outcome);
+        }
+        Some(self.done.recv().unwrap_or_else(|_| {
+            (
+                Position::default(),
+                Err(CheckpointError::Invalid {
+                    path: self.path.clone(),
+                    detail: "the checkpoint writer thread stopped".into(),
+                }),
+            )
+        }))
+    }
+
+    /// Start writing `snapshot` once the write in flight is done; returns that one's
+    /// outcome.
+    pub fn start(&mut self, snapshot: Snapshot) -> Option<WriteOutcome> {
+        let previous = self.wait();
+        match &self.jobs {
+            Some(jobs) => {
+                if let Err(mpsc::SendError(snapshot)) = jobs.send(snapshot) {
+                    self.inline_done = Some((snapshot.position, snapshot.save(&self.path)));
+                }
+            }
+            None => self.inline_done = Some((snapshot.position, snapshot.save(&self.path))),
+        }
+        self.in_flight = true;
+        previous
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        drop(self.jobs.take()); // the thread ends after the write in flight
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Remove `path`'s temporary files ([`temp_path`]) whose writer process no longer runs.
+fn remove_stale_temp_files(path: &Path) {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let prefix = format!("{name}.tmp.");
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid as u32 != std::process::id()
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                .map_or_else(|e| e != nix::errno::Errno::ESRCH, |_| true);
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            eprintln!(
+                "dtrain: removed {}, left by an interrupted checkpoint write",
+                entry.path().display()
+            );
+        }
+    }
+}
+
+/// Rank 0's checkpoints to `--save-checkpoint`: periodic (`--checkpoint-every`) and
+/// epoch-end ones are written in the background — a failed one is reported as a warning
+/// and the previous checkpoint stays; the next one tries again — while the end-of-run one is
+/// waited for, and its failure is the run's error.
+pub struct Checkpoints {
+    writer: CheckpointWriter,
+    model_spec: String,
+    settings: BTreeMap<String, String>,
+}
+
+impl Checkpoints {
+    pub fn new(
+        path: &Path,
+        model_spec: &str,
+        settings: BTreeMap<String, String>,
+    ) -> Result<Checkpoints, CheckpointError> {
+        Ok(Checkpoints {
+            writer: CheckpointWriter::new(path)?,
+            model_spec: model_spec.to_string(),
+            settings,
+        })
+    }
+
+    /// Start a background checkpoint of the state at `at`.
+    pub fn save_in_background(&mut self, model: &Vgg<f32>, sgd: &Sgd<f32>, at: Position) {
+        let snapshot = Snapshot::take(&self.model_spec, model, sgd, at, self.settings.clone());
+        let previous = self.writer.start(snapshot);
+        self.warn_on_failure(previous);
+    }
+
+    /// The end-of-run checkpoint of the state at `at`: waits for the write in flight, writes
+    /// `at` unless that write already held it, and fails if the file does not hold `at`.
+    pub fn save_final(
+        &mut self,
+        model: &Vgg<f32>,
+        sgd: &Sgd<f32>,
+        at: Position,
+    ) -> Result<(), CheckpointError> {
+        match self.writer.wait() {
+            Some((pos, Ok(()))) if pos == at => return Ok(()),
+            previous => self.warn_on_failure(previous),
+        }
+        let snapshot = Snapshot::take(&self.model_spec, model, sgd, at, self.settings.clone());
+        self.writer.start(snapshot);
+        match self.writer.wait() {
+            Some((_, result)) => result,
+            None => Ok(()),
+        }
+    }
+
+    fn warn_on_failure(&self, outcome: Option<WriteOutcome>) {
+        if let Some((pos, Err(e))) = outcome {
+            eprintln!(
+                "dtrain: warning: the checkpoint of iteration {} was not saved ({e}); {} keeps the previous one and the next checkpoint tries again",
+                pos.iteration,
+                self.writer.path().display()
+            );
+        }
+    }
+}
+
+/// Where a run starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeSource {
+    /// From the seed (or `--init-checkpoint`); `why` says why nothing was resumed when a
+    /// resume was asked for (`--resume auto`, a restart).
+    Fresh { why: Option<String> },
+    /// From this checkpoint file.
+    File(PathBuf),
+}
+
+/// The checkpoint a run resumes from. A restart (`restart_count` > 0, from
+/// `TORCHELASTIC_RESTART_COUNT`) or `--resume auto` resumes from the `--save-checkpoint`
+/// file when it exists; otherwise `--resume FILE` is used if given, else the run starts
+/// fresh.
+pub fn resume_source(
+    resume: Option<&ResumeFrom>,
+    save_checkpoint: Option<&Path>,
+    restart_count: usize,
+) -> ResumeSource {
+    let auto = restart_count > 0 || resume == Some(&ResumeFrom::Auto);
+    if auto {
+        if let Some(path) = save_checkpoint.filter(|p| p.exists()) {
+            return ResumeSource::File(path.to_path_buf());
+        }
+    }
+    if let Some(ResumeFrom::File(path)) = resume {
+        return ResumeSource::File(path.clone());
+    }
+    let why = auto.then(|| match save_checkpoint {
+        Some(path) => format!("no checkpoint at {} yet", path.display()),
+        None => "no --save-checkpoint to resume from".to_string(),
+    });
+    ResumeSource::Fresh { why }
 }
 
 /// Load weights (and batch-norm buffers) from a PyTorch `state_dict` saved with
@@ -293,5 +612,136 @@ mod tests {
             setting_differences(&saved, &current),
             vec!["world_size: checkpoint has 2, this run has 3".to_string()]
         );
+    }
+
+    #[test]
+    fn resume_source_follows_the_restart_rules() {
+        let dir = temp_dir();
+        let saved = dir.join("saved.safetensors");
+        let missing = dir.join("missing.safetensors");
+        std::fs::write(&saved, b"x").unwrap();
+        let given = ResumeFrom::File(PathBuf::from("given.safetensors"));
+        let file = |p: &Path| ResumeSource::File(p.to_path_buf());
+        let fresh = |why: &str| ResumeSource::Fresh {
+            why: Some(why.to_string()),
+        };
+        let no_ckpt = format!("no checkpoint at {} yet", missing.display());
+        let cases: Vec<(Option<&ResumeFrom>, Option<&Path>, usize, ResumeSource)> = vec![
+            (None, None, 0, ResumeSource::Fresh { why: None }),
+            (None, Some(&saved), 0, ResumeSource::Fresh { why: None }),
+            (Some(&given), None, 0, file(Path::new("given.safetensors"))),
+            // --resume FILE keeps its meaning on a first attempt...
+            (
+                Some(&given),
+                Some(&saved),
+                0,
+                file(Path::new("given.safetensors")),
+            ),
+            // ...a restart prefers the newer --save-checkpoint file, if there is one.
+            (Some(&given), Some(&saved), 1, file(&saved)),
+            (
+                Some(&given),
+                Some(&missing),
+                1,
+                file(Path::new("given.safetensors")),
+            ),
+            (Some(&ResumeFrom::Auto), Some(&saved), 0, file(&saved)),
+            (Some(&ResumeFrom::Auto), Some(&missing), 0, fresh(&no_ckpt)),
+            (None, Some(&saved), 3, file(&saved)),
+            (None, Some(&missing), 1, fresh(&no_ckpt)),
+            (None, None, 2, fresh("no --save-checkpoint to resume from")),
+        ];
+        for (resume, save, restart, want) in cases {
+            assert_eq!(
+                resume_source(resume, save, restart),
+                want,
+                "{resume:?} {save:?} restart {restart}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A pid no process has (for a leftover temp file of a dead writer).
+    fn dead_pid() -> u32 {
+        (400_000..)
+            .find(|&p: &u32| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None)
+                    == Err(nix::errno::Errno::ESRCH)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn background_checkpoints_land_one_at_a_time_and_the_final_one_is_waited_for() {
+        let dir = temp_dir();
+        let path = dir.join("run.safetensors");
+        // Leftovers: a dead writer's (removed), a live process's (pid 1, kept).
+        let dead = temp_path(&path, dead_pid());
+        let live = temp_path(&path, 1);
+        std::fs::write(&dead, b"partial").unwrap();
+        std::fs::write(&live, b"partial").unwrap();
+        let (model, sgd) = trained("4,M", 1);
+        let mut c = Checkpoints::new(&path, "4,M", BTreeMap::new()).unwrap();
+        assert!(!dead.exists() && live.exists());
+        std::fs::remove_file(&live).unwrap();
+        for it in 1..=3 {
+            let at = Position {
+                epoch: 0,
+                batch: it,
+                iteration: it,
+            };
+            c.save_in_background(&model, &sgd, at);
+        }
+        let last = Position {
+            epoch: 0,
+            batch: 3,
+            iteration: 3,
+        };
+        // The write in flight already holds the final position: nothing is written twice.
+        c.save_final(&model, &sgd, last).unwrap();
+        let mut m = build_model("4,M", 9).unwrap();
+        let mut s = Sgd::new(0.05, 0.9, 1e-4);
+        assert_eq!(
+            load_resume(&path, "4,M", &mut m, &mut s).unwrap().position,
+            last
+        );
+        assert_eq!(parameter_hash(&m), parameter_hash(&model));
+        let end = Position {
+            epoch: 1,
+            batch: 0,
+            iteration: 4,
+        };
+        c.save_final(&model, &sgd, end).unwrap();
+        assert_eq!(
+            load_resume(&path, "4,M", &mut m, &mut s).unwrap().position,
+            end
+        );
+        drop(c);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn failed_checkpoints_warn_in_the_background_and_fail_at_the_end() {
+        let dir = temp_dir();
+        let sub = dir.join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let path = sub.join("run.safetensors");
+        let (model, sgd) = trained("4,M", 1);
+        let mut c = Checkpoints::new(&path, "4,M", BTreeMap::new()).unwrap();
+        // The folder disappears under the writer: every write now fails.
+        std::fs::remove_dir_all(&sub).unwrap();
+        let at = Position::default();
+        c.save_in_background(&model, &sgd, at);
+        let e = c.save_final(&model, &sgd, at).unwrap_err();
+        assert!(e.to_string().contains("cannot save checkpoint"), "{e}");
+        assert!(e.to_string().contains("run.safetensors.tmp."), "{e}");
+        // A folder that does not exist is refused when the writer is made.
+        let e = Checkpoints::new(&path, "4,M", BTreeMap::new())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot create"), "{e}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

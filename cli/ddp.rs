@@ -1,8 +1,9 @@
 //! DDP: gradients grouped into buckets, each bucket averaged with an asynchronous all-reduce
 //! launched during backward as soon as its last gradient is final.
 //!
-//! This file holds the pure bucketing plan ([`plan_buckets`]); the per-step machinery
-//! that fills buckets from the engine's grad-ready hook lives in [`DdpSync`] below.
+//! The bucket plan is [`BucketPlan`] (which parameter goes where; built by
+//! [`BucketPlan::by_size`] from [`plan_buckets`]); the per-step machinery that fills buckets
+//! from the engine's grad-ready hook, waits for them and steps the optimizer is [`DdpSync`].
 //!
 //! Bucketing follows PyTorch's `DistributedDataParallel`: parameters are taken in *reverse*
 //! order (the order backward produces their gradients), a bucket is closed as soon as its
@@ -10,9 +11,15 @@
 //! bucket's cap is small (`--first-bucket-mb`, PyTorch's 1 MiB) so communication starts
 //! early, and every later bucket uses `--bucket-cap-mb` (PyTorch's 25 MiB).
 
+use std::time::Instant;
+
 use engine::autograd::Param;
+use engine::optim::Sgd;
 use engine::vgg::Vgg;
 use transport::{AsyncCommunicator, Buffer, Pending, ReduceOp};
+
+use crate::data::Batch;
+use crate::sync::{self, Peers, StepStats, SyncError};
 
 /// One bucket of the plan: which parameters it holds and where each one's gradient lives
 /// inside the bucket's flat buffer.
@@ -78,19 +85,67 @@ pub fn mib_to_bytes(mib: f64) -> usize {
     }
 }
 
-/// Per-step DDP state: the bucket plan, one reusable flat buffer per bucket, and the
-/// all-reduces in flight.
+/// Which parameter's gradient goes where: buckets in launch order and, per parameter, its
+/// bucket and offset. Every rank must build the same plan (it decides the collectives).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketPlan {
+    buckets: Vec<Bucket>,
+    /// Parameter index → (bucket, offset of its gradient in the bucket buffer).
+    slot_of_param: Vec<(usize, usize)>,
+}
+
+impl BucketPlan {
+    /// PyTorch's plan: buckets of about `first_bucket_mb`, then `bucket_cap_mb` each, filled
+    /// in reverse parameter order (see [`plan_buckets`]).
+    pub fn by_size(model: &Vgg<f32>, first_bucket_mb: f64, bucket_cap_mb: f64) -> BucketPlan {
+        let lens: Vec<usize> = model.params().iter().map(|p| p.value.len()).collect();
+        let buckets = plan_buckets(
+            &lens,
+            std::mem::size_of::<f32>(),
+            mib_to_bytes(first_bucket_mb),
+            mib_to_bytes(bucket_cap_mb),
+        );
+        BucketPlan::new(buckets, lens.len())
+    }
+
+    /// A plan from explicit buckets covering parameters `0..num_params` once each.
+    fn new(buckets: Vec<Bucket>, num_params: usize) -> BucketPlan {
+        let mut slot_of_param = vec![(0, 0); num_params];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
+                slot_of_param[p] = (b, off);
+            }
+        }
+        BucketPlan {
+            buckets,
+            slot_of_param,
+        }
+    }
+
+    /// The buckets, in launch order.
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.buckets
+    }
+
+    /// (bucket, offset in its buffer) of parameter `param`'s gradient.
+    pub fn slot(&self, param: usize) -> (usize, usize) {
+        self.slot_of_param[param]
+    }
+}
+
+/// DDP for one rank: its communication thread, the bucket plan, one reusable flat buffer
+/// per bucket, and the all-reduces in flight.
 ///
-/// Use per step: [`DdpSync::begin_step`], then pass [`DdpSync::on_grad_ready`] as the
-/// engine's grad-ready hook, then [`DdpSync::finish`] before the optimizer step.
+/// [`DdpSync::step`] runs a whole step: rank 0's batch-norm buffers (PyTorch's
+/// `broadcast_buffers=True`), forward, backward with [`DdpSync::on_grad_ready`] as the
+/// engine's grad-ready hook, [`DdpSync::finish`], then the optimizer step.
 ///
 /// Buckets are launched strictly in plan order (bucket k only after buckets 0..k), as PyTorch
 /// does: every rank then issues the same collectives in the same order whatever order the
 /// engine reports gradients in.
 pub struct DdpSync {
-    plan: Vec<Bucket>,
-    /// Parameter index → (bucket, offset of its gradient in the bucket buffer).
-    slot_of_param: Vec<(usize, usize)>,
+    comm: AsyncCommunicator,
+    plan: BucketPlan,
     /// A bucket's buffer when not in flight (allocated once by the transport — in shared
     /// memory on one host, so peers reduce it in place — handed to the communication thread
     /// and given back by `Pending::wait`).
@@ -99,50 +154,44 @@ pub struct DdpSync {
     /// Gradients still missing per bucket in this step.
     missing: Vec<usize>,
     next_launch: usize,
-    /// The first launch error of this step, reported by `finish`.
-    error: Option<transport::Error>,
+    /// Batch-norm buffers packed for the per-step broadcast (reused).
+    bn_flat: Vec<f32>,
 }
 
 impl DdpSync {
     /// Collective: allocates the bucket buffers through `comm` (same plan on every rank).
     pub fn new(
+        comm: AsyncCommunicator,
         model: &Vgg<f32>,
         first_bucket_mb: f64,
         bucket_cap_mb: f64,
-        comm: &AsyncCommunicator,
     ) -> transport::Result<DdpSync> {
-        let lens: Vec<usize> = model.params().iter().map(|p| p.value.len()).collect();
-        let plan = plan_buckets(
-            &lens,
-            std::mem::size_of::<f32>(),
-            mib_to_bytes(first_bucket_mb),
-            mib_to_bytes(bucket_cap_mb),
-        );
-        let mut slot_of_param = vec![(0, 0); lens.len()];
-        for (b, bucket) in plan.iter().enumerate() {
-            for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
-                slot_of_param[p] = (b, off);
-            }
-        }
+        let plan = BucketPlan::by_size(model, first_bucket_mb, bucket_cap_mb);
         let buffers = plan
+            .buckets()
             .iter()
             .map(|b| comm.alloc_buffer::<f32>(b.len).map(Some))
             .collect::<transport::Result<_>>()?;
-        let in_flight = plan.iter().map(|_| None).collect();
-        let missing = plan.iter().map(|b| b.params.len()).collect();
+        let in_flight = plan.buckets().iter().map(|_| None).collect();
+        let missing = plan.buckets().iter().map(|b| b.params.len()).collect();
         Ok(DdpSync {
+            comm,
             plan,
-            slot_of_param,
             buffers,
             in_flight,
             missing,
             next_launch: 0,
-            error: None,
+            bn_flat: Vec::new(),
         })
     }
 
-    /// The bucket plan (launch order).
-    pub fn plan(&self) -> &[Bucket] {
+    /// The communication thread (for collectives outside the step, queued after it).
+    pub fn comm(&self) -> &AsyncCommunicator {
+        &self.comm
+    }
+
+    /// The bucket plan.
+    pub fn plan(&self) -> &BucketPlan {
         &self.plan
     }
 
@@ -151,31 +200,54 @@ impl DdpSync {
         self.next_launch
     }
 
+    /// One training step (see the type's docs).
+    pub fn step(
+        &mut self,
+        model: &mut Vgg<f32>,
+        sgd: &mut Sgd<f32>,
+        batch: &Batch,
+    ) -> Result<StepStats, SyncError> {
+        let t = Instant::now();
+        sync::broadcast_bn_buffers(Peers::Async(&self.comm), model, &mut self.bn_flat)?;
+        let mut comm_time = t.elapsed();
+        self.begin_step();
+        let loss = sync::forward_backward(model, batch, &mut |i, g| self.on_grad_ready(i, g));
+        let t = Instant::now();
+        // Wait for every bucket even when the batch was rejected, so no collective is left
+        // half-done.
+        let finished = self.finish(model.params_mut());
+        comm_time += t.elapsed();
+        let loss = loss?;
+        finished?;
+        sgd.step(model.params_mut());
+        Ok(StepStats { loss, comm_time })
+    }
+
     pub fn begin_step(&mut self) {
-        for (m, b) in self.missing.iter_mut().zip(&self.plan) {
+        for (m, b) in self.missing.iter_mut().zip(self.plan.buckets()) {
             *m = b.params.len();
         }
         self.next_launch = 0;
-        self.error = None;
     }
 
     /// The engine's grad-ready hook: copy the gradient into its bucket and launch every
     /// bucket that is now complete (in plan order).
-    pub fn on_grad_ready(&mut self, comm: &mut AsyncCommunicator, param: usize, grad: &[f32]) {
-        let (b, off) = self.slot_of_param[param];
+    pub fn on_grad_ready(&mut self, param: usize, grad: &[f32]) {
+        let (b, off) = self.plan.slot(param);
         if let Some(buf) = self.buffers[b].as_mut() {
             buf[off..off + grad.len()].copy_from_slice(grad);
         }
         self.missing[b] = self.missing[b].saturating_sub(1);
-        self.launch_ready(comm, false);
+        self.launch_ready(false);
     }
 
     /// Launch buckets in order while the next one is complete (or all, when `force`).
-    fn launch_ready(&mut self, comm: &mut AsyncCommunicator, force: bool) {
-        while self.next_launch < self.plan.len() && (force || self.missing[self.next_launch] == 0) {
+    fn launch_ready(&mut self, force: bool) {
+        let buckets = self.plan.buckets().len();
+        while self.next_launch < buckets && (force || self.missing[self.next_launch] == 0) {
             let b = self.next_launch;
             if let Some(buf) = self.buffers[b].take() {
-                self.in_flight[b] = Some(comm.all_reduce_async(buf, ReduceOp::Avg));
+                self.in_flight[b] = Some(self.comm.all_reduce_async(buf, ReduceOp::Avg));
             }
             self.next_launch += 1;
         }
@@ -184,20 +256,16 @@ impl DdpSync {
     /// Launch what is left (parameters that got no gradient keep the one already in their
     /// bucket slot... i.e. their stale values, as PyTorch without `find_unused_parameters`),
     /// wait for every bucket, and copy the averaged gradients into the parameters.
-    pub fn finish(
-        &mut self,
-        comm: &mut AsyncCommunicator,
-        params: &mut [Param<f32>],
-    ) -> transport::Result<()> {
-        self.launch_ready(comm, true);
-        let mut first_error = self.error.take();
-        for b in 0..self.plan.len() {
+    pub fn finish(&mut self, params: &mut [Param<f32>]) -> transport::Result<()> {
+        self.launch_ready(true);
+        let mut first_error = None;
+        for b in 0..self.plan.buckets().len() {
             let Some(pending) = self.in_flight[b].take() else {
                 continue;
             };
+            let bucket = &self.plan.buckets()[b];
             match pending.wait() {
                 Ok(buf) => {
-                    let bucket = &self.plan[b];
                     for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
                         let g = &mut params[p].grad;
                         let n = g.len();
@@ -208,7 +276,7 @@ impl DdpSync {
                 Err(e) => {
                     // Keep going so no bucket is left in flight; allocate a fresh buffer so
                     // the state stays usable (the run is about to end anyway).
-                    self.buffers[b] = Some(Buffer::heap(self.plan[b].len));
+                    self.buffers[b] = Some(Buffer::heap(bucket.len));
                     first_error.get_or_insert(e);
                 }
             }
@@ -359,10 +427,10 @@ mod tests {
     fn buckets_launch_during_backward_and_results_land_on_the_right_parameters() {
         let mut model = crate::train::build_model("4,M,8,M", 2).expect("model");
         // Tiny caps: several buckets (the 8x4x3x3 conv weight alone is 1152 bytes).
-        let mut comm =
-            transport::Communicator::from_backend(Box::new(Doubling), "test").into_async();
-        let mut ddp = DdpSync::new(&model, 0.0005, 0.001, &comm).expect("buffers");
-        assert!(ddp.plan().len() >= 3, "{:?}", ddp.plan());
+        let comm = transport::Communicator::from_backend(Box::new(Doubling), "test").into_async();
+        let mut ddp = DdpSync::new(comm, &model, 0.0005, 0.001).expect("buffers");
+        let buckets = ddp.plan().buckets().len();
+        assert!(buckets >= 3, "{:?}", ddp.plan());
         let n = 2;
         let x: Vec<f32> = (0..n * 3 * 32 * 32)
             .map(|i| ((i * 29 % 97) as f32) / 48.0 - 1.0)
@@ -371,14 +439,12 @@ mod tests {
             ddp.begin_step();
             assert_eq!(ddp.launched(), 0);
             model
-                .forward_backward(&x, n, &[1, 4], &mut |i, g| {
-                    ddp.on_grad_ready(&mut comm, i, g)
-                })
+                .forward_backward(&x, n, &[1, 4], &mut |i, g| ddp.on_grad_ready(i, g))
                 .expect("forward_backward");
             // Every bucket was launched from inside backward, none waits for `finish`.
-            assert_eq!(ddp.launched(), ddp.plan().len(), "step {step}");
+            assert_eq!(ddp.launched(), buckets, "step {step}");
             let local: Vec<Vec<f32>> = model.params().iter().map(|p| p.grad.clone()).collect();
-            ddp.finish(&mut comm, model.params_mut()).expect("finish");
+            ddp.finish(model.params_mut()).expect("finish");
             for (p, g) in model.params().iter().zip(&local) {
                 let doubled: Vec<f32> = g.iter().map(|v| v * 2.0).collect();
                 assert_eq!(p.grad, doubled, "{}", p.name);

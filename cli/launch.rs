@@ -2,10 +2,14 @@
 //! `torchrun --standalone`.
 //!
 //! Each child gets torchrun's environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
-//! LOCAL_RANK, LOCAL_WORLD_SIZE) and the train flags unchanged. Every line a child prints is
-//! prefixed with `[rank k] `. Ctrl-C / SIGTERM are forwarded to the children. When a rank
-//! fails, the others get SIGTERM, then SIGKILL after a grace period; the launcher names the
-//! failed rank and its exit status and exits non-zero. All children are reaped in every case.
+//! LOCAL_RANK, LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS) and
+//! the train flags unchanged. Every line a child prints is prefixed with `[rank k] `.
+//! Ctrl-C / SIGTERM are forwarded to the children. When a rank fails, the others get SIGTERM,
+//! then SIGKILL after a grace period, and all are reaped. With `--max-restarts N` (torchrun's
+//! meaning) the whole job is then started again on a fresh rendezvous port after a short
+//! backoff ([`restart_backoff`]), up to N times — each rank sees its attempt in
+//! `TORCHELASTIC_RESTART_COUNT` and resumes from its `--save-checkpoint` file; after that the
+//! launcher names the last failed rank and its exit status and exits with its code.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,7 +23,9 @@ use nix::sched::CpuSet;
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
-use crate::args::{parse_master_addr, resolve_train_args, TrainArgs, UsageError};
+use crate::args::{
+    parse_master_addr, resolve_train_args, TrainArgs, UsageError, RESTART_COUNT_ENV,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct LaunchArgs {
@@ -33,6 +39,11 @@ pub struct LaunchArgs {
     /// least as many CPUs as ranks)
     #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
     pub bind_cores: BindCores,
+    /// Restart all ranks up to N times when one fails (torchrun's --max-restarts): the
+    /// others are stopped, and every rank starts again on a fresh port, resuming from
+    /// --save-checkpoint when it exists
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_restarts: u32,
     /// Internal (tests): run `dtrain <CMD>` in each child instead of training
     #[arg(long, hide = true, value_name = "CMD")]
     pub child_command: Option<String>,
@@ -45,8 +56,10 @@ pub struct LaunchArgs {
 /// FAIL_RANK (that rank exits with EXIT_CODE, default 3, after printing its lines),
 /// LINES (lines printed on stdout and stderr, default 2), SLEEP_SECS (the other ranks then
 /// sleep this long, default 0, as a stuck rank would), IGNORE_TERM (set: ignore SIGTERM).
-/// READY_DIR (a folder: non-failing ranks create `ready-<rank>` in it once set up; the
-/// failing rank waits for them). Every child first prints `pid <pid> rank <rank>`.
+/// READY_DIR (a folder: non-failing ranks create `ready-<attempt>-<rank>` in it once set up;
+/// the failing rank waits for those of its attempt), FAIL_ATTEMPTS (the failing rank fails
+/// only while `TORCHELASTIC_RESTART_COUNT` is below it). Every child first prints
+/// `pid <pid> rank <rank>`, its CPUs, and `rank <rank> attempt <restart count> port <port>`.
 #[derive(Args, Debug, Clone)]
 pub struct TestChildArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -64,11 +77,12 @@ pub enum LaunchError {
 }
 
 /// Launcher-only flags removed from the command line forwarded to the children.
-const LAUNCH_ONLY_FLAGS: [&str; 4] = [
+const LAUNCH_ONLY_FLAGS: [&str; 5] = [
     "--nproc-per-node",
     "--grace-secs",
     "--child-command",
     "--bind-cores",
+    "--max-restarts",
 ];
 
 /// The child command line: the launch arguments minus launcher-only flags (and their values).
@@ -104,8 +118,14 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-/// `dtrain launch`: validate, spawn, supervise. `launch_args` are the raw arguments after
-/// `launch`. Returns the process exit code.
+/// Delay before restart `k` (0-based) of the job: 1 s, doubling, at most 10 s — short, but
+/// a rank that fails at once cannot turn into a restart storm.
+pub fn restart_backoff(k: u32) -> Duration {
+    Duration::from_secs(1u64 << k.min(4)).min(Duration::from_secs(10))
+}
+
+/// `dtrain launch`: validate, spawn, supervise, restart. `launch_args` are the raw arguments
+/// after `launch`. Returns the process exit code.
 pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchError> {
     let n = args.nproc_per_node;
     if n == 0 {
@@ -133,28 +153,38 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
         Some(raw) => parse_master_addr(raw)?,
         None => ("127.0.0.1".to_string(), None),
     };
-    let master_port = match t.master_port.or(port_in_addr) {
-        Some(p) => p,
-        None => {
-            free_port().map_err(|e| LaunchError::Io(format!("cannot pick a free port: {e}")))?
-        }
+    // A port the user chose is kept across restarts; otherwise each attempt gets a fresh
+    // one, so no socket of a dead attempt can interfere.
+    let fixed_port = t.master_port.or(port_in_addr);
+    let pick_port = || match fixed_port {
+        Some(p) => Ok(p),
+        None => free_port().map_err(|e| LaunchError::Io(format!("cannot pick a free port: {e}"))),
     };
-    let banner = format!("dtrain launch: starting {n} ranks, master {master_addr}:{master_port}");
-    let env_for = move |rank: usize| -> Vec<(&'static str, String)> {
-        vec![
+    let max_restarts = args.max_restarts;
+    let env_for = move |rank: usize, port: u16, restart: u32| -> Vec<(String, String)> {
+        [
             ("MASTER_ADDR", master_addr.clone()),
-            ("MASTER_PORT", master_port.to_string()),
+            ("MASTER_PORT", port.to_string()),
             ("WORLD_SIZE", n.to_string()),
             ("RANK", rank.to_string()),
             ("LOCAL_RANK", rank.to_string()),
             ("LOCAL_WORLD_SIZE", n.to_string()),
+            (RESTART_COUNT_ENV, restart.to_string()),
+            ("TORCHELASTIC_MAX_RESTARTS", max_restarts.to_string()),
         ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     };
     // Reject bad train flags once, here, rather than N times in the children.
     if args.child_command.is_none() {
-        let env0: Vec<(&str, String)> = env_for(0);
-        let lookup = |k: &str| env0.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
-        resolve_train_args(t, &lookup)?;
+        let env0 = env_for(0, pick_port()?, 0);
+        let lookup = |k: &str| env0.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let cfg = resolve_train_args(t, &lookup)?;
+        crate::memory::check_training_fits(&cfg, n)?;
+        if max_restarts > 0 && cfg.opts.save_checkpoint.is_none() {
+            eprintln!("dtrain launch: warning: without --save-checkpoint a restarted job starts from the beginning");
+        }
     }
     let forwarded = forwarded_args(launch_args);
     let mut child_args: Vec<OsString> = Vec::new();
@@ -162,21 +192,63 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
         child_args.push(cmd.into());
     }
     child_args.extend(forwarded);
-    eprintln!("{banner}");
-    let spec = LocalRanks {
-        n,
-        args_for: Box::new(move |_| child_args.clone()),
-        env_for: Box::new(move |r| {
-            env_for(r)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect()
-        }),
-        prefix_stdout: true,
-        grace: Duration::from_secs(args.grace_secs),
-        bind_cores: args.bind_cores,
-    };
-    run_local_ranks(spec)
+    install_forwarding_handlers();
+    let mut restart = 0u32;
+    loop {
+        let port = pick_port()?;
+        let label = match restart {
+            0 => String::new(),
+            k => format!("restart {k} of {max_restarts}: "),
+        };
+        eprintln!(
+            "dtrain launch: {label}starting {n} ranks, master {}:{port}",
+            env_for(0, port, 0)[0].1
+        );
+        let (args_now, env_for) = (child_args.clone(), env_for.clone());
+        let spec = LocalRanks {
+            n,
+            args_for: Box::new(move |_| args_now.clone()),
+            env_for: Box::new(move |r| env_for(r, port, restart)),
+            prefix_stdout: true,
+            grace: Duration::from_secs(args.grace_secs),
+            bind_cores: args.bind_cores,
+        };
+        let end = run_attempt(&spec)?;
+        if let AttemptEnd::Failed { rank, status } = end {
+            if restart < max_restarts {
+                let wait = restart_backoff(restart);
+                eprintln!(
+                    "dtrain launch: restarting all ranks in {}s (restart {} of {max_restarts}) after rank {rank} failed with {}",
+                    wait.as_secs(),
+                    restart + 1,
+                    describe(status),
+                );
+                match sleep_unless_signalled(wait) {
+                    None => {
+                        restart += 1;
+                        continue;
+                    }
+                    Some(sig) => return Ok(AttemptEnd::Stopped(sig).report()),
+                }
+            } else if max_restarts > 0 {
+                eprintln!("dtrain launch: giving up after {max_restarts} restarts");
+            }
+        }
+        return Ok(end.report());
+    }
+}
+
+/// Sleep `d`, waking early with the signal when the launcher gets SIGINT/SIGTERM.
+fn sleep_unless_signalled(d: Duration) -> Option<Signal> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        let sig = RECEIVED_SIGNAL.swap(0, Ordering::SeqCst);
+        if let Ok(s) = Signal::try_from(sig) {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// What to start: `n` children of the current executable.
@@ -333,71 +405,65 @@ fn signal_all(children: &mut [(usize, Child)], sig: Signal) {
     }
 }
 
+/// How one attempt of the job ended (every child reaped).
+#[derive(Clone, Copy, Debug)]
+pub enum AttemptEnd {
+    Succeeded,
+    /// The first rank that failed (exit status non-zero, or killed by a signal).
+    Failed {
+        rank: usize,
+        status: ExitStatus,
+    },
+    /// The launcher got this signal and passed it on.
+    Stopped(Signal),
+    /// A child whose exit status could not be collected.
+    Unreaped {
+        rank: usize,
+    },
+}
+
+impl AttemptEnd {
+    /// Print the outcome and return the launcher's exit code for it.
+    pub fn report(self) -> u8 {
+        match self {
+            AttemptEnd::Succeeded => 0,
+            AttemptEnd::Failed { rank, status } => {
+                eprintln!(
+                    "dtrain launch: error: rank {rank} failed with {}",
+                    describe(status)
+                );
+                exit_code_of(status)
+            }
+            AttemptEnd::Stopped(s) => {
+                eprintln!("dtrain launch: stopped by {s:?}");
+                128 + s as i32 as u8
+            }
+            AttemptEnd::Unreaped { rank } => {
+                eprintln!("dtrain launch: error: rank {rank} could not be reaped");
+                1
+            }
+        }
+    }
+}
+
 /// Start the ranks, supervise them, and reap all. Returns the launcher's exit code.
 pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
+    install_forwarding_handlers();
+    Ok(run_attempt(&spec)?.report())
+}
+
+/// One attempt: start the ranks, supervise them, stop the others when one fails (SIGTERM,
+/// grace, SIGKILL), and reap all.
+fn run_attempt(spec: &LocalRanks) -> Result<AttemptEnd, LaunchError> {
     let exe = std::env::current_exe()
         .map_err(|e| LaunchError::Io(format!("cannot find the dtrain executable: {e}")))?;
-    install_forwarding_handlers();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut running: Vec<(usize, Child)> = Vec::new();
     let mut pumps = 0;
     let allowed = allowed_cpus();
     for rank in 0..spec.n {
-        let mut cmd = Command::new(&exe);
-        cmd.args((spec.args_for)(rank))
-            .envs((spec.env_for)(rank))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // Unpinned, the kernel's wake-up placement often stacks two ranks that wake each
-        // other on one CPU while another idles, halving collective bandwidth for a whole run.
-        let binding = match spec.bind_cores {
-            BindCores::Auto => cpus_for_rank(&allowed, spec.n, rank),
-            BindCores::None => None,
-        };
-        let cpu_set = match &binding {
-            Some(cpus) => {
-                let mut set = CpuSet::new();
-                for &c in cpus {
-                    set.set(c).map_err(|e| {
-                        LaunchError::Io(format!("cannot bind rank {rank} to CPU {c}: {e}"))
-                    })?;
-                }
-                cmd.env(BOUND_ENV, cpu_list(cpus));
-                Some(set)
-            }
-            None => None,
-        };
-        let launcher_pid = std::process::id() as i32;
-        // SAFETY: runs in the forked child before exec; prctl, getppid and
-        // sched_setaffinity are async-signal-safe and nothing is allocated (the CPU set is
-        // built before the fork).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || {
-                // If the launcher dies (even by SIGKILL), the rank gets SIGTERM instead of
-                // being orphaned; if it already died before this point, give up now.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
-                if nix::unistd::getppid().as_raw() != launcher_pid {
-                    return Err(std::io::Error::other("the launcher exited"));
-                }
-                if let Some(set) = &cpu_set {
-                    nix::sched::sched_setaffinity(Pid::from_raw(0), set)
-                        .map_err(std::io::Error::from)?;
-                }
-                Ok(())
-            });
-        }
-        match cmd.spawn() {
+        match spawn_rank(spec, &exe, &allowed, rank) {
             Ok(mut child) => {
-                match &binding {
-                    Some(cpus) => eprintln!(
-                        "dtrain launch: rank {rank} is pid {} on CPUs {}",
-                        child.id(),
-                        cpu_list(cpus)
-                    ),
-                    None => eprintln!("dtrain launch: rank {rank} is pid {}", child.id()),
-                }
                 if let Some(out) = child.stdout.take() {
                     let prefix = if spec.prefix_stdout {
                         format!("[rank {rank}] ")
@@ -413,33 +479,113 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
                 }
                 running.push((rank, child));
             }
-            Err(source) => {
+            Err(e) => {
                 stop_and_reap(&mut running, spec.grace);
-                return Err(LaunchError::Spawn { rank, source });
+                return Err(e);
             }
         }
     }
     drop(done_tx);
+    let end = supervise(&mut running, spec);
+    // Let the pumps drain what the children printed last (bounded: a grandchild could keep a
+    // pipe open).
+    let drain_deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..pumps {
+        let left = drain_deadline.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            eprintln!("dtrain launch: warning: some rank output was still open after exit");
+            break;
+        }
+    }
+    Ok(end)
+}
 
+/// Start rank `rank` with its environment, pipes and CPU binding.
+fn spawn_rank(
+    spec: &LocalRanks,
+    exe: &std::path::Path,
+    allowed: &[usize],
+    rank: usize,
+) -> Result<Child, LaunchError> {
+    let mut cmd = Command::new(exe);
+    cmd.args((spec.args_for)(rank))
+        .envs((spec.env_for)(rank))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Unpinned, the kernel's wake-up placement often stacks two ranks that wake each
+    // other on one CPU while another idles, halving collective bandwidth for a whole run.
+    let binding = match spec.bind_cores {
+        BindCores::Auto => cpus_for_rank(allowed, spec.n, rank),
+        BindCores::None => None,
+    };
+    let cpu_set = match &binding {
+        Some(cpus) => {
+            let mut set = CpuSet::new();
+            for &c in cpus {
+                set.set(c).map_err(|e| {
+                    LaunchError::Io(format!("cannot bind rank {rank} to CPU {c}: {e}"))
+                })?;
+            }
+            cmd.env(BOUND_ENV, cpu_list(cpus));
+            Some(set)
+        }
+        None => None,
+    };
+    let launcher_pid = std::process::id() as i32;
+    // SAFETY: runs in the forked child before exec; prctl, getppid and
+    // sched_setaffinity are async-signal-safe and nothing is allocated (the CPU set is
+    // built before the fork).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            // If the launcher dies (even by SIGKILL), the rank gets SIGTERM instead of
+            // being orphaned; if it already died before this point, give up now.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid().as_raw() != launcher_pid {
+                return Err(std::io::Error::other("the launcher exited"));
+            }
+            if let Some(set) = &cpu_set {
+                nix::sched::sched_setaffinity(Pid::from_raw(0), set)
+                    .map_err(std::io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|source| LaunchError::Spawn { rank, source })?;
+    match &binding {
+        Some(cpus) => eprintln!(
+            "dtrain launch: rank {rank} is pid {} on CPUs {}",
+            child.id(),
+            cpu_list(cpus)
+        ),
+        None => eprintln!("dtrain launch: rank {rank} is pid {}", child.id()),
+    }
+    Ok(child)
+}
+
+/// Wait for the ranks: pass on signals, stop the others after the first failure, reap all.
+fn supervise(running: &mut [(usize, Child)], spec: &LocalRanks) -> AttemptEnd {
     let mut failure: Option<(usize, ExitStatus)> = None;
     let mut forwarded_signal: Option<Signal> = None;
     let mut stop_deadline: Option<Instant> = None;
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; spec.n];
     loop {
         let sig = RECEIVED_SIGNAL.swap(0, Ordering::SeqCst);
-        if sig != 0 {
-            if let Ok(s) = Signal::try_from(sig) {
-                if forwarded_signal.is_some() && stop_deadline.is_some() {
-                    // A second Ctrl-C: stop waiting for a clean exit.
-                    signal_all(&mut running, Signal::SIGKILL);
-                } else {
-                    eprintln!("dtrain launch: got {s:?}, forwarding it to the ranks");
-                    signal_all(&mut running, s);
-                    forwarded_signal = Some(s);
-                    stop_deadline = Some(Instant::now() + spec.grace);
-                }
+        if let Ok(s) = Signal::try_from(sig) {
+            if forwarded_signal.is_some() && stop_deadline.is_some() {
+                // A second Ctrl-C: stop waiting for a clean exit.
+                signal_all(running, Signal::SIGKILL);
+            } else {
+                eprintln!("dtrain launch: got {s:?}, forwarding it to the ranks");
+                signal_all(running, s);
+                forwarded_signal = Some(s);
+                stop_deadline = Some(Instant::now() + spec.grace);
             }
         }
+        let mut failed_now: Vec<(usize, ExitStatus)> = Vec::new();
         for (rank, child) in running.iter_mut() {
             if statuses[*rank].is_some() {
                 continue;
@@ -447,13 +593,23 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     statuses[*rank] = Some(status);
-                    if !status.success() && failure.is_none() && forwarded_signal.is_none() {
-                        failure = Some((*rank, status));
+                    if !status.success() {
+                        failed_now.push((*rank, status));
                     }
                 }
                 Ok(None) => {}
                 Err(e) => eprintln!("dtrain launch: cannot poll rank {rank}: {e}"),
             }
+        }
+        if failure.is_none() && forwarded_signal.is_none() {
+            // Of the failures seen at once, a rank killed by a signal is the likelier cause:
+            // the others often only report that it died.
+            use std::os::unix::process::ExitStatusExt;
+            failure = failed_now
+                .iter()
+                .find(|(_, s)| s.signal().is_some())
+                .or(failed_now.first())
+                .copied();
         }
         if statuses.iter().all(|s| s.is_some()) {
             break;
@@ -464,7 +620,7 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
                     "dtrain launch: rank {rank} failed ({}); stopping the other ranks",
                     describe(status)
                 );
-                signal_all(&mut running, Signal::SIGTERM);
+                signal_all(running, Signal::SIGTERM);
                 stop_deadline = Some(Instant::now() + spec.grace);
             }
         }
@@ -479,7 +635,7 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
                     "dtrain launch: ranks {late:?} still running {:?} after SIGTERM; killing them",
                     spec.grace
                 );
-                stop_and_reap(&mut running, Duration::ZERO);
+                stop_and_reap(running, Duration::ZERO);
                 for (rank, child) in running.iter_mut() {
                     if statuses[*rank].is_none() {
                         statuses[*rank] = child.try_wait().ok().flatten();
@@ -490,45 +646,20 @@ pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the pumps drain what the children printed last (bounded: a grandchild could keep a
-    // pipe open).
-    let drain_deadline = Instant::now() + Duration::from_secs(5);
-    for _ in 0..pumps {
-        let left = drain_deadline.saturating_duration_since(Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
-            eprintln!("dtrain launch: warning: some rank output was still open after exit");
-            break;
-        }
-    }
-
     if let Some((rank, status)) = failure {
-        eprintln!(
-            "dtrain launch: error: rank {rank} failed with {}",
-            describe(status)
-        );
-        return Ok(exit_code_of(status));
+        return AttemptEnd::Failed { rank, status };
     }
     if let Some(s) = forwarded_signal {
-        eprintln!("dtrain launch: stopped by {s:?}");
-        return Ok(128 + s as i32 as u8);
+        return AttemptEnd::Stopped(s);
     }
     for (rank, s) in statuses.iter().enumerate() {
         match s {
             Some(st) if st.success() => {}
-            Some(st) => {
-                eprintln!(
-                    "dtrain launch: error: rank {rank} failed with {}",
-                    describe(*st)
-                );
-                return Ok(exit_code_of(*st));
-            }
-            None => {
-                eprintln!("dtrain launch: error: rank {rank} could not be reaped");
-                return Ok(1);
-            }
+            Some(st) => return AttemptEnd::Failed { rank, status: *st },
+            None => return AttemptEnd::Unreaped { rank },
         }
     }
-    Ok(0)
+    AttemptEnd::Succeeded
 }
 
 /// SIGTERM the running children, wait up to `grace`, SIGKILL the rest, reap all.
@@ -567,24 +698,43 @@ pub fn run_test_child(_args: &TestChildArgs) -> u8 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let world = var("WORLD_SIZE").unwrap_or_default();
+    let attempt: u32 = var(RESTART_COUNT_ENV)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // FAIL_ATTEMPTS=k: the failing rank fails only in the first k attempts.
+    let fail_rank = fail_rank.filter(|_| {
+        var("DTRAIN_TEST_FAIL_ATTEMPTS")
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_none_or(|k| attempt < k)
+    });
     if var("DTRAIN_TEST_IGNORE_TERM").is_some() {
         // SAFETY: SIG_IGN installs no handler code; nothing else in this process handles SIGTERM.
         let _ = unsafe { signal::signal(Signal::SIGTERM, SigHandler::SigIgn) };
     }
     println!("pid {} rank {rank}", std::process::id());
     println!("rank {rank} cpus {}", cpu_list(&allowed_cpus()));
+    println!(
+        "rank {rank} attempt {attempt} port {}",
+        var("MASTER_PORT").unwrap_or_default()
+    );
     // READY_DIR: the other ranks announce they are set up; the failing rank waits for them
     // (bounded), so "stop the others" is tested on ranks that really are running.
     let ready_dir = var("DTRAIN_TEST_READY_DIR").map(std::path::PathBuf::from);
     if let Some(dir) = &ready_dir {
+        let tag = format!("ready-{attempt}-");
         if fail_rank != Some(rank) {
-            let _ = std::fs::write(dir.join(format!("ready-{rank}")), b"");
+            let _ = std::fs::write(dir.join(format!("{tag}{rank}")), b"");
         } else {
             let others = world.parse::<usize>().unwrap_or(1).saturating_sub(1);
+            let ready = || {
+                std::fs::read_dir(dir).map_or(0, |d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+                        .count()
+                })
+            };
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) < others
-                && std::time::Instant::now() < deadline
-            {
+            while ready() < others && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

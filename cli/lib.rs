@@ -3,8 +3,10 @@
 //! - [`args`]: flags, launcher environment (torchrun/Slurm/Open MPI), validation → `TrainConfig`.
 //! - [`data`]: CIFAR-10 (with download), synthetic, Fashion-MNIST; sharding, augmentation, loader.
 //! - [`train`]: the training loop, logs, metrics, evaluation.
-//! - [`sync`]: gather-scatter and all-reduce gradient sync; [`ddp`]: bucketed, overlapped DDP.
-//! - [`checkpoint`]: save/resume/init checkpoints.
+//! - [`sync`]: `GradSync`, one variant per mode owning its communicator; [`ddp`]: bucketed,
+//!   overlapped DDP.
+//! - [`checkpoint`]: save/resume/init checkpoints; [`hash`]: the one FNV-1a digest.
+//! - [`memory`]: bounds on every flag that sizes memory.
 //! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`.
 
 pub mod args;
@@ -13,7 +15,9 @@ pub mod checkpoint;
 pub mod data;
 pub mod ddp;
 pub mod error_file;
+pub mod hash;
 pub mod launch;
+pub mod memory;
 pub mod plot;
 pub mod sync;
 pub mod train;

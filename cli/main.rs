@@ -24,7 +24,9 @@ fn main() -> ExitCode {
     match cli.command {
         None => {
             let env = |k: &str| std::env::var(k).ok();
-            let cfg = match resolve_train_args(&cli.train, &env) {
+            let cfg = match resolve_train_args(&cli.train, &env)
+                .and_then(|c| dtrain::memory::check_training_fits(&c, 1).map(|_| c))
+            {
                 Ok(c) => c,
                 Err(e) => return usage_exit(e),
             };

@@ -1,21 +1,246 @@
-//! Gradient synchronisation of the `gather-scatter` and `allreduce` modes, plus the helpers
-//! every mode shares (parameter/buffer broadcast).
+//! [`GradSync`]: how this rank trains one step with its peers — one variant per `--mode`,
+//! each owning the communicator that mode needs — plus the rank-0 broadcasts every mode
+//! shares (parameters, batch-norm buffers) and the one place a rank connects to its peers
+//! ([`connect_peers`]).
 //!
-//! Both modes run after the whole backward pass, one collective per parameter, exactly as
-//! the original scripts do:
+//! The per-parameter modes run after the whole backward pass, one collective per parameter,
+//! exactly as the original scripts do:
 //! - `gather-scatter`: rank 0 gathers every rank's gradient, sums them in rank order,
 //!   divides by the world size and scatters the mean back to everybody;
 //! - `allreduce`: all-reduce (sum) of the gradient, then division by the world size.
 //!
-//! Both leave bitwise identical gradients on every rank (the transport's all-reduce is
-//! deterministic across ranks), so parameters stay identical after the optimizer step.
+//! `ddp` lives in [`crate::ddp`]. Every mode leaves bitwise identical gradients on every rank
+//! (the transport's reductions are deterministic across ranks), so parameters stay identical
+//! after the optimizer step, which [`GradSync::step`] runs too.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use engine::optim::Sgd;
 use engine::vgg::Vgg;
 use transport::{AsyncCommunicator, CommConfig, Communicator, ReduceOp};
 
-use crate::args::TrainConfig;
+use crate::args::{Mode, TrainConfig};
+use crate::data::Batch;
+use crate::ddp::DdpSync;
+
+/// What one training step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// This rank's mean cross-entropy over its batch.
+    pub loss: f64,
+    /// Time spent synchronising outside of compute (waiting for collectives).
+    pub comm_time: Duration,
+}
+
+/// Why a step (or a collective around it) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("communication failed: {0}")]
+    Comm(#[from] transport::Error),
+    #[error("the model rejected a batch: {0}")]
+    Batch(String),
+}
+
+/// This rank's gradient synchronisation, one variant per mode, each with its communicator.
+pub enum GradSync {
+    /// A world of one: no peers, every collective is the identity.
+    Solo,
+    /// After backward, per parameter: gather to rank 0, average, scatter back.
+    GatherScatter {
+        comm: Communicator,
+        /// Rank 0's gather buffer (world × largest parameter), reused across steps.
+        scratch: Vec<f32>,
+    },
+    /// After backward, per parameter: all-reduce (sum), divide by the world size.
+    AllReduce { comm: Communicator },
+    /// Buckets all-reduced on a communication thread while backward runs.
+    Ddp(Box<DdpSync>),
+}
+
+/// A rank's peers as a blocking collective needs them: a communicator of its own, or DDP's
+/// communication thread (which runs the collective after the work already queued).
+pub enum Peers<'a> {
+    Blocking(&'a mut Communicator),
+    Async(&'a AsyncCommunicator),
+}
+
+impl Peers<'_> {
+    pub fn run<R: Send + 'static>(
+        self,
+        f: impl FnOnce(&mut Communicator) -> transport::Result<R> + Send + 'static,
+    ) -> transport::Result<R> {
+        match self {
+            Peers::Blocking(c) => f(c),
+            Peers::Async(c) => c.run(f),
+        }
+    }
+}
+
+/// The transport settings of `cfg` (rendezvous at rank 0's address, deadlines, job digest).
+pub fn comm_config(cfg: &TrainConfig) -> CommConfig {
+    let mut cc = CommConfig::new(&cfg.master_addr, cfg.master_port, cfg.rank, cfg.num_nodes);
+    cc.transport = cfg.transport;
+    cc.config_hash = cfg.config_hash();
+    cc.timeouts.connect = Duration::from_secs(cfg.opts.connect_timeout);
+    cc.timeouts.collective = Duration::from_secs(cfg.opts.timeout);
+    cc
+}
+
+/// Rendezvous with the other ranks: the one place a `dtrain` process (training or bench)
+/// joins a job. Adds the shared secret from `DTRAIN_AUTH_TOKEN`, if set.
+pub fn connect_peers(mut cc: CommConfig) -> transport::Result<Communicator> {
+    cc.auth_token = std::env::var("DTRAIN_AUTH_TOKEN").ok();
+    Communicator::connect(&cc)
+}
+
+impl GradSync {
+    /// Join the job (collective: every rank calls it) and set up `cfg`'s mode. DDP starts
+    /// from rank 0's parameters and batch-norm buffers, as PyTorch's constructor does.
+    pub fn connect(cfg: &TrainConfig, model: &mut Vgg<f32>) -> transport::Result<GradSync> {
+        if cfg.num_nodes <= 1 {
+            return Ok(GradSync::Solo);
+        }
+        let mut comm = connect_peers(comm_config(cfg))?;
+        Ok(match cfg.opts.mode {
+            Mode::GatherScatter => GradSync::GatherScatter {
+                comm,
+                scratch: Vec::new(),
+            },
+            Mode::AllReduce => GradSync::AllReduce { comm },
+            Mode::Ddp => {
+                broadcast_parameters(Peers::Blocking(&mut comm), model)?;
+                broadcast_bn_buffers(Peers::Blocking(&mut comm), model, &mut Vec::new())?;
+                let (first, cap) = (cfg.opts.first_bucket_mb, cfg.opts.bucket_cap_mb);
+                GradSync::Ddp(Box::new(DdpSync::new(
+                    comm.into_async(),
+                    model,
+                    first,
+                    cap,
+                )?))
+            }
+            Mode::Single => {
+                return Err(transport::Error::InvalidArgument(format!(
+                    "--mode single cannot run with {} ranks",
+                    cfg.num_nodes
+                )))
+            }
+        })
+    }
+
+    /// One training step on `batch`: forward, backward, gradient synchronisation, then the
+    /// optimizer step (inside, so a mode may step parameters as soon as their gradients are
+    /// final).
+    pub fn step(
+        &mut self,
+        model: &mut Vgg<f32>,
+        sgd: &mut Sgd<f32>,
+        batch: &Batch,
+    ) -> Result<StepStats, SyncError> {
+        if let GradSync::Ddp(ddp) = self {
+            return ddp.step(model, sgd, batch);
+        }
+        let loss = forward_backward(model, batch, &mut |_, _| {})?;
+        let t = Instant::now();
+        match self {
+            GradSync::GatherScatter { comm, scratch } => {
+                for p in model.params_mut() {
+                    gather_scatter_mean(comm, &mut p.grad, scratch)?;
+                }
+            }
+            GradSync::AllReduce { comm } => {
+                for p in model.params_mut() {
+                    all_reduce_mean(comm, &mut p.grad)?;
+                }
+            }
+            GradSync::Solo | GradSync::Ddp(_) => {}
+        }
+        let comm_time = t.elapsed();
+        sgd.step(model.params_mut());
+        Ok(StepStats { loss, comm_time })
+    }
+
+    /// The peers for a blocking collective; `None` in a world of one.
+    pub fn peers(&mut self) -> Option<Peers<'_>> {
+        match self {
+            GradSync::Solo => None,
+            GradSync::GatherScatter { comm, .. } | GradSync::AllReduce { comm } => {
+                Some(Peers::Blocking(comm))
+            }
+            GradSync::Ddp(ddp) => Some(Peers::Async(ddp.comm())),
+        }
+    }
+
+    /// Sum `values` over all ranks (in place).
+    pub fn all_reduce_f64_sum(&mut self, values: &mut [f64]) -> transport::Result<()> {
+        let Some(peers) = self.peers() else {
+            return Ok(());
+        };
+        let data = values.to_vec();
+        let out = peers.run(move |c| {
+            let mut data = data;
+            c.all_reduce(&mut data[..], ReduceOp::Sum)?;
+            Ok(data)
+        })?;
+        values.copy_from_slice(&out);
+        Ok(())
+    }
+
+    /// Rank 0's `bytes` on every rank (any length, empty included).
+    pub fn broadcast_bytes(&mut self, bytes: &mut Vec<u8>) -> transport::Result<()> {
+        let Some(peers) = self.peers() else {
+            return Ok(());
+        };
+        let data = std::mem::take(bytes);
+        *bytes = peers.run(move |c| {
+            let mut len = [data.len() as i64];
+            c.broadcast(&mut len[..], 0)?;
+            let mut data = data;
+            if c.rank() != 0 {
+                let len = usize::try_from(len[0]).unwrap_or(usize::MAX);
+                data.try_reserve_exact(len).map_err(|_| {
+                    transport::Error::InvalidArgument(format!(
+                        "rank 0 sent {len} bytes, more than this rank can hold"
+                    ))
+                })?;
+                data.resize(len, 0);
+            }
+            if !data.is_empty() {
+                c.broadcast(&mut data[..], 0)?;
+            }
+            Ok(data)
+        })?;
+        Ok(())
+    }
+
+    /// Rank 0's batch-norm running statistics on every rank.
+    pub fn broadcast_bn_buffers(&mut self, model: &mut Vgg<f32>) -> transport::Result<()> {
+        match self.peers() {
+            Some(peers) => broadcast_bn_buffers(peers, model, &mut Vec::new()),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until every rank got here, then drop the connection cleanly.
+    pub fn shutdown(mut self) -> transport::Result<()> {
+        match self.peers() {
+            Some(peers) => peers.run(|c| c.barrier()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Forward and backward of `batch`, calling `on_grad_ready` as each gradient is final;
+/// returns the loss.
+pub fn forward_backward(
+    model: &mut Vgg<f32>,
+    batch: &Batch,
+    on_grad_ready: &mut dyn FnMut(usize, &[f32]),
+) -> Result<f64, SyncError> {
+    model
+        .forward_backward(&batch.images, batch.n, &batch.labels, on_grad_ready)
+        .map(|s| s.loss)
+        .map_err(|e| SyncError::Batch(e.to_string()))
+}
 
 /// Rank 0 gathers `grad` from every rank, averages, and scatters the mean back into `grad`.
 /// `scratch` is reused across calls (grown to `world * grad.len()` on rank 0).
@@ -61,115 +286,25 @@ pub fn all_reduce_mean(comm: &mut Communicator, grad: &mut [f32]) -> transport::
     Ok(())
 }
 
-/// This rank's connection to its peers, in the shape the current mode needs.
-pub enum Comm {
-    /// World of one: every collective is the identity.
-    Solo,
-    /// Blocking collectives (gather-scatter, allreduce, and DDP before training starts).
-    Blocking(Communicator),
-    /// DDP during training: bucket all-reduces run on the transport's communication thread.
-    Async(AsyncCommunicator),
-    /// Transient state while converting; never observed outside `make_async`.
-    Converting,
-}
-
-impl Comm {
-    /// Rendezvous with the other ranks (nothing to do for a world of one).
-    pub fn connect(cfg: &TrainConfig) -> transport::Result<Comm> {
-        if cfg.num_nodes <= 1 {
-            return Ok(Comm::Solo);
-        }
-        let mut cc = CommConfig::new(&cfg.master_addr, cfg.master_port, cfg.rank, cfg.num_nodes);
-        cc.transport = match cfg.transport {
-            crate::args::TransportKind::Auto => transport::TransportKind::Auto,
-            crate::args::TransportKind::Shm => transport::TransportKind::Shm,
-            crate::args::TransportKind::Tcp => transport::TransportKind::Tcp,
-        };
-        cc.config_hash = cfg.config_hash();
-        cc.auth_token = std::env::var("DTRAIN_AUTH_TOKEN").ok();
-        cc.timeouts.connect = Duration::from_secs(cfg.connect_timeout_secs);
-        cc.timeouts.collective = Duration::from_secs(cfg.timeout_secs);
-        Ok(Comm::Blocking(Communicator::connect(&cc)?))
-    }
-
-    /// Switch to asynchronous collectives (DDP's training loop).
-    pub fn make_async(&mut self) {
-        if let Comm::Blocking(c) = std::mem::replace(self, Comm::Converting) {
-            *self = Comm::Async(c.into_async());
-        } else if let Comm::Converting = self {
-            unreachable!("Comm::make_async re-entered");
-        }
-    }
-
-    /// The blocking communicator, if this rank has peers and is not in async mode.
-    pub fn blocking(&mut self) -> Option<&mut Communicator> {
-        match self {
-            Comm::Blocking(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    /// The asynchronous communicator (DDP). Panics outside DDP: a programming error.
-    pub fn async_comm(&mut self) -> &mut AsyncCommunicator {
-        match self {
-            Comm::Async(c) => c,
-            _ => panic!("Comm::async_comm outside DDP mode"),
-        }
-    }
-
-    /// Run a blocking collective in whatever mode we are in.
-    fn with_blocking<R: Send + 'static>(
-        &mut self,
-        solo: R,
-        f: impl FnOnce(&mut Communicator) -> transport::Result<R> + Send + 'static,
-    ) -> transport::Result<R> {
-        match self {
-            Comm::Solo | Comm::Converting => Ok(solo),
-            Comm::Blocking(c) => f(c),
-            Comm::Async(c) => c.run(f),
-        }
-    }
-
-    /// Broadcast `buf` from rank 0.
-    pub fn broadcast_f32(&mut self, buf: &mut Vec<f32>) -> transport::Result<()> {
-        let data = std::mem::take(buf);
-        *buf = self.with_blocking(Vec::new(), move |c| {
-            let mut data = data;
-            c.broadcast(&mut data[..], 0)?;
-            Ok(data)
-        })?;
-        Ok(())
-    }
-
-    /// Sum `values` over all ranks (in place).
-    pub fn all_reduce_f64_sum(&mut self, values: &mut [f64]) -> transport::Result<()> {
-        let data = values.to_vec();
-        let solo = data.clone();
-        let out = self.with_blocking(solo, move |c| {
-            let mut data = data;
-            c.all_reduce(&mut data[..], ReduceOp::Sum)?;
-            Ok(data)
-        })?;
-        values.copy_from_slice(&out);
-        Ok(())
-    }
-
-    /// Wait until every rank got here, then drop the connection cleanly.
-    pub fn shutdown(&mut self) -> transport::Result<()> {
-        let r = self.with_blocking((), |c| c.barrier());
-        *self = Comm::Solo;
-        r
-    }
+/// Broadcast `buf` from rank 0.
+fn broadcast_f32(peers: Peers<'_>, buf: &mut Vec<f32>) -> transport::Result<()> {
+    let data = std::mem::take(buf);
+    *buf = peers.run(move |c| {
+        let mut data = data;
+        c.broadcast(&mut data[..], 0)?;
+        Ok(data)
+    })?;
+    Ok(())
 }
 
 /// Broadcast every parameter from rank 0 (one collective for all of them).
-pub fn broadcast_parameters(comm: &mut Comm, model: &mut Vgg<f32>) -> transport::Result<()> {
+pub fn broadcast_parameters(peers: Peers<'_>, model: &mut Vgg<f32>) -> transport::Result<()> {
     let mut flat: Vec<f32> = model
         .params()
         .iter()
         .flat_map(|p| p.value.iter().copied())
         .collect();
-    comm.broadcast_f32(&mut flat)?;
+    broadcast_f32(peers, &mut flat)?;
     let mut off = 0;
     for p in model.params_mut() {
         let n = p.value.len();
@@ -183,19 +318,16 @@ pub fn broadcast_parameters(comm: &mut Comm, model: &mut Vgg<f32>) -> transport:
 /// (reused across calls). `num_batches_tracked` is not sent: every rank runs the same number
 /// of training forwards, so it is equal everywhere by construction.
 pub fn broadcast_bn_buffers(
-    comm: &mut Comm,
+    peers: Peers<'_>,
     model: &mut Vgg<f32>,
     flat: &mut Vec<f32>,
 ) -> transport::Result<()> {
-    if matches!(comm, Comm::Solo) {
-        return Ok(());
-    }
     flat.clear();
     for b in model.bn_buffers() {
         flat.extend_from_slice(&b.running_mean);
         flat.extend_from_slice(&b.running_var);
     }
-    comm.broadcast_f32(flat)?;
+    broadcast_f32(peers, flat)?;
     let mut off = 0;
     for b in model.bn_buffers_mut() {
         let n = b.running_mean.len();

@@ -38,32 +38,28 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use engine::optim::Sgd;
 use engine::vgg::{Vgg, VggConfig};
 
-use crate::args::{Mode, TrainConfig};
-use crate::checkpoint::{self, CheckpointError, Position};
+use crate::args::TrainConfig;
+use crate::checkpoint::{self, CheckpointError, Checkpoints, Position, ResumeSource};
 use crate::data::{self, DataError, DataSplit, TrainLoader};
-use crate::ddp::DdpSync;
-use crate::sync::{self, Comm};
+use crate::hash::Fnv1a;
+use crate::sync::{GradSync, StepStats, SyncError};
 
 /// Why training stopped with an error. Every message is meant for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("{0}")]
     Data(#[from] DataError),
-    #[error("rank {rank}: communication failed: {source}")]
-    Comm {
-        rank: usize,
-        source: transport::Error,
-    },
+    #[error("rank {rank}: {source}")]
+    Sync { rank: usize, source: SyncError },
     #[error("--model {spec:?}: {reason}")]
     Model { spec: String, reason: String },
     #[error("{0}")]
     Checkpoint(#[from] CheckpointError),
-    #[error("cannot resume from {path}: {reason}")]
-    Resume { path: PathBuf, reason: String },
     #[error("cannot use --init-checkpoint {path}: {reason}")]
     InitCheckpoint { path: PathBuf, reason: String },
     #[error("cannot write metrics file {path}: {source}")]
@@ -71,8 +67,21 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("rank {rank}: the model rejected a batch: {reason}")]
-    Batch { rank: usize, reason: String },
+}
+
+impl TrainError {
+    /// A failed step or collective of rank `rank`.
+    fn sync(rank: usize) -> impl Fn(SyncError) -> TrainError {
+        move |source| TrainError::Sync { rank, source }
+    }
+
+    /// A failed collective of rank `rank`.
+    fn comm(rank: usize) -> impl Fn(transport::Error) -> TrainError {
+        move |e| TrainError::Sync {
+            rank,
+            source: SyncError::Comm(e),
+        }
+    }
 }
 
 /// Build the network a `--model` spec names (`vgg11` or e.g. `64,M,128,M`) for 3×32×32
@@ -93,16 +102,13 @@ pub fn build_model(spec: &str, seed: u64) -> Result<Vgg<f32>, TrainError> {
 
 /// FNV-1a (64 bit) over the little-endian bytes of every parameter, in parameter order.
 pub fn parameter_hash(model: &Vgg<f32>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = Fnv1a::default();
     for p in model.params() {
         for v in &p.value {
-            for b in v.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
+            h.update(&v.to_le_bytes());
         }
     }
-    h
+    h.finish()
 }
 
 /// The original's per-iteration log line.
@@ -132,16 +138,17 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn open(cfg: &TrainConfig) -> Result<Metrics, TrainError> {
-        let Some(path) = cfg.metrics.as_ref().filter(|_| cfg.rank == 0) else {
+    /// Append when the run continues an earlier one (`resumed`), so one file holds the
+    /// whole run; truncate otherwise.
+    fn open(cfg: &TrainConfig, resumed: bool) -> Result<Metrics, TrainError> {
+        let Some(path) = cfg.opts.metrics.as_ref().filter(|_| cfg.rank == 0) else {
             return Ok(Metrics { out: None });
         };
-        // Append on resume so one file holds the whole run; truncate otherwise.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
-            .append(cfg.resume.is_some())
-            .truncate(cfg.resume.is_none())
+            .append(resumed)
+            .truncate(!resumed)
             .open(path)
             .map_err(|source| TrainError::Metrics {
                 path: path.clone(),
@@ -185,274 +192,361 @@ fn json_num(v: f64) -> String {
 /// Settings recorded in checkpoints; a resume with different values warns (data order or
 /// optimisation would differ from the interrupted run).
 fn run_settings(cfg: &TrainConfig) -> BTreeMap<String, String> {
+    let o = &cfg.opts;
     [
-        ("seed", cfg.seed.to_string()),
+        ("seed", o.seed.to_string()),
         ("world_size", cfg.num_nodes.to_string()),
-        ("batch_size", cfg.batch_size.to_string()),
-        ("dataset", cfg.dataset.name().to_string()),
-        ("shuffle", cfg.shuffle.to_string()),
-        ("augment", cfg.augment.to_string()),
-        ("lr", cfg.lr.to_string()),
-        ("momentum", cfg.momentum.to_string()),
-        ("weight_decay", cfg.weight_decay.to_string()),
-        ("mode", cfg.mode.name().to_string()),
+        ("batch_size", o.batch_size.to_string()),
+        ("dataset", o.dataset.name().to_string()),
+        ("shuffle", cfg.shuffle().to_string()),
+        ("augment", cfg.augment().to_string()),
+        ("lr", o.lr.to_string()),
+        ("momentum", o.momentum.to_string()),
+        ("weight_decay", o.weight_decay.to_string()),
+        ("mode", o.mode.name().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
 
-/// Train as `cfg` says. Returns when training is done or on the first error (a dead peer,
-/// bad data, an unreadable checkpoint...), which the caller prints before exiting non-zero.
-pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
-    engine::parallel::set_num_threads(cfg.threads);
-    let rank = cfg.rank;
-    let world = cfg.num_nodes;
-    let comm_err = |source| TrainError::Comm { rank, source };
-
-    // Data first: a missing dataset is reported before anyone waits on a rendezvous.
-    let (train, test) = data::load_dataset(cfg)?;
-    let train = Arc::new(train);
-    let mut model = build_model(&cfg.model, cfg.seed)?;
-    let mut sgd =
-        engine::optim::Sgd::<f32>::new(cfg.lr as f64, cfg.momentum as f64, cfg.weight_decay as f64);
-    let mut start = Position::default();
-    if let Some(path) = &cfg.init_checkpoint {
+/// The model and optimizer a run starts from: fresh from the seed, or with
+/// `--init-checkpoint` weights.
+fn initial_state(cfg: &TrainConfig) -> Result<(Vgg<f32>, Sgd<f32>), TrainError> {
+    let o = &cfg.opts;
+    let mut model = build_model(&o.model, o.seed)?;
+    let sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64);
+    if let Some(path) = &o.init_checkpoint {
         checkpoint::load_init(path, &mut model).map_err(|reason| TrainError::InitCheckpoint {
             path: path.clone(),
             reason,
         })?;
     }
-    if let Some(path) = &cfg.resume {
-        let restored = checkpoint::load_resume(path, &cfg.model, &mut model, &mut sgd)?;
-        for diff in checkpoint::setting_differences(&restored.settings, &run_settings(cfg)) {
-            eprintln!("dtrain: warning: resuming with a different setting ({diff}); the run will not match an uninterrupted one");
+    Ok((model, sgd))
+}
+
+/// A checkpoint being resumed: where it came from and its bytes (for rank 0's peers).
+struct Resumed {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// `restart N: ` on restarted ranks, for the lines about resuming.
+fn restart_tag(cfg: &TrainConfig) -> String {
+    match cfg.restart_count {
+        0 => String::new(),
+        n => format!("restart {n}: "),
+    }
+}
+
+/// Restore `bytes` into model and optimizer, warn about changed settings, and say so.
+fn restore(
+    cfg: &TrainConfig,
+    resumed: &Resumed,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+) -> Result<Position, TrainError> {
+    let restored = checkpoint::restore(&resumed.bytes, &resumed.path, &cfg.opts.model, model, sgd)?;
+    for diff in checkpoint::setting_differences(&restored.settings, &run_settings(cfg)) {
+        eprintln!("dtrain: warning: resuming with a different setting ({diff}); the run will not match an uninterrupted one");
+    }
+    let p = restored.position;
+    let from = match cfg.rank {
+        0 => resumed.path.display().to_string(),
+        _ => format!("rank 0's checkpoint {}", resumed.path.display()),
+    };
+    eprintln!(
+        "dtrain: {}resuming from {from} at epoch {}, batch {} (iteration {})",
+        restart_tag(cfg),
+        p.epoch,
+        p.batch,
+        p.iteration
+    );
+    Ok(p)
+}
+
+/// Rank 0 picks the checkpoint to resume from ([`checkpoint::resume_source`]), reads it and
+/// restores it before the rendezvous, so a bad file fails before anyone waits. Only rank 0
+/// reads checkpoints (it alone writes them); its peers get the same bytes in
+/// [`share_resume`].
+fn resume_on_rank0(
+    cfg: &TrainConfig,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+) -> Result<Option<(Resumed, Position)>, TrainError> {
+    if cfg.rank != 0 {
+        return Ok(None);
+    }
+    let o = &cfg.opts;
+    let source = checkpoint::resume_source(
+        o.resume.as_ref(),
+        o.save_checkpoint.as_deref(),
+        cfg.restart_count,
+    );
+    match source {
+        ResumeSource::Fresh { why } => {
+            if let Some(why) = why {
+                eprintln!(
+                    "dtrain: {}{why}; starting from the beginning",
+                    restart_tag(cfg)
+                );
+            }
+            Ok(None)
         }
-        start = restored.position;
+        ResumeSource::File(path) => {
+            let resumed = Resumed {
+                bytes: checkpoint::read_checkpoint(&path)?,
+                path,
+            };
+            let at = restore(cfg, &resumed, model, sgd)?;
+            Ok(Some((resumed, at)))
+        }
+    }
+}
+
+/// After the rendezvous: rank 0's resume checkpoint (or none) on every rank, so all ranks
+/// continue from the same state wherever the file lives. Returns the start position.
+fn share_resume(
+    cfg: &TrainConfig,
+    sync: &mut GradSync,
+    model: &mut Vgg<f32>,
+    sgd: &mut Sgd<f32>,
+    rank0: Option<(Resumed, Position)>,
+) -> Result<Option<Position>, TrainError> {
+    let (mut resumed, at) = match rank0 {
+        Some((r, at)) => (r, Some(at)),
+        None => (
+            Resumed {
+                path: PathBuf::new(),
+                bytes: Vec::new(),
+            },
+            None,
+        ),
+    };
+    // The path travels with the bytes, for the message.
+    let mut path = resumed.path.to_string_lossy().into_owned().into_bytes();
+    sync.broadcast_bytes(&mut path)
+        .and_then(|_| sync.broadcast_bytes(&mut resumed.bytes))
+        .map_err(TrainError::comm(cfg.rank))?;
+    if cfg.rank == 0 || resumed.bytes.is_empty() {
+        return Ok(at);
+    }
+    resumed.path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+    restore(cfg, &resumed, model, sgd).map(Some)
+}
+
+/// What a rank prints and records while training: log lines, the progress line, metrics,
+/// iteration times.
+struct RunLog {
+    rank: usize,
+    world: usize,
+    log_every: usize,
+    batch_size: usize,
+    dataset_len: usize,
+    progress: bool,
+    metrics: Metrics,
+    iter_times: Vec<f64>,
+}
+
+impl RunLog {
+    fn open(cfg: &TrainConfig, dataset_len: usize, resumed: bool) -> Result<RunLog, TrainError> {
+        Ok(RunLog {
+            rank: cfg.rank,
+            world: cfg.num_nodes,
+            log_every: cfg.opts.log_every,
+            batch_size: cfg.opts.batch_size,
+            dataset_len,
+            progress: cfg.progress,
+            metrics: Metrics::open(cfg, resumed)?,
+            iter_times: Vec::new(),
+        })
     }
 
-    let mut comm = Comm::connect(cfg).map_err(comm_err)?;
-    let mut ddp = if cfg.mode == Mode::Ddp && world > 1 {
-        // DDP starts from rank 0's parameters and buffers, as PyTorch's constructor does.
-        sync::broadcast_parameters(&mut comm, &mut model).map_err(comm_err)?;
-        let mut flat = Vec::new();
-        sync::broadcast_bn_buffers(&mut comm, &mut model, &mut flat).map_err(comm_err)?;
-        comm.make_async();
-        let (first, cap) = (cfg.first_bucket_mb, cfg.bucket_cap_mb);
-        Some(DdpSync::new(&model, first, cap, comm.async_comm()).map_err(comm_err)?)
-    } else {
-        None
-    };
-
-    let mut metrics = Metrics::open(cfg)?;
-    let mut bn_flat: Vec<f32> = Vec::new();
-    let mut gs_scratch: Vec<f32> = Vec::new();
-    let mut iter_times: Vec<f64> = Vec::new();
-    let mut iteration = start.iteration;
-    let mut position = start;
-    // The position last written to --save-checkpoint.
-    let mut saved_at: Option<Position> = None;
-    let reached_max = |it: usize| cfg.max_iters.is_some_and(|m| it >= m);
-    let stdout = std::io::stdout();
-
-    let mut epoch = start.epoch;
-    while epoch < cfg.epochs && !reached_max(iteration) {
-        let start_batch = if epoch == start.epoch { start.batch } else { 0 };
-        let loader = TrainLoader::new(Arc::clone(&train), cfg, epoch, start_batch);
-        let batches = loader.batches_per_epoch();
-        let mut batch_idx = start_batch;
-        model.set_training(true);
-        for batch in loader {
-            if reached_max(iteration) {
-                break;
+    /// One finished iteration: batch `at.batch` of epoch `at.epoch` (of `batches`), which
+    /// started at `t0` / `cpu0` and brought the run to `iteration` completed iterations.
+    fn iteration(
+        &mut self,
+        at: Position,
+        batches: usize,
+        images: usize,
+        stats: StepStats,
+        (t0, cpu0): (Instant, f64),
+    ) -> Result<(), TrainError> {
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu_secs = process_cpu_seconds() - cpu0;
+        self.iter_times.push(secs);
+        let (epoch, batch_idx, iteration) = (at.epoch, at.batch, at.iteration + 1);
+        let mut out = std::io::stdout().lock();
+        if batch_idx % self.log_every == 0 {
+            let line = iteration_line(
+                batch_idx,
+                self.batch_size,
+                self.dataset_len,
+                batches,
+                stats.loss,
+            );
+            if self.progress {
+                // Clear the progress line first.
+                let _ = write!(out, "\r\x1b[2K");
             }
-            let t0 = Instant::now();
-            let cpu0 = process_cpu_seconds();
-            let mut comm_time = Duration::ZERO;
-            // Forward + backward (+ DDP's overlapped bucket all-reduces).
-            let stats = match ddp.as_mut() {
-                Some(ddp) => {
-                    // PyTorch DDP's broadcast_buffers=True: rank 0's BN buffers before forward.
-                    let tb = Instant::now();
-                    sync::broadcast_bn_buffers(&mut comm, &mut model, &mut bn_flat)
-                        .map_err(comm_err)?;
-                    comm_time += tb.elapsed();
-                    ddp.begin_step();
-                    let acomm = comm.async_comm();
-                    let stats = model.forward_backward(
-                        &batch.images,
-                        batch.n,
-                        &batch.labels,
-                        &mut |i, g| ddp.on_grad_ready(acomm, i, g),
-                    );
-                    let tw = Instant::now();
-                    // Wait for every bucket even when the batch was rejected, so no
-                    // collective is left half-done.
-                    let finished = ddp.finish(acomm, model.params_mut());
-                    comm_time += tw.elapsed();
-                    let stats = stats.map_err(|e| TrainError::Batch {
-                        rank,
-                        reason: e.to_string(),
-                    })?;
-                    finished.map_err(comm_err)?;
-                    stats
-                }
-                None => {
-                    let stats = model
-                        .forward_backward(&batch.images, batch.n, &batch.labels, &mut |_, _| {})
-                        .map_err(|e| TrainError::Batch {
-                            rank,
-                            reason: e.to_string(),
-                        })?;
-                    let ts = Instant::now();
-                    match (cfg.mode, comm.blocking()) {
-                        (Mode::GatherScatter, Some(c)) => {
-                            for p in model.params_mut() {
-                                sync::gather_scatter_mean(c, &mut p.grad, &mut gs_scratch)
-                                    .map_err(comm_err)?;
-                            }
-                        }
-                        (Mode::AllReduce | Mode::Ddp, Some(c)) => {
-                            for p in model.params_mut() {
-                                sync::all_reduce_mean(c, &mut p.grad).map_err(comm_err)?;
-                            }
-                        }
-                        _ => {}
-                    }
-                    comm_time += ts.elapsed();
-                    stats
-                }
-            };
-            sgd.step(model.params_mut());
-            let secs = t0.elapsed().as_secs_f64();
-            let cpu_secs = process_cpu_seconds() - cpu0;
-            iter_times.push(secs);
-            iteration += 1;
-            position = Position {
-                epoch,
-                batch: batch_idx + 1,
-                iteration,
-            };
-
-            if batch_idx % cfg.log_every == 0 {
-                let line = iteration_line(batch_idx, cfg.batch_size, train.n, batches, stats.loss);
-                let mut out = stdout.lock();
-                if cfg.progress {
-                    // Clear the progress line first.
-                    let _ = write!(out, "\r\x1b[2K");
-                }
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            }
-            let images_per_s = (batch.n * world) as f64 / secs.max(1e-9);
-            if cfg.progress {
-                let mut out = stdout.lock();
-                let _ = write!(
-                    out,
-                    "\repoch {} batch {}/{} loss {:.4} {:.1} img/s",
-                    epoch,
-                    batch_idx + 1,
-                    batches,
-                    stats.loss,
-                    images_per_s
-                );
-                let _ = out.flush();
-            }
-            metrics.write(format!(
-                "{{\"iteration\":{iteration},\"epoch\":{epoch},\"batch\":{batch_idx},\"loss\":{},\"seconds\":{},\"images_per_s\":{},\"comm_seconds\":{},\"cpu_seconds\":{}}}",
-                json_num(stats.loss),
-                json_num(secs),
-                json_num(images_per_s),
-                json_num(comm_time.as_secs_f64()),
-                json_num(cpu_secs)
-            ))?;
-            batch_idx += 1;
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
         }
-        let epoch_done = batch_idx >= batches;
-        if epoch_done {
-            position = Position {
-                epoch: epoch + 1,
-                batch: 0,
-                iteration,
-            };
+        let images_per_s = (images * self.world) as f64 / secs.max(1e-9);
+        if self.progress {
+            let _ = write!(
+                out,
+                "\repoch {epoch} batch {}/{batches} loss {:.4} {images_per_s:.1} img/s",
+                batch_idx + 1,
+                stats.loss,
+            );
+            let _ = out.flush();
         }
-        if cfg.progress {
+        drop(out);
+        self.metrics.write(format!(
+            "{{\"iteration\":{iteration},\"epoch\":{epoch},\"batch\":{batch_idx},\"loss\":{},\"seconds\":{},\"images_per_s\":{},\"comm_seconds\":{},\"cpu_seconds\":{}}}",
+            json_num(stats.loss),
+            json_num(secs),
+            json_num(images_per_s),
+            json_num(stats.comm_time.as_secs_f64()),
+            json_num(cpu_secs)
+        ))
+    }
+
+    /// The end of an epoch's batches (finished or cut short).
+    fn end_epoch(&self) {
+        if self.progress {
             println!();
         }
-        // Evaluate after a full epoch, or once when --max-iters cut the run short.
-        if epoch_done || reached_max(iteration) {
-            evaluate(
-                cfg,
-                &mut comm,
-                &mut model,
-                &test,
-                &mut bn_flat,
-                &mut metrics,
-                epoch,
-            )?;
+    }
+
+    /// Rank 0's evaluation result.
+    fn test_result(
+        &mut self,
+        epoch: usize,
+        avg_loss: f64,
+        correct: usize,
+        seen: usize,
+    ) -> Result<(), TrainError> {
+        if self.rank != 0 {
+            return Ok(());
         }
-        // Each finished epoch is checkpointed; a run cut short is saved once, below.
-        if epoch_done && rank == 0 {
-            if let Some(path) = &cfg.save_checkpoint {
-                checkpoint::save_training(
-                    path,
-                    &cfg.model,
-                    &model,
-                    &sgd,
-                    position,
-                    run_settings(cfg),
-                )?;
-                saved_at = Some(position);
+        println!("{}\n", test_line(avg_loss, correct, seen));
+        self.metrics.write(format!(
+            "{{\"epoch\":{epoch},\"test_loss\":{},\"test_accuracy\":{}}}",
+            json_num(avg_loss),
+            json_num(correct as f64 / seen.max(1) as f64)
+        ))
+    }
+
+    /// The closing lines: mean iteration time (without the warm-up) and the parameter hash.
+    fn finish(&self, model: &Vgg<f32>) {
+        if self.iter_times.len() > 1 {
+            let timed = &self.iter_times[1..];
+            let mean = timed.iter().sum::<f64>() / timed.len() as f64;
+            println!("Average time for {} iterations: {mean:.4}s", timed.len());
+        }
+        println!("Parameter hash: 0x{:016x}", parameter_hash(model));
+    }
+}
+
+/// Train as `cfg` says. Returns when training is done or on the first error (a dead peer,
+/// bad data, an unreadable checkpoint...), which the caller prints before exiting non-zero.
+pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
+    engine::parallel::set_num_threads(cfg.threads);
+    let (rank, o) = (cfg.rank, &cfg.opts);
+    // Data, model and checkpoints first: a missing dataset or a bad checkpoint is reported
+    // before anyone waits on a rendezvous.
+    let (train, test) = data::load_dataset(cfg)?;
+    let train = Arc::new(train);
+    let (mut model, mut sgd) = initial_state(cfg)?;
+    let resumed = resume_on_rank0(cfg, &mut model, &mut sgd)?;
+    let mut checkpoints = match &o.save_checkpoint {
+        Some(path) if rank == 0 => Some(Checkpoints::new(path, &o.model, run_settings(cfg))?),
+        _ => None,
+    };
+    let mut sync = GradSync::connect(cfg, &mut model).map_err(TrainError::comm(rank))?;
+    let start = share_resume(cfg, &mut sync, &mut model, &mut sgd, resumed)?;
+    let mut log = RunLog::open(cfg, train.n, start.is_some())?;
+    let reached_max = |p: Position| o.max_iters.is_some_and(|m| p.iteration >= m);
+    let periodic = |p: Position| {
+        o.checkpoint_every
+            .is_some_and(|n| p.iteration.is_multiple_of(n))
+    };
+    let mut position = start.unwrap_or_default();
+
+    while position.epoch < o.epochs && !reached_max(position) {
+        let loader = TrainLoader::new(Arc::clone(&train), cfg, position.epoch, position.batch);
+        let batches = loader.batches_per_epoch();
+        model.set_training(true);
+        for batch in loader {
+            if reached_max(position) {
+                break;
             }
+            let started = (Instant::now(), process_cpu_seconds());
+            let stats = sync
+                .step(&mut model, &mut sgd, &batch)
+                .map_err(TrainError::sync(rank))?;
+            log.iteration(position, batches, batch.n, stats, started)?;
+            position = position.after_batch();
+            // The epoch's end and the run's end have their own checkpoints.
+            if periodic(position) && position.batch < batches && !reached_max(position) {
+                if let Some(c) = checkpoints.as_mut() {
+                    c.save_in_background(&model, &sgd, position);
+                }
+            }
+        }
+        let epoch = position.epoch;
+        let epoch_done = position.batch >= batches;
+        if epoch_done {
+            position = position.next_epoch();
+        }
+        log.end_epoch();
+        // Evaluate after a full epoch, or once when --max-iters cut the run short.
+        if epoch_done || reached_max(position) {
+            evaluate(cfg, &mut sync, &mut model, &test, &mut log, epoch)?;
         }
         if !epoch_done {
             break;
         }
-        epoch += 1;
+        if let Some(c) = checkpoints.as_mut() {
+            c.save_in_background(&model, &sgd, position);
+        }
     }
 
     // The end-of-run checkpoint (also when there was nothing left to train).
-    if let Some(path) = cfg.save_checkpoint.as_ref().filter(|_| rank == 0) {
-        if saved_at != Some(position) {
-            checkpoint::save_training(path, &cfg.model, &model, &sgd, position, run_settings(cfg))?;
-        }
+    if let Some(c) = checkpoints.as_mut() {
+        c.save_final(&model, &sgd, position)?;
     }
-    comm.shutdown().map_err(comm_err)?;
-
-    if iter_times.len() > 1 {
-        let timed = &iter_times[1..];
-        let mean = timed.iter().sum::<f64>() / timed.len() as f64;
-        println!("Average time for {} iterations: {mean:.4}s", timed.len());
-    }
-    println!("Parameter hash: 0x{:016x}", parameter_hash(&model));
+    sync.shutdown().map_err(TrainError::comm(rank))?;
+    log.finish(&model);
     Ok(())
 }
 
 /// Evaluate rank 0's model on the test set, each rank taking a shard; rank 0 prints.
 fn evaluate(
     cfg: &TrainConfig,
-    comm: &mut Comm,
+    sync: &mut GradSync,
     model: &mut Vgg<f32>,
     test: &DataSplit,
-    bn_flat: &mut Vec<f32>,
-    metrics: &mut Metrics,
+    log: &mut RunLog,
     epoch: usize,
 ) -> Result<(), TrainError> {
     let rank = cfg.rank;
-    let comm_err = |source| TrainError::Comm { rank, source };
     // Evaluate with rank 0's running statistics; keep ours to restore afterwards.
     let saved: Vec<(Vec<f32>, Vec<f32>)> = model
         .bn_buffers()
         .iter()
         .map(|b| (b.running_mean.clone(), b.running_var.clone()))
         .collect();
-    sync::broadcast_bn_buffers(comm, model, bn_flat).map_err(comm_err)?;
+    sync.broadcast_bn_buffers(model)
+        .map_err(TrainError::comm(rank))?;
     model.set_training(false);
     let mut loss_sum = 0.0f64;
     let mut correct = 0usize;
     let mut seen = 0usize;
     let mut result = Ok(());
-    for batch in data::test_shard(test, rank, cfg.num_nodes, cfg.batch_size) {
+    for batch in data::test_shard(test, rank, cfg.num_nodes, cfg.opts.batch_size) {
         match model.evaluate(&batch.images, batch.n, &batch.labels) {
             Ok((l, c)) => {
                 loss_sum += l;
@@ -460,9 +554,9 @@ fn evaluate(
                 seen += batch.n;
             }
             Err(e) => {
-                result = Err(TrainError::Batch {
+                result = Err(TrainError::Sync {
                     rank,
-                    reason: e.to_string(),
+                    source: SyncError::Batch(e.to_string()),
                 });
                 break;
             }
@@ -475,18 +569,10 @@ fn evaluate(
     }
     result?;
     let mut totals = [loss_sum, correct as f64, seen as f64];
-    comm.all_reduce_f64_sum(&mut totals).map_err(comm_err)?;
+    sync.all_reduce_f64_sum(&mut totals)
+        .map_err(TrainError::comm(rank))?;
     let (loss_sum, correct, seen) = (totals[0], totals[1] as usize, totals[2] as usize);
-    if rank == 0 {
-        let avg = loss_sum / seen.max(1) as f64;
-        println!("{}\n", test_line(avg, correct, seen));
-        metrics.write(format!(
-            "{{\"epoch\":{epoch},\"test_loss\":{},\"test_accuracy\":{}}}",
-            json_num(avg),
-            json_num(correct as f64 / seen.max(1) as f64)
-        ))?;
-    }
-    Ok(())
+    log.test_result(epoch, loss_sum / seen.max(1) as f64, correct, seen)
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use dtrain::args::{
-    parse_master_addr, parse_train_args, DatasetKind, Mode, TrainConfig, TransportKind, UsageError,
+    parse_master_addr, parse_train_args, DatasetKind, Mode, ResumeFrom, TrainConfig, TransportKind,
+    UsageError,
 };
 
 fn args(line: &str) -> Vec<OsString> {
@@ -66,35 +67,38 @@ fn defaults_match_the_original() {
         (c.num_nodes, c.rank, c.local_rank, c.local_world_size),
         (1, 0, 0, 1)
     );
-    assert_eq!(c.mode, Mode::Ddp);
+    assert_eq!(c.opts.mode, Mode::Ddp);
     assert_eq!(c.transport, TransportKind::Auto);
-    assert_eq!(c.dataset, DatasetKind::Cifar10);
-    assert_eq!(c.data_dir, PathBuf::from("./data"));
+    assert_eq!(c.opts.dataset, DatasetKind::Cifar10);
+    assert_eq!(c.opts.data_dir, PathBuf::from("./data"));
     assert_eq!(
-        c.download_url,
+        c.opts.download_url,
         "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
     );
-    assert_eq!(c.download_md5, "c32a1d4ab5d03f1284b67883e8d87530");
-    assert_eq!(c.epochs, 1);
-    assert_eq!(c.batch_size, 64);
-    assert_eq!(c.lr, 0.1);
-    assert_eq!(c.momentum, 0.9);
-    assert_eq!(c.weight_decay, 1e-4);
-    assert_eq!(c.seed, 0);
-    assert_eq!(c.max_iters, None);
-    assert_eq!(c.log_every, 20);
-    assert!(c.augment && c.shuffle);
-    assert_eq!(c.metrics, None);
-    assert_eq!(c.save_checkpoint, None);
-    assert_eq!(c.resume, None);
-    assert_eq!(c.init_checkpoint, None);
-    assert_eq!(c.first_bucket_mb, 1.0);
-    assert_eq!(c.bucket_cap_mb, 25.0);
-    assert_eq!(c.model, "vgg11");
-    assert_eq!((c.synthetic_train, c.synthetic_test), (50_000, 10_000));
+    assert_eq!(c.opts.download_md5, "c32a1d4ab5d03f1284b67883e8d87530");
+    assert_eq!(c.opts.epochs, 1);
+    assert_eq!(c.opts.batch_size, 64);
+    assert_eq!(c.opts.lr, 0.1);
+    assert_eq!(c.opts.momentum, 0.9);
+    assert_eq!(c.opts.weight_decay, 1e-4);
+    assert_eq!(c.opts.seed, 0);
+    assert_eq!(c.opts.max_iters, None);
+    assert_eq!(c.opts.log_every, 20);
+    assert!(c.augment() && c.shuffle());
+    assert_eq!(c.opts.metrics, None);
+    assert_eq!(c.opts.save_checkpoint, None);
+    assert_eq!(c.opts.resume, None);
+    assert_eq!(c.opts.init_checkpoint, None);
+    assert_eq!(c.opts.first_bucket_mb, 1.0);
+    assert_eq!(c.opts.bucket_cap_mb, 25.0);
+    assert_eq!(c.opts.model, "vgg11");
+    assert_eq!(
+        (c.opts.synthetic_train, c.opts.synthetic_test),
+        (50_000, 10_000)
+    );
     assert!(!c.progress, "tests do not run on a terminal");
-    assert_eq!(c.timeout_secs, 300);
-    assert_eq!(c.connect_timeout_secs, 120);
+    assert_eq!(c.opts.timeout, 300);
+    assert_eq!(c.opts.connect_timeout, 120);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -105,7 +109,7 @@ fn defaults_match_the_original() {
 fn the_original_command_line() {
     let c = ok("--master-ip 127.0.0.1 --num-nodes 2 --rank 0 --mode ddp");
     assert_eq!((c.num_nodes, c.rank), (2, 0));
-    assert_eq!(c.mode, Mode::Ddp);
+    assert_eq!(c.opts.mode, Mode::Ddp);
     // Loopback master: both ranks on this host share its cores.
     assert_eq!((c.local_rank, c.local_world_size), (0, 2));
     let cores = std::thread::available_parallelism()
@@ -133,39 +137,45 @@ fn every_flag() {
         (c.num_nodes, c.rank, c.local_rank, c.local_world_size),
         (8, 5, 1, 4)
     );
-    assert_eq!(c.mode, Mode::GatherScatter);
+    assert_eq!(c.opts.mode, Mode::GatherScatter);
     assert_eq!(c.transport, TransportKind::Tcp);
-    assert_eq!(c.dataset, DatasetKind::Synthetic);
-    assert_eq!(c.data_dir, PathBuf::from("/tmp/d"));
-    assert_eq!(c.download_url, "http://x/y.tgz");
-    assert_eq!(c.download_md5, "c32a1d4ab5d03f1284b67883e8d87530");
-    assert_eq!((c.epochs, c.batch_size), (3, 32));
-    assert_eq!((c.lr, c.momentum, c.weight_decay), (0.05, 0.5, 0.001));
+    assert_eq!(c.opts.dataset, DatasetKind::Synthetic);
+    assert_eq!(c.opts.data_dir, PathBuf::from("/tmp/d"));
+    assert_eq!(c.opts.download_url, "http://x/y.tgz");
+    assert_eq!(c.opts.download_md5, "c32a1d4ab5d03f1284b67883e8d87530");
+    assert_eq!((c.opts.epochs, c.opts.batch_size), (3, 32));
     assert_eq!(
-        (c.seed, c.threads, c.max_iters, c.log_every),
+        (c.opts.lr, c.opts.momentum, c.opts.weight_decay),
+        (0.05, 0.5, 0.001)
+    );
+    assert_eq!(
+        (c.opts.seed, c.threads, c.opts.max_iters, c.opts.log_every),
         (7, 3, Some(100), 5)
     );
-    assert!(!c.augment && !c.shuffle && !c.progress);
-    assert_eq!(c.metrics, Some(PathBuf::from("m.jsonl")));
-    assert_eq!(c.save_checkpoint, Some(PathBuf::from("s.ckpt")));
-    assert_eq!(c.init_checkpoint, Some(PathBuf::from("i.ckpt")));
-    assert_eq!((c.first_bucket_mb, c.bucket_cap_mb), (0.5, 10.0));
-    assert_eq!(c.model, "64,M,128,M");
-    assert_eq!((c.synthetic_train, c.synthetic_test), (1000, 200));
-    assert_eq!((c.timeout_secs, c.connect_timeout_secs), (60, 30));
+    assert!(!c.augment() && !c.shuffle() && !c.progress);
+    assert_eq!(c.opts.metrics, Some(PathBuf::from("m.jsonl")));
+    assert_eq!(c.opts.save_checkpoint, Some(PathBuf::from("s.ckpt")));
+    assert_eq!(c.opts.init_checkpoint, Some(PathBuf::from("i.ckpt")));
+    assert_eq!((c.opts.first_bucket_mb, c.opts.bucket_cap_mb), (0.5, 10.0));
+    assert_eq!(c.opts.model, "64,M,128,M");
+    assert_eq!((c.opts.synthetic_train, c.opts.synthetic_test), (1000, 200));
+    assert_eq!((c.opts.timeout, c.opts.connect_timeout), (60, 30));
 
-    assert_eq!(ok("--resume r.ckpt").resume, Some(PathBuf::from("r.ckpt")));
-    assert_eq!(ok("--mode single").mode, Mode::Single);
-    assert_eq!(ok("--mode allreduce").mode, Mode::AllReduce);
-    assert_eq!(ok("--mode all-reduce").mode, Mode::AllReduce);
+    assert_eq!(
+        ok("--resume r.ckpt").opts.resume,
+        Some(ResumeFrom::File(PathBuf::from("r.ckpt")))
+    );
+    assert_eq!(ok("--mode single").opts.mode, Mode::Single);
+    assert_eq!(ok("--mode allreduce").opts.mode, Mode::AllReduce);
+    assert_eq!(ok("--mode all-reduce").opts.mode, Mode::AllReduce);
     assert_eq!(ok("--transport shm").transport, TransportKind::Shm);
     assert_eq!(
-        ok("--dataset fashion-mnist").dataset,
+        ok("--dataset fashion-mnist").opts.dataset,
         DatasetKind::FashionMnist
     );
-    assert_eq!(ok("--dataset cifar10").dataset, DatasetKind::Cifar10);
-    assert_eq!(ok("--lr=0.2").lr, 0.2);
-    assert_eq!(ok("--lr 0").lr, 0.0);
+    assert_eq!(ok("--dataset cifar10").opts.dataset, DatasetKind::Cifar10);
+    assert_eq!(ok("--lr=0.2").opts.lr, 0.2);
+    assert_eq!(ok("--lr 0").opts.lr, 0.0);
 }
 
 #[test]
@@ -330,6 +340,19 @@ fn invalid_values_are_rejected_with_a_clear_message() {
         ("--model 64,X", "--model"),
         ("--download-md5 xyz", "--download-md5"),
         ("--resume a --init-checkpoint b", "cannot be used together"),
+        ("--resume auto", "give --save-checkpoint FILE too"),
+        ("--checkpoint-every 5", "needs --save-checkpoint"),
+        (
+            "--checkpoint-every 0 --save-checkpoint c",
+            "--checkpoint-every must be at least 1",
+        ),
+        ("--resume=", "expected a checkpoint file or auto"),
+        ("--threads 1025", "--threads must be in 1..=1024"),
+        (
+            "--model 65537,M",
+            "conv width 65537 is above the limit of 65536",
+        ),
+        ("--model 99999999999999999999999,M", "--model"),
         (
             "--local-rank 3 --local-world-size 2 --num-nodes 4",
             "--local-rank 3",
@@ -414,4 +437,40 @@ fn binary_usage_errors_exit_2_with_one_line() {
         help.contains("--master-ip") && help.contains("launch"),
         "{help}"
     );
+}
+
+#[test]
+fn checkpoint_and_restart_flags() {
+    let c = ok("--save-checkpoint c.st --checkpoint-every 50 --resume auto");
+    assert_eq!(c.opts.checkpoint_every, Some(50));
+    assert_eq!(c.opts.resume, Some(ResumeFrom::Auto));
+    assert_eq!(c.opts.save_checkpoint, Some(PathBuf::from("c.st")));
+    // A file that happens to be called auto is ./auto.
+    assert_eq!(
+        ok("--resume ./auto").opts.resume,
+        Some(ResumeFrom::File(PathBuf::from("./auto")))
+    );
+    // --resume auto may start from --init-checkpoint weights when there is nothing to resume.
+    ok("--resume auto --save-checkpoint c --init-checkpoint w");
+    // torchrun (and dtrain launch) say which attempt this is.
+    let env = [("TORCHELASTIC_RESTART_COUNT", "2")];
+    assert_eq!(parse_env("", &env).unwrap().restart_count, 2);
+    let msg = err_env("", &[("TORCHELASTIC_RESTART_COUNT", "-1")]);
+    assert!(msg.contains("TORCHELASTIC_RESTART_COUNT"), "{msg}");
+    // Restarts and the resume decision do not change what ranks must agree on.
+    assert_eq!(
+        parse_env("--num-nodes 2", &env).unwrap().config_hash(),
+        ok("--num-nodes 2").config_hash()
+    );
+}
+
+#[test]
+fn model_depth_is_bounded() {
+    let deep = vec!["8"; 257].join(",");
+    let msg = err(&format!("--model {deep}"));
+    assert!(
+        msg.contains("257 layers is above the limit of 256"),
+        "{msg}"
+    );
+    ok(&format!("--model {}", vec!["8"; 256].join(",")));
 }

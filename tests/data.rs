@@ -2,14 +2,17 @@
 //! mismatch, truncation, offline), DistributedSampler semantics, augmentation exactness,
 //! synthetic data, Fashion-MNIST, loader and test sharding.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use common::temp_dir;
 use dtrain::args::{DatasetKind, TrainConfig};
 use dtrain::data::augment::{AugmentParams, CIFAR_MEAN, CIFAR_STD};
 use dtrain::data::cifar::{load_cifar10, CIFAR_DIR, RECORD_SIZE, TEST_FILE, TRAIN_FILES};
@@ -20,32 +23,6 @@ use dtrain::data::{
 };
 
 // ---------------------------------------------------------------- helpers
-
-/// A unique, self-removing temporary folder.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "dtrain-test-{tag}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Record `i` of file `f`: label (f + i) % 10, pixel j = (f*31 + i*7 + j) mod 256.
 fn record(f: usize, i: usize) -> Vec<u8> {
@@ -187,7 +164,7 @@ fn split_from(images: Vec<u8>, labels: Vec<u8>) -> DataSplit {
 
 #[test]
 fn cifar_parses_generated_files() {
-    let tmp = TempDir::new("cifar-parse");
+    let tmp = temp_dir("cifar-parse");
     let dir = tmp.0.join(CIFAR_DIR);
     write_cifar_dir(&dir);
     let (train, test) = load_cifar10(&dir).unwrap();
@@ -205,7 +182,7 @@ fn cifar_parses_generated_files() {
 
 #[test]
 fn cifar_truncated_file_names_file_and_record() {
-    let tmp = TempDir::new("cifar-trunc");
+    let tmp = temp_dir("cifar-trunc");
     let dir = tmp.0.join(CIFAR_DIR);
     write_cifar_dir(&dir);
     let mut bytes = cifar_file(3, RECORDS_PER_FILE);
@@ -232,7 +209,7 @@ fn cifar_truncated_file_names_file_and_record() {
 
 #[test]
 fn cifar_bad_label_names_file_and_record() {
-    let tmp = TempDir::new("cifar-label");
+    let tmp = temp_dir("cifar-label");
     let dir = tmp.0.join(CIFAR_DIR);
     write_cifar_dir(&dir);
     let mut bytes = cifar_file(9, RECORDS_PER_FILE);
@@ -247,7 +224,7 @@ fn cifar_bad_label_names_file_and_record() {
 
 #[test]
 fn cifar_empty_and_missing_files_are_errors() {
-    let tmp = TempDir::new("cifar-empty");
+    let tmp = temp_dir("cifar-empty");
     let dir = tmp.0.join(CIFAR_DIR);
     write_cifar_dir(&dir);
     std::fs::write(dir.join("data_batch_1.bin"), b"").unwrap();
@@ -268,11 +245,11 @@ fn download_extracts_verifies_and_loads() {
     let archive = cifar_archive();
     let md5 = md5_hex(&archive);
     let server = HttpServer::start(archive, None);
-    let tmp = TempDir::new("dl-ok");
+    let tmp = temp_dir("dl-ok");
     let mut cfg = TrainConfig::single_process_defaults();
-    cfg.data_dir = tmp.0.clone();
-    cfg.download_url = server.url.clone();
-    cfg.download_md5 = md5;
+    cfg.opts.data_dir = tmp.0.clone();
+    cfg.opts.download_url = server.url.clone();
+    cfg.opts.download_md5 = md5;
     let (train, test) = load_dataset(&cfg).unwrap();
     assert_eq!((train.n, test.n), (5 * RECORDS_PER_FILE, RECORDS_PER_FILE));
     assert_eq!(train.image(4), &record(1, 1)[1..]);
@@ -289,7 +266,7 @@ fn concurrent_ranks_download_once() {
     let archive = cifar_archive();
     let md5 = md5_hex(&archive);
     let server = HttpServer::start(archive, None);
-    let tmp = TempDir::new("dl-lock");
+    let tmp = temp_dir("dl-lock");
     let threads: Vec<_> = (0..3)
         .map(|_| {
             let (dir, url, md5) = (tmp.0.clone(), server.url.clone(), md5.clone());
@@ -310,7 +287,7 @@ fn md5_mismatch_leaves_nothing_behind() {
     let archive = cifar_archive();
     let actual = md5_hex(&archive);
     let server = HttpServer::start(archive, None);
-    let tmp = TempDir::new("dl-md5");
+    let tmp = temp_dir("dl-md5");
     let wrong = "0123456789abcdef0123456789abcdef";
     let e = ensure_cifar10_with(&tmp.0, &server.url, wrong, Duration::from_secs(10)).unwrap_err();
     let msg = e.to_string();
@@ -329,7 +306,7 @@ fn truncated_download_leaves_nothing_behind() {
     let md5 = md5_hex(&archive);
     let full = archive.len();
     let server = HttpServer::start(archive, Some(full / 2));
-    let tmp = TempDir::new("dl-trunc");
+    let tmp = temp_dir("dl-trunc");
     let e = ensure_cifar10_with(&tmp.0, &server.url, &md5, Duration::from_secs(10)).unwrap_err();
     let msg = e.to_string();
     assert!(
@@ -352,7 +329,7 @@ fn offline_error_says_where_to_put_the_files() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
-    let tmp = TempDir::new("dl-offline");
+    let tmp = temp_dir("dl-offline");
     let e = ensure_cifar10_with(
         &tmp.0,
         &url,
@@ -384,7 +361,7 @@ fn archive_without_cifar_folder_is_rejected() {
     let archive = tar.into_inner().unwrap().finish().unwrap();
     let md5 = md5_hex(&archive);
     let server = HttpServer::start(archive, None);
-    let tmp = TempDir::new("dl-wrong-archive");
+    let tmp = temp_dir("dl-wrong-archive");
     let msg = ensure_cifar10_with(&tmp.0, &server.url, &md5, Duration::from_secs(10))
         .unwrap_err()
         .to_string();
@@ -587,8 +564,8 @@ fn loader_shards_batches_and_resumes() {
     let mut cfg = TrainConfig::single_process_defaults();
     cfg.num_nodes = 2;
     cfg.rank = 1;
-    cfg.batch_size = 16;
-    cfg.seed = 9;
+    cfg.opts.batch_size = 16;
+    cfg.opts.seed = 9;
     let loader = TrainLoader::new(split.clone(), &cfg, 3, 0);
     assert_eq!(loader.batches_per_epoch(), 4); // 52 samples: 16+16+16+4
     let batches: Vec<_> = loader.collect();
@@ -620,9 +597,9 @@ fn loader_shards_batches_and_resumes() {
 fn loader_without_augment_and_shuffle_is_plain() {
     let split = Arc::new(numbered_split(10));
     let mut cfg = TrainConfig::single_process_defaults();
-    cfg.batch_size = 4;
-    cfg.augment = false;
-    cfg.shuffle = false;
+    cfg.opts.batch_size = 4;
+    cfg.opts.no_augment = true;
+    cfg.opts.no_shuffle = true;
     let batches: Vec<_> = TrainLoader::new(split.clone(), &cfg, 0, 0).collect();
     assert_eq!(batches.len(), 3);
     let mut want = vec![0f32; IMAGE_SIZE];
@@ -655,23 +632,23 @@ fn test_shards_cover_the_test_set_once() {
 
 #[test]
 fn synthetic_is_deterministic_and_balanced() {
-    let a = synthetic::generate(4, synthetic::Split::Train, 500);
-    let b = synthetic::generate(4, synthetic::Split::Train, 500);
+    let a = synthetic::generate(4, synthetic::Split::Train, 500).unwrap();
+    let b = synthetic::generate(4, synthetic::Split::Train, 500).unwrap();
     assert_eq!(a, b);
-    let other_seed = synthetic::generate(5, synthetic::Split::Train, 500);
+    let other_seed = synthetic::generate(5, synthetic::Split::Train, 500).unwrap();
     assert_ne!(a.images, other_seed.images);
-    let test = synthetic::generate(4, synthetic::Split::Test, 500);
+    let test = synthetic::generate(4, synthetic::Split::Test, 500).unwrap();
     assert_ne!(a.images, test.images);
     // A prefix is the same whatever the total size (samples depend on their index only).
-    let small = synthetic::generate(4, synthetic::Split::Train, 50);
+    let small = synthetic::generate(4, synthetic::Split::Train, 50).unwrap();
     assert_eq!(small.images[..], a.images[..50 * IMAGE_SIZE]);
     let mut counts = [0usize; 10];
     a.labels.iter().for_each(|&l| counts[l as usize] += 1);
     assert!(counts.iter().all(|&c| (25..80).contains(&c)), "{counts:?}");
     let mut cfg = TrainConfig::single_process_defaults();
-    cfg.dataset = DatasetKind::Synthetic;
-    cfg.synthetic_train = 300;
-    cfg.synthetic_test = 70;
+    cfg.opts.dataset = DatasetKind::Synthetic;
+    cfg.opts.synthetic_train = 300;
+    cfg.opts.synthetic_test = 70;
     let (tr, te) = load_dataset(&cfg).unwrap();
     assert_eq!((tr.n, te.n, tr.images.len()), (300, 70, 300 * IMAGE_SIZE));
 }
@@ -681,8 +658,8 @@ fn synthetic_is_deterministic_and_balanced() {
 /// class gratings' power (what a convolution can learn) is strong.
 #[test]
 fn synthetic_classes_need_the_pattern() {
-    let train = synthetic::generate(0, synthetic::Split::Train, 2000);
-    let test = synthetic::generate(0, synthetic::Split::Test, 500);
+    let train = synthetic::generate(0, synthetic::Split::Train, 2000).unwrap();
+    let test = synthetic::generate(0, synthetic::Split::Test, 500).unwrap();
     let mean_color = |s: &DataSplit, i: usize| -> [f32; 3] {
         let img = s.image(i);
         let mut m = [0f32; 3];
@@ -848,4 +825,59 @@ fn idx_errors_are_clear() {
     let (dims, data) =
         fashion_mnist::parse_idx(p, &[0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 1, 7, 9]).unwrap();
     assert_eq!((dims, data), (vec![2, 1], vec![7, 9]));
+}
+
+/// Sizes in IDX headers are checked for overflow and against the file's (or the gzip
+/// stream's) length before anything is allocated from them.
+#[test]
+fn idx_header_sizes_are_checked_before_allocating() {
+    let p = Path::new("x.idx");
+    let err = |bytes: &[u8]| fashion_mnist::parse_idx(p, bytes).unwrap_err().to_string();
+    // 0xffffffff^3 elements overflow 64 bits.
+    let mut huge = vec![0, 0, 8, 3];
+    huge.extend_from_slice(&[0xff; 12]);
+    assert!(err(&huge).contains("overflow"), "{}", err(&huge));
+    // A header claiming 4 GiB over 1 byte of data; more data than the header says.
+    assert!(err(&[0, 0, 8, 1, 0xff, 0xff, 0xff, 0xff, 1]).contains("has 1"));
+    assert!(err(&[0, 0, 8, 1, 0, 0, 0, 1, 5, 6]).contains("has 2"));
+    assert!(err(&[0, 0, 8, 2, 0, 0, 0, 1]).contains("truncated header"));
+    assert!(err(&[0, 0, 8]).contains("magic"));
+
+    // Gzipped files: the stream's possible size bounds the header before any allocation.
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let load_with_train_images = |images: Vec<u8>| {
+        let dir = temp_dir("idx-gz");
+        let fm = dir.0.join("fashion-mnist");
+        std::fs::create_dir_all(&fm).unwrap();
+        let labels = gz(&[0, 0, 8, 1, 0, 0, 0, 1, 3]);
+        std::fs::write(fm.join("train-images-idx3-ubyte.gz"), images).unwrap();
+        for f in [
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        ] {
+            std::fs::write(fm.join(f), &labels).unwrap();
+        }
+        let found = fashion_mnist::find_dir(&dir.0).unwrap();
+        fashion_mnist::load(&found).unwrap_err().to_string()
+    };
+    // 65535 images of 65535 x 65535 pixels inside a few dozen bytes.
+    let mut bomb = vec![0, 0, 8, 3];
+    bomb.extend_from_slice(&[0, 0, 0xff, 0xff].repeat(3));
+    let msg = load_with_train_images(gz(&bomb));
+    assert!(msg.contains("once decompressed"), "{msg}");
+    let mut short = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28];
+    short.extend_from_slice(&[1; 100]);
+    let msg = load_with_train_images(gz(&short));
+    assert!(msg.contains("the file has 100"), "{msg}");
+    let mut long = vec![0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
+    long.extend_from_slice(&[1; 28 * 28 + 1]);
+    let msg = load_with_train_images(gz(&long));
+    assert!(msg.contains("the file has more"), "{msg}");
+    let msg = load_with_train_images(b"\x1f\x8b not really gzip".to_vec());
+    assert!(msg.contains("corrupt data"), "{msg}");
 }

@@ -1,10 +1,31 @@
 //! `dtrain launch`: children get torchrun's environment, lines are prefixed, a failing rank
 //! stops the others and the launcher names it; everything is reaped.
 
+mod common;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::temp_dir;
+
 use dtrain::launch::forwarded_args;
+
+/// `dtrain launch` of `n` test children with `extra` flags and `env`, stdout and stderr
+/// piped, for tests that watch it run.
+fn spawn_launcher(n: usize, extra: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
+    cmd.args(["launch", "--nproc-per-node", &n.to_string()])
+        .args(["--child-command", "launcher-test-child"])
+        .args(extra)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn dtrain launch")
+}
 
 fn launch(n: usize, env: &[(&str, &str)], extra: &[&str]) -> (Output, Duration) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
@@ -51,30 +72,6 @@ fn assert_children_gone(launcher_stderr: &str, n: usize) {
             !String::from_utf8_lossy(&cmdline).contains("launcher-test-child"),
             "child {pid} still exists"
         );
-    }
-}
-
-/// A unique, self-removing temporary folder.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "dtrain-launch-test-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -172,7 +169,7 @@ fn ranks_are_pinned_to_disjoint_cpu_shares() {
 
 #[test]
 fn a_failing_rank_stops_the_others() {
-    let ready = TempDir::new("fail");
+    let ready = temp_dir("fail");
     // Rank 1 fails at once with status 7; ranks 0 and 2 would sleep 60 s.
     let (out, elapsed) = launch(
         3,
@@ -206,7 +203,7 @@ fn a_failing_rank_stops_the_others() {
 
 #[test]
 fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
-    let ready = TempDir::new("ignore-term");
+    let ready = temp_dir("ignore-term");
     let (out, elapsed) = launch(
         2,
         &[
@@ -234,16 +231,11 @@ fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
 #[test]
 fn sigterm_to_the_launcher_is_forwarded() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(["launch", "--nproc-per-node", "2", "--grace-secs", "5"])
-        .args(["--child-command", "launcher-test-child"])
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env("DTRAIN_TEST_SLEEP_SECS", "60")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_launcher(
+        2,
+        &["--grace-secs", "5"],
+        &[("DTRAIN_TEST_SLEEP_SECS", "60")],
+    );
     // Wait until both ranks have printed "done"-less hello lines (they then sleep).
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut seen = String::new();
@@ -311,6 +303,8 @@ fn launcher_only_flags_are_not_forwarded() {
         "0.5",
         "--child-command",
         "x",
+        "--max-restarts",
+        "3",
     ]
     .iter()
     .map(Into::into)
@@ -375,6 +369,7 @@ fn bench_usage_errors() {
         vec!["--rank", "2", "--num-nodes", "2"],
         vec!["--factor", "1"],
         vec!["--collectives", "reduce"],
+        vec!["--max-bytes", "1000000G"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
             .arg("bench")
@@ -453,16 +448,7 @@ fn launch_trains_two_ranks_end_to_end() {
 #[test]
 fn ranks_die_with_a_killed_launcher() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(["launch", "--nproc-per-node", "2"])
-        .args(["--child-command", "launcher-test-child"])
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env("DTRAIN_TEST_SLEEP_SECS", "60")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_launcher(2, &[], &[("DTRAIN_TEST_SLEEP_SECS", "60")]);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     while seen.matches(" is pid ").count() < 2 {
@@ -499,4 +485,126 @@ fn ranks_die_with_a_killed_launcher() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `(attempt, port)` of every start of `rank`, from its `rank k attempt a port p` lines.
+fn starts_of(stdout: &str, rank: usize) -> Vec<(u32, u16)> {
+    let prefix = format!("[rank {rank}] rank {rank} attempt ");
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| {
+            let (attempt, port) = rest.split_once(" port ").expect("attempt line");
+            (attempt.parse().unwrap(), port.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_rank_failing_once_is_restarted_with_all_others_on_a_fresh_port() {
+    let ready = temp_dir("restart-once");
+    let (out, _) = launch(
+        3,
+        &[
+            ("DTRAIN_TEST_FAIL_RANK", "1"),
+            ("DTRAIN_TEST_FAIL_ATTEMPTS", "1"),
+            ("DTRAIN_TEST_READY_DIR", ready.0.to_str().unwrap()),
+        ],
+        &["--max-restarts", "2"],
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let first = starts_of(&stdout, 0);
+    assert_eq!(first.len(), 2, "{stdout}");
+    for rank in 0..3 {
+        // Every rank ran twice, told its attempt, on the same fresh port as the others.
+        let starts = starts_of(&stdout, rank);
+        assert_eq!(starts, first, "rank {rank}");
+        assert_eq!((starts[0].0, starts[1].0), (0, 1));
+        assert!(stdout.contains(&format!("[rank {rank}] rank {rank} done")));
+    }
+    assert_ne!(first[0].1, first[1].1, "the restart reused the port");
+    assert!(
+        stderr.contains(
+            "restarting all ranks in 1s (restart 1 of 2) after rank 1 failed with exit status 3"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("restart 1 of 2: starting 3 ranks"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restart 2 of 2"), "{stderr}");
+    assert_children_gone(&stderr, 6);
+}
+
+#[test]
+fn a_rank_that_always_fails_ends_the_job_after_max_restarts() {
+    let ready = temp_dir("restart-never");
+    let (out, elapsed) = launch(
+        3,
+        &[
+            ("DTRAIN_TEST_FAIL_RANK", "2"),
+            ("DTRAIN_TEST_EXIT_CODE", "7"),
+            ("DTRAIN_TEST_SLEEP_SECS", "60"),
+            ("DTRAIN_TEST_READY_DIR", ready.0.to_str().unwrap()),
+        ],
+        &["--max-restarts", "2"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    // Exactly 1 + 2 attempts, each stopping the sleepers, then the last failure.
+    assert_eq!(stderr.matches("starting 3 ranks").count(), 3, "{stderr}");
+    assert_eq!(
+        stderr.matches("[rank 2] rank 2 failing on purpose").count(),
+        3,
+        "{stderr}"
+    );
+    assert!(stderr.contains("giving up after 2 restarts"), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l == "dtrain launch: error: rank 2 failed with exit status 7"),
+        "{stderr}"
+    );
+    // The backoff (1 s, then 2 s) spaced the attempts: no restart storm.
+    assert!(elapsed >= Duration::from_secs(3), "took only {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
+    assert!(!text(&out.stdout).contains("done"));
+    assert_children_gone(&stderr, 9);
+}
+
+#[test]
+fn sigterm_while_restarting_stops_the_launcher() {
+    use std::io::{BufRead, BufReader};
+    let mut child = spawn_launcher(
+        2,
+        &["--max-restarts", "5"],
+        &[("DTRAIN_TEST_FAIL_RANK", "0")],
+    );
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("restarting all ranks") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    seen.push_str(&rest);
+    // Stopped during the backoff, or (if the restart had begun) with the signal forwarded.
+    assert_eq!(status.code(), Some(128 + 15), "{seen}");
+    assert!(seen.contains("stopped by SIGTERM"), "{seen}");
+    assert!(seen.matches("starting 2 ranks").count() <= 2, "{seen}");
+    let starts = seen.matches(" is pid ").count();
+    assert_children_gone(&seen, starts);
 }

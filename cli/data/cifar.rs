@@ -45,8 +45,14 @@ pub fn parse_records(path: &Path, bytes: &[u8], out: &mut DataSplit) -> Result<(
             partial,
         });
     }
-    out.images.reserve(whole * IMAGE_SIZE);
-    out.labels.reserve(whole);
+    let no_memory = || DataError::BadFile {
+        path: path.to_path_buf(),
+        detail: format!("not enough memory for its {whole} images"),
+    };
+    out.images
+        .try_reserve(whole * IMAGE_SIZE)
+        .map_err(|_| no_memory())?;
+    out.labels.try_reserve(whole).map_err(|_| no_memory())?;
     for (record, rec) in bytes.chunks_exact(RECORD_SIZE).enumerate() {
         let label = rec[0];
         if label as usize >= NUM_CLASSES {
@@ -65,8 +71,7 @@ pub fn parse_records(path: &Path, bytes: &[u8], out: &mut DataSplit) -> Result<(
 
 /// Read and decode one CIFAR-10 binary file.
 pub fn load_file(path: &Path, out: &mut DataSplit) -> Result<(), DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io("cannot read", path, e))?;
-    parse_records(path, &bytes, out)
+    parse_records(path, &super::read_file(path)?, out)
 }
 
 fn empty() -> DataSplit {

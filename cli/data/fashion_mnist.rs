@@ -42,62 +42,127 @@ pub fn find_dir(data_dir: &Path) -> Result<PathBuf, DataError> {
     )))
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io("cannot read", path, e))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::BadFile {
-                path: path.to_path_buf(),
-                detail: format!("corrupt gzip data: {e}"),
-            })?;
-        Ok(out)
+/// Largest expansion of a deflate stream (about 1032:1), bounding what a gzipped IDX file
+/// can decompress to before its header's sizes are trusted.
+const MAX_GZIP_RATIO: u64 = 1032;
+
+/// How many bytes an IDX source holds, header included.
+#[derive(Clone, Copy, Debug)]
+enum SourceLen {
+    /// Exactly this many (an uncompressed file of known length).
+    Exact(u64),
+    /// At most this many (a gzip stream).
+    AtMost(u64),
+}
+
+/// Read an IDX file, gzipped or not, checking the sizes its header states against the
+/// file's length before allocating anything from them.
+fn load_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    let io = |e| DataError::io("cannot read", path, e);
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let len = file.get_ref().metadata().map_err(io)?.len();
+    let gzipped = std::io::BufRead::fill_buf(&mut file)
+        .map_err(io)?
+        .starts_with(&[0x1f, 0x8b]);
+    if gzipped {
+        let most = SourceLen::AtMost(len.saturating_mul(MAX_GZIP_RATIO));
+        read_idx(flate2::bufread::GzDecoder::new(file), path, most)
     } else {
-        Ok(raw)
+        read_idx(file, path, SourceLen::Exact(len))
     }
 }
 
 /// Parse an IDX file: magic 0x0000_08NN (unsigned bytes, NN dimensions), NN big-endian u32
 /// sizes, then the data. Returns (dims, data).
 pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    read_idx(bytes, path, SourceLen::Exact(bytes.len() as u64))
+}
+
+/// [`parse_idx`] from a stream of `len` bytes: the data size the header states is
+/// overflow-checked and compared with `len` before it is allocated (fallibly).
+fn read_idx(
+    mut src: impl Read,
+    path: &Path,
+    len: SourceLen,
+) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let bad = |detail: String| DataError::BadFile {
         path: path.to_path_buf(),
         detail,
     };
-    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
+    let corrupt = |e: std::io::Error| bad(format!("corrupt data: {e}"));
+    let mut magic = [0u8; 4];
+    let got = read_up_to(&mut src, &mut magic).map_err(corrupt)?;
+    if got < 4 || magic[..3] != [0, 0, 0x08] {
         return Err(bad(
             "not an IDX file of unsigned bytes (bad magic number)".into()
         ));
     }
-    let ndim = bytes[3] as usize;
-    let header = 4 + 4 * ndim;
-    if bytes.len() < header {
-        return Err(bad(format!("truncated header ({} bytes)", bytes.len())));
+    let mut raw_dims = vec![0u8; 4 * magic[3] as usize];
+    let got = read_up_to(&mut src, &mut raw_dims).map_err(corrupt)?;
+    if got < raw_dims.len() {
+        return Err(bad(format!("truncated header ({} bytes)", 4 + got)));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|d| {
-            let o = 4 + 4 * d;
-            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
-        })
+    let dims: Vec<usize> = raw_dims
+        .chunks_exact(4)
+        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize)
         .collect();
-    let expected: usize = dims.iter().product();
-    let data = &bytes[header..];
-    if data.len() != expected {
-        return Err(bad(format!(
-            "header says {dims:?} = {expected} bytes of data but the file has {}",
-            data.len()
-        )));
+    let header = 4 + raw_dims.len() as u64;
+    let expected = dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .ok_or_else(|| bad(format!("header dimensions {dims:?} overflow")))?;
+    let mismatch = |has: String| {
+        bad(format!(
+            "header says {dims:?} = {expected} bytes of data but the file has {has}"
+        ))
+    };
+    match len {
+        SourceLen::Exact(total) if total.saturating_sub(header) != expected => {
+            return Err(mismatch(total.saturating_sub(header).to_string()))
+        }
+        SourceLen::AtMost(most) if expected > most => {
+            return Err(mismatch(format!("at most {most} once decompressed")))
+        }
+        _ => {}
     }
-    Ok((dims, data.to_vec()))
+    let mut data = Vec::new();
+    usize::try_from(expected)
+        .ok()
+        .and_then(|n| data.try_reserve_exact(n).ok())
+        .ok_or_else(|| bad(format!("{expected} bytes of data do not fit in memory")))?;
+    (&mut src)
+        .take(expected)
+        .read_to_end(&mut data)
+        .map_err(corrupt)?;
+    if (data.len() as u64) < expected {
+        return Err(mismatch(data.len().to_string()));
+    }
+    if read_up_to(&mut src, &mut [0u8; 1]).map_err(corrupt)? > 0 {
+        return Err(mismatch("more".into()));
+    }
+    Ok((dims, data))
+}
+
+/// Fill as much of `buf` as `src` has; returns how much was read.
+fn read_up_to(src: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match src.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 fn load_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<DataSplit, DataError> {
     let missing = |stem: &str| DataError::Invalid(format!("{}: no {stem}[.gz]", dir.display()));
     let ipath = find_file(dir, images_stem).ok_or_else(|| missing(images_stem))?;
     let lpath = find_file(dir, labels_stem).ok_or_else(|| missing(labels_stem))?;
-    let (idims, pixels) = parse_idx(&ipath, &read_maybe_gz(&ipath)?)?;
-    let (ldims, labels) = parse_idx(&lpath, &read_maybe_gz(&lpath)?)?;
+    let (idims, pixels) = load_idx(&ipath)?;
+    let (ldims, labels) = load_idx(&lpath)?;
     if idims.len() != 3 || idims[1] != MNIST_SIDE || idims[2] != MNIST_SIDE {
         return Err(DataError::BadFile {
             path: ipath,
@@ -118,7 +183,7 @@ fn load_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<DataSp
         });
     }
     let n = idims[0];
-    let mut images = vec![0u8; n * IMAGE_SIZE];
+    let mut images = super::try_zeroed(n.checked_mul(IMAGE_SIZE), &format!("{n} images"))?;
     let pad = (IMAGE_SIDE - MNIST_SIDE) / 2;
     for i in 0..n {
         let src = &pixels[i * MNIST_SIDE * MNIST_SIDE..(i + 1) * MNIST_SIDE * MNIST_SIDE];

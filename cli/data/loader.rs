@@ -65,13 +65,13 @@ impl TrainLoader {
             train.n,
             cfg.num_nodes,
             cfg.rank,
-            cfg.seed,
+            cfg.opts.seed,
             epoch,
-            cfg.shuffle,
+            cfg.shuffle(),
         );
-        let batch_size = cfg.batch_size.max(1);
+        let batch_size = cfg.opts.batch_size.max(1);
         let batches_per_epoch = indices.len().div_ceil(batch_size);
-        let augment = cfg.augment.then_some((cfg.seed, epoch));
+        let augment = cfg.augment().then_some((cfg.opts.seed, epoch));
         let (tx, rx) = sync_channel::<Batch>(PREFETCH_BATCHES);
         // The thread gets its own copies; they are small (one index per sample).
         let (split, idx) = (train.clone(), indices.clone());

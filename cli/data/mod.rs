@@ -119,19 +119,53 @@ impl DataError {
     }
 }
 
-/// Load (downloading CIFAR-10 if needed) the train and test splits of `cfg.dataset`.
+/// `len` zero bytes for `what` (named in the error), allocated fallibly: sizes that come from
+/// flags or file headers must not abort the process.
+pub fn try_zeroed(len: Option<usize>, what: &str) -> Result<Vec<u8>, DataError> {
+    let mut v = Vec::new();
+    len.and_then(|n| v.try_reserve_exact(n).ok().map(|_| n))
+        .map(|n| {
+            v.resize(n, 0);
+            v
+        })
+        .ok_or_else(|| DataError::Invalid(format!("not enough memory for {what}")))
+}
+
+/// A whole file, read with a fallible allocation of its length.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>, DataError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| DataError::io("cannot read", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| DataError::io("cannot read", path, e))?
+        .len();
+    let mut bytes = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| bytes.try_reserve_exact(n).ok())
+        .ok_or_else(|| DataError::BadFile {
+            path: path.to_path_buf(),
+            detail: format!("{len} bytes do not fit in memory"),
+        })?;
+    file.read_to_end(&mut bytes)
+        .map_err(|e| DataError::io("cannot read", path, e))?;
+    Ok(bytes)
+}
+
+/// Load (downloading CIFAR-10 if needed) the train and test splits of `--dataset`.
 pub fn load_dataset(cfg: &TrainConfig) -> Result<(DataSplit, DataSplit), DataError> {
-    match cfg.dataset {
+    let o = &cfg.opts;
+    match o.dataset {
         DatasetKind::Cifar10 => {
-            download::ensure_cifar10(&cfg.data_dir, &cfg.download_url, &cfg.download_md5)?;
-            cifar::load_cifar10(&cfg.data_dir.join(cifar::CIFAR_DIR))
+            download::ensure_cifar10(&o.data_dir, &o.download_url, &o.download_md5)?;
+            cifar::load_cifar10(&o.data_dir.join(cifar::CIFAR_DIR))
         }
         DatasetKind::Synthetic => Ok((
-            synthetic::generate(cfg.seed, synthetic::Split::Train, cfg.synthetic_train),
-            synthetic::generate(cfg.seed, synthetic::Split::Test, cfg.synthetic_test),
+            synthetic::generate(o.seed, synthetic::Split::Train, o.synthetic_train)?,
+            synthetic::generate(o.seed, synthetic::Split::Test, o.synthetic_test)?,
         )),
         DatasetKind::FashionMnist => {
-            let dir = fashion_mnist::find_dir(&cfg.data_dir)?;
+            let dir = fashion_mnist::find_dir(&o.data_dir)?;
             fashion_mnist::load(&dir)
         }
     }

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::augment::splitmix64;
-use super::{DataSplit, IMAGE_SIDE, IMAGE_SIZE, NUM_CLASSES};
+use super::{try_zeroed, DataError, DataSplit, IMAGE_SIDE, IMAGE_SIZE, NUM_CLASSES};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
@@ -55,15 +55,16 @@ fn templates(seed: u64) -> [ClassTemplate; NUM_CLASSES] {
     out
 }
 
-/// Generate `n` samples of `split`.
-pub fn generate(seed: u64, split: Split, n: usize) -> DataSplit {
+/// Generate `n` samples of `split` (an error when they do not fit in memory).
+pub fn generate(seed: u64, split: Split, n: usize) -> Result<DataSplit, DataError> {
     let templates = templates(seed);
     let split_key = match split {
         Split::Train => 0x7472_6169_6e00_0000u64,
         Split::Test => 0x7465_7374_0000_0000u64,
     };
-    let mut images = vec![0u8; n * IMAGE_SIZE];
-    let mut labels = vec![0u8; n];
+    let what = format!("{n} synthetic images");
+    let mut images = try_zeroed(n.checked_mul(IMAGE_SIZE), &what)?;
+    let mut labels = try_zeroed(Some(n), &what)?;
     let side = IMAGE_SIDE;
     let two_pi = 2.0 * std::f32::consts::PI / side as f32;
     let mut sin_x = [0f32; IMAGE_SIDE];
@@ -107,5 +108,5 @@ pub fn generate(seed: u64, split: Split, n: usize) -> DataSplit {
             }
         }
     }
-    DataSplit { images, labels, n }
+    Ok(DataSplit { images, labels, n })
 }

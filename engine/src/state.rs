@@ -2,9 +2,14 @@
 //! `load_file` read and write).
 //!
 //! - [`NamedTensor`]: name, shape and typed data ([`TensorData`]: F32, F64 or I64).
-//! - [`save_tensors`]`(path, &tensors, &metadata)`: writes atomically (temp file + rename);
-//!   `metadata` is the file's string→string `__metadata__`.
-//! - [`load_tensors`]`(path)` → [`LoadedState`] (`tensors` by name + `metadata`).
+//! - [`save_tensors`]`(path, &tensors, &metadata)`: writes atomically and durably (temp file
+//!   in the same directory, fsync, rename, fsync of the directory; the temp file is removed
+//!   on failure); `metadata` is the file's string→string `__metadata__`.
+//! - [`load_tensors`]`(path)` → [`LoadedState`] (`tensors` by name + `metadata`), or
+//!   [`read_state_file`] + [`parse_tensors`] for the bytes themselves. The file is read with a
+//!   fallible allocation; the `safetensors` crate checks the header against the file's length
+//!   (header size, overflow-checked shapes, contiguous offsets inside the file) before
+//!   anything is sized from it — the tests below hold it to that.
 //!
 //! Callers compose files freely: a checkpoint is `Vgg::state_dict()` +
 //! `Sgd::state_tensors()` + any extra tensors (epoch, RNG state as I64) + metadata.
@@ -218,24 +223,64 @@ pub struct LoadedState {
     pub metadata: HashMap<String, String>,
 }
 
-/// Writes `tensors` and string `metadata` to `path` as safetensors, atomically (a temp file in
-/// the same directory, then rename).
+/// The temporary file [`save_tensors`] writes before renaming it onto `path`: the same
+/// directory (so the rename is atomic), the file name plus `.tmp.<pid>` (so a writer that
+/// died can be recognised by its pid and its leftover removed).
+pub fn temp_path(path: &Path, pid: u32) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{pid}"));
+    path.with_file_name(name)
+}
+
+/// The directory holding `path` ("." for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes `tensors` and string `metadata` to `path` as safetensors, atomically and durably:
+/// the data goes to [`temp_path`], is fsynced, renamed onto `path`, and the directory is
+/// fsynced. On any failure the temporary file is removed and `path` is left as it was, so a
+/// crash or a full disk never costs the previous file.
 pub fn save_tensors(
     path: &Path,
     tensors: &[NamedTensor],
     metadata: &HashMap<String, String>,
 ) -> Result<(), StateError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = temp_path(path, std::process::id());
+    let result = write_durably(path, &tmp, tensors, metadata);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_durably(
+    path: &Path,
+    tmp: &Path,
+    tensors: &[NamedTensor],
+    metadata: &HashMap<String, String>,
+) -> Result<(), StateError> {
+    let io = |action: &'static str, at: &Path| {
+        let at = at.to_path_buf();
+        move |source| StateError::Io {
+            action,
+            path: at,
+            source,
+        }
+    };
     let info = if metadata.is_empty() {
         None
     } else {
         Some(metadata.clone())
     };
     let items = tensors.iter().map(|t| (t.name.as_str(), t));
-    safetensors::tensor::serialize_to_file(items, info, &tmp).map_err(|e| match e {
+    safetensors::tensor::serialize_to_file(items, info, tmp).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(source) => StateError::Io {
             action: "write",
-            path: tmp.clone(),
+            path: tmp.to_path_buf(),
             source,
         },
         other => StateError::Format {
@@ -243,45 +288,75 @@ pub fn save_tensors(
             message: other.to_string(),
         },
     })?;
-    std::fs::rename(&tmp, path).map_err(|source| StateError::Io {
-        action: "rename into",
-        path: path.to_path_buf(),
-        source,
-    })
+    // The file's data must be on disk before the rename makes it the checkpoint.
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io("flush to disk", tmp))?;
+    std::fs::rename(tmp, path).map_err(io("rename into", path))?;
+    // And the rename itself must survive a power cut.
+    let dir = parent_dir(path);
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("flush the directory", dir))
+}
+
+/// Reads a whole state file, refusing (rather than aborting on) one too large to hold in
+/// memory.
+pub fn read_state_file(path: &Path) -> Result<Vec<u8>, StateError> {
+    use std::io::Read;
+    let io = |action: &'static str| {
+        move |source| StateError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let mut file = std::fs::File::open(path).map_err(io("read"))?;
+    let len = file.metadata().map_err(io("read"))?.len();
+    let mut bytes = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| bytes.try_reserve_exact(n).ok())
+        .ok_or_else(|| StateError::Format {
+            path: path.to_path_buf(),
+            message: format!("{len} bytes do not fit in memory"),
+        })?;
+    file.read_to_end(&mut bytes).map_err(io("read"))?;
+    Ok(bytes)
 }
 
 /// Reads every tensor (F32, F64, I64; other dtypes are an error) and the metadata of a
 /// safetensors file.
 pub fn load_tensors(path: &Path) -> Result<LoadedState, StateError> {
-    let bytes = std::fs::read(path).map_err(|source| StateError::Io {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    parse_tensors(&read_state_file(path)?, path)
+}
+
+/// Parses the bytes of a safetensors file (read from `path`, named in errors).
+pub fn parse_tensors(bytes: &[u8], path: &Path) -> Result<LoadedState, StateError> {
     let format_err = |message: String| StateError::Format {
         path: path.to_path_buf(),
         message,
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format_err(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(e.to_string()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(e.to_string()))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(e.to_string()))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.iter() {
         let raw = view.data();
         let data = match view.dtype() {
             Dtype::F32 => TensorData::F32(
                 raw.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
             ),
             Dtype::F64 => TensorData::F64(
                 raw.chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()))
                     .collect(),
             ),
             Dtype::I64 => TensorData::I64(
                 raw.chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
                     .collect(),
             ),
             other => {
@@ -350,5 +425,104 @@ mod tests {
         assert!(NamedTensor::new("x", &[3], TensorData::I64(vec![1])).is_err());
         let missing = load_tensors(Path::new("/nonexistent/dir/file.safetensors"));
         assert!(matches!(missing, Err(StateError::Io { .. })));
+    }
+
+    /// A safetensors file with `header` (JSON) and `data_len` zero bytes of data.
+    fn raw_file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        bytes
+    }
+
+    fn parse_error(bytes: &[u8]) -> String {
+        match parse_tensors(bytes, Path::new("crafted.safetensors")) {
+            Ok(s) => panic!("crafted file accepted: {:?}", s.tensors.keys()),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("crafted.safetensors"), "{msg}");
+                msg
+            }
+        }
+    }
+
+    /// Crafted headers: every size the file states is checked (for overflow, and against
+    /// the file's length) before anything is allocated or sliced from it.
+    #[test]
+    fn headers_are_checked_against_the_file_length_and_for_overflow() {
+        let ok = raw_file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        assert_eq!(
+            parse_tensors(&ok, Path::new("x")).unwrap().tensors["a"].shape,
+            [2]
+        );
+        parse_error(&ok[..5]);
+        // A header length beyond the file, up to u64::MAX.
+        for len in [ok.len() as u64, 1 << 40, u64::MAX] {
+            let mut bad = ok.clone();
+            bad[..8].copy_from_slice(&len.to_le_bytes());
+            parse_error(&bad);
+        }
+        let cases = [
+            "not json",
+            // Offsets past the end of the data, or not matching the shape.
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            // Element and byte counts that overflow 64 bits.
+            r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,2],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F64","shape":[2305843009213693951],"data_offsets":[0,18446744073709551608]}}"#,
+            // Tensors whose sizes sum past 2^64.
+            r#"{"a":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,18446744073709551615]},
+                "b":{"dtype":"U8","shape":[9],"data_offsets":[18446744073709551615,8]}}"#,
+            // Malformed fields.
+            r#"{"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0]}}"#,
+            r#"{"a":7}"#,
+        ];
+        for header in cases {
+            parse_error(&raw_file(header, 8));
+        }
+    }
+
+    #[test]
+    fn a_failed_save_keeps_the_previous_file_and_leaves_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!(
+            "engine-state-fail-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.safetensors");
+        let t = vec![NamedTensor::from_float("w", &[2], &[1.0f32, 2.0])];
+        save_tensors(&path, &t, &HashMap::new()).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // The rename cannot replace a non-empty directory: the save fails after writing.
+        let blocker = dir.join("blocked.safetensors");
+        std::fs::create_dir_all(blocker.join("inside")).unwrap();
+        let e = save_tensors(&blocker, &t, &HashMap::new()).unwrap_err();
+        assert!(e.to_string().contains("rename into"), "{e}");
+        // A directory that does not exist: nothing can be created.
+        let e = save_tensors(&dir.join("no/such/dir/x.safetensors"), &t, &HashMap::new());
+        assert!(matches!(e, Err(StateError::Io { .. })));
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blocked.safetensors", "state.safetensors"]);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(
+            super::temp_path(&path, 42),
+            dir.join("state.safetensors.tmp.42")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
