@@ -97,8 +97,13 @@ pub struct TrainConfig {
     pub local_world_size: usize,
     pub transport: TransportKind,
     pub threads: usize,
-    /// Draw progress bars: stdout is a terminal and `--no-progress` was not given.
+    /// Draw the progress line: see [`draws_progress`].
     pub progress: bool,
+    /// Where the ranks meet when the launcher hosts a TCPStore (torchrun's agent store,
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`): rank 0 publishes its rendezvous address there
+    /// instead of binding `master_port`, which the store already holds. Not part of
+    /// [`TrainConfig::config_hash`]: its key prefix differs per attempt.
+    pub store: Option<transport::StoreRendezvous>,
     /// How many times the launcher restarted the job before this attempt (0 for the first),
     /// from [`RESTART_COUNT_ENV`].
     pub restart_count: usize,
@@ -708,8 +713,14 @@ pub fn resolve_train_args(
     let mut opts = a.opts.clone();
     validate_run_options(&mut opts, num_nodes)?;
 
+    // torchrun's agent store, unless the user named rank 0's address himself.
+    let store = match (&a.master_ip, a.master_port) {
+        (None, None) => transport::store::torchelastic_store(env).map_err(invalid)?,
+        _ => None,
+    };
+
     use std::io::IsTerminal;
-    let progress = !a.no_progress && std::io::stdout().is_terminal();
+    let progress = draws_progress(a.no_progress, local_rank, std::io::stdout().is_terminal());
 
     Ok(TrainConfig {
         master_addr,
@@ -721,9 +732,17 @@ pub fn resolve_train_args(
         transport: a.transport.unwrap_or(TransportArg::Auto).into(),
         threads,
         progress,
+        store,
         restart_count: env_usize(env, RESTART_COUNT_ENV)?.unwrap_or(0),
         opts,
     })
+}
+
+/// Whether this rank draws the progress line: only local rank 0, so that one line per host
+/// is redrawn (mpirun gives every rank a pty, and torchrun's ranks share its terminal), and
+/// only on a terminal without `--no-progress`.
+pub fn draws_progress(no_progress: bool, local_rank: usize, stdout_is_terminal: bool) -> bool {
+    !no_progress && local_rank == 0 && stdout_is_terminal
 }
 
 /// Check the flags used as given, normalising the MD5 (lower case) and URL (trimmed).
@@ -824,4 +843,85 @@ fn validate_run_options(o: &mut RunOptions, num_nodes: usize) -> Result<(), Usag
         return Err(invalid("--checkpoint-every must be at least 1, got 0"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str, env: &[(&str, &str)]) -> Result<TrainConfig, UsageError> {
+        let args = std::iter::once("dtrain")
+            .chain(line.split_whitespace())
+            .map(OsString::from);
+        let lookup = |k: &str| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        parse_train_args(args, &lookup)
+    }
+
+    /// What torchrun 2.15 gave rank 1 of `torchrun --standalone --nproc-per-node 2`.
+    const TORCHRUN: &[(&str, &str)] = &[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("GROUP_RANK", "0"),
+        ("MASTER_ADDR", "localhost"),
+        ("MASTER_PORT", "41233"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        (
+            "TORCHELASTIC_RUN_ID",
+            "8d6c0f2e-4c5b-4a3e-9d8e-1f2a3b4c5d6e",
+        ),
+        ("TORCHELASTIC_RESTART_COUNT", "1"),
+        ("TORCHELASTIC_MAX_RESTARTS", "3"),
+    ];
+
+    #[test]
+    fn torchrun_agent_store_is_used_unless_the_master_is_given() {
+        let c = parse("--mode ddp", TORCHRUN).unwrap();
+        assert_eq!(
+            c.store,
+            Some(transport::StoreRendezvous {
+                host: "localhost".into(),
+                port: 41233,
+                prefix: "dtrain/8d6c0f2e-4c5b-4a3e-9d8e-1f2a3b4c5d6e/attempt_1".into(),
+            })
+        );
+        assert_eq!((c.rank, c.num_nodes, c.restart_count), (1, 2, 1));
+        for flags in ["--master-port 29400", "--master-ip 127.0.0.1"] {
+            assert_eq!(parse(flags, TORCHRUN).unwrap().store, None, "{flags}");
+        }
+        // dtrain launch and plain runs set no agent store.
+        assert_eq!(parse("", &TORCHRUN[..7]).unwrap().store, None);
+    }
+
+    #[test]
+    fn the_store_prefix_is_not_part_of_the_config_hash() {
+        let first = parse("--mode ddp", TORCHRUN).unwrap();
+        let mut env = TORCHRUN.to_vec();
+        env.retain(|(k, _)| *k != "TORCHELASTIC_RESTART_COUNT");
+        env.push(("TORCHELASTIC_RESTART_COUNT", "0"));
+        let other = parse("--mode ddp", &env).unwrap();
+        assert_ne!(first.store, other.store);
+        assert_eq!(first.config_hash(), other.config_hash());
+    }
+
+    #[test]
+    fn a_broken_agent_store_environment_is_a_usage_error() {
+        let mut env = TORCHRUN.to_vec();
+        env.retain(|(k, _)| *k != "TORCHELASTIC_RUN_ID");
+        let err = parse("", &env).unwrap_err().to_string();
+        assert!(err.contains("TORCHELASTIC_RUN_ID"), "{err}");
+    }
+
+    #[test]
+    fn only_local_rank_0_on_a_terminal_draws_progress() {
+        assert!(draws_progress(false, 0, true));
+        assert!(!draws_progress(false, 1, true), "a second rank on the host");
+        assert!(!draws_progress(true, 0, true), "--no-progress");
+        assert!(!draws_progress(false, 0, false), "not a terminal");
+    }
 }

@@ -10,6 +10,14 @@
 //! backoff ([`restart_backoff`]), up to N times — each rank sees its attempt in
 //! `TORCHELASTIC_RESTART_COUNT` and resumes from its `--save-checkpoint` file; after that the
 //! launcher names the last failed rank and its exit status and exits with its code.
+//!
+//! With `--nnodes N --node-rank K` (torchrun's static multi-node form) one launcher runs on
+//! each of N hosts and starts that host's ranks K·M … K·M+M−1 of a world of N·M; node 0's
+//! launcher hosts a TCPStore at `--master-ip:--master-port` in which the launchers and their
+//! ranks meet, a failure on any node stops the job on every node, and restarts happen on all
+//! nodes together (see [`nodes`]).
+
+mod nodes;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,7 +32,8 @@ use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
 use crate::args::{
-    parse_master_addr, resolve_train_args, TrainArgs, UsageError, RESTART_COUNT_ENV,
+    parse_master_addr, resolve_train_args, TrainArgs, UsageError, DEFAULT_MASTER_PORT,
+    RESTART_COUNT_ENV,
 };
 
 #[derive(Args, Debug, Clone)]
@@ -32,6 +41,14 @@ pub struct LaunchArgs {
     /// Number of ranks to start on this host
     #[arg(long, value_name = "N")]
     pub nproc_per_node: usize,
+    /// Number of hosts (nodes) of the job, one `dtrain launch` on each; node 0's launcher
+    /// hosts the launchers' TCPStore at --master-ip:--master-port
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This host's node rank, 0..nnodes (its ranks are node-rank × nproc-per-node + local
+    /// rank)
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub node_rank: usize,
     /// Seconds between SIGTERM and SIGKILL when stopping the ranks
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace_secs: u64,
@@ -77,16 +94,27 @@ pub enum LaunchError {
 }
 
 /// Launcher-only flags removed from the command line forwarded to the children.
-const LAUNCH_ONLY_FLAGS: [&str; 5] = [
+const LAUNCH_ONLY_FLAGS: [&str; 7] = [
     "--nproc-per-node",
+    "--nnodes",
+    "--node-rank",
     "--grace-secs",
     "--child-command",
     "--bind-cores",
     "--max-restarts",
 ];
 
+/// In a multi-node launch these name the launchers' store; the ranks get it from
+/// MASTER_ADDR/MASTER_PORT with TORCHELASTIC_USE_AGENT_STORE (as under torchrun).
+const STORE_FLAGS: [&str; 2] = ["--master-ip", "--master-port"];
+
 /// The child command line: the launch arguments minus launcher-only flags (and their values).
 pub fn forwarded_args(launch_args: &[OsString]) -> Vec<OsString> {
+    without_flags(launch_args, &LAUNCH_ONLY_FLAGS)
+}
+
+/// `args` without the flags in `flags` (each with its value, as `--f v` or `--f=v`).
+fn without_flags(launch_args: &[OsString], flags: &[&str]) -> Vec<OsString> {
     let mut out = Vec::new();
     let mut skip_value = false;
     for a in launch_args {
@@ -95,14 +123,11 @@ pub fn forwarded_args(launch_args: &[OsString]) -> Vec<OsString> {
             continue;
         }
         let s = a.to_string_lossy();
-        if LAUNCH_ONLY_FLAGS.contains(&s.as_ref()) {
+        if flags.contains(&s.as_ref()) {
             skip_value = true;
             continue;
         }
-        if LAUNCH_ONLY_FLAGS
-            .iter()
-            .any(|f| s.starts_with(&format!("{f}=")))
-        {
+        if flags.iter().any(|f| s.starts_with(&format!("{f}="))) {
             continue;
         }
         out.push(a.clone());
@@ -128,71 +153,87 @@ pub fn restart_backoff(k: u32) -> Duration {
 /// after `launch`. Returns the process exit code.
 pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchError> {
     let n = args.nproc_per_node;
+    let usage = |msg: String| Err(LaunchError::Usage(UsageError::Invalid(msg)));
     if n == 0 {
-        return Err(
-            UsageError::Invalid("--nproc-per-node must be at least 1, got 0".into()).into(),
-        );
+        return usage("--nproc-per-node must be at least 1, got 0".into());
+    }
+    if args.nnodes == 0 {
+        return usage("--nnodes must be at least 1, got 0".into());
+    }
+    if args.node_rank >= args.nnodes {
+        return usage(format!(
+            "--node-rank {} is out of range for --nnodes {} (node ranks are 0..{})",
+            args.node_rank,
+            args.nnodes,
+            args.nnodes - 1
+        ));
     }
     let t = &args.train;
     if t.rank.is_some() || t.local_rank.is_some() || t.local_world_size.is_some() {
-        return Err(UsageError::Invalid(
+        return usage(
             "dtrain launch sets --rank/--local-rank/--local-world-size of each child itself; remove them"
                 .into(),
-        )
-        .into());
+        );
     }
+    let world = args.nnodes * n;
     if let Some(w) = t.num_nodes {
-        if w != n {
-            return Err(UsageError::Invalid(format!(
-                "--num-nodes {w} differs from --nproc-per-node {n} (launch starts a standalone world on this host)"
-            ))
-            .into());
+        if w != world {
+            return usage(if args.nnodes == 1 {
+                format!("--num-nodes {w} differs from --nproc-per-node {n} (launch starts a standalone world on this host)")
+            } else {
+                format!(
+                    "--num-nodes {w} differs from --nnodes {} × --nproc-per-node {n} = {world} ranks",
+                    args.nnodes
+                )
+            });
         }
     }
     let (master_addr, port_in_addr) = match &t.master_ip {
         Some(raw) => parse_master_addr(raw)?,
         None => ("127.0.0.1".to_string(), None),
     };
+    if let (Some(p), Some(q)) = (t.master_port, port_in_addr) {
+        if p != q {
+            return usage(format!(
+                "--master-port {p} contradicts the port {q} given in --master-ip"
+            ));
+        }
+    }
     // A port the user chose is kept across restarts; otherwise each attempt gets a fresh
     // one, so no socket of a dead attempt can interfere.
     let fixed_port = t.master_port.or(port_in_addr);
+    let layout = nodes::NodeLayout {
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        nproc_per_node: n,
+        max_restarts: args.max_restarts,
+    };
+    // Reject bad train flags once, here, rather than in every child.
+    if args.child_command.is_none() {
+        let env0 = ranks_env(&layout, &master_addr, DEFAULT_MASTER_PORT, 0, 0);
+        let lookup = |k: &str| env0.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let cfg = resolve_train_args(t, &lookup)?;
+        crate::memory::check_training_fits(&cfg, n)?;
+        if args.max_restarts > 0 && cfg.opts.save_checkpoint.is_none() {
+            eprintln!("dtrain launch: warning: without --save-checkpoint a restarted job starts from the beginning");
+        }
+    }
+    let mut child_args: Vec<OsString> = Vec::new();
+    if let Some(cmd) = &args.child_command {
+        child_args.push(cmd.into());
+    }
+    install_forwarding_handlers();
+    if args.nnodes > 1 {
+        let port = fixed_port.unwrap_or(DEFAULT_MASTER_PORT);
+        child_args.extend(without_flags(&forwarded_args(launch_args), &STORE_FLAGS));
+        return run_nodes(args, layout, child_args, &master_addr, port);
+    }
+    child_args.extend(forwarded_args(launch_args));
     let pick_port = || match fixed_port {
         Some(p) => Ok(p),
         None => free_port().map_err(|e| LaunchError::Io(format!("cannot pick a free port: {e}"))),
     };
     let max_restarts = args.max_restarts;
-    let env_for = move |rank: usize, port: u16, restart: u32| -> Vec<(String, String)> {
-        [
-            ("MASTER_ADDR", master_addr.clone()),
-            ("MASTER_PORT", port.to_string()),
-            ("WORLD_SIZE", n.to_string()),
-            ("RANK", rank.to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("LOCAL_WORLD_SIZE", n.to_string()),
-            (RESTART_COUNT_ENV, restart.to_string()),
-            ("TORCHELASTIC_MAX_RESTARTS", max_restarts.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    };
-    // Reject bad train flags once, here, rather than N times in the children.
-    if args.child_command.is_none() {
-        let env0 = env_for(0, pick_port()?, 0);
-        let lookup = |k: &str| env0.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let cfg = resolve_train_args(t, &lookup)?;
-        crate::memory::check_training_fits(&cfg, n)?;
-        if max_restarts > 0 && cfg.opts.save_checkpoint.is_none() {
-            eprintln!("dtrain launch: warning: without --save-checkpoint a restarted job starts from the beginning");
-        }
-    }
-    let forwarded = forwarded_args(launch_args);
-    let mut child_args: Vec<OsString> = Vec::new();
-    if let Some(cmd) = &args.child_command {
-        child_args.push(cmd.into());
-    }
-    child_args.extend(forwarded);
-    install_forwarding_handlers();
     let mut restart = 0u32;
     loop {
         let port = pick_port()?;
@@ -200,20 +241,12 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
             0 => String::new(),
             k => format!("restart {k} of {max_restarts}: "),
         };
-        eprintln!(
-            "dtrain launch: {label}starting {n} ranks, master {}:{port}",
-            env_for(0, port, 0)[0].1
-        );
-        let (args_now, env_for) = (child_args.clone(), env_for.clone());
-        let spec = LocalRanks {
-            n,
-            args_for: Box::new(move |_| args_now.clone()),
-            env_for: Box::new(move |r| env_for(r, port, restart)),
-            prefix_stdout: true,
-            grace: Duration::from_secs(args.grace_secs),
-            bind_cores: args.bind_cores,
-        };
-        let end = run_attempt(&spec)?;
+        eprintln!("dtrain launch: {label}starting {n} ranks, master {master_addr}:{port}");
+        let spec = local_spec(args, child_args.clone(), {
+            let master_addr = master_addr.clone();
+            move |r| ranks_env(&layout, &master_addr, port, restart, r)
+        });
+        let end = run_attempt(&spec, &mut AttemptHooks::standalone())?;
         if let AttemptEnd::Failed { rank, status } = end {
             if restart < max_restarts {
                 let wait = restart_backoff(restart);
@@ -235,6 +268,199 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
             }
         }
         return Ok(end.report());
+    }
+}
+
+/// Variables a launcher may have inherited from one that started it (torchrun) and must not
+/// pass on: its ranks meet as this launcher says.
+const INHERITED_LAUNCHER_ENV: [&str; 5] = [
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_ERROR_FILE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+];
+
+/// torchrun's environment for local rank `local` of this node in attempt `restart`, with
+/// rank 0's rendezvous at `master_addr:port` (single node). Multi-node launches add the
+/// store variables ([`run_nodes`]).
+fn ranks_env(
+    layout: &nodes::NodeLayout,
+    master_addr: &str,
+    port: u16,
+    restart: u32,
+    local: usize,
+) -> Vec<(String, String)> {
+    [
+        ("MASTER_ADDR", master_addr.to_string()),
+        ("MASTER_PORT", port.to_string()),
+        ("WORLD_SIZE", layout.world_size().to_string()),
+        ("RANK", layout.global_rank(local).to_string()),
+        ("LOCAL_RANK", local.to_string()),
+        ("LOCAL_WORLD_SIZE", layout.nproc_per_node.to_string()),
+        (RESTART_COUNT_ENV, restart.to_string()),
+        ("TORCHELASTIC_MAX_RESTARTS", layout.max_restarts.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The local ranks of one attempt.
+fn local_spec(
+    args: &LaunchArgs,
+    child_args: Vec<OsString>,
+    env_for: impl Fn(usize) -> Vec<(String, String)> + 'static,
+) -> LocalRanks {
+    LocalRanks {
+        n: args.nproc_per_node,
+        args_for: Box::new(move |_| child_args.clone()),
+        env_for: Box::new(env_for),
+        prefix_stdout: true,
+        grace: Duration::from_secs(args.grace_secs),
+        bind_cores: args.bind_cores,
+    }
+}
+
+/// Multi-node launch: join the other nodes' launchers, then run attempts together.
+fn run_nodes(
+    args: &LaunchArgs,
+    layout: nodes::NodeLayout,
+    child_args: Vec<OsString>,
+    master_addr: &str,
+    port: u16,
+) -> Result<u8, LaunchError> {
+    use nodes::Interrupt;
+    let connect_timeout = Duration::from_secs(args.train.opts.connect_timeout);
+    let me = layout.node_rank;
+    let first = layout.global_rank(0);
+    let last = layout.global_rank(layout.nproc_per_node - 1);
+    eprintln!(
+        "dtrain launch: node {me} of {}: ranks {first}..={last} of {}, launchers' TCPStore at {master_addr}:{port}{}",
+        layout.nnodes,
+        layout.world_size(),
+        if me == 0 { " (hosted here)" } else { "" }
+    );
+    let mut group = nodes::NodeGroup::join(layout, master_addr, port, connect_timeout)?;
+    let grace = Duration::from_secs(args.grace_secs);
+    let max_restarts = layout.max_restarts;
+    // How a job that ends without a rank's exit status ends here.
+    let abort_exit = |group: &mut nodes::NodeGroup, text: &str| -> u8 {
+        eprintln!("dtrain launch: error: {text}");
+        group.finish();
+        1
+    };
+    let mut restart = 0u32;
+    loop {
+        if let Err(i) = group.ready(restart, connect_timeout) {
+            let text = match i {
+                Interrupt::Abort(t) => t,
+                Interrupt::Failed => "a rank failed before the attempt started".into(),
+            };
+            return Ok(abort_exit(&mut group, &text));
+        }
+        let label = match restart {
+            0 => String::new(),
+            k => format!("restart {k} of {max_restarts}: "),
+        };
+        eprintln!(
+            "dtrain launch: {label}starting ranks {first}..={last} of {} on node {me}",
+            layout.world_size()
+        );
+        let store_env = [
+            ("TORCHELASTIC_USE_AGENT_STORE", "True".to_string()),
+            ("TORCHELASTIC_RUN_ID", group.run_id.clone()),
+            ("GROUP_RANK", me.to_string()),
+            ("GROUP_WORLD_SIZE", layout.nnodes.to_string()),
+        ];
+        let spec = local_spec(args, child_args.clone(), {
+            let master_addr = master_addr.to_string();
+            move |r| {
+                let mut env = ranks_env(&layout, &master_addr, port, restart, r);
+                env.extend(store_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+                env
+            }
+        });
+        let end = {
+            let group = &group;
+            let mut stop_reason = || match group.interrupt(restart) {
+                Some(Interrupt::Abort(text)) => Some(text),
+                Some(Interrupt::Failed) => Some("a rank failed on another node".to_string()),
+                None => None,
+            };
+            let mut hooks = AttemptHooks {
+                first_rank: first,
+                stop_reason: Some(&mut stop_reason),
+            };
+            run_attempt(&spec, &mut hooks)?
+        };
+        let mine = match end {
+            AttemptEnd::Succeeded => match group.done(restart) {
+                Ok(()) => {
+                    group.finish();
+                    return Ok(0);
+                }
+                Err(Interrupt::Abort(text)) => return Ok(abort_exit(&mut group, &text)),
+                Err(Interrupt::Failed) => None,
+            },
+            AttemptEnd::Failed { rank, status } => {
+                use std::os::unix::process::ExitStatusExt;
+                Some(nodes::NodeFailure {
+                    rank,
+                    node: me,
+                    exit_code: exit_code_of(status),
+                    by_signal: status.signal().is_some(),
+                    status: describe(status),
+                })
+            }
+            AttemptEnd::Interrupted => None,
+            AttemptEnd::Stopped(sig) => {
+                group.abort(&format!("node {me}'s launcher was stopped by {sig:?}"));
+                group.finish();
+                return Ok(AttemptEnd::Stopped(sig).report());
+            }
+            AttemptEnd::Unreaped { .. } => {
+                let code = end.report();
+                group.abort(&format!("node {me}'s launcher could not reap its ranks"));
+                group.finish();
+                return Ok(code);
+            }
+        };
+        // Every node reaps its ranks, then all name the same root cause.
+        let root = match group.stopped(restart, mine.as_ref(), grace + connect_timeout) {
+            Ok(root) => root,
+            Err(Interrupt::Abort(text)) => return Ok(abort_exit(&mut group, &text)),
+            Err(Interrupt::Failed) => unreachable!("the stop barrier ignores failures"),
+        };
+        let Some(root) = root.or(mine) else {
+            return Ok(abort_exit(
+                &mut group,
+                "the attempt failed but no node recorded which rank",
+            ));
+        };
+        if restart < max_restarts {
+            let wait = restart_backoff(restart);
+            eprintln!(
+                "dtrain launch: restarting all ranks on all {} nodes in {}s (restart {} of {max_restarts}) after {}",
+                layout.nnodes,
+                wait.as_secs(),
+                restart + 1,
+                root.describe(),
+            );
+            if let Some(sig) = sleep_unless_signalled(wait) {
+                group.abort(&format!("node {me}'s launcher was stopped by {sig:?}"));
+                group.finish();
+                return Ok(AttemptEnd::Stopped(sig).report());
+            }
+            restart += 1;
+            continue;
+        }
+        if max_restarts > 0 {
+            eprintln!("dtrain launch: giving up after {max_restarts} restarts");
+        }
+        eprintln!("dtrain launch: error: {}", root.describe());
+        group.finish();
+        return Ok(root.exit_code);
     }
 }
 
@@ -416,6 +642,9 @@ pub enum AttemptEnd {
     },
     /// The launcher got this signal and passed it on.
     Stopped(Signal),
+    /// The ranks were stopped because [`AttemptHooks::stop_reason`] said so (multi-node: a
+    /// rank failed on another node, or the job was aborted).
+    Interrupted,
     /// A child whose exit status could not be collected.
     Unreaped {
         rank: usize,
@@ -438,6 +667,7 @@ impl AttemptEnd {
                 eprintln!("dtrain launch: stopped by {s:?}");
                 128 + s as i32 as u8
             }
+            AttemptEnd::Interrupted => 1,
             AttemptEnd::Unreaped { rank } => {
                 eprintln!("dtrain launch: error: rank {rank} could not be reaped");
                 1
@@ -449,12 +679,31 @@ impl AttemptEnd {
 /// Start the ranks, supervise them, and reap all. Returns the launcher's exit code.
 pub fn run_local_ranks(spec: LocalRanks) -> Result<u8, LaunchError> {
     install_forwarding_handlers();
-    Ok(run_attempt(&spec)?.report())
+    Ok(run_attempt(&spec, &mut AttemptHooks::standalone())?.report())
+}
+
+/// What supervising one attempt needs beyond its [`LocalRanks`] (a multi-node launch).
+struct AttemptHooks<'a> {
+    /// Global rank of local rank 0 (labels, messages and [`AttemptEnd::Failed`] use global
+    /// ranks).
+    first_rank: usize,
+    /// Polled while the ranks run: a reason to stop them all.
+    stop_reason: Option<&'a mut dyn FnMut() -> Option<String>>,
+}
+
+impl AttemptHooks<'static> {
+    /// One host, nothing to watch but the ranks.
+    fn standalone() -> Self {
+        AttemptHooks {
+            first_rank: 0,
+            stop_reason: None,
+        }
+    }
 }
 
 /// One attempt: start the ranks, supervise them, stop the others when one fails (SIGTERM,
 /// grace, SIGKILL), and reap all.
-fn run_attempt(spec: &LocalRanks) -> Result<AttemptEnd, LaunchError> {
+fn run_attempt(spec: &LocalRanks, hooks: &mut AttemptHooks) -> Result<AttemptEnd, LaunchError> {
     let exe = std::env::current_exe()
         .map_err(|e| LaunchError::Io(format!("cannot find the dtrain executable: {e}")))?;
     let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -462,11 +711,12 @@ fn run_attempt(spec: &LocalRanks) -> Result<AttemptEnd, LaunchError> {
     let mut pumps = 0;
     let allowed = allowed_cpus();
     for rank in 0..spec.n {
-        match spawn_rank(spec, &exe, &allowed, rank) {
+        let global = hooks.first_rank + rank;
+        match spawn_rank(spec, &exe, &allowed, rank, global) {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
                     let prefix = if spec.prefix_stdout {
-                        format!("[rank {rank}] ")
+                        format!("[rank {global}] ")
                     } else {
                         String::new()
                     };
@@ -474,7 +724,7 @@ fn run_attempt(spec: &LocalRanks) -> Result<AttemptEnd, LaunchError> {
                     pumps += 1;
                 }
                 if let Some(err) = child.stderr.take() {
-                    pump(err, format!("[rank {rank}] "), true, done_tx.clone());
+                    pump(err, format!("[rank {global}] "), true, done_tx.clone());
                     pumps += 1;
                 }
                 running.push((rank, child));
@@ -486,7 +736,7 @@ fn run_attempt(spec: &LocalRanks) -> Result<AttemptEnd, LaunchError> {
         }
     }
     drop(done_tx);
-    let end = supervise(&mut running, spec);
+    let end = supervise(&mut running, spec, hooks);
     // Let the pumps drain what the children printed last (bounded: a grandchild could keep a
     // pipe open).
     let drain_deadline = Instant::now() + Duration::from_secs(5);
@@ -500,14 +750,19 @@ fn run_attempt(spec: &LocalRanks) -> Result<AttemptEnd, LaunchError> {
     Ok(end)
 }
 
-/// Start rank `rank` with its environment, pipes and CPU binding.
+/// Start local rank `rank` (global rank `global`) with its environment, pipes and CPU
+/// binding.
 fn spawn_rank(
     spec: &LocalRanks,
     exe: &std::path::Path,
     allowed: &[usize],
     rank: usize,
+    global: usize,
 ) -> Result<Child, LaunchError> {
     let mut cmd = Command::new(exe);
+    for name in INHERITED_LAUNCHER_ENV {
+        cmd.env_remove(name);
+    }
     cmd.args((spec.args_for)(rank))
         .envs((spec.env_for)(rank))
         .stdin(Stdio::null())
@@ -524,7 +779,7 @@ fn spawn_rank(
             let mut set = CpuSet::new();
             for &c in cpus {
                 set.set(c).map_err(|e| {
-                    LaunchError::Io(format!("cannot bind rank {rank} to CPU {c}: {e}"))
+                    LaunchError::Io(format!("cannot bind rank {global} to CPU {c}: {e}"))
                 })?;
             }
             cmd.env(BOUND_ENV, cpu_list(cpus));
@@ -552,24 +807,32 @@ fn spawn_rank(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|source| LaunchError::Spawn { rank, source })?;
+    let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+        rank: global,
+        source,
+    })?;
     match &binding {
         Some(cpus) => eprintln!(
-            "dtrain launch: rank {rank} is pid {} on CPUs {}",
+            "dtrain launch: rank {global} is pid {} on CPUs {}",
             child.id(),
             cpu_list(cpus)
         ),
-        None => eprintln!("dtrain launch: rank {rank} is pid {}", child.id()),
+        None => eprintln!("dtrain launch: rank {global} is pid {}", child.id()),
     }
     Ok(child)
 }
 
-/// Wait for the ranks: pass on signals, stop the others after the first failure, reap all.
-fn supervise(running: &mut [(usize, Child)], spec: &LocalRanks) -> AttemptEnd {
+/// Wait for the ranks: pass on signals, stop the others after the first failure (or when
+/// `hooks` says so), reap all. Ranks in the result are global (`hooks.first_rank` + local).
+fn supervise(
+    running: &mut [(usize, Child)],
+    spec: &LocalRanks,
+    hooks: &mut AttemptHooks,
+) -> AttemptEnd {
+    let global = |local: usize| hooks.first_rank + local;
     let mut failure: Option<(usize, ExitStatus)> = None;
     let mut forwarded_signal: Option<Signal> = None;
+    let mut interrupted = false;
     let mut stop_deadline: Option<Instant> = None;
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; spec.n];
     loop {
@@ -598,10 +861,11 @@ fn supervise(running: &mut [(usize, Child)], spec: &LocalRanks) -> AttemptEnd {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => eprintln!("dtrain launch: cannot poll rank {rank}: {e}"),
+                Err(e) => eprintln!("dtrain launch: cannot poll rank {}: {e}", global(*rank)),
             }
         }
-        if failure.is_none() && forwarded_signal.is_none() {
+        let stopping = forwarded_signal.is_some() || interrupted;
+        if failure.is_none() && !stopping {
             // Of the failures seen at once, a rank killed by a signal is the likelier cause:
             // the others often only report that it died.
             use std::os::unix::process::ExitStatusExt;
@@ -617,10 +881,19 @@ fn supervise(running: &mut [(usize, Child)], spec: &LocalRanks) -> AttemptEnd {
         if let Some((rank, status)) = failure {
             if stop_deadline.is_none() {
                 eprintln!(
-                    "dtrain launch: rank {rank} failed ({}); stopping the other ranks",
+                    "dtrain launch: rank {} failed ({}); stopping the other ranks",
+                    global(rank),
                     describe(status)
                 );
                 signal_all(running, Signal::SIGTERM);
+                stop_deadline = Some(Instant::now() + spec.grace);
+            }
+        }
+        if failure.is_none() && !stopping {
+            if let Some(reason) = hooks.stop_reason.as_mut().and_then(|f| f()) {
+                eprintln!("dtrain launch: {reason}; stopping the ranks of this node");
+                signal_all(running, Signal::SIGTERM);
+                interrupted = true;
                 stop_deadline = Some(Instant::now() + spec.grace);
             }
         }
@@ -629,7 +902,7 @@ fn supervise(running: &mut [(usize, Child)], spec: &LocalRanks) -> AttemptEnd {
                 let late: Vec<usize> = running
                     .iter()
                     .filter(|(r, _)| statuses[*r].is_none())
-                    .map(|(r, _)| *r)
+                    .map(|(r, _)| global(*r))
                     .collect();
                 eprintln!(
                     "dtrain launch: ranks {late:?} still running {:?} after SIGTERM; killing them",
@@ -647,16 +920,27 @@ fn supervise(running: &mut [(usize, Child)], spec: &LocalRanks) -> AttemptEnd {
         std::thread::sleep(Duration::from_millis(20));
     }
     if let Some((rank, status)) = failure {
-        return AttemptEnd::Failed { rank, status };
+        return AttemptEnd::Failed {
+            rank: global(rank),
+            status,
+        };
     }
     if let Some(s) = forwarded_signal {
         return AttemptEnd::Stopped(s);
     }
+    if interrupted {
+        return AttemptEnd::Interrupted;
+    }
     for (rank, s) in statuses.iter().enumerate() {
         match s {
             Some(st) if st.success() => {}
-            Some(st) => return AttemptEnd::Failed { rank, status: *st },
-            None => return AttemptEnd::Unreaped { rank },
+            Some(st) => {
+                return AttemptEnd::Failed {
+                    rank: global(rank),
+                    status: *st,
+                }
+            }
+            None => return AttemptEnd::Unreaped { rank: global(rank) },
         }
     }
     AttemptEnd::Succeeded

@@ -11,8 +11,21 @@ fn usage_exit(e: UsageError) -> ExitCode {
         print!("{text}");
         return ExitCode::SUCCESS;
     }
-    eprintln!("dtrain: error: {e}");
-    ExitCode::from(2)
+    fail(&format!("dtrain: error: {e}"), 2)
+}
+
+/// Prints `line` and, when torchrun started us, records it in `TORCHELASTIC_ERROR_FILE`
+/// so torchrun's failure summary shows it; returns `code`.
+fn fail(line: &str, code: u8) -> ExitCode {
+    eprintln!("{line}");
+    let env = |k: &str| std::env::var(k).ok();
+    if let Some((path, Err(e))) = dtrain::error_file::record_error(&env, line) {
+        eprintln!(
+            "dtrain: warning: cannot write the error file {} for torchrun: {e}",
+            path.display()
+        );
+    }
+    ExitCode::from(code)
 }
 
 fn main() -> ExitCode {
@@ -69,9 +82,6 @@ fn main() -> ExitCode {
 fn run_training(cfg: &dtrain::args::TrainConfig) -> ExitCode {
     match dtrain::train::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dtrain: error: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(&format!("dtrain: error: {e}"), 1),
     }
 }

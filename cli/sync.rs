@@ -76,10 +76,12 @@ impl Peers<'_> {
     }
 }
 
-/// The transport settings of `cfg` (rendezvous at rank 0's address, deadlines, job digest).
+/// The transport settings of `cfg` (rendezvous at rank 0's address or through the
+/// launcher's TCPStore, deadlines, job digest).
 pub fn comm_config(cfg: &TrainConfig) -> CommConfig {
     let mut cc = CommConfig::new(&cfg.master_addr, cfg.master_port, cfg.rank, cfg.num_nodes);
     cc.transport = cfg.transport;
+    cc.store = cfg.store.clone();
     cc.config_hash = cfg.config_hash();
     cc.timeouts.connect = Duration::from_secs(cfg.opts.connect_timeout);
     cc.timeouts.collective = Duration::from_secs(cfg.opts.timeout);

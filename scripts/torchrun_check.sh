@@ -11,8 +11,8 @@
 #   3. torchrun --max-restarts 1, rank 1 failing in attempt 0: attempt 1 meets under new keys
 #      and (TORCHELASTIC_RESTART_COUNT > 0 means --resume auto) starts fresh, no checkpoint yet
 #   4. --max-restarts 1 with periodic checkpoints, rank 1 killed -9 mid-run in attempt 0:
-#      attempt 1 resumes and ends bit-identical (needs --checkpoint-every; skipped, loudly,
-#      when the binary has no such flag)
+#      attempt 1 resumes from the last checkpoint and ends bit-identical to an uninterrupted
+#      run
 #   5. a rank failing with a dtrain error: torchrun's failure summary quotes dtrain's message
 #      (TORCHELASTIC_ERROR_FILE) instead of `error_file: <N/A>`
 set -uo pipefail
@@ -22,7 +22,7 @@ DTRAIN=${DTRAIN:-$PWD/target/release/dtrain}
 command -v torchrun >/dev/null || { echo "torchrun not found (pip install torch)"; exit 2; }
 unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT DTRAIN_AUTH_TOKEN
 WORK=$(mktemp -d /tmp/dtrain-torchrun-check.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "${TORCHRUN_CHECK_KEEP:-}" ]; then echo "logs kept in $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 # The issue's command, with a tiny model and test set so each run takes seconds.
 JOB=(--mode ddp --dataset synthetic --max-iters 3 --model "8,M,16,M" --synthetic-test 256
      --batch-size 16 --threads 1 --no-progress)
@@ -76,33 +76,37 @@ ok=$?
 grep -q "fails attempt 0 on purpose" "$WORK/3.log" || ok=1
 report "3 torchrun --max-restarts 1 (restart meets under attempt_1 keys)" $ok "$WORK/3.log"
 
-if "$DTRAIN" --help 2>/dev/null | grep -q -- "--checkpoint-every"; then
-  LONG=(--mode ddp --dataset synthetic --max-iters 40 --model "8,M,16,M" --synthetic-test 256
-        --batch-size 16 --threads 1 --no-progress --checkpoint-every 5)
-  "$DTRAIN" launch --nproc-per-node 2 "${LONG[@]}" >"$WORK/ref4.log" 2>&1
-  REFERENCE_SAVED=$REFERENCE
-  REFERENCE=$(hashes "$WORK/ref4.log" | sort -u)
-  # Attempt 0: rank 1 is killed -9 once the first periodic checkpoint exists.
-  cat >"$WORK/kill_first.sh" <<EOF
+LONG=(--mode ddp --dataset synthetic --max-iters 200 --model "8,M,16,M" --synthetic-test 256
+      --batch-size 16 --threads 1 --no-progress --checkpoint-every 20)
+"$DTRAIN" launch --nproc-per-node 2 "${LONG[@]}" --save-checkpoint "$WORK/ref4.ckpt" \
+  >"$WORK/ref4.log" 2>&1
+REFERENCE_SAVED=$REFERENCE
+REFERENCE=$(hashes "$WORK/ref4.log" | sort -u)
+if [ "$(hashes "$WORK/ref4.log" | wc -l)" != 2 ] || [ "$(echo "$REFERENCE" | wc -l)" != 1 ]; then
+  echo "FAIL reference run of check 4 (dtrain launch):"; tail -n 20 "$WORK/ref4.log"; exit 1
+fi
+echo "reference hash of check 4 (200 iterations, uninterrupted): $REFERENCE"
+# Attempt 0: rank 1 is killed -9 shortly after the first periodic checkpoint exists.
+cat >"$WORK/kill_first.sh" <<EOF
 #!/bin/sh
 if [ "\$TORCHELASTIC_RESTART_COUNT" = 0 ] && [ "\$RANK" = 1 ]; then
   "\$@" & child=\$!
   while [ ! -e "$WORK/4.ckpt" ]; do sleep 0.05; done
-  sleep 0.3; kill -9 \$child; echo "killed rank 1 (pid \$child) in attempt 0"; exit 137
+  sleep 0.2; kill -9 \$child; echo "killed rank 1 (pid \$child) in attempt 0"; exit 137
 fi
 exec "\$@"
 EOF
-  chmod +x "$WORK/kill_first.sh"
-  expect_reference "$WORK/4.log" torchrun --standalone --nproc-per-node 2 --max-restarts 1 \
-    --no-python "$WORK/kill_first.sh" "$DTRAIN" "${LONG[@]}" --save-checkpoint "$WORK/4.ckpt"
-  ok=$?
-  grep -q "killed rank 1" "$WORK/4.log" || ok=1
-  report "4 torchrun --max-restarts 1, kill -9 mid-run, resume ends bit-identical" $ok "$WORK/4.log"
-  REFERENCE=$REFERENCE_SAVED
-else
-  echo "SKIPPED 4 (not run): this dtrain has no --checkpoint-every (issue 9)"
-  failures=$((failures + 1))
-fi
+chmod +x "$WORK/kill_first.sh"
+expect_reference "$WORK/4.log" torchrun --standalone --nproc-per-node 2 --max-restarts 1 \
+  --no-python "$WORK/kill_first.sh" "$DTRAIN" "${LONG[@]}" --save-checkpoint "$WORK/4.ckpt"
+ok=$?
+grep -q "killed rank 1" "$WORK/4.log" || ok=1
+# Attempt 1 resumed mid-run from a periodic checkpoint, not from the end-of-run one.
+grep -q "restart 1: resuming from .* (iteration [0-9]*)" "$WORK/4.log" || ok=1
+grep -q "resuming from .*(iteration 200)" "$WORK/4.log" && ok=1
+grep -h "killed rank 1\|resuming from\|failed (exitcode" "$WORK/4.log" | sed 's/^/  | /'
+report "4 torchrun --max-restarts 1, kill -9 mid-run, resume ends bit-identical" $ok "$WORK/4.log"
+REFERENCE=$REFERENCE_SAVED
 
 # Rank 1 asks for another learning rate: a configuration mismatch, a dtrain error on both.
 cat >"$WORK/mismatch.sh" <<'EOF'
@@ -118,6 +122,7 @@ ok=0
 [ $rc = 0 ] && ok=1 # it must fail
 grep -q "traceback : dtrain: error:" "$WORK/5.log" || ok=1
 grep -q "error_file: <N/A>" "$WORK/5.log" && ok=1
+grep -h "^  rank  \|^  exitcode\|^  error_file:\|^  traceback :" "$WORK/5.log" | sed 's/^/  | /'
 report "5 torchrun failure summary shows dtrain's error (TORCHELASTIC_ERROR_FILE)" $ok "$WORK/5.log"
 
 echo "$failures check(s) failed or not run"
