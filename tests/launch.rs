@@ -272,6 +272,9 @@ fn bad_launch_arguments_are_usage_errors() {
         vec!["--rank", "1"],
         vec!["--num-nodes", "5"],
         vec!["--batch-size", "0"],
+        vec!["--nnodes", "0"],
+        vec!["--nnodes", "2", "--node-rank", "2"],
+        vec!["--nnodes", "2", "--num-nodes", "2"],
     ] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtrain"));
         let out = cmd
@@ -305,6 +308,9 @@ fn launcher_only_flags_are_not_forwarded() {
         "x",
         "--max-restarts",
         "3",
+        "--nnodes",
+        "2",
+        "--node-rank=1",
     ]
     .iter()
     .map(Into::into)

@@ -279,7 +279,22 @@ fn mpirun_job(np: usize) {
     .arg(BIN)
     .args(JOB)
     .args(["--master-port", &free_port().to_string()]);
-    assert_ranks_match(&run(cmd, RUN_DEADLINE), np, &reference);
+    let outcome = run(cmd, RUN_DEADLINE);
+    assert_ranks_match(&outcome, np, &reference);
+    // mpirun gives every rank a pty, so every rank sees a terminal; only local rank 0 may
+    // draw the progress line (each drawing rank redraws `epoch 0 batch 1/…` once).
+    let drawn = outcome.text.matches("\repoch 0 batch 1/").count();
+    assert_ne!(
+        drawn, 0,
+        "NOT CHECKED: no rank drew a progress line, so mpirun gave the ranks no terminal \
+         here and the one-progress-line-per-host rule cannot be tested:\n{}",
+        outcome.text
+    );
+    assert_eq!(
+        drawn, 1,
+        "{drawn} ranks drew the progress line; only local rank 0 may:\n{}",
+        outcome.text
+    );
 }
 
 #[test]
