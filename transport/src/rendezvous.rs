@@ -783,8 +783,18 @@ pub(crate) fn join(
     master: &MasterEndpoint,
     deadline: Instant,
 ) -> Result<Rendezvous> {
-    let mut stream = connect_master(cfg, master, deadline)?;
-    let master = format!("master {}", master.label);
+    let stream = connect_master(cfg, master, deadline)?;
+    join_on(cfg, stream, &master.label, deadline)
+}
+
+/// [`join`] on a connection to rank 0 already made (`label` names rank 0's address).
+pub(crate) fn join_on(
+    cfg: &CommConfig,
+    mut stream: TcpStream,
+    label: &str,
+    deadline: Instant,
+) -> Result<Rendezvous> {
+    let master = format!("master {label}");
     let io_err = |what: &str, e: io::Error| -> Error {
         if is_timeout(&e) {
             Error::Timeout {

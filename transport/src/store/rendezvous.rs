@@ -12,15 +12,19 @@
 //!
 //! The prefix must be unique per attempt — torchrun keeps its store across worker restarts —
 //! so build it with [`torchelastic_prefix`] from `TORCHELASTIC_RUN_ID` and
-//! `TORCHELASTIC_RESTART_COUNT`. (torchrun restarts workers after a membership change
-//! without raising the restart count; that case is reported as a second rank 0.)
+//! `TORCHELASTIC_RESTART_COUNT`. torchrun restarts workers after a membership change
+//! without raising the restart count, so a new rank 0 can find the key taken by the rank 0
+//! of the previous round: if nothing answers at the address in that record any more (the
+//! old rank 0 is gone), rank 0 replaces it by compare-set; if something does, two live
+//! processes claim rank 0 and that is an error. Joining ranks that read such a stale record
+//! find nobody at its address and read the key again until rank 0 has replaced it.
 //!
 //! Which address the others use: rank 0 publishes the local address of its own store
 //! connection (the interface that routes to the store). If that is a loopback address, the
 //! store runs on rank 0's host, so a rank on another host (different host identity) uses the
 //! store's host name with the published port instead.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::{StoreClient, StoreError};
@@ -141,9 +145,14 @@ pub(crate) fn rendezvous_via_store(
             pid: std::process::id(),
             host_id: host_identity(),
         };
-        let stored = client
+        let mut stored = client
             .compare_set(&key, b"", &mine.encode())
             .map_err(store_error)?;
+        if stored != mine.encode() && is_stale(&stored, store, client.addr()) {
+            stored = client
+                .compare_set(&key, &stored, &mine.encode())
+                .map_err(store_error)?;
+        }
         if stored != mine.encode() {
             let other = match Rank0Record::decode(&stored) {
                 Ok(r) => format!(
@@ -155,8 +164,9 @@ pub(crate) fn rendezvous_via_store(
                 Err(e) => e,
             };
             return Err(Error::ConfigMismatch(format!(
-                "two processes claim rank 0: key {key:?} in the TCPStore at {} already names {other} \
-                 — every attempt needs its own key prefix (TORCHELASTIC_RESTART_COUNT)",
+                "two processes claim rank 0: key {key:?} in the TCPStore at {} names {other}, \
+                 which is still running — every attempt needs its own key prefix \
+                 (TORCHELASTIC_RESTART_COUNT)",
                 client.addr()
             )));
         }
@@ -182,16 +192,66 @@ pub(crate) fn rendezvous_via_store(
                 },
                 other => store_error(other),
             })?;
-        let value = client.get(&key).map_err(store_error)?;
-        let record = Rank0Record::decode(&value).map_err(|e| {
-            Error::Rendezvous(format!(
-                "key {key:?} in the TCPStore at {}: {e}",
-                client.addr()
-            ))
-        })?;
-        let master = rank0_endpoint(&record, store, client.addr(), &host_identity())?;
-        drop(client);
-        rendezvous::join(cfg, &master, deadline)
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let value = client.get(&key).map_err(store_error)?;
+            let record = Rank0Record::decode(&value).map_err(|e| {
+                Error::Rendezvous(format!(
+                    "key {key:?} in the TCPStore at {}: {e}",
+                    client.addr()
+                ))
+            })?;
+            let master = rank0_endpoint(&record, store, client.addr(), &host_identity())?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match connect_any(&master.addrs, left.min(PROBE_TIMEOUT)) {
+                Ok(stream) => {
+                    drop(client);
+                    return rendezvous::join_on(cfg, stream, &master.label, deadline);
+                }
+                // A record left by the rank 0 of an earlier round (see the module docs): read
+                // the key again until this round's rank 0 has replaced it.
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(backoff.min(left));
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(Error::Rendezvous(format!(
+                        "could not reach rank 0 at {} after {:.1}s: {e} — is rank 0 running?",
+                        master.label,
+                        cfg.timeouts.connect.as_secs_f64()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// How long one connection attempt to a published rank 0 address may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The first of `addrs` that accepts a connection within `timeout` (each).
+fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> std::io::Result<TcpStream> {
+    let timeout = timeout.max(Duration::from_millis(1));
+    let mut last = std::io::Error::other("no address to try");
+    for addr in addrs {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Whether `stored` (the value of the rank 0 key) is a record whose rank 0 is gone: nothing
+/// accepts connections at its address. Anything else (a live listener, garbage) is not
+/// stale.
+fn is_stale(stored: &[u8], store: &StoreRendezvous, store_addr: &str) -> bool {
+    let Ok(record) = Rank0Record::decode(stored) else {
+        return false;
+    };
+    match rank0_endpoint(&record, store, store_addr, &host_identity()) {
+        Ok(endpoint) => connect_any(&endpoint.addrs, PROBE_TIMEOUT).is_err(),
+        Err(_) => false,
     }
 }
 
