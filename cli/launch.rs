@@ -222,13 +222,13 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
     if let Some(cmd) = &args.child_command {
         child_args.push(cmd.into());
     }
-    install_forwarding_handlers();
     if args.nnodes > 1 {
         let port = fixed_port.unwrap_or(DEFAULT_MASTER_PORT);
         child_args.extend(without_flags(&forwarded_args(launch_args), &STORE_FLAGS));
         return run_nodes(args, layout, child_args, &master_addr, port);
     }
     child_args.extend(forwarded_args(launch_args));
+    install_forwarding_handlers();
     let pick_port = || match fixed_port {
         Some(p) => Ok(p),
         None => free_port().map_err(|e| LaunchError::Io(format!("cannot pick a free port: {e}"))),
@@ -341,23 +341,15 @@ fn run_nodes(
         layout.world_size(),
         if me == 0 { " (hosted here)" } else { "" }
     );
+    // Until this node has joined, Ctrl-C simply ends the launcher (no ranks yet).
     let mut group = nodes::NodeGroup::join(layout, master_addr, port, connect_timeout)?;
+    install_forwarding_handlers();
     let grace = Duration::from_secs(args.grace_secs);
     let max_restarts = layout.max_restarts;
-    // How a job that ends without a rank's exit status ends here.
-    let abort_exit = |group: &mut nodes::NodeGroup, text: &str| -> u8 {
-        eprintln!("dtrain launch: error: {text}");
-        group.finish();
-        1
-    };
     let mut restart = 0u32;
     loop {
         if let Err(i) = group.ready(restart, connect_timeout) {
-            let text = match i {
-                Interrupt::Abort(t) => t,
-                Interrupt::Failed => "a rank failed before the attempt started".into(),
-            };
-            return Ok(abort_exit(&mut group, &text));
+            return Ok(end_interrupted(&mut group, i));
         }
         let label = match restart {
             0 => String::new(),
@@ -383,10 +375,10 @@ fn run_nodes(
         });
         let end = {
             let group = &group;
-            let mut stop_reason = || match group.interrupt(restart) {
-                Some(Interrupt::Abort(text)) => Some(text),
-                Some(Interrupt::Failed) => Some("a rank failed on another node".to_string()),
-                None => None,
+            let mut stop_reason = || match group.interrupt(restart)? {
+                Interrupt::Abort(text) => Some(text),
+                Interrupt::Failed => Some("a rank failed on another node".to_string()),
+                Interrupt::Signalled(sig) => Some(format!("got {sig:?}")),
             };
             let mut hooks = AttemptHooks {
                 first_rank: first,
@@ -400,8 +392,8 @@ fn run_nodes(
                     group.finish();
                     return Ok(0);
                 }
-                Err(Interrupt::Abort(text)) => return Ok(abort_exit(&mut group, &text)),
                 Err(Interrupt::Failed) => None,
+                Err(i) => return Ok(end_interrupted(&mut group, i)),
             },
             AttemptEnd::Failed { rank, status } => {
                 use std::os::unix::process::ExitStatusExt;
@@ -413,30 +405,28 @@ fn run_nodes(
                     status: describe(status),
                 })
             }
-            AttemptEnd::Interrupted => None,
+            AttemptEnd::Interrupted => match group.interrupt(restart) {
+                Some(Interrupt::Failed) | None => None,
+                Some(i) => return Ok(end_interrupted(&mut group, i)),
+            },
             AttemptEnd::Stopped(sig) => {
                 group.abort(&format!("node {me}'s launcher was stopped by {sig:?}"));
-                group.finish();
-                return Ok(AttemptEnd::Stopped(sig).report());
+                return Ok(end_interrupted(&mut group, Interrupt::Signalled(sig)));
             }
-            AttemptEnd::Unreaped { .. } => {
-                let code = end.report();
-                group.abort(&format!("node {me}'s launcher could not reap its ranks"));
-                group.finish();
-                return Ok(code);
+            AttemptEnd::Unreaped { rank } => {
+                let text = format!("rank {rank} (node {me}) could not be reaped");
+                group.abort(&text);
+                return Ok(end_interrupted(&mut group, Interrupt::Abort(text)));
             }
         };
         // Every node reaps its ranks, then all name the same root cause.
         let root = match group.stopped(restart, mine.as_ref(), grace + connect_timeout) {
-            Ok(root) => root,
-            Err(Interrupt::Abort(text)) => return Ok(abort_exit(&mut group, &text)),
-            Err(Interrupt::Failed) => unreachable!("the stop barrier ignores failures"),
+            Ok(root) => root.or(mine),
+            Err(i) => return Ok(end_interrupted(&mut group, i)),
         };
-        let Some(root) = root.or(mine) else {
-            return Ok(abort_exit(
-                &mut group,
-                "the attempt failed but no node recorded which rank",
-            ));
+        let Some(root) = root else {
+            let text = "the attempt failed but no node recorded which rank".to_string();
+            return Ok(end_interrupted(&mut group, Interrupt::Abort(text)));
         };
         if restart < max_restarts {
             let wait = restart_backoff(restart);
@@ -449,8 +439,7 @@ fn run_nodes(
             );
             if let Some(sig) = sleep_unless_signalled(wait) {
                 group.abort(&format!("node {me}'s launcher was stopped by {sig:?}"));
-                group.finish();
-                return Ok(AttemptEnd::Stopped(sig).report());
+                return Ok(end_interrupted(&mut group, Interrupt::Signalled(sig)));
             }
             restart += 1;
             continue;
@@ -462,6 +451,25 @@ fn run_nodes(
         group.finish();
         return Ok(root.exit_code);
     }
+}
+
+/// How the job ends on this node when it ends without a rank's failure to report (another
+/// node's launcher lost, mismatched flags, a signal): says why, lets node 0's store outlive
+/// the others' last look at it, and returns the exit code.
+fn end_interrupted(group: &mut nodes::NodeGroup, why: nodes::Interrupt) -> u8 {
+    let code = match why {
+        nodes::Interrupt::Signalled(sig) => AttemptEnd::Stopped(sig).report(),
+        nodes::Interrupt::Abort(text) => {
+            eprintln!("dtrain launch: error: {text}");
+            1
+        }
+        nodes::Interrupt::Failed => {
+            eprintln!("dtrain launch: error: a rank failed on another node");
+            1
+        }
+    };
+    group.finish();
+    code
 }
 
 /// Sleep `d`, waking early with the signal when the launcher gets SIGINT/SIGTERM.

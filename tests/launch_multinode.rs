@@ -634,3 +634,32 @@ fn a_dead_launcher_is_noticed_by_the_other_node() {
     );
     assert!(!out.stdout.contains(" done"), "{}", out.text());
 }
+
+#[test]
+fn sigterm_to_one_launcher_stops_the_job_on_both_nodes() {
+    let env = [
+        ("DTRAIN_TEST_SLEEP_SECS", "120"),
+        ("DTRAIN_TEST_LINES", "0"),
+    ];
+    let launchers = on_loopback(&[], &env);
+    for rank in 0..4 {
+        launchers[rank / 2].wait_for_line(&format!("rank {rank} running"), |l| {
+            l.starts_with(&format!("[rank {rank}] rank {rank} attempt 0"))
+        });
+    }
+    let node1 = nix::unistd::Pid::from_raw(launchers[1].child.id() as i32);
+    nix::sys::signal::kill(node1, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM node 1");
+    let outs = wait_all(launchers, Duration::from_secs(60));
+    assert_eq!(outs[1].status.code(), Some(128 + 15), "{}", outs[1].text());
+    assert_eq!(outs[0].status.code(), Some(1), "{}", outs[0].text());
+    assert!(
+        outs[0]
+            .stderr
+            .contains("dtrain launch: error: node 1's launcher was stopped by SIGTERM"),
+        "{}",
+        outs[0].text()
+    );
+    for out in &outs {
+        assert!(!out.stdout.contains(" done"), "{}", out.text());
+    }
+}

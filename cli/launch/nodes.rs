@@ -157,6 +157,8 @@ pub enum Interrupt {
     Failed,
     /// The job ends everywhere without restart; the text says why.
     Abort(String),
+    /// This launcher got SIGINT/SIGTERM while waiting (the job was aborted everywhere).
+    Signalled(nix::sys::signal::Signal),
 }
 
 /// What the watcher thread found; read by the launcher's supervision loop.
@@ -357,8 +359,9 @@ impl NodeGroup {
                 return Err(self.lost_store(e));
             }
         }
-        if let Err(Interrupt::Abort(text)) = self.barrier(attempt, "stopped", limit, false) {
-            return Err(Interrupt::Abort(text));
+        match self.barrier(attempt, "stopped", limit, false) {
+            Ok(()) | Err(Interrupt::Failed) => {}
+            Err(other) => return Err(other),
         }
         self.root_failure(attempt).map_err(|e| self.lost_store(e))
     }
@@ -443,6 +446,11 @@ impl NodeGroup {
                 Some(Interrupt::Failed) if !stop_on_failure => {}
                 Some(i) => return Err(i),
                 None => {}
+            }
+            let signal = super::RECEIVED_SIGNAL.swap(0, Ordering::SeqCst);
+            if let Ok(sig) = nix::sys::signal::Signal::try_from(signal) {
+                self.abort(&format!("node {me}'s launcher was stopped by {sig:?}"));
+                return Err(Interrupt::Signalled(sig));
             }
             if start.elapsed() >= limit {
                 let mut missing = Vec::new();
