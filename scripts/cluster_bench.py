@@ -282,15 +282,15 @@ def step_seconds(results, what):
     return max(times)
 
 
-def mean_comm_seconds(metrics_path):
-    """Rank 0's mean `comm_seconds` over iterations 1.. (iteration 0 is warm-up)."""
+def mean_metric(metrics_path, key):
+    """Rank 0's mean `key` (comm_seconds, cpu_seconds) over iterations 1.. (0 is warm-up)."""
     try:
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except OSError:
         return None
-    comm = [r["comm_seconds"] for r in rows if "comm_seconds" in r][1:]
-    return sum(comm) / len(comm) if comm else None
+    values = [r[key] for r in rows if key in r][1:]
+    return sum(values) / len(values) if values else None
 
 
 class Bench:
@@ -336,10 +336,12 @@ class Bench:
         return Job(self.procs, self.workdir, f"{self.runs:03d}-{name}", self.args.run_timeout)
 
     def dtrain_single(self):
+        """(seconds per iteration, CPU seconds per iteration) of one process."""
         job = self.job("dtrain-single")
-        argv = [self.args.dtrain, "--mode", "single", "--num-nodes", "1"] + self.dtrain_common(1)
-        job.add(0, 0, self.cluster.ns[0], self.cpus[0], argv, self.host_env(0))
-        return step_seconds(job.wait(), "dtrain --mode single")
+        metrics = os.path.join(self.workdir, f"{job.name}.metrics.jsonl")
+        argv = [self.args.dtrain, "--mode", "single", "--num-nodes", "1", "--metrics", metrics]
+        job.add(0, 0, self.cluster.ns[0], self.cpus[0], argv + self.dtrain_common(1), self.host_env(0))
+        return step_seconds(job.wait(), "dtrain --mode single"), mean_metric(metrics, "cpu_seconds")
 
     def dtrain_mode(self, mode, compression="none", exe=None):
         """One dtrain run; `exe` is another dtrain binary (--ref-dtrain) to run instead."""
@@ -362,7 +364,7 @@ class Bench:
         hashes = {HASH_RE.search(t).group(1) for _, _, t in results if HASH_RE.search(t)}
         if len(hashes) != 1:
             raise RuntimeError(f"dtrain --mode {mode}: ranks ended with different parameter hashes {hashes}")
-        return secs, mean_comm_seconds(metrics)
+        return secs, mean_metric(metrics, "comm_seconds"), mean_metric(metrics, "cpu_seconds")
 
     def torch_job(self, mode, world, compression="none"):
         a = self.args
@@ -442,8 +444,10 @@ def train(args, cluster, procs, workdir):
             # The baseline is the mean of one-process runs before and after the rate's rows.
             after = baselines(rate, "after")
             for row in rows[first_row:]:
-                row["single_runs_s"] = [before[0], after[0]]
-                row["single_s"] = (before[0] + after[0]) / 2
+                row["single_runs_s"] = [before[0][0], after[0][0]]
+                row["single_s"] = (before[0][0] + after[0][0]) / 2
+                cpus = [b[0][1] for b in (before, after) if b[0][1] is not None]
+                row["single_cpu_s"] = sum(cpus) / len(cpus) if cpus else None
                 if use_torch:
                     row["torch_single_runs_s"] = [before[1], after[1]]
                     row["torch_single_s"] = (before[1] + after[1]) / 2
@@ -467,7 +471,7 @@ def measure_row(bench, use_torch, rep, rate, mode, compression, exe=None):
     what = f"[{rate}] --mode {mode} --grad-compression {compression}{' with ' + exe if exe else ''}"
     try:
         log(f"{what}: dtrain ...")
-        row["dtrain_s"], row["comm_s"] = bench.dtrain_mode(mode, compression, exe)
+        row["dtrain_s"], row["comm_s"], row["cpu_s"] = bench.dtrain_mode(mode, compression, exe)
         if use_torch:
             log(f"{what}: PyTorch ...")
             row["torch_s"] = bench.torch_job(mode, bench.world, compression)
@@ -481,7 +485,7 @@ def print_table(header, rows, args, use_torch):
     images = args.batch_size * args.hosts * args.ranks_per_host
     print(f"\n{header}\n")
     cols = ["rep", "link", "mode", "compression", "ranks", "load", "one process ms (before/after)",
-            "dtrain ms/it", "images/s", "efficiency", "exposed comm ms"]
+            "dtrain ms/it", "images/s", "efficiency", "exposed comm ms", "extra CPU ms"]
     if use_torch:
         cols += ["PyTorch one process ms (before/after)", "PyTorch ms/it", "PyTorch eff.", "PyTorch / dtrain"]
     print("| " + " | ".join(cols) + " |")
@@ -491,7 +495,8 @@ def print_table(header, rows, args, use_torch):
         cells = [str(r["rep"]), r["link"], r["mode"], r["compression"], str(r["ranks"]), f"{r['load1']:.1f}",
                  "/".join(f"{v * 1e3:.0f}" for v in r["single_runs_s"]),
                  fmt(d and d * 1e3, ".0f"), fmt(d and images / d, ".1f"),
-                 fmt(d and r["single_s"] / d, ".2f"), fmt(r.get("comm_s") and r["comm_s"] * 1e3, ".0f")]
+                 fmt(d and r["single_s"] / d, ".2f"), fmt(r.get("comm_s") and r["comm_s"] * 1e3, ".0f"),
+                 fmt(extra_cpu_ms(r), ".0f")]
         if use_torch:
             ts = r.get("torch_single_s")
             cells += ["/".join(f"{v * 1e3:.0f}" for v in r["torch_single_runs_s"]),
@@ -502,8 +507,14 @@ def print_table(header, rows, args, use_torch):
         print("| " + " | ".join(cells) + " |")
     print("\nefficiency = one process's ms/iteration (the mean of one run before and one after each "
           "link rate's rows) / the mode's, at the same batch per rank; exposed comm = rank 0's "
-          "comm_seconds per iteration (time spent waiting for collectives); load = 1-minute load "
-          "average when the row started.")
+          "comm_seconds per iteration (time spent waiting for collectives); extra CPU = rank 0's "
+          "CPU seconds per iteration minus one process's (the communication thread's work and the "
+          "bucket copies, on the rank's one core); load = 1-minute load average when the row started.")
+
+
+def extra_cpu_ms(row):
+    cpu, single = row.get("cpu_s"), row.get("single_cpu_s")
+    return None if cpu is None or single is None else (cpu - single) * 1e3
 
 
 def median(values):
@@ -515,7 +526,8 @@ def print_summary(rows, args, use_torch):
     """Per (link, mode, compression): medians over the repeats, and the efficiency range."""
     images = args.batch_size * args.hosts * args.ranks_per_host
     print(f"\nmedians over {args.repeat} repeats (efficiency: median, min-max)\n")
-    cols = ["link", "mode", "compression", "dtrain ms/it", "images/s", "efficiency", "exposed comm ms"]
+    cols = ["link", "mode", "compression", "dtrain ms/it", "images/s", "efficiency", "exposed comm ms",
+            "extra CPU ms"]
     if use_torch:
         cols += ["PyTorch ms/it", "PyTorch eff.", "PyTorch / dtrain"]
     print("| " + " | ".join(cols) + " |")
@@ -533,9 +545,11 @@ def print_summary(rows, args, use_torch):
         eff = [r["single_s"] / r["dtrain_s"] for r in ok]
         d = median([r["dtrain_s"] for r in ok])
         comm = [r["comm_s"] for r in ok if r.get("comm_s") is not None]
+        extra = [extra_cpu_ms(r) for r in ok if extra_cpu_ms(r) is not None]
         cells = list(k) + [f"{d * 1e3:.0f}", f"{images / d:.1f}",
                            f"{median(eff):.2f} ({min(eff):.2f}-{max(eff):.2f})",
-                           fmt(median(comm) * 1e3 if comm else None, ".0f")]
+                           fmt(median(comm) * 1e3 if comm else None, ".0f"),
+                           fmt(median(extra) if extra else None, ".0f")]
         if use_torch:
             t = [r for r in ok if r.get("torch_s")]
             def med(f):
