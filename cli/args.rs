@@ -42,6 +42,27 @@ impl Mode {
     }
 }
 
+/// How gradients travel between ranks (`--grad-compression`, ddp and allreduce only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum GradCompression {
+    /// f32 gradients, averaged exactly as computed
+    None,
+    /// bfloat16 on the wire (half the bytes; f32's range, 8-bit significand)
+    Bf16,
+    /// IEEE half precision on the wire (half the bytes; 11-bit significand, range ±65504)
+    Fp16,
+}
+
+impl GradCompression {
+    pub fn name(self) -> &'static str {
+        match self {
+            GradCompression::None => "none",
+            GradCompression::Bf16 => "bf16",
+            GradCompression::Fp16 => "fp16",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 pub enum DatasetKind {
     /// CIFAR-10 binary version, downloaded into --data-dir when absent.
@@ -148,7 +169,7 @@ impl TrainConfig {
         let canonical = format!(
             "world={};mode={};dataset={};batch={};lr={:08x};momentum={:08x};wd={:08x};seed={};\
              epochs={};max_iters={};model={};augment={};shuffle={};first_bucket={:016x};\
-             bucket_cap={:016x};synthetic={}/{}",
+             bucket_cap={:016x};synthetic={}/{};grad_compression={}",
             self.num_nodes,
             o.mode.name(),
             o.dataset.name(),
@@ -166,6 +187,7 @@ impl TrainConfig {
             o.bucket_cap_mb.to_bits(),
             o.synthetic_train,
             o.synthetic_test,
+            o.grad_compression.name(),
         );
         crate::hash::fnv1a64(canonical.as_bytes())
     }
@@ -334,12 +356,16 @@ pub struct RunOptions {
     /// Start from the weights of a checkpoint (fresh optimizer, epoch 0)
     #[arg(long, value_name = "FILE")]
     pub init_checkpoint: Option<PathBuf>,
-    /// DDP: size of the first (last-layer) bucket in MB
+    /// DDP: a bucket is sent as soon as it holds this many MB of gradients (smaller
+    /// gradients wait for the next ones)
     #[arg(long, value_name = "MB", default_value_t = 1.0)]
     pub first_bucket_mb: f64,
-    /// DDP: size cap of the other buckets in MB
+    /// DDP: buckets are not merged beyond this many MB
     #[arg(long, value_name = "MB", default_value_t = 25.0)]
     pub bucket_cap_mb: f64,
+    /// Gradients on the wire: none (f32), bf16 or fp16 (half the bytes; ddp and allreduce)
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "none")]
+    pub grad_compression: GradCompression,
     /// vgg11, or a layer spec like 64,M,128,M (conv widths and max-pools)
     #[arg(long, default_value = "vgg11")]
     pub model: String,
@@ -750,6 +776,14 @@ fn validate_run_options(o: &mut RunOptions, num_nodes: usize) -> Result<(), Usag
     if o.mode == Mode::Single && num_nodes != 1 {
         return Err(invalid(format!(
             "--mode single needs --num-nodes 1, got {num_nodes}"
+        )));
+    }
+    if o.grad_compression != GradCompression::None && !matches!(o.mode, Mode::Ddp | Mode::AllReduce)
+    {
+        return Err(invalid(format!(
+            "--grad-compression {} needs --mode ddp or allreduce ({} does not all-reduce gradients)",
+            o.grad_compression.name(),
+            o.mode.name()
         )));
     }
 

@@ -59,7 +59,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "all-reduce,broadcast,gather,scatter,all-gather"
+        default_value = "all-reduce,all-reduce-bf16,all-reduce-fp16,broadcast,gather,scatter,all-gather"
     )]
     pub collectives: Vec<CollectiveArg>,
     /// Timed repetitions for small sizes (fewer for large ones)
@@ -88,6 +88,13 @@ pub struct BenchArgs {
 pub enum CollectiveArg {
     #[value(alias = "all_reduce", alias = "allreduce")]
     AllReduce,
+    /// The same f32 elements all-reduced as bfloat16 (`--grad-compression bf16`); bytes
+    /// and bandwidth are counted in f32 terms, so the row lines up with the f32 one
+    #[value(alias = "all_reduce_bf16")]
+    AllReduceBf16,
+    /// As all-reduce-bf16, in IEEE half precision (`--grad-compression fp16`)
+    #[value(alias = "all_reduce_fp16")]
+    AllReduceFp16,
     Broadcast,
     Gather,
     Scatter,
@@ -99,6 +106,8 @@ impl From<CollectiveArg> for BenchCollective {
     fn from(c: CollectiveArg) -> Self {
         match c {
             CollectiveArg::AllReduce => BenchCollective::AllReduce,
+            CollectiveArg::AllReduceBf16 => BenchCollective::AllReduceBf16,
+            CollectiveArg::AllReduceFp16 => BenchCollective::AllReduceF16,
             CollectiveArg::Broadcast => BenchCollective::Broadcast,
             CollectiveArg::Gather => BenchCollective::Gather,
             CollectiveArg::Scatter => BenchCollective::Scatter,
@@ -111,6 +120,8 @@ impl CollectiveArg {
     fn flag_value(self) -> &'static str {
         match self {
             CollectiveArg::AllReduce => "all-reduce",
+            CollectiveArg::AllReduceBf16 => "all-reduce-bf16",
+            CollectiveArg::AllReduceFp16 => "all-reduce-fp16",
             CollectiveArg::Broadcast => "broadcast",
             CollectiveArg::Gather => "gather",
             CollectiveArg::Scatter => "scatter",

@@ -7,7 +7,9 @@
 //! exactly as the original scripts do:
 //! - `gather-scatter`: rank 0 gathers every rank's gradient, sums them in rank order,
 //!   divides by the world size and scatters the mean back to everybody;
-//! - `allreduce`: all-reduce (sum) of the gradient, then division by the world size.
+//! - `allreduce`: all-reduce (sum) of the gradient, then division by the world size (with
+//!   `--grad-compression bf16|fp16`: the gradient times 1/world rounded to 16 bits, summed,
+//!   widened back, as DDP's buckets do).
 //!
 //! `ddp` lives in [`crate::ddp`]. Every mode leaves bitwise identical gradients on every rank
 //! (the transport's reductions are deterministic across ranks), so parameters stay identical
@@ -17,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use engine::optim::Sgd;
 use engine::vgg::Vgg;
-use transport::{AsyncCommunicator, CommConfig, Communicator, ReduceOp};
+use transport::{AsyncCommunicator, Bf16, CommConfig, Communicator, HalfFloat, ReduceOp, F16};
 
-use crate::args::{Mode, TrainConfig};
+use crate::args::{GradCompression, Mode, TrainConfig};
 use crate::data::Batch;
-use crate::ddp::DdpSync;
+use crate::ddp::{DdpSync, WireFormat};
 
 /// What one training step reports.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,7 +54,12 @@ pub enum GradSync {
         scratch: Vec<f32>,
     },
     /// After backward, per parameter: all-reduce (sum), divide by the world size.
-    AllReduce { comm: Communicator },
+    AllReduce {
+        comm: Communicator,
+        compression: GradCompression,
+        /// The 16-bit copy of one gradient when compressing (reused across parameters).
+        wire: Vec<u16>,
+    },
     /// Buckets all-reduced on a communication thread while backward runs.
     Ddp(Box<DdpSync>),
 }
@@ -108,16 +115,21 @@ impl GradSync {
                 comm,
                 scratch: Vec::new(),
             },
-            Mode::AllReduce => GradSync::AllReduce { comm },
+            Mode::AllReduce => GradSync::AllReduce {
+                comm,
+                compression: cfg.opts.grad_compression,
+                wire: Vec::new(),
+            },
             Mode::Ddp => {
                 broadcast_parameters(Peers::Blocking(&mut comm), model)?;
                 broadcast_bn_buffers(Peers::Blocking(&mut comm), model, &mut Vec::new())?;
-                let (first, cap) = (cfg.opts.first_bucket_mb, cfg.opts.bucket_cap_mb);
+                let o = &cfg.opts;
                 GradSync::Ddp(Box::new(DdpSync::new(
                     comm.into_async(),
                     model,
-                    first,
-                    cap,
+                    o.first_bucket_mb,
+                    o.bucket_cap_mb,
+                    o.grad_compression,
                 )?))
             }
             Mode::Single => {
@@ -149,9 +161,18 @@ impl GradSync {
                     gather_scatter_mean(comm, &mut p.grad, scratch)?;
                 }
             }
-            GradSync::AllReduce { comm } => {
+            GradSync::AllReduce {
+                comm,
+                compression,
+                wire,
+            } => {
                 for p in model.params_mut() {
-                    all_reduce_mean(comm, &mut p.grad)?;
+                    let g = &mut p.grad;
+                    match compression {
+                        GradCompression::None => all_reduce_mean(comm, g)?,
+                        GradCompression::Bf16 => all_reduce_mean_half::<Bf16>(comm, g, wire)?,
+                        GradCompression::Fp16 => all_reduce_mean_half::<F16>(comm, g, wire)?,
+                    }
                 }
             }
             GradSync::Solo | GradSync::Ddp(_) => {}
@@ -165,7 +186,7 @@ impl GradSync {
     pub fn peers(&mut self) -> Option<Peers<'_>> {
         match self {
             GradSync::Solo => None,
-            GradSync::GatherScatter { comm, .. } | GradSync::AllReduce { comm } => {
+            GradSync::GatherScatter { comm, .. } | GradSync::AllReduce { comm, .. } => {
                 Some(Peers::Blocking(comm))
             }
             GradSync::Ddp(ddp) => Some(Peers::Async(ddp.comm())),
@@ -285,6 +306,21 @@ pub fn all_reduce_mean(comm: &mut Communicator, grad: &mut [f32]) -> transport::
     for g in grad.iter_mut() {
         *g /= world;
     }
+    Ok(())
+}
+
+/// The compressed all-reduce mean of `grad` in the 16-bit format `H`, through `wire`
+/// (reused): packed as DDP's buckets are ([`WireFormat`]), summed, widened back.
+pub fn all_reduce_mean_half<H: HalfFloat + WireFormat>(
+    comm: &mut Communicator,
+    grad: &mut [f32],
+    wire: &mut Vec<u16>,
+) -> transport::Result<()> {
+    wire.resize(grad.len(), 0);
+    let wire: &mut [H] = bytemuck::cast_slice_mut(&mut wire[..]);
+    H::pack(grad, 1.0 / comm.world_size() as f32, wire);
+    comm.all_reduce(wire, H::REDUCE)?;
+    H::unpack(wire, grad);
     Ok(())
 }
 

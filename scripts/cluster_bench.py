@@ -2,7 +2,7 @@
 """Cluster bench: dtrain (and PyTorch + gloo) across network-namespace "hosts" joined by
 shaped links. Run as root, from the repository (after `cargo build --release`):
 
-    sudo scripts/cluster_bench.py train --rates 10gbit,1gbit
+    sudo scripts/cluster_bench.py train --rates 10gbit,1gbit --grad-compression none,bf16
     sudo scripts/cluster_bench.py train --hosts 2 --ranks-per-host 2 --modes ddp --rates 1gbit
     sudo scripts/cluster_bench.py collectives --rates 25gbit,10gbit,1gbit,none --bytes 36M
 
@@ -22,10 +22,16 @@ several. Ranks in different namespaces share /dev/shm and the boot id, so each h
 their own DTRAIN_HOST_ID. When torch is importable (`--torch auto`, the default), the same runs
 are repeated with scripts/torch_ddp.py over gloo (GLOO_SOCKET_IFNAME = the host's link).
 
+`--grad-compression none,bf16` adds a row per compression to the ddp and allreduce modes
+(dtrain's flag; PyTorch's bf16/fp16_compress_hook), `--ref-dtrain PATH` the same modes with
+another dtrain build (e.g. main's, for a same-run before/after), `--repeat N` runs the whole
+series N times and adds a table of medians.
+
 It prints a table: ms per iteration (dtrain's `Average time` line: the mean of iterations
 1..iters-1, the slowest rank), images/s of all ranks, scaling efficiency (one process's
 ms/iteration / the mode's, at the same batch per rank), dtrain's exposed communication time
-per iteration (rank 0's `comm_seconds` from --metrics), and PyTorch's numbers.
+per iteration (rank 0's mean `comm_seconds` from --metrics: time spent waiting for
+collectives), PyTorch's numbers, and the 1-minute load average when each row started.
 
 `collectives` times one all-reduce size across the shaped link, one rank per host, with
 transport's sweep example (f32 and bf16 rows; build it with `cargo build --release -p
@@ -276,15 +282,15 @@ def step_seconds(results, what):
     return max(times)
 
 
-def mean_comm_seconds(metrics_path):
-    """Rank 0's mean `comm_seconds` over iterations 1.. (iteration 0 is warm-up)."""
+def mean_metric(metrics_path, key):
+    """Rank 0's mean `key` (comm_seconds, cpu_seconds) over iterations 1.. (0 is warm-up)."""
     try:
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except OSError:
         return None
-    comm = [r["comm_seconds"] for r in rows if "comm_seconds" in r][1:]
-    return sum(comm) / len(comm) if comm else None
+    values = [r[key] for r in rows if key in r][1:]
+    return sum(values) / len(values) if values else None
 
 
 class Bench:
@@ -330,21 +336,26 @@ class Bench:
         return Job(self.procs, self.workdir, f"{self.runs:03d}-{name}", self.args.run_timeout)
 
     def dtrain_single(self):
+        """(seconds per iteration, CPU seconds per iteration) of one process."""
         job = self.job("dtrain-single")
-        argv = [self.args.dtrain, "--mode", "single", "--num-nodes", "1"] + self.dtrain_common(1)
-        job.add(0, 0, self.cluster.ns[0], self.cpus[0], argv, self.host_env(0))
-        return step_seconds(job.wait(), "dtrain --mode single")
+        metrics = os.path.join(self.workdir, f"{job.name}.metrics.jsonl")
+        argv = [self.args.dtrain, "--mode", "single", "--num-nodes", "1", "--metrics", metrics]
+        job.add(0, 0, self.cluster.ns[0], self.cpus[0], argv + self.dtrain_common(1), self.host_env(0))
+        return step_seconds(job.wait(), "dtrain --mode single"), mean_metric(metrics, "cpu_seconds")
 
-    def dtrain_mode(self, mode):
+    def dtrain_mode(self, mode, compression="none", exe=None):
+        """One dtrain run; `exe` is another dtrain binary (--ref-dtrain) to run instead."""
         a = self.args
         transport = a.transport or ("tcp" if a.ranks_per_host == 1 else "auto")
         port = self.next_port()
-        job = self.job(f"dtrain-{mode}")
+        job = self.job(f"dtrain-{mode}-{compression}{'-ref' if exe else ''}")
         metrics = os.path.join(self.workdir, f"{job.name}.metrics.jsonl")
         for rank, h, core in self.placement():
-            argv = [a.dtrain, "--master-ip", self.cluster.ip[0], "--master-port", str(port),
+            argv = [exe or a.dtrain, "--master-ip", self.cluster.ip[0], "--master-port", str(port),
                     "--num-nodes", str(self.world), "--rank", str(rank), "--mode", mode,
                     "--transport", transport] + self.dtrain_common(self.world)
+            if compression != "none":
+                argv += ["--grad-compression", compression]
             if rank == 0:
                 argv += ["--metrics", metrics]
             job.add(rank, h, self.cluster.ns[h], core, argv, self.host_env(h))
@@ -353,12 +364,12 @@ class Bench:
         hashes = {HASH_RE.search(t).group(1) for _, _, t in results if HASH_RE.search(t)}
         if len(hashes) != 1:
             raise RuntimeError(f"dtrain --mode {mode}: ranks ended with different parameter hashes {hashes}")
-        return secs, mean_comm_seconds(metrics)
+        return secs, mean_metric(metrics, "comm_seconds"), mean_metric(metrics, "cpu_seconds")
 
-    def torch_job(self, mode, world):
+    def torch_job(self, mode, world, compression="none"):
         a = self.args
         port = self.next_port()
-        job = self.job(f"torch-{mode}")
+        job = self.job(f"torch-{mode}-{compression}")
         script = os.path.join(REPO, "scripts", "torch_ddp.py")
         placement = self.placement() if world > 1 else [(0, 0, self.cpus[0])]
         for rank, h, core in placement:
@@ -366,7 +377,8 @@ class Bench:
                    "RANK": str(rank), "WORLD_SIZE": str(world),
                    "GLOO_SOCKET_IFNAME": self.cluster.ifname[h]}
             argv = [sys.executable, script, "--mode", mode, "--iters", str(a.iters),
-                    "--batch-size", str(a.batch_size), "--model", a.model, "--threads", str(a.threads)]
+                    "--batch-size", str(a.batch_size), "--model", a.model, "--threads", str(a.threads),
+                    "--grad-compression", compression]
             job.add(rank, h, self.cluster.ns[h], core, argv, env)
         return step_seconds(job.wait(), f"PyTorch --mode {mode}")
 
@@ -405,6 +417,7 @@ def train(args, cluster, procs, workdir):
     use_torch = args.torch == "on" or (args.torch == "auto" and named_vgg and torch_available())
     bench = Bench(args, cluster, procs, workdir)
     rows = []
+    load_at_start = os.getloadavg()[0]
     header = (f"{args.hosts} hosts x {args.ranks_per_host} rank(s), {args.model}, batch {args.batch_size}"
               f"/rank, {args.threads} thread(s), {args.iters} iterations (mean of 1..{args.iters - 1}), "
               f"{cpu_model()}, {len(bench.cpus)} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')}"
@@ -418,51 +431,72 @@ def train(args, cluster, procs, workdir):
         log(f"[{rate}] one process ({when}): PyTorch ...")
         return single, bench.torch_job("single", 1)
 
-    for rate in args.rates:
-        cluster.shape(rate)
-        before = baselines(rate, "before")
-        first_row = len(rows)
-        for mode in args.modes:
-            row = {"link": rate, "mode": mode, "ranks": bench.world}
-            try:
-                log(f"[{rate}] dtrain --mode {mode} ...")
-                row["dtrain_s"], row["comm_s"] = bench.dtrain_mode(mode)
+    for rep in range(args.repeat):
+        for rate in args.rates:
+            cluster.shape(rate)
+            before = baselines(rate, "before")
+            first_row = len(rows)
+            for mode in args.modes:
+                for compression in compressions_for(mode, args.grad_compression):
+                    rows.append(measure_row(bench, use_torch, rep, rate, mode, compression))
+                if args.ref_dtrain:  # the same mode with another build, no PyTorch run
+                    rows.append(measure_row(bench, False, rep, rate, mode, "none", args.ref_dtrain))
+            # The baseline is the mean of one-process runs before and after the rate's rows.
+            after = baselines(rate, "after")
+            for row in rows[first_row:]:
+                row["single_runs_s"] = [before[0][0], after[0][0]]
+                row["single_s"] = (before[0][0] + after[0][0]) / 2
+                cpus = [b[0][1] for b in (before, after) if b[0][1] is not None]
+                row["single_cpu_s"] = sum(cpus) / len(cpus) if cpus else None
                 if use_torch:
-                    log(f"[{rate}] PyTorch --mode {mode} ...")
-                    row["torch_s"] = bench.torch_job(mode, bench.world)
-            except RuntimeError as e:
-                log(f"[{rate}] {mode} FAILED: {e}")
-                row["error"] = str(e).splitlines()[0]
-            rows.append(row)
-        # The baseline is the mean of one-process runs before and after the rate's rows.
-        after = baselines(rate, "after")
-        for row in rows[first_row:]:
-            row["single_runs_s"] = [before[0], after[0]]
-            row["single_s"] = (before[0] + after[0]) / 2
-            if use_torch:
-                row["torch_single_runs_s"] = [before[1], after[1]]
-                row["torch_single_s"] = (before[1] + after[1]) / 2
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    row["torch_single_runs_s"] = [before[1], after[1]]
+                    row["torch_single_s"] = (before[1] + after[1]) / 2
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    header += f", load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     print_table(header, rows, args, use_torch)
+    if args.repeat > 1:
+        print_summary(rows, args, use_torch)
+
+
+def compressions_for(mode, compressions):
+    """--grad-compression values that apply to `mode` (gather-scatter averages in f32)."""
+    return [c for c in compressions if c == "none" or mode in ("ddp", "allreduce")]
+
+
+def measure_row(bench, use_torch, rep, rate, mode, compression, exe=None):
+    row = {"rep": rep, "link": rate, "mode": mode + (" [ref]" if exe else ""), "compression": compression,
+           "ranks": bench.world, "load1": os.getloadavg()[0]}
+    what = f"[{rate}] --mode {mode} --grad-compression {compression}{' with ' + exe if exe else ''}"
+    try:
+        log(f"{what}: dtrain ...")
+        row["dtrain_s"], row["comm_s"], row["cpu_s"] = bench.dtrain_mode(mode, compression, exe)
+        if use_torch:
+            log(f"{what}: PyTorch ...")
+            row["torch_s"] = bench.torch_job(mode, bench.world, compression)
+    except RuntimeError as e:
+        log(f"{what} FAILED: {e}")
+        row["error"] = str(e).splitlines()[0]
+    return row
 
 
 def print_table(header, rows, args, use_torch):
     images = args.batch_size * args.hosts * args.ranks_per_host
     print(f"\n{header}\n")
-    cols = ["link", "mode", "ranks", "one process ms (before/after)", "dtrain ms/it", "images/s", "efficiency",
-            "exposed comm ms"]
+    cols = ["rep", "link", "mode", "compression", "ranks", "load", "one process ms (before/after)",
+            "dtrain ms/it", "images/s", "efficiency", "exposed comm ms", "extra CPU ms"]
     if use_torch:
         cols += ["PyTorch one process ms (before/after)", "PyTorch ms/it", "PyTorch eff.", "PyTorch / dtrain"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         d, t = r.get("dtrain_s"), r.get("torch_s")
-        cells = [r["link"], r["mode"], str(r["ranks"]),
+        cells = [str(r["rep"]), r["link"], r["mode"], r["compression"], str(r["ranks"]), f"{r['load1']:.1f}",
                  "/".join(f"{v * 1e3:.0f}" for v in r["single_runs_s"]),
                  fmt(d and d * 1e3, ".0f"), fmt(d and images / d, ".1f"),
-                 fmt(d and r["single_s"] / d, ".2f"), fmt(r.get("comm_s") and r["comm_s"] * 1e3, ".0f")]
+                 fmt(d and r["single_s"] / d, ".2f"), fmt(r.get("comm_s") and r["comm_s"] * 1e3, ".0f"),
+                 fmt(extra_cpu_ms(r), ".0f")]
         if use_torch:
             ts = r.get("torch_single_s")
             cells += ["/".join(f"{v * 1e3:.0f}" for v in r["torch_single_runs_s"]),
@@ -473,7 +507,57 @@ def print_table(header, rows, args, use_torch):
         print("| " + " | ".join(cells) + " |")
     print("\nefficiency = one process's ms/iteration (the mean of one run before and one after each "
           "link rate's rows) / the mode's, at the same batch per rank; exposed comm = rank 0's "
-          "comm_seconds per iteration.")
+          "comm_seconds per iteration (time spent waiting for collectives); extra CPU = rank 0's "
+          "CPU seconds per iteration minus one process's (the communication thread's work and the "
+          "bucket copies, on the rank's one core); load = 1-minute load average when the row started.")
+
+
+def extra_cpu_ms(row):
+    cpu, single = row.get("cpu_s"), row.get("single_cpu_s")
+    return None if cpu is None or single is None else (cpu - single) * 1e3
+
+
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def print_summary(rows, args, use_torch):
+    """Per (link, mode, compression): medians over the repeats, and the efficiency range."""
+    images = args.batch_size * args.hosts * args.ranks_per_host
+    print(f"\nmedians over {args.repeat} repeats (efficiency: median, min-max)\n")
+    cols = ["link", "mode", "compression", "dtrain ms/it", "images/s", "efficiency", "exposed comm ms",
+            "extra CPU ms"]
+    if use_torch:
+        cols += ["PyTorch ms/it", "PyTorch eff.", "PyTorch / dtrain"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    keys = []
+    for r in rows:
+        k = (r["link"], r["mode"], r["compression"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        ok = [r for r in rows if (r["link"], r["mode"], r["compression"]) == k and "dtrain_s" in r]
+        if not ok:
+            print(f"| {' | '.join(k)} | FAILED |")
+            continue
+        eff = [r["single_s"] / r["dtrain_s"] for r in ok]
+        d = median([r["dtrain_s"] for r in ok])
+        comm = [r["comm_s"] for r in ok if r.get("comm_s") is not None]
+        extra = [extra_cpu_ms(r) for r in ok if extra_cpu_ms(r) is not None]
+        cells = list(k) + [f"{d * 1e3:.0f}", f"{images / d:.1f}",
+                           f"{median(eff):.2f} ({min(eff):.2f}-{max(eff):.2f})",
+                           fmt(median(comm) * 1e3 if comm else None, ".0f"),
+                           fmt(median(extra) if extra else None, ".0f")]
+        if use_torch:
+            t = [r for r in ok if r.get("torch_s")]
+            def med(f):
+                return median([f(r) for r in t]) if t else None
+            cells += [fmt(med(lambda r: r["torch_s"] * 1e3), ".0f"),
+                      fmt(med(lambda r: r["torch_single_s"] / r["torch_s"]), ".2f"),
+                      fmt(med(lambda r: r["torch_s"] / r["dtrain_s"]), ".2f")]
+        print("| " + " | ".join(cells) + " |")
 
 
 # ---- collectives -----------------------------------------------------------------------
@@ -611,6 +695,9 @@ def main():
     ap.add_argument("--rates", default="10gbit,1gbit",
                     help="comma-separated tc rates (e.g. 25gbit,10gbit,1gbit) or `none` (unshaped)")
     ap.add_argument("--modes", default="ddp,allreduce,gather-scatter")
+    ap.add_argument("--grad-compression", default="none",
+                    help="train: comma-separated none,bf16,fp16; each applies to ddp and allreduce rows "
+                         "(dtrain's --grad-compression, PyTorch's bf16/fp16_compress_hook)")
     ap.add_argument("--iters", type=int, default=8, help="iterations per run (the first is warm-up)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--model", default="vgg11")
@@ -618,10 +705,14 @@ def main():
     ap.add_argument("--transport", help="default: tcp with one rank per host, auto with several")
     ap.add_argument("--torch", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--dtrain", default=os.path.join(REPO, "target", "release", "dtrain"))
+    ap.add_argument("--ref-dtrain", help="train: also run each mode with this other dtrain binary "
+                    "(e.g. a build of main), rows marked [ref]")
     ap.add_argument("--dtrain-arg", action="append", default=[],
                     help="extra dtrain flag for every training run (repeatable), e.g. --dtrain-arg=--bucket-cap-mb=10")
     ap.add_argument("--bytes", default="36M", help="collectives: all-reduce size")
-    ap.add_argument("--repeat", type=int, default=3, help="collectives: runs per rate")
+    ap.add_argument("--repeat", type=int,
+                    help="collectives: runs per rate (default 3); train: runs of the whole series "
+                         "(default 1; with more, a table of medians follows)")
     ap.add_argument("--tool", choices=["auto", "sweep", "dtrain"], default="auto")
     ap.add_argument("--parallel-links", default="",
                     help="collectives: also time the all-reduce over K TCP communicators per pair, "
@@ -634,7 +725,15 @@ def main():
     ap.add_argument("--json", help="also append one JSON object per row to this file")
     args = ap.parse_args()
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    if args.repeat is None:
+        args.repeat = 1 if args.what == "train" else 3
+    if args.repeat < 1:
+        fail("--repeat must be at least 1")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.grad_compression = [c.strip() for c in args.grad_compression.split(",") if c.strip()]
+    for c in args.grad_compression:
+        if c not in ("none", "bf16", "fp16"):
+            fail(f"bad --grad-compression {c!r} (none, bf16, fp16)")
     try:
         args.parallel_links = [int(k) for k in args.parallel_links.split(",") if k.strip()]
     except ValueError:
@@ -654,6 +753,8 @@ def main():
             fail(f"`{tool}` not found (apt-get install iproute2 util-linux)")
     if not os.path.exists(args.dtrain):
         fail(f"{args.dtrain} does not exist: run `cargo build --release` first")
+    if args.ref_dtrain and not os.path.exists(args.ref_dtrain):
+        fail(f"--ref-dtrain {args.ref_dtrain} does not exist")
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)

@@ -412,6 +412,7 @@ fn binary_usage_errors_exit_2_with_one_line() {
         "--batch-size 0",
         "--no-such-flag",
         "--mode sideways",
+        "--num-nodes 2 --mode gather-scatter --grad-compression bf16",
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dtrain"))
             .args(line.split_whitespace())

@@ -1,8 +1,9 @@
 //! `dtrain` across two "hosts" with a shaped link, as `scripts/cluster_bench.py` runs it: two
 //! network namespaces joined by a veth pair, each end limited with `tc ... tbf rate 1gbit
 //! burst 4mb latency 50ms`, ranks started by hand (`--master-ip`, `--rank`) inside them. A
-//! few DDP iterations of a tiny model with one rank per host over TCP, and with two ranks
-//! per host (`--transport auto`: shared memory within a host, TCP between the hosts); every
+//! few DDP iterations of a tiny model (several buckets) with one rank per host over TCP, and
+//! with two ranks per host (`--transport auto`: shared memory within a host, TCP between the
+//! hosts), also with `--grad-compression bf16`; every
 //! rank must end with the same parameter hash, and the same hash as the same job on loopback
 //! with the same host identities (`DTRAIN_HOST_ID`), i.e. the same transport and sum order:
 //! the link changes nothing but time. No timing is checked.
@@ -19,7 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
 const RUN_DEADLINE: Duration = Duration::from_secs(240);
 const IPS: [&str; 2] = ["10.214.0.1", "10.214.0.2"];
 
-/// Tiny problem: 2 conv blocks, batch 16 per rank, 4 iterations.
+/// Tiny problem: 2 conv blocks, batch 16 per rank, 4 iterations, 4 DDP buckets.
 const TINY: &[&str] = &[
     "--dataset",
     "synthetic",
@@ -40,6 +41,10 @@ const TINY: &[&str] = &[
     "--no-progress",
     "--mode",
     "ddp",
+    "--first-bucket-mb",
+    "0.002",
+    "--bucket-cap-mb",
+    "0.01",
 ];
 
 fn command(program: &str, args: &[&str]) -> Result<Output, String> {
@@ -219,7 +224,12 @@ fn parameter_hash(stdout: &str) -> String {
 }
 
 /// `per_host` ranks on each of the two hosts (rank-major: host 0 has ranks 0..per_host).
-fn ranks_on(hosts: Option<&ShapedHosts>, per_host: usize, transport: &str) -> Vec<Rank> {
+fn ranks_on(
+    hosts: Option<&ShapedHosts>,
+    per_host: usize,
+    transport: &str,
+    extra: &[&str],
+) -> Vec<Rank> {
     let world = 2 * per_host;
     let master = if hosts.is_some() { IPS[0] } else { "127.0.0.1" };
     let port = if hosts.is_some() {
@@ -248,6 +258,7 @@ fn ranks_on(hosts: Option<&ShapedHosts>, per_host: usize, transport: &str) -> Ve
                 ]
                 .map(String::from),
             );
+            args.extend(extra.iter().map(|s| s.to_string()));
             Rank {
                 netns: hosts.map(|h| h.names[host].clone()),
                 args,
@@ -266,19 +277,26 @@ fn assert_all_equal(hashes: &[String], what: &str) {
 
 /// Runs the job across two shaped hosts and on loopback (same host identities, so the same
 /// transport and sum order) and returns both sets of hashes.
-fn across_and_loopback(per_host: usize, transport: &str) -> (Vec<String>, Vec<String>) {
+fn across_and_loopback(
+    per_host: usize,
+    transport: &str,
+    extra: &[&str],
+) -> (Vec<String>, Vec<String>) {
     let hashes = |outs: Vec<String>| outs.iter().map(|o| parameter_hash(o)).collect::<Vec<_>>();
     let hosts = ShapedHosts::create("1gbit");
-    let across = hashes(run(ranks_on(Some(&hosts), per_host, transport)));
+    let across = hashes(run(ranks_on(Some(&hosts), per_host, transport, extra)));
     drop(hosts);
-    let loopback = hashes(run(ranks_on(None, per_host, transport)));
+    let loopback = hashes(run(ranks_on(None, per_host, transport, extra)));
     (across, loopback)
 }
 
-fn check(per_host: usize, transport: &str) {
+fn check(per_host: usize, transport: &str, extra: &[&str]) {
     require_root_ip_and_tc();
-    let what = format!("2 hosts x {per_host} rank(s), --transport {transport}");
-    let (across, loopback) = across_and_loopback(per_host, transport);
+    let what = format!(
+        "2 hosts x {per_host} rank(s), --transport {transport} {}",
+        extra.join(" ")
+    );
+    let (across, loopback) = across_and_loopback(per_host, transport, extra);
     assert_all_equal(&across, &format!("{what}, shaped link"));
     assert_all_equal(&loopback, &format!("{what}, loopback"));
     assert_eq!(
@@ -289,10 +307,16 @@ fn check(per_host: usize, transport: &str) {
 
 #[test]
 fn ddp_one_rank_per_shaped_host_tcp() {
-    check(1, "tcp");
+    check(1, "tcp", &[]);
 }
 
 #[test]
 fn ddp_two_ranks_per_shaped_host_hierarchical() {
-    check(2, "auto");
+    check(2, "auto", &[]);
+}
+
+#[test]
+fn ddp_bf16_compressed_across_shaped_hosts() {
+    check(1, "tcp", &["--grad-compression", "bf16"]);
+    check(2, "auto", &["--grad-compression", "bf16"]);
 }
