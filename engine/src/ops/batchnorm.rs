@@ -8,6 +8,7 @@
 //! well-conditioned series; the one-pass variance is taken around a sample of the channel so
 //! `|mean| ≫ std` does not cancel. Eval forward is elementwise, parallel over planes.
 use super::{par_chunks_mut, units_per_task, SharedMutPtr};
+use crate::autograd::{Param, ParamGrads, Pools, Tape, TapeNode, ValueId};
 use crate::Float;
 
 /// Elements per parallel task at least (see relu).
@@ -293,4 +294,178 @@ fn check_lengths<T>(op: &str, n: usize, c: usize, hw: usize, x: &[T], gamma: &[T
     assert_eq!(x.len(), n * c * hw, "{op}: x length");
     assert_eq!(gamma.len(), c, "{op}: gamma length");
     assert_eq!(beta.len(), c, "{op}: beta length");
+}
+
+/// Batch-norm statistics mode for [`Tape::batchnorm2d`].
+pub enum BnMode<'a, T> {
+    /// Normalize with batch statistics and update the running ones (PyTorch `train()`).
+    Train {
+        running_mean: &'a mut [T],
+        running_var: &'a mut [T],
+        momentum: f64,
+    },
+    /// Normalize with the running statistics (PyTorch `eval()`); not differentiable here:
+    /// only allowed while gradients are disabled.
+    Eval {
+        running_mean: &'a [T],
+        running_var: &'a [T],
+    },
+}
+
+/// Batch-norm epsilon (PyTorch default).
+pub const BN_EPS: f64 = 1e-5;
+
+struct BatchNorm2dNode<T> {
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: usize,
+    y: usize,
+    gamma: usize,
+    beta: usize,
+    mean: Vec<T>,
+    invstd: Vec<T>,
+}
+
+impl<T: Float> TapeNode<T> for BatchNorm2dNode<T> {
+    fn op(&self) -> &'static str {
+        "batchnorm2d"
+    }
+    fn output(&self) -> usize {
+        self.y
+    }
+    fn backward(&self, tape: &mut Tape<T>, grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
+        let (n, c, hw, x) = (self.n, self.c, self.hw, self.x);
+        let mut dx = tape.pools.floats.take(n * c * hw);
+        let mut gamma_value = tape.pools.floats.take(c);
+        gamma_value.copy_from_slice(&grads.params[self.gamma].value);
+        tape.write_param_grads(grads, self.gamma, Some(self.beta), |t, gg, gb| {
+            batchnorm2d_backward(
+                n,
+                c,
+                hw,
+                t.value(x),
+                &gamma_value,
+                &self.mean,
+                &self.invstd,
+                dy,
+                &mut dx,
+                gg,
+                gb.expect("beta grad"),
+            )
+        });
+        tape.pools.floats.give(gamma_value);
+        tape.unsave(x);
+        if tape.requires_grad(x) {
+            tape.deliver_grad(x, dx);
+        } else {
+            tape.pools.floats.give(dx);
+        }
+    }
+    fn recycle(self: Box<Self>, pools: &mut Pools<T>) {
+        pools.floats.give(self.mean);
+        pools.floats.give(self.invstd);
+    }
+}
+
+impl<T: Float> Tape<T> {
+    /// Batch norm over channels of `x: [N, C, H, W]` with affine `gamma`, `beta`.
+    pub fn batchnorm2d(
+        &mut self,
+        params: &[Param<T>],
+        x: ValueId,
+        gamma: usize,
+        beta: usize,
+        mode: BnMode<'_, T>,
+    ) -> ValueId {
+        let xs = self.shape(&x).to_vec();
+        assert!(
+            xs.len() == 4,
+            "batchnorm2d expects [N, C, H, W], got {xs:?}"
+        );
+        let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
+        let record = self.record();
+        let (g, b) = (&params[gamma].value, &params[beta].value);
+        match mode {
+            BnMode::Train {
+                running_mean,
+                running_var,
+                momentum,
+            } => {
+                let mut mean = self.pools.floats.take(c);
+                let mut invstd = self.pools.floats.take(c);
+                let y = self.new_output(xs, |t, yd| {
+                    let xd = t.value(x.0);
+                    batchnorm2d_forward_train(
+                        n,
+                        c,
+                        hw,
+                        xd,
+                        g,
+                        b,
+                        BN_EPS,
+                        yd,
+                        &mut mean,
+                        &mut invstd,
+                    )
+                });
+                batchnorm2d_update_running(
+                    &mean,
+                    &invstd,
+                    BN_EPS,
+                    n * hw,
+                    momentum,
+                    running_mean,
+                    running_var,
+                );
+                let x = self.consume_input(x, record);
+                if record {
+                    self.note_param_use(gamma);
+                    self.note_param_use(beta);
+                    self.push_node(Box::new(BatchNorm2dNode {
+                        n,
+                        c,
+                        hw,
+                        x,
+                        y,
+                        gamma,
+                        beta,
+                        mean,
+                        invstd,
+                    }));
+                } else {
+                    self.pools.floats.give(mean);
+                    self.pools.floats.give(invstd);
+                }
+                self.maybe_free_data(x);
+                ValueId(y)
+            }
+            BnMode::Eval {
+                running_mean,
+                running_var,
+            } => {
+                assert!(
+                    !record,
+                    "eval-mode batch norm is not differentiable here: disable gradients"
+                );
+                let y = self.new_output(xs, |t, yd| {
+                    batchnorm2d_forward_eval(
+                        n,
+                        c,
+                        hw,
+                        t.value(x.0),
+                        g,
+                        b,
+                        running_mean,
+                        running_var,
+                        BN_EPS,
+                        yd,
+                    )
+                });
+                let x = self.consume_input(x, false);
+                self.maybe_free_data(x);
+                ValueId(y)
+            }
+        }
+    }
 }

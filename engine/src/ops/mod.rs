@@ -17,6 +17,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+mod conv_node;
 pub mod linear;
 pub mod loss;
 pub mod pool;
@@ -30,6 +31,7 @@ pub use pool::*;
 pub use relu::*;
 
 use crate::parallel::{num_threads, parallel_for};
+use crate::Float;
 
 /// A raw pointer that tasks of one `parallel_for` may share (see [`par_chunks_mut`]; conv's
 /// col2im also uses it for per-task disjoint blocks of its scratch).
@@ -83,4 +85,10 @@ pub(crate) fn units_per_task(n_units: usize, unit_len: usize, min_elems: usize) 
     let by_balance = n_units.div_ceil(4 * num_threads()).max(1);
     let by_size = min_elems.div_ceil(unit_len.max(1)).max(1);
     by_balance.max(by_size).min(n_units.max(1))
+}
+
+/// `acc += x` elementwise (gradient fan-out sums).
+pub(crate) fn add_assign<T: Float>(acc: &mut [T], x: &[T]) {
+    assert_eq!(acc.len(), x.len(), "add_assign: lengths differ");
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += *b);
 }

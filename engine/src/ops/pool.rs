@@ -1,6 +1,8 @@
 //! maxpool2d (kernel k, stride s, no padding) with recorded argmax for backward.
 //! Both directions run in parallel over `(n, c)` planes, which are independent.
 use super::{par_chunks_mut, units_per_task, SharedMutPtr};
+use crate::autograd::{ParamGrads, Pools, Tape, TapeNode, ValueId};
+use crate::tensor::numel;
 use crate::Float;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,4 +172,60 @@ pub fn maxpool2d_backward<T: Float>(g: &Pool2dGeom, dy: &[T], argmax: &[u32], dx
             }
         }
     });
+}
+
+struct MaxPool2dNode {
+    geom: Pool2dGeom,
+    x: usize,
+    y: usize,
+    argmax: Vec<u32>,
+}
+
+impl<T: Float> TapeNode<T> for MaxPool2dNode {
+    fn op(&self) -> &'static str {
+        "maxpool2d"
+    }
+    fn output(&self) -> usize {
+        self.y
+    }
+    fn backward(&self, tape: &mut Tape<T>, _grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
+        if tape.requires_grad(self.x) {
+            tape.accumulate(self.x, |_, g| {
+                maxpool2d_backward(&self.geom, dy, &self.argmax, g)
+            });
+        }
+    }
+    fn recycle(self: Box<Self>, pools: &mut Pools<T>) {
+        pools.indices.give(self.argmax);
+    }
+}
+
+impl<T: Float> Tape<T> {
+    /// Max pooling with a `k×k` window and the given stride, no padding.
+    pub fn maxpool2d(&mut self, x: ValueId, k: usize, stride: usize) -> ValueId {
+        let xs = self.shape(&x);
+        assert!(xs.len() == 4, "maxpool2d expects [N, C, H, W], got {xs:?}");
+        let geom = Pool2dGeom {
+            n: xs[0],
+            c: xs[1],
+            h: xs[2],
+            w: xs[3],
+            k,
+            stride,
+        };
+        let out_shape = vec![geom.n, geom.c, geom.out_h(), geom.out_w()];
+        let mut argmax = self.pools.indices.take(numel(&out_shape));
+        let y = self.new_output(out_shape, |t, yd| {
+            maxpool2d_forward(&geom, t.value(x.0), yd, &mut argmax)
+        });
+        let record = self.record();
+        let x = self.consume_input(x, false);
+        if record {
+            self.push_node(Box::new(MaxPool2dNode { geom, x, y, argmax }));
+        } else {
+            self.pools.indices.give(argmax);
+        }
+        self.maybe_free_data(x);
+        ValueId(y)
+    }
 }
