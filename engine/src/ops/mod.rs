@@ -18,6 +18,7 @@
 pub mod batchnorm;
 pub mod conv;
 mod conv_node;
+mod elementwise;
 pub mod linear;
 pub mod loss;
 pub mod pool;
@@ -30,8 +31,9 @@ pub use loss::*;
 pub use pool::*;
 pub use relu::*;
 
+pub(crate) use elementwise::add_assign;
+
 use crate::parallel::{num_threads, parallel_for};
-use crate::Float;
 
 /// A raw pointer that tasks of one `parallel_for` may share (see [`par_chunks_mut`]; conv's
 /// col2im also uses it for per-task disjoint blocks of its scratch).
@@ -78,6 +80,28 @@ pub(crate) fn par_chunks_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(
     });
 }
 
+/// [`par_chunks_mut`] over two slices of the same length split at the same places:
+/// `f(chunk_index, a_chunk, b_chunk)`.
+pub(crate) fn par_chunks_mut2<A: Send, B: Send, F: Fn(usize, &mut [A], &mut [B]) + Sync>(
+    a: &mut [A],
+    b: &mut [B],
+    chunk_len: usize,
+    f: F,
+) {
+    assert_eq!(a.len(), b.len(), "par_chunks_mut2: lengths differ");
+    let chunk_len = chunk_len.max(1);
+    let b_base = SharedMutPtr(b.as_mut_ptr());
+    par_chunks_mut(a, chunk_len, |i, a_chunk| {
+        // SAFETY: `b`'s chunk `i` mirrors `a`'s (same length, same split): inside `b` and
+        // disjoint from every other task's; `b` stays exclusively borrowed until
+        // `par_chunks_mut` returns.
+        let b_chunk = unsafe {
+            std::slice::from_raw_parts_mut(b_base.get().add(i * chunk_len), a_chunk.len())
+        };
+        f(i, a_chunk, b_chunk)
+    });
+}
+
 /// How many consecutive units of `unit_len` elements one parallel task should take: enough
 /// tasks for load balance (~4 per thread), but at least `min_elems` elements per task so
 /// small tensors do not pay scheduling overhead.
@@ -85,10 +109,4 @@ pub(crate) fn units_per_task(n_units: usize, unit_len: usize, min_elems: usize) 
     let by_balance = n_units.div_ceil(4 * num_threads()).max(1);
     let by_size = min_elems.div_ceil(unit_len.max(1)).max(1);
     by_balance.max(by_size).min(n_units.max(1))
-}
-
-/// `acc += x` elementwise (gradient fan-out sums).
-pub(crate) fn add_assign<T: Float>(acc: &mut [T], x: &[T]) {
-    assert_eq!(acc.len(), x.len(), "add_assign: lengths differ");
-    acc.iter_mut().zip(x).for_each(|(a, b)| *a += *b);
 }

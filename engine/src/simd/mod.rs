@@ -14,8 +14,10 @@
 
 use std::sync::OnceLock;
 
+mod float_vec;
 mod vector;
-pub use vector::{dispatch, F32Vec, Portable16, Portable8, SimdKernel};
+pub use float_vec::{dispatch_f32_at, F32Impl, F64x4, FloatVec, VecKernel};
+pub use vector::{dispatch, dispatch_at, F32Vec, Portable16, Portable8, SimdKernel};
 #[cfg(target_arch = "x86_64")]
 pub use vector::{Avx2, Avx512};
 
