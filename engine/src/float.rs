@@ -42,7 +42,8 @@ pub trait Float:
     fn to_f64_lossy(self) -> f64;
 
     /// Runs a kernel written over [`crate::simd::FloatVec`]: f32 at the process's SIMD level
-    /// ([`crate::simd::level`]), f64 on [`F64x4`] (plain Rust, the gradient-check path).
+    /// ([`crate::simd::level`], or a [`crate::simd::with_f32_impl`] override), f64 on
+    /// [`F64x4`] (plain Rust, the gradient-check path).
     fn run<K: VecKernel<Self>>(kernel: K) -> K::Output;
 }
 
@@ -68,7 +69,7 @@ impl Float for f32 {
     }
     #[inline]
     fn run<K: VecKernel<f32>>(kernel: K) -> K::Output {
-        crate::simd::dispatch_f32_at(crate::simd::level(), kernel)
+        crate::simd::current_f32_impl().run(kernel)
     }
 }
 

@@ -5,7 +5,7 @@
 //! [`with_num_threads`] scope on this thread (models and optimizers hold their own count and
 //! run under it: [`crate::Vgg::set_num_threads`], [`crate::Sgd::set_num_threads`]); else the
 //! process default [`set_num_threads`]; else all cores. Tasks of a parallel loop see the count
-//! of the loop that runs them.
+//! of the loop that runs them (and its [`crate::simd::with_f32_impl`] override).
 //!
 //! Why a hand-written pool rather than `rayon`: the only pattern the engine needs is "split
 //! this loop over T threads and wait", with T small (2 on the target machine). A pool built
@@ -173,6 +173,8 @@ struct State {
     open_slots: usize,
     /// The current job's thread count (what `num_threads` says inside its tasks).
     threads: usize,
+    /// The submitter's `simd::with_f32_impl` override, applied inside the job's tasks.
+    f32_impl: Option<crate::simd::F32Impl>,
     /// Workers spawned so far.
     n_workers: usize,
 }
@@ -204,6 +206,7 @@ fn pool() -> &'static Pool {
             epoch: 0,
             open_slots: 0,
             threads: 1,
+            f32_impl: None,
             n_workers: 0,
         }),
         work_cv: Condvar::new(),
@@ -263,6 +266,7 @@ impl Pool {
             st.job = Some(job);
             st.open_slots = workers;
             st.threads = threads;
+            st.f32_impl = crate::simd::f32_impl_override();
             st.epoch += 1;
             self.epoch.store(st.epoch, Ordering::Release);
         }
@@ -341,7 +345,7 @@ impl Pool {
                     break;
                 }
             }
-            let (job, threads) = {
+            let (job, threads, f32_impl) = {
                 let mut st = lock(&self.state);
                 loop {
                     if st.epoch != seen {
@@ -349,7 +353,7 @@ impl Pool {
                         if let (Some(job), true) = (st.job, st.open_slots > 0) {
                             st.open_slots -= 1;
                             self.joined.fetch_add(1, Ordering::AcqRel);
-                            break (job, st.threads);
+                            break (job, st.threads, st.f32_impl);
                         }
                     }
                     // Idle workers sleep indefinitely by design (nothing to wait *for*);
@@ -365,9 +369,11 @@ impl Pool {
             // submitter keeps the closure alive until we bump `left` below.
             let f = unsafe { &*job.0 };
             SCOPED_THREADS.with(|t| t.set(threads));
+            crate::simd::set_f32_impl_override(f32_impl);
             if self.run_tasks(f).is_some() {
                 self.panicked.store(true, Ordering::Release);
             }
+            crate::simd::set_f32_impl_override(None);
             SCOPED_THREADS.with(|t| t.set(0));
             // Take the lock so the submitter cannot miss the notification between its
             // check and its wait.

@@ -448,8 +448,7 @@ impl<T: Float> Vgg<T> {
                             running_var: &buffers.running_var,
                         }
                     };
-                    let y = tape.batchnorm2d(params, y, bn_gamma, bn_beta, mode);
-                    tape.relu(y)
+                    tape.batchnorm2d_relu(params, y, bn_gamma, bn_beta, mode)
                 }
                 Layer::MaxPool => tape.maxpool2d(h, 2, 2),
             };

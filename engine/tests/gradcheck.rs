@@ -178,6 +178,72 @@ fn gradcheck_batchnorm2d() {
     }
 }
 
+/// The fused op, through its own backward (relu's mask recomputed from `x`). Inputs are
+/// drawn (from a fixed seed sequence) until every batch-norm output is at least 1e-3 away
+/// from relu's kink, far beyond the eps = 1e-6 perturbation.
+#[test]
+fn gradcheck_batchnorm2d_relu() {
+    let shapes = [
+        (2, 3, 5 * 7),
+        (1, 2, 3 * 4),
+        (4, 3, 1),
+        (3, 1, 9),
+        (2, 4, 2 * 3),
+        (5, 2, 17),
+    ];
+    let eps = 1e-5;
+    for (t, &(n, c, hw)) in shapes.iter().enumerate() {
+        let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+            let (mut z, mut saved) = (vec![f64::NAN; x.len()], BnReluSaved::new());
+            batchnorm2d_relu_forward_train(n, c, hw, x, g, b, eps, &mut z, &mut saved);
+            (z, saved)
+        };
+        let clear_of_kink = |x: &[f64], g: &[f64], b: &[f64]| {
+            let (mut y, mut m, mut s) = (vec![f64::NAN; x.len()], vec![0.0; c], vec![0.0; c]);
+            batchnorm2d_forward_train(n, c, hw, x, g, b, eps, &mut y, &mut m, &mut s);
+            y.iter().all(|v| v.abs() >= 1e-3)
+        };
+        let (x, gamma, beta) = (0..100u64)
+            .map(|k| {
+                let seed = 1500 + 100 * t as u64 + 10 * k;
+                (
+                    random_vec(seed, n * c * hw, -2.0, 3.0),
+                    random_vec(seed + 1, c, 0.5, 1.5),
+                    random_vec(seed + 2, c, -0.5, 0.5),
+                )
+            })
+            .find(|(x, g, b)| clear_of_kink(x, g, b))
+            .expect("some seed gives batch-norm outputs clear of relu's kink");
+        let r = random_vec(1600 + t as u64, x.len(), -1.0, 1.0);
+        let (z, saved) = forward(&x, &gamma, &beta);
+        assert!(
+            z.contains(&0.0) && z.iter().any(|&v| v > 0.0),
+            "both relu branches"
+        );
+        let mut dx = vec![f64::NAN; x.len()];
+        let (mut dgamma, mut dbeta) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        batchnorm2d_relu_backward(
+            n,
+            c,
+            hw,
+            &x,
+            &gamma,
+            &saved,
+            &r,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        check(
+            &format!("batchnorm2d_relu n={n} c={c} hw={hw}"),
+            &["x", "gamma", "beta"],
+            &mut [x.clone(), gamma.clone(), beta.clone()],
+            &[dx, dgamma, dbeta],
+            |v| dot(&r, &forward(&v[0], &v[1], &v[2]).0),
+        );
+    }
+}
+
 #[test]
 fn gradcheck_relu() {
     for (t, &len) in [1usize, 7, 64, 1000].iter().enumerate() {

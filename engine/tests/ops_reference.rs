@@ -3,14 +3,30 @@
 //! additionally against a direct 7-loop f64 convolution written here (an oracle independent
 //! of im2col/GEMM). Each runs with 1 and 2 threads. Error measure: norm-wise relative error
 //! `‖a - b‖₂ / ‖b‖₂ <= 1e-4`.
+//!
+//! The vectorized elementwise ops (batch norm, fused batch norm + relu, relu, max-pool) also
+//! run on every f32 SIMD path this CPU has and on `Portable16` (AVX-512's 16-lane logic)
+//! through `simd::with_f32_impl`.
 use engine::gradcheck::random_vec;
 use engine::ops::*;
-use engine::parallel::set_num_threads;
+use engine::parallel::{set_num_threads, with_num_threads};
+use engine::simd::{with_f32_impl, F32Impl};
 use std::sync::{Mutex, MutexGuard};
 
 const TOL: f64 = 1e-4;
 
-/// The thread count is process-wide: tests that set it run one at a time.
+/// Runs `check(label)` on every f32 SIMD path and with 1 and 2 threads.
+fn on_every_path(mut check: impl FnMut(&str)) {
+    for imp in F32Impl::runnable() {
+        for threads in [1, 2] {
+            with_f32_impl(imp, || {
+                with_num_threads(threads, || check(&format!("{imp:?} threads={threads}")))
+            });
+        }
+    }
+}
+
+/// The process-wide thread count ([`set_num_threads`]): tests that set it run one at a time.
 fn thread_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -186,16 +202,8 @@ fn conv2d_f32_matches_f64_and_naive_oracle() {
 
 /// Run training BN forward + backward + running update in f32 and f64 on the same inputs and
 /// compare every output.
-fn check_batchnorm(
-    n: usize,
-    c: usize,
-    hw: usize,
-    mean: f64,
-    spread: f64,
-    seed: u64,
-    threads: usize,
-) {
-    let what = |op: &str| format!("{op} n={n} c={c} hw={hw} mean={mean} threads={threads}");
+fn check_batchnorm(n: usize, c: usize, hw: usize, mean: f64, spread: f64, seed: u64, path: &str) {
+    let what = |op: &str| format!("{op} n={n} c={c} hw={hw} mean={mean} {path}");
     let eps = 1e-5;
     let len = n * c * hw;
     let (x32, x64) = rand_pair(seed, len, mean - spread, mean + spread);
@@ -262,31 +270,106 @@ fn check_batchnorm(
     batchnorm2d_forward_eval(n, c, hw, &x32, &g32, &b32, &rm32, &rv32, eps, &mut ye32);
     batchnorm2d_forward_eval(n, c, hw, &x64, &g64, &b64, &rm64, &rv64, eps, &mut ye64);
     assert_close(&what("bn eval y"), &ye32, &ye64);
+
+    // Fused batch norm + relu: against relu of the plain op's f64 output (forward), and the
+    // plain f64 backward of `dz · mask` (backward). The mask is the f32 op's own output
+    // `z32 > 0` so that values within rounding of 0 cannot flip it between the two.
+    let relu64 = |v: &[f64]| v.iter().map(|&v| v.max(0.0)).collect::<Vec<f64>>();
+    let (mut z32, mut saved32) = (vec![f32::NAN; len], BnReluSaved::new());
+    let (mut z64, mut saved64) = (vec![f64::NAN; len], BnReluSaved::new());
+    batchnorm2d_relu_forward_train(n, c, hw, &x32, &g32, &b32, eps, &mut z32, &mut saved32);
+    batchnorm2d_relu_forward_train(n, c, hw, &x64, &g64, &b64, eps, &mut z64, &mut saved64);
+    assert_close(&what("bn+relu fwd z"), &z32, &relu64(&y64));
+    assert!(
+        rel_err64(&z64, &relu64(&y64)) <= 1e-12,
+        "{}",
+        what("bn+relu f64 fwd")
+    );
+    assert_eq!(saved32.mean(), &m32[..], "{}", what("bn+relu mean"));
+    assert_eq!(saved32.invstd(), &s32[..], "{}", what("bn+relu invstd"));
+    let reference = |mask: &[bool]| {
+        let dy: Vec<f64> = dy64
+            .iter()
+            .zip(mask)
+            .map(|(&d, &m)| if m { d } else { 0.0 })
+            .collect();
+        let (mut dx, mut dg, mut db) = (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+        batchnorm2d_backward(
+            n, c, hw, &x64, &g64, &m64, &s64, &dy, &mut dx, &mut dg, &mut db,
+        );
+        (dx, dg, db)
+    };
+    let mask32: Vec<bool> = z32.iter().map(|&z| z > 0.0).collect();
+    let (rdx, rdg, rdb) = reference(&mask32);
+    let (mut dx32, mut dg32, mut db32) =
+        (vec![f32::NAN; len], vec![f32::NAN; c], vec![f32::NAN; c]);
+    batchnorm2d_relu_backward(
+        n, c, hw, &x32, &g32, &saved32, &dy32, &mut dx32, &mut dg32, &mut db32,
+    );
+    assert_close(&what("bn+relu bwd dx"), &dx32, &rdx);
+    assert_close(&what("bn+relu bwd dgamma"), &dg32, &rdg);
+    assert_close(&what("bn+relu bwd dbeta"), &db32, &rdb);
+    // In place: the same bits.
+    let (mut inplace, mut dg2, mut db2) = (dy32.clone(), vec![f32::NAN; c], vec![f32::NAN; c]);
+    batchnorm2d_relu_backward_in_place(
+        n,
+        c,
+        hw,
+        &x32,
+        &g32,
+        &saved32,
+        &mut inplace,
+        &mut dg2,
+        &mut db2,
+    );
+    assert_eq!(inplace, dx32, "{}", what("bn+relu in place dx"));
+    assert_eq!(
+        (dg2, db2),
+        (dg32, db32),
+        "{}",
+        what("bn+relu in place param grads")
+    );
+    let mask64: Vec<bool> = z64.iter().map(|&z| z > 0.0).collect();
+    let (rdx, rdg, rdb) = reference(&mask64);
+    let (mut dx64, mut dg64, mut db64) =
+        (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+    batchnorm2d_relu_backward(
+        n, c, hw, &x64, &g64, &saved64, &dy64, &mut dx64, &mut dg64, &mut db64,
+    );
+    for (name, a, b) in [
+        ("dx", &dx64, &rdx),
+        ("dgamma", &dg64, &rdg),
+        ("dbeta", &db64, &rdb),
+    ] {
+        assert!(
+            rel_err64(a, b) <= 1e-10,
+            "{}",
+            what(&format!("bn+relu f64 bwd {name}"))
+        );
+    }
+    let (mut ze32, mut ze64) = (vec![f32::NAN; len], vec![f64::NAN; len]);
+    batchnorm2d_relu_forward_eval(n, c, hw, &x32, &g32, &b32, &rm32, &rv32, eps, &mut ze32);
+    batchnorm2d_relu_forward_eval(n, c, hw, &x64, &g64, &b64, &rm64, &rv64, eps, &mut ze64);
+    assert_close(&what("bn+relu eval z"), &ze32, &relu64(&ye64));
 }
 
 #[test]
 fn batchnorm2d_f32_matches_f64() {
-    let _guard = thread_lock();
-    for threads in [1, 2] {
-        set_num_threads(threads);
-        check_batchnorm(3, 5, 7 * 9, 0.3, 2.0, 20_000, threads);
-        check_batchnorm(1, 3, 13, -1.0, 1.0, 20_100, threads);
-        check_batchnorm(128, 64, 4, 0.0, 3.0, 20_200, threads); // VGG's last BN shape-like
-        check_batchnorm(16, 6, 33 * 17, 5.0, 0.5, 20_300, threads);
-    }
-    set_num_threads(2);
+    on_every_path(|path| {
+        check_batchnorm(3, 5, 7 * 9, 0.3, 2.0, 20_000, path);
+        check_batchnorm(1, 3, 13, -1.0, 1.0, 20_100, path);
+        check_batchnorm(128, 64, 4, 0.0, 3.0, 20_200, path); // VGG's last BN shape-like
+        check_batchnorm(16, 6, 33 * 17, 5.0, 0.5, 20_300, path);
+        check_batchnorm(300, 3, 1, 0.5, 1.0, 20_400, path); // 1x1 planes: several flushes
+        check_batchnorm(4, 40, 16 * 16, -0.2, 1.0, 20_500, path); // several channel blocks
+    });
 }
 
 /// A large reduction (262144 elements per channel) with |mean| ≫ std: naive f32 sums or a
 /// one-pass E[x²] - E[x]² in f32 would be off by far more than the tolerance.
 #[test]
 fn batchnorm2d_large_reduction_with_large_mean() {
-    let _guard = thread_lock();
-    for threads in [1, 2] {
-        set_num_threads(threads);
-        check_batchnorm(64, 1, 64 * 64, 1000.0, 2.0, 21_000, threads);
-    }
-    set_num_threads(2);
+    on_every_path(|path| check_batchnorm(64, 1, 64 * 64, 1000.0, 2.0, 21_000, path));
 }
 
 /// Running statistics by hand: momentum 0.1, unbiased variance over count = N·HW.
@@ -380,9 +463,7 @@ fn batchnorm2d_running_update_hand_computed() {
 
 #[test]
 fn relu_f32_matches_f64() {
-    let _guard = thread_lock();
-    for threads in [1, 2] {
-        set_num_threads(threads);
+    on_every_path(|_| {
         // Large enough to be split into parallel chunks, odd length for the tails.
         for (t, &len) in [13usize, 1 << 20 | 3].iter().enumerate() {
             let (x32, x64) = rand_pair(30_000 + t as u64, len, -1.0, 1.0);
@@ -405,8 +486,7 @@ fn relu_f32_matches_f64() {
                 .map(|(&x, &d)| if x > 0.0 { d } else { 0.0 });
             assert!(dx64.iter().copied().eq(by_def), "relu bwd definition");
         }
-    }
-    set_num_threads(2);
+    });
 }
 
 #[test]

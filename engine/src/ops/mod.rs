@@ -16,6 +16,7 @@
 //!   [`conv2d_release_scratch`].
 
 pub mod batchnorm;
+pub mod bn_relu;
 pub mod conv;
 mod conv_node;
 mod elementwise;
@@ -25,6 +26,7 @@ pub mod pool;
 pub mod relu;
 
 pub use batchnorm::*;
+pub use bn_relu::*;
 pub use conv::*;
 pub use linear::*;
 pub use loss::*;

@@ -162,11 +162,59 @@ impl F32Impl {
     }
     /// Runs `kernel` on this variant.
     pub fn run<K: VecKernel<f32>>(self, kernel: K) -> K::Output {
+        self.run_simd(AsSimdKernel(kernel))
+    }
+    /// Runs an [`SimdKernel`] on this variant.
+    pub fn run_simd<K: SimdKernel>(self, kernel: K) -> K::Output {
         match self {
-            F32Impl::Level(l) => dispatch_f32_at(l, kernel),
+            F32Impl::Level(l) => super::dispatch_at(l, kernel),
             F32Impl::Portable16 => kernel.run::<super::Portable16>(),
         }
     }
+}
+
+thread_local! {
+    /// The innermost [`with_f32_impl`] on this thread.
+    static F32_OVERRIDE: std::cell::Cell<Option<F32Impl>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every f32 kernel dispatched through [`crate::Float::run`] or
+/// [`super::dispatch`] running on `imp` — on this thread and in the tasks of the parallel
+/// loops it starts — instead of at [`super::level`]. For tests and benches that compare paths
+/// (the SGEMM keeps its own dispatch on [`super::level`]). Panics if the CPU cannot run `imp`.
+pub fn with_f32_impl<R>(imp: F32Impl, f: impl FnOnce() -> R) -> R {
+    if let F32Impl::Level(l) = imp {
+        assert!(
+            l.is_supported(),
+            "SIMD level {} is not supported by this CPU",
+            l.name()
+        );
+    }
+    struct Restore(Option<F32Impl>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            F32_OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(F32_OVERRIDE.with(|o| o.replace(Some(imp))));
+    f()
+}
+
+/// The [`with_f32_impl`] override in effect on this thread, if any (the thread pool hands it
+/// to the tasks of a loop).
+pub fn f32_impl_override() -> Option<F32Impl> {
+    F32_OVERRIDE.with(|o| o.get())
+}
+
+/// Sets this thread's override (thread pool workers, for the duration of a job).
+pub(crate) fn set_f32_impl_override(imp: Option<F32Impl>) {
+    F32_OVERRIDE.with(|o| o.set(imp))
+}
+
+/// How f32 kernels run here now: the override, else the process's [`super::level`].
+#[inline]
+pub fn current_f32_impl() -> F32Impl {
+    f32_impl_override().unwrap_or_else(|| F32Impl::Level(super::level()))
 }
 
 /// An f32 [`VecKernel`] seen as a [`SimdKernel`] (every [`F32Vec`] is a [`FloatVec`]).

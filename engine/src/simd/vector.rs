@@ -107,10 +107,11 @@ pub trait SimdKernel {
     fn run<V: F32Vec>(self) -> Self::Output;
 }
 
-/// Run `kernel` at the process's SIMD level ([`super::level`]).
+/// Run `kernel` at the process's SIMD level ([`super::level`]), or on the variant a
+/// [`super::with_f32_impl`] scope asks for.
 #[inline]
 pub fn dispatch<K: SimdKernel>(kernel: K) -> K::Output {
-    dispatch_at(super::level(), kernel)
+    super::current_f32_impl().run_simd(kernel)
 }
 
 /// Run `kernel` at an explicit level (tests and benches compare levels this way).
