@@ -147,11 +147,11 @@ impl<E: Copy + Default> Pool<E> {
     }
 }
 
-/// The tape's buffer pools: float buffers (values, gradients, saved statistics) and index
-/// buffers (max-pool argmax).
+/// The tape's buffer pools: float buffers (values, gradients, saved statistics) and byte
+/// buffers (max-pool window positions).
 pub(crate) struct Pools<T> {
     pub(crate) floats: Pool<T>,
-    pub(crate) indices: Pool<u32>,
+    pub(crate) bytes: Pool<u8>,
 }
 
 /// Parameters being back-propagated into, and the ready hook (see [`Tape::backward`]).
@@ -210,7 +210,7 @@ impl<T: Float> Tape<T> {
             nodes: Vec::new(),
             pools: Pools {
                 floats: Pool::new(),
-                indices: Pool::new(),
+                bytes: Pool::new(),
             },
             grad_enabled: true,
             param_pending: Vec::new(),
@@ -278,13 +278,13 @@ impl<T: Float> Tape<T> {
     pub fn clear_pool(&mut self) {
         self.reset();
         self.pools.floats.clear();
-        self.pools.indices.clear();
+        self.pools.bytes.clear();
     }
 
     /// Number of buffers this tape has allocated so far (not reused from its pool): constant
     /// across steps of a fixed batch size once the first step ran.
     pub fn fresh_allocations(&self) -> usize {
-        self.pools.floats.fresh + self.pools.indices.fresh
+        self.pools.floats.fresh + self.pools.bytes.fresh
     }
 
     /// When disabled, ops record nothing and keep no buffers for backward (inference).

@@ -319,12 +319,12 @@ fn gradcheck_maxpool2d() {
         }
         let out = g.n * g.c * g.out_h() * g.out_w();
         let r = random_vec(3100 + t as u64, out, -1.0, 1.0);
-        let (mut y, mut argmax) = (vec![f64::NAN; out], vec![0u32; out]);
+        let (mut y, mut argmax) = (vec![f64::NAN; out], vec![0u8; out]);
         maxpool2d_forward(g, &x, &mut y, &mut argmax);
         let mut dx = vec![f64::NAN; len];
         maxpool2d_backward(g, &r, &argmax, &mut dx);
         check(&format!("maxpool2d {g:?}"), &["x"], &mut [x], &[dx], |v| {
-            let (mut y, mut a) = (vec![f64::NAN; out], vec![0u32; out]);
+            let (mut y, mut a) = (vec![f64::NAN; out], vec![0u8; out]);
             maxpool2d_forward(g, &v[0], &mut y, &mut a);
             dot(&r, &y)
         });

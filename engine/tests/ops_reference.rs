@@ -491,8 +491,52 @@ fn relu_f32_matches_f64() {
 
 #[test]
 fn maxpool2d_f32_matches_f64_and_definition() {
-    let _guard = thread_lock();
     let shapes = [
+        // VGG's first pool: vector rows
+        Pool2dGeom {
+            n: 2,
+            c: 3,
+            h: 32,
+            w: 32,
+            k: 2,
+            stride: 2,
+        },
+        // 10 outputs per row: partial vectors
+        Pool2dGeom {
+            n: 3,
+            c: 2,
+            h: 6,
+            w: 20,
+            k: 2,
+            stride: 2,
+        },
+        // odd height: one plane at a time, vector rows
+        Pool2dGeom {
+            n: 2,
+            c: 5,
+            h: 7,
+            w: 36,
+            k: 2,
+            stride: 2,
+        },
+        // 2 outputs per row: the scalar loop
+        Pool2dGeom {
+            n: 5,
+            c: 4,
+            h: 4,
+            w: 4,
+            k: 2,
+            stride: 2,
+        },
+        // 4 outputs per row
+        Pool2dGeom {
+            n: 1,
+            c: 3,
+            h: 8,
+            w: 8,
+            k: 2,
+            stride: 2,
+        },
         Pool2dGeom {
             n: 64,
             c: 32,
@@ -527,40 +571,67 @@ fn maxpool2d_f32_matches_f64_and_definition() {
             stride: 2,
         },
     ];
-    for threads in [1, 2] {
-        set_num_threads(threads);
+    on_every_path(|path| {
         for (t, g) in shapes.iter().enumerate() {
             let len = g.n * g.c * g.h * g.w;
             let out = g.n * g.c * g.out_h() * g.out_w();
-            let (x32, x64) = rand_pair(40_000 + t as u64, len, -1.0, 1.0);
+            let (mut x32, mut x64) = rand_pair(40_000 + t as u64, len, -1.0, 1.0);
+            // Ties (the first in window order wins) and a NaN (propagates).
+            for i in (0..len - 1).step_by(7) {
+                x32[i] = x32[i + 1];
+                x64[i] = x64[i + 1];
+            }
+            x32[len / 2] = f32::NAN;
+            x64[len / 2] = f64::NAN;
             let (dy32, dy64) = rand_pair(40_100 + t as u64, out, -1.0, 1.0);
-            let (mut y32, mut a32) = (vec![f32::NAN; out], vec![u32::MAX; out]);
-            let (mut y64, mut a64) = (vec![f64::NAN; out], vec![u32::MAX; out]);
+            let (mut y32, mut a32) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            let (mut y64, mut a64) = (vec![f64::NAN; out], vec![u8::MAX; out]);
             maxpool2d_forward(g, &x32, &mut y32, &mut a32);
             maxpool2d_forward(g, &x64, &mut y64, &mut a64);
-            assert_close("pool fwd", &y32, &y64);
-            assert_eq!(a32, a64, "pool argmax f32 vs f64");
-            // By definition: the max over each window, at the recorded position.
+            assert_eq!(a32, a64, "pool argmax f32 vs f64, {g:?} {path}");
+            // By definition: the first maximum of each window in row-major order (a NaN
+            // wins), at the recorded window position; f32 gives exactly the f32 inputs.
             let (oh, ow) = (g.out_h(), g.out_w());
-            for (o, &v) in y64.iter().enumerate() {
+            for (o, (&v, &v32)) in y64.iter().zip(&y32).enumerate() {
                 let (plane, r, c) = (o / (oh * ow), (o / ow) % oh, o % ow);
                 let xp = &x64[plane * g.h * g.w..(plane + 1) * g.h * g.w];
-                let mut m = f64::NEG_INFINITY;
-                for i in 0..g.k {
-                    for j in 0..g.k {
-                        m = m.max(xp[(r * g.stride + i) * g.w + c * g.stride + j]);
+                let at = |k: usize| xp[(r * g.stride + k / g.k) * g.w + c * g.stride + k % g.k];
+                let mut best = 0;
+                for k in 1..g.k * g.k {
+                    if at(k) > at(best) || (at(k).is_nan() && !at(best).is_nan()) {
+                        best = k;
                     }
                 }
-                assert_eq!(v, m, "pool max at output {o}");
-                assert_eq!(xp[a64[o] as usize], m, "pool argmax at output {o}");
+                assert_eq!(
+                    a64[o] as usize, best,
+                    "pool argmax at output {o}, {g:?} {path}"
+                );
+                assert!(
+                    v.to_bits() == at(best).to_bits(),
+                    "pool max at output {o}, {path}"
+                );
+                assert!(
+                    v32.to_bits() == (v as f32).to_bits(),
+                    "pool f32 max at {o}, {path}"
+                );
             }
             let (mut dx32, mut dx64) = (vec![f32::NAN; len], vec![f64::NAN; len]);
             maxpool2d_backward(g, &dy32, &a32, &mut dx32);
             maxpool2d_backward(g, &dy64, &a64, &mut dx64);
-            assert_close("pool bwd", &dx32, &dx64);
+            // By definition: the sum of the dy routed to each input.
+            let mut want = vec![0f64; len];
+            for o in 0..out {
+                let (plane, r, c) = (o / (oh * ow), (o / ow) % oh, o % ow);
+                let k = a64[o] as usize;
+                want[plane * g.h * g.w
+                    + (r * g.stride + k / g.k) * g.w
+                    + c * g.stride
+                    + k % g.k] += dy64[o];
+            }
+            assert_eq!(dx64, want, "pool bwd definition, {g:?} {path}");
+            assert_close(&format!("pool bwd {g:?} {path}"), &dx32, &dx64);
         }
-    }
-    set_num_threads(2);
+    });
 }
 
 /// PyTorch: the first maximum (in row-major window order) wins a tie.
@@ -575,10 +646,10 @@ fn maxpool2d_ties_pick_first() {
         stride: 2,
     };
     let x = [1.0f32, 3.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0];
-    let (mut y, mut a) = ([0f32; 2], [0u32; 2]);
+    let (mut y, mut a) = ([0f32; 2], [0u8; 2]);
     maxpool2d_forward(&g, &x, &mut y, &mut a);
     assert_eq!(y, [3.0, 0.0]);
-    assert_eq!(a, [1, 2]);
+    assert_eq!(a, [1, 0]); // window positions: top-right, top-left
     let mut dx = [f32::NAN; 8];
     maxpool2d_backward(&g, &[1.0, 2.0], &a, &mut dx);
     assert_eq!(dx, [0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]);

@@ -1,7 +1,18 @@
-//! maxpool2d (kernel k, stride s, no padding) with recorded argmax for backward.
-//! Both directions run in parallel over `(n, c)` planes, which are independent.
+//! maxpool2d (kernel k, stride s, no padding) with the position of each window's maximum
+//! recorded for backward as one byte: its index in the window in row-major order
+//! (`i·k + j`, so `k <= 16`). Both directions run in parallel over `(n, c)` planes, which
+//! are independent.
+//!
+//! The VGG case (2×2, stride 2) is vectorized ([`FloatVec`]): a vector of output columns
+//! comes from two rows of input columns split into even and odd lanes
+//! ([`FloatVec::deinterleave`]), compared in window order; backward writes each input row
+//! pair in full (the gradient or 0 per lane, interleaved back), with no scatter and no fill.
+//! Planes of even height are processed as one tall image (no per-plane overhead, which
+//! dominates for 2×2 and 4×4 planes). Narrow rows (fewer outputs than half a vector) and
+//! other window shapes use a scalar loop.
 use super::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::autograd::{ParamGrads, Pools, Tape, TapeNode, ValueId};
+use crate::simd::{FloatVec, VecKernel};
 use crate::tensor::numel;
 use crate::Float;
 
@@ -22,14 +33,30 @@ impl Pool2dGeom {
     pub fn out_w(&self) -> usize {
         (self.w - self.k) / self.stride + 1
     }
+    /// Panics unless the window fits the plane and its positions fit a byte.
+    fn check(&self, op: &str) {
+        assert!(
+            self.k >= 1 && self.k <= 16 && self.stride >= 1 && self.k <= self.h && self.k <= self.w,
+            "{op}: window {0}x{0} / stride {1} on {2}x{3} planes (windows up to 16x16)",
+            self.k,
+            self.stride,
+            self.h,
+            self.w
+        );
+    }
+    /// 2×2 windows with stride 2 (the vectorized case).
+    fn is_2x2(&self) -> bool {
+        self.k == 2 && self.stride == 2
+    }
 }
 
 /// Elements per parallel task at least (see relu).
 const MIN_TASK_ELEMS: usize = 1 << 14;
 
-/// Forward; `argmax[o]` is the index within the input plane (`ih*w + iw`) of output `o`'s max
-/// (first max wins on ties, as PyTorch).
-pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax: &mut [u32]) {
+/// Forward; `argmax[o]` is the position of output `o`'s maximum in its window (`i·k + j`;
+/// first maximum in row-major window order wins on ties, as PyTorch; NaN propagates).
+pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax: &mut [u8]) {
+    g.check("maxpool2d_forward");
     let (plane_in, oh, ow) = (g.h * g.w, g.out_h(), g.out_w());
     let plane_out = oh * ow;
     let planes = g.n * g.c;
@@ -48,10 +75,16 @@ pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax:
             std::slice::from_raw_parts_mut(argmax_ptr.get().add(first * plane_out), ys.len())
         };
         let xs = &x[first * plane_in..(first + n_planes) * plane_in];
-        if g.k == 2 && g.stride == 2 && g.h == 2 * oh {
-            // Even height: the task's planes stack into one tall image of n_planes·oh output
-            // rows (no per-plane overhead, which dominates for 2×2 and 4×4 planes).
-            pool_rows_2x2(xs, g.w, oh, ow, n_planes * oh, ys, ap);
+        if g.is_2x2() && g.h == 2 * oh {
+            // Even height: the task's planes stack into one tall image of n_planes·oh rows.
+            T::run(Pool2x2 {
+                x: xs,
+                w: g.w,
+                ow,
+                rows: n_planes * oh,
+                y: ys,
+                argmax: ap,
+            });
         } else {
             for j in 0..n_planes {
                 let xp = &xs[j * plane_in..(j + 1) * plane_in];
@@ -59,8 +92,15 @@ pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax:
                     &mut ys[j * plane_out..(j + 1) * plane_out],
                     &mut ap[j * plane_out..(j + 1) * plane_out],
                 );
-                if g.k == 2 && g.stride == 2 {
-                    pool_rows_2x2(xp, g.w, oh, ow, oh, yp, app);
+                if g.is_2x2() {
+                    T::run(Pool2x2 {
+                        x: xp,
+                        w: g.w,
+                        ow,
+                        rows: oh,
+                        y: yp,
+                        argmax: app,
+                    });
                 } else {
                     pool_plane(g, xp, oh, ow, yp, app);
                 }
@@ -83,75 +123,134 @@ fn pool_plane<T: Float>(
     oh: usize,
     ow: usize,
     yp: &mut [T],
-    ap: &mut [u32],
+    ap: &mut [u8],
 ) {
     for r in 0..oh {
         for c in 0..ow {
             let (r0, c0) = (r * g.stride, c * g.stride);
-            let mut best = r0 * g.w + c0;
-            let mut best_v = xp[best];
+            let (mut best, mut best_v) = (0, xp[r0 * g.w + c0]);
             for i in 0..g.k {
                 let row = (r0 + i) * g.w + c0;
-                for (jj, &v) in xp[row..row + g.k].iter().enumerate() {
+                for (j, &v) in xp[row..row + g.k].iter().enumerate() {
                     if takes(v, best_v) {
                         best_v = v;
-                        best = row + jj;
+                        best = i * g.k + j;
                     }
                 }
             }
             yp[r * ow + c] = best_v;
-            ap[r * ow + c] = best as u32;
+            ap[r * ow + c] = best as u8;
         }
     }
 }
 
-/// The VGG case (2×2, stride 2): `rows` output rows of width `ow` from input rows of width
-/// `w`, where output row `R` is row `R % oh` of its plane (a stack of planes with even height
-/// is one tall image). Straight-line compares, no inner window loops.
-fn pool_rows_2x2<T: Float>(
+/// 2×2 / stride 2 over `rows` output rows of width `ow`: output row `R` reads input rows
+/// `2R` and `2R + 1` of width `w` (a stack of even-height planes is one tall image).
+struct Pool2x2<'a, T> {
+    x: &'a [T],
+    w: usize,
+    ow: usize,
+    rows: usize,
+    y: &'a mut [T],
+    argmax: &'a mut [u8],
+}
+
+impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: FloatVec<Elem = T>>(self) {
+        let (w, ow, l) = (self.w, self.ow, V::LANES);
+        assert!(
+            2 * ow <= w && (self.rows == 0 || (2 * self.rows - 1) * w + 2 * ow <= self.x.len())
+        );
+        assert!(self.y.len() == self.rows * ow && self.argmax.len() == self.y.len());
+        if 2 * ow < l {
+            return pool_rows_2x2_scalar(self.x, w, ow, self.rows, self.y, self.argmax);
+        }
+        let [i1, i2, i3] = [1.0, 2.0, 3.0].map(|v| V::splat(T::from_f64_lossy(v)));
+        let (xp, yp, ap) = (
+            self.x.as_ptr(),
+            self.y.as_mut_ptr(),
+            self.argmax.as_mut_ptr(),
+        );
+        for r in 0..self.rows {
+            let (top, bottom) = (2 * r * w, (2 * r + 1) * w);
+            let mut c = 0;
+            while c < ow {
+                let m = (ow - c).min(l); // outputs this step
+                                         // SAFETY: inputs `2c .. 2(c + m)` of both rows lie inside the row (2·ow <= w)
+                                         // and inside `x` (asserted); outputs `c .. c + m` of row `r` inside `y` and
+                                         // `argmax`. The second half-load is skipped when it would be empty.
+                unsafe {
+                    let load_pair = |row: usize| {
+                        let p = xp.add(row + 2 * c);
+                        let lo = V::load_n(p, 2 * m);
+                        let hi = if 2 * m > l {
+                            V::load_n(p.add(l), 2 * m - l)
+                        } else {
+                            V::zero()
+                        };
+                        V::deinterleave(lo, hi)
+                    };
+                    let (a, b) = load_pair(top);
+                    let (d, e) = load_pair(bottom);
+                    let take = |v: V, best: V| V::mask_or(v.gt(best), v.is_nan());
+                    let (mut best, mut idx) = (a, V::zero());
+                    for (v, i) in [(b, i1), (d, i2), (e, i3)] {
+                        let t = take(v, best);
+                        best = V::select(t, v, best);
+                        idx = V::select(t, i, idx);
+                    }
+                    best.store_n(yp.add(r * ow + c), m);
+                    if m == l {
+                        idx.store_u8(ap.add(r * ow + c));
+                    } else {
+                        idx.store_u8_partial(ap.add(r * ow + c), m);
+                    }
+                }
+                c += m;
+            }
+        }
+    }
+}
+
+/// The scalar 2×2 loop (rows narrower than a vector), same layout as [`Pool2x2`].
+fn pool_rows_2x2_scalar<T: Float>(
     xs: &[T],
     w: usize,
-    oh: usize,
     ow: usize,
     rows: usize,
     ys: &mut [T],
-    ap: &mut [u32],
+    ap: &mut [u8],
 ) {
-    for big_r in 0..rows {
-        let top = &xs[2 * big_r * w..][..2 * ow];
-        let bottom = &xs[(2 * big_r + 1) * w..][..2 * ow];
-        let base = (2 * (big_r % oh) * w) as u32;
-        let yr = &mut ys[big_r * ow..(big_r + 1) * ow];
-        let ar = &mut ap[big_r * ow..(big_r + 1) * ow];
+    for r in 0..rows {
+        let top = &xs[2 * r * w..][..2 * ow];
+        let bottom = &xs[(2 * r + 1) * w..][..2 * ow];
+        let yr = &mut ys[r * ow..(r + 1) * ow];
+        let ar = &mut ap[r * ow..(r + 1) * ow];
         for c in 0..ow {
-            let (a, b, d, e) = (top[2 * c], top[2 * c + 1], bottom[2 * c], bottom[2 * c + 1]);
             // Window order a, b (top row) then d, e (bottom row). Selects, not branches:
             // which element wins is data-dependent and mispredicts on real activations.
-            let c2 = 2 * c as u32;
-            let (v, i) = (a, c2);
-            let take = takes(b, v);
-            let (v, i) = (if take { b } else { v }, if take { c2 + 1 } else { i });
-            let take = takes(d, v);
-            let (v, i) = (
-                if take { d } else { v },
-                if take { w as u32 + c2 } else { i },
-            );
-            let take = takes(e, v);
-            let (v, i) = (
-                if take { e } else { v },
-                if take { w as u32 + c2 + 1 } else { i },
-            );
+            let cands = [top[2 * c + 1], bottom[2 * c], bottom[2 * c + 1]];
+            let (mut v, mut i) = (top[2 * c], 0u8);
+            for (k, cand) in cands.into_iter().enumerate() {
+                let t = takes(cand, v);
+                v = if t { cand } else { v };
+                i = if t { k as u8 + 1 } else { i };
+            }
             yr[c] = v;
-            ar[c] = base + i;
+            ar[c] = i;
         }
     }
 }
 
-/// Backward: routes each `dy` to its argmax (overwrites `dx`). Windows may overlap when
-/// `stride < k`, so contributions are summed.
-pub fn maxpool2d_backward<T: Float>(g: &Pool2dGeom, dy: &[T], argmax: &[u32], dx: &mut [T]) {
+/// Backward: routes each `dy` to its window's maximum (overwrites `dx`). Windows may overlap
+/// when `stride < k`, so contributions are summed.
+pub fn maxpool2d_backward<T: Float>(g: &Pool2dGeom, dy: &[T], argmax: &[u8], dx: &mut [T]) {
+    g.check("maxpool2d_backward");
     let plane_in = g.h * g.w;
-    let plane_out = g.out_h() * g.out_w();
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let plane_out = oh * ow;
     let planes = g.n * g.c;
     assert_eq!(dx.len(), planes * plane_in, "maxpool2d_backward: dx length");
     assert_eq!(
@@ -162,23 +261,135 @@ pub fn maxpool2d_backward<T: Float>(g: &Pool2dGeom, dy: &[T], argmax: &[u32], dx
     assert_eq!(argmax.len(), dy.len(), "maxpool2d_backward: argmax length");
     let per_task = units_per_task(planes, plane_in, MIN_TASK_ELEMS);
     par_chunks_mut(dx, per_task * plane_in, |t, dx| {
+        let first = t * per_task;
+        let n_planes = dx.len() / plane_in;
+        let outs = first * plane_out..(first + n_planes) * plane_out;
+        let (dy, am) = (&dy[outs.clone()], &argmax[outs]);
+        if g.is_2x2() {
+            // Rows/columns no window covers (odd sizes) get no write below.
+            if g.h != 2 * oh || g.w != 2 * ow {
+                dx.fill(T::zero());
+            }
+            if g.h == 2 * oh {
+                T::run(Unpool2x2 {
+                    dy,
+                    argmax: am,
+                    w: g.w,
+                    ow,
+                    rows: n_planes * oh,
+                    dx,
+                });
+            } else {
+                for (j, dxp) in dx.chunks_mut(plane_in).enumerate() {
+                    let o = j * plane_out..(j + 1) * plane_out;
+                    T::run(Unpool2x2 {
+                        dy: &dy[o.clone()],
+                        argmax: &am[o],
+                        w: g.w,
+                        ow,
+                        rows: oh,
+                        dx: dxp,
+                    });
+                }
+            }
+            return;
+        }
         // One fill per task, not per plane (planes can be 4 elements).
         dx.fill(T::zero());
         for (j, dxp) in dx.chunks_mut(plane_in).enumerate() {
-            let p = t * per_task + j;
-            let range = p * plane_out..(p + 1) * plane_out;
-            for (&a, &d) in argmax[range.clone()].iter().zip(&dy[range]) {
-                dxp[a as usize] += d;
+            for r in 0..oh {
+                for c in 0..ow {
+                    let o = j * plane_out + r * ow + c;
+                    let (i, jj) = (am[o] as usize / g.k, am[o] as usize % g.k);
+                    dxp[(r * g.stride + i) * g.w + c * g.stride + jj] += dy[o];
+                }
             }
         }
     });
+}
+
+/// 2×2 / stride 2 backward over `rows` output rows (layout as [`Pool2x2`]): writes input
+/// columns `0 .. 2·ow` of every row pair (the gradient at the recorded position, else 0).
+struct Unpool2x2<'a, T> {
+    dy: &'a [T],
+    argmax: &'a [u8],
+    w: usize,
+    ow: usize,
+    rows: usize,
+    dx: &'a mut [T],
+}
+
+impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: FloatVec<Elem = T>>(self) {
+        let (w, ow, l) = (self.w, self.ow, V::LANES);
+        assert!(
+            2 * ow <= w && (self.rows == 0 || (2 * self.rows - 1) * w + 2 * ow <= self.dx.len())
+        );
+        assert!(self.dy.len() == self.rows * ow && self.argmax.len() == self.dy.len());
+        if 2 * ow < l {
+            return unpool_rows_2x2_scalar(self.dy, self.argmax, w, ow, self.rows, self.dx);
+        }
+        let idx = [0.0, 1.0, 2.0, 3.0].map(|v| V::splat(T::from_f64_lossy(v)));
+        let (dyp, ap, dxp) = (self.dy.as_ptr(), self.argmax.as_ptr(), self.dx.as_mut_ptr());
+        for r in 0..self.rows {
+            let mut c = 0;
+            while c < ow {
+                let m = (ow - c).min(l);
+                // SAFETY: outputs `c .. c + m` of row `r` lie inside `dy` and `argmax`;
+                // inputs `2c .. 2(c + m)` of rows `2r`, `2r + 1` inside the row and `dx`
+                // (asserted). The second half-store is skipped when it would be empty.
+                unsafe {
+                    let g = V::load_n(dyp.add(r * ow + c), m);
+                    let at = if m == l {
+                        V::load_u8(ap.add(r * ow + c))
+                    } else {
+                        V::load_u8_partial(ap.add(r * ow + c), m)
+                    };
+                    let part = |k: usize| V::select(at.eq(idx[k]), g, V::zero());
+                    let store_pair = |row: usize, even: V, odd: V| {
+                        let p = dxp.add(row + 2 * c);
+                        let (lo, hi) = V::interleave(even, odd);
+                        lo.store_n(p, 2 * m);
+                        if 2 * m > l {
+                            hi.store_n(p.add(l), 2 * m - l);
+                        }
+                    };
+                    store_pair(2 * r * w, part(0), part(1));
+                    store_pair((2 * r + 1) * w, part(2), part(3));
+                }
+                c += m;
+            }
+        }
+    }
+}
+
+/// The scalar 2×2 backward (rows narrower than a vector), same layout as [`Unpool2x2`].
+fn unpool_rows_2x2_scalar<T: Float>(
+    dy: &[T],
+    argmax: &[u8],
+    w: usize,
+    ow: usize,
+    rows: usize,
+    dx: &mut [T],
+) {
+    for r in 0..rows {
+        for c in 0..ow {
+            let (g, at) = (dy[r * ow + c], argmax[r * ow + c]);
+            for k in 0..4u8 {
+                let pos = (2 * r + (k as usize >> 1)) * w + 2 * c + (k as usize & 1);
+                dx[pos] = if at == k { g } else { T::zero() };
+            }
+        }
+    }
 }
 
 struct MaxPool2dNode {
     geom: Pool2dGeom,
     x: usize,
     y: usize,
-    argmax: Vec<u32>,
+    argmax: Vec<u8>,
 }
 
 impl<T: Float> TapeNode<T> for MaxPool2dNode {
@@ -196,12 +407,12 @@ impl<T: Float> TapeNode<T> for MaxPool2dNode {
         }
     }
     fn recycle(self: Box<Self>, pools: &mut Pools<T>) {
-        pools.indices.give(self.argmax);
+        pools.bytes.give(self.argmax);
     }
 }
 
 impl<T: Float> Tape<T> {
-    /// Max pooling with a `k×k` window and the given stride, no padding.
+    /// Max pooling with a `k×k` window (`k <= 16`) and the given stride, no padding.
     pub fn maxpool2d(&mut self, x: ValueId, k: usize, stride: usize) -> ValueId {
         let xs = self.shape(&x);
         assert!(xs.len() == 4, "maxpool2d expects [N, C, H, W], got {xs:?}");
@@ -214,7 +425,7 @@ impl<T: Float> Tape<T> {
             stride,
         };
         let out_shape = vec![geom.n, geom.c, geom.out_h(), geom.out_w()];
-        let mut argmax = self.pools.indices.take(numel(&out_shape));
+        let mut argmax = self.pools.bytes.take(numel(&out_shape));
         let y = self.new_output(out_shape, |t, yd| {
             maxpool2d_forward(&geom, t.value(x.0), yd, &mut argmax)
         });
@@ -223,7 +434,7 @@ impl<T: Float> Tape<T> {
         if record {
             self.push_node(Box::new(MaxPool2dNode { geom, x, y, argmax }));
         } else {
-            self.pools.indices.give(argmax);
+            self.pools.bytes.give(argmax);
         }
         self.maybe_free_data(x);
         ValueId(y)
