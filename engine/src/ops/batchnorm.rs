@@ -310,7 +310,8 @@ impl<T: Float, const RELU: bool> VecKernel<T> for GradApply<'_, T, RELU> {
             for j in 0..cb {
                 let off = self.blk.plane(img, j);
                 let a = splat_affine::<V>(&self.coefs[j]);
-                let [k0, k1, k2] = self.k[j].map(V::splat);
+                let [k0, k1, k2] = self.k[j];
+                let (k0, k1, k2) = (V::splat(k0), V::splat(k1), V::splat(k2));
                 let (xp, dyp, dxp) = (self.x[off..].as_ptr(), self.dy.get(), self.dx.get());
                 let mut i = 0;
                 while i < hw {

@@ -167,7 +167,11 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
         if 2 * ow < l {
             return pool_rows_2x2_scalar(self.x, w, ow, self.rows, self.y, self.argmax);
         }
-        let [i1, i2, i3] = [1.0, 2.0, 3.0].map(|v| V::splat(T::from_f64_lossy(v)));
+        let (i1, i2, i3) = (
+            V::splat(T::one()),
+            V::splat(T::from_f64_lossy(2.0)),
+            V::splat(T::from_f64_lossy(3.0)),
+        );
         let (xp, yp, ap) = (
             self.x.as_ptr(),
             self.y.as_mut_ptr(),
@@ -180,27 +184,14 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
                 let m = (ow - c).min(l); // outputs this step
                                          // SAFETY: inputs `2c .. 2(c + m)` of both rows lie inside the row (2·ow <= w)
                                          // and inside `x` (asserted); outputs `c .. c + m` of row `r` inside `y` and
-                                         // `argmax`. The second half-load is skipped when it would be empty.
+                                         // `argmax`.
                 unsafe {
-                    let load_pair = |row: usize| {
-                        let p = xp.add(row + 2 * c);
-                        let lo = V::load_n(p, 2 * m);
-                        let hi = if 2 * m > l {
-                            V::load_n(p.add(l), 2 * m - l)
-                        } else {
-                            V::zero()
-                        };
-                        V::deinterleave(lo, hi)
-                    };
-                    let (a, b) = load_pair(top);
-                    let (d, e) = load_pair(bottom);
-                    let take = |v: V, best: V| V::mask_or(v.gt(best), v.is_nan());
-                    let (mut best, mut idx) = (a, V::zero());
-                    for (v, i) in [(b, i1), (d, i2), (e, i3)] {
-                        let t = take(v, best);
-                        best = V::select(t, v, best);
-                        idx = V::select(t, i, idx);
-                    }
+                    let (a, b) = load_column_pairs::<V>(xp.add(top + 2 * c), m);
+                    let (d, e) = load_column_pairs::<V>(xp.add(bottom + 2 * c), m);
+                    let (best, idx) = (a, V::zero());
+                    let (best, idx) = take_if_larger(b, i1, best, idx);
+                    let (best, idx) = take_if_larger(d, i2, best, idx);
+                    let (best, idx) = take_if_larger(e, i3, best, idx);
                     best.store_n(yp.add(r * ow + c), m);
                     if m == l {
                         idx.store_u8(ap.add(r * ow + c));
@@ -212,6 +203,34 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
             }
         }
     }
+}
+
+/// The even and odd columns of `2m <= 2·LANES` consecutive inputs at `p`.
+///
+/// # Safety
+/// `p .. p + 2m` must be readable.
+#[inline(always)]
+unsafe fn load_column_pairs<V: FloatVec>(p: *const V::Elem, m: usize) -> (V, V) {
+    let l = V::LANES;
+    // SAFETY: the caller guarantees `2m` readable values; the second load is skipped when
+    // it would be empty.
+    unsafe {
+        let lo = V::load_n(p, 2 * m);
+        let hi = if 2 * m > l {
+            V::load_n(p.add(l), 2 * m - l)
+        } else {
+            V::zero()
+        };
+        V::deinterleave(lo, hi)
+    }
+}
+
+/// The running window maximum `(best, idx)` after candidate `v` at window position `i`:
+/// `v` wins if strictly greater or NaN (see [`takes`]).
+#[inline(always)]
+fn take_if_larger<V: FloatVec>(v: V, i: V, best: V, idx: V) -> (V, V) {
+    let t = V::mask_or(v.gt(best), v.is_nan());
+    (V::select(t, v, best), V::select(t, i, idx))
 }
 
 /// The scalar 2×2 loop (rows narrower than a vector), same layout as [`Pool2x2`].
@@ -331,7 +350,12 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
         if 2 * ow < l {
             return unpool_rows_2x2_scalar(self.dy, self.argmax, w, ow, self.rows, self.dx);
         }
-        let idx = [0.0, 1.0, 2.0, 3.0].map(|v| V::splat(T::from_f64_lossy(v)));
+        let idx: [V; 4] = [
+            V::zero(),
+            V::splat(T::one()),
+            V::splat(T::from_f64_lossy(2.0)),
+            V::splat(T::from_f64_lossy(3.0)),
+        ];
         let (dyp, ap, dxp) = (self.dy.as_ptr(), self.argmax.as_ptr(), self.dx.as_mut_ptr());
         for r in 0..self.rows {
             let mut c = 0;
@@ -339,7 +363,7 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
                 let m = (ow - c).min(l);
                 // SAFETY: outputs `c .. c + m` of row `r` lie inside `dy` and `argmax`;
                 // inputs `2c .. 2(c + m)` of rows `2r`, `2r + 1` inside the row and `dx`
-                // (asserted). The second half-store is skipped when it would be empty.
+                // (asserted).
                 unsafe {
                     let g = V::load_n(dyp.add(r * ow + c), m);
                     let at = if m == l {
@@ -347,20 +371,38 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
                     } else {
                         V::load_u8_partial(ap.add(r * ow + c), m)
                     };
-                    let part = |k: usize| V::select(at.eq(idx[k]), g, V::zero());
-                    let store_pair = |row: usize, even: V, odd: V| {
-                        let p = dxp.add(row + 2 * c);
-                        let (lo, hi) = V::interleave(even, odd);
-                        lo.store_n(p, 2 * m);
-                        if 2 * m > l {
-                            hi.store_n(p.add(l), 2 * m - l);
-                        }
-                    };
-                    store_pair(2 * r * w, part(0), part(1));
-                    store_pair((2 * r + 1) * w, part(2), part(3));
+                    let z = V::zero();
+                    let (p0, p1) = (
+                        V::select(at.eq(idx[0]), g, z),
+                        V::select(at.eq(idx[1]), g, z),
+                    );
+                    let (p2, p3) = (
+                        V::select(at.eq(idx[2]), g, z),
+                        V::select(at.eq(idx[3]), g, z),
+                    );
+                    store_column_pairs(dxp.add(2 * r * w + 2 * c), m, p0, p1);
+                    store_column_pairs(dxp.add((2 * r + 1) * w + 2 * c), m, p2, p3);
                 }
                 c += m;
             }
+        }
+    }
+}
+
+/// Stores `even`/`odd` interleaved as `2m <= 2·LANES` consecutive values at `p`.
+///
+/// # Safety
+/// `p .. p + 2m` must be writable.
+#[inline(always)]
+unsafe fn store_column_pairs<V: FloatVec>(p: *mut V::Elem, m: usize, even: V, odd: V) {
+    let l = V::LANES;
+    let (lo, hi) = V::interleave(even, odd);
+    // SAFETY: the caller guarantees `2m` writable values; the second store is skipped when
+    // it would be empty.
+    unsafe {
+        lo.store_n(p, 2 * m);
+        if 2 * m > l {
+            hi.store_n(p.add(l), 2 * m - l);
         }
     }
 }
