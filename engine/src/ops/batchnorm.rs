@@ -591,19 +591,23 @@ pub fn batchnorm2d_backward<T: Float>(
     assert_eq!(mean.len(), c, "batchnorm2d_backward: mean length");
     assert_eq!(dy.len(), x.len(), "batchnorm2d_backward: dy length");
     assert_eq!(dx.len(), x.len(), "batchnorm2d_backward: dx length");
-    // Centering only (`scale`/`shift` matter only with relu): `x - mean` in T.
-    let coefs: Vec<Affine<T>> = mean
-        .iter()
-        .map(|&m| Affine {
-            hi: m,
-            ..Affine::default()
-        })
-        .collect();
+    let coefs = centering(mean);
     // SAFETY of the cast: without aliasing `dx`, `dy` is only read.
     let dy_ptr = SharedMutPtr(dy.as_ptr() as *mut T);
     let dx_ptr = SharedMutPtr(dx.as_mut_ptr());
     let sums = backward::<T, false>(n, c, hw, x, gamma, &coefs, invstd, &dy_ptr, &dx_ptr);
     write_param_grads(&sums, invstd, dgamma, dbeta);
+}
+
+/// Coefficients that only center (`x - mean` in T; `scale`/`shift` matter only with relu),
+/// for the plain batch norm's backward.
+fn centering<T: Float>(mean: &[T]) -> Vec<Affine<T>> {
+    mean.iter()
+        .map(|&m| Affine {
+            hi: m,
+            ..Affine::default()
+        })
+        .collect()
 }
 
 pub(crate) fn check_lengths<T>(
@@ -660,30 +664,29 @@ impl<T: Float> TapeNode<T> for BatchNorm2dNode<T> {
     }
     fn backward(&self, tape: &mut Tape<T>, grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
         let (n, c, hw, x) = (self.n, self.c, self.hw, self.x);
-        let mut dx = tape.pools.floats.take(n * c * hw);
         let mut gamma_value = tape.pools.floats.take(c);
         gamma_value.copy_from_slice(&grads.params[self.gamma].value);
         tape.write_param_grads(grads, self.gamma, Some(self.beta), |t, gg, gb| {
-            batchnorm2d_backward(
+            // dx is written over dy (no second activation-sized buffer).
+            let coefs = centering(&self.mean);
+            let ptr = SharedMutPtr(dy.as_mut_ptr());
+            let sums = backward::<T, false>(
                 n,
                 c,
                 hw,
                 t.value(x),
                 &gamma_value,
-                &self.mean,
+                &coefs,
                 &self.invstd,
-                dy,
-                &mut dx,
-                gg,
-                gb.expect("beta grad"),
-            )
+                &ptr,
+                &ptr,
+            );
+            write_param_grads(&sums, &self.invstd, gg, gb.expect("beta grad"));
         });
         tape.pools.floats.give(gamma_value);
         tape.unsave(x);
         if tape.requires_grad(x) {
-            tape.deliver_grad(x, dx);
-        } else {
-            tape.pools.floats.give(dx);
+            tape.deliver_grad(x, std::mem::take(dy));
         }
     }
     fn recycle(self: Box<Self>, pools: &mut Pools<T>) {
