@@ -505,6 +505,19 @@ impl<T: Float> Tape<T> {
         }
     }
 
+    /// For a node whose backward is the last reader of slot `v` (no handle left, no other
+    /// saving node): takes `v`'s data buffer — e.g. to write `v`'s gradient over it — and
+    /// counts as the node's [`Tape::unsave`]. `None` (nothing changed) otherwise.
+    pub(crate) fn take_saved_data(&mut self, v: usize) -> Option<Vec<T>> {
+        let slot = &mut self.slots[v];
+        if slot.handles == 0 && slot.saved == 1 {
+            slot.saved = 0;
+            slot.data.take()
+        } else {
+            None
+        }
+    }
+
     /// A node's backward no longer needs slot `v`'s data.
     pub(crate) fn unsave(&mut self, v: usize) {
         self.slots[v].saved -= 1;

@@ -424,8 +424,9 @@ impl<T: Float> Vgg<T> {
         train: bool,
     ) -> ValueId {
         let mut h = input;
-        for layer in layers {
-            h = match *layer {
+        let mut i = 0;
+        while i < layers.len() {
+            h = match layers[i] {
                 Layer::ConvBnRelu {
                     conv_w,
                     conv_b,
@@ -448,10 +449,20 @@ impl<T: Float> Vgg<T> {
                             running_var: &buffers.running_var,
                         }
                     };
-                    tape.batchnorm2d_relu(params, y, bn_gamma, bn_beta, mode)
+                    // A following 2x2 pool on even planes is fused in (one pass, no
+                    // full-size relu output).
+                    let s = tape.shape(&y);
+                    let pool_next = matches!(layers.get(i + 1), Some(Layer::MaxPool));
+                    if pool_next && s[2].is_multiple_of(2) && s[3].is_multiple_of(2) {
+                        i += 1;
+                        tape.batchnorm2d_relu_maxpool2d(params, y, bn_gamma, bn_beta, mode)
+                    } else {
+                        tape.batchnorm2d_relu(params, y, bn_gamma, bn_beta, mode)
+                    }
                 }
                 Layer::MaxPool => tape.maxpool2d(h, 2, 2),
             };
+            i += 1;
         }
         tape.linear(params, h, fc.0, Some(fc.1))
     }

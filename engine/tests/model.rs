@@ -213,7 +213,11 @@ fn fused_and_chained_batchnorm_relu_agree_through_the_tape() {
     let mut params = vec![
         Param::new("gamma", &[c], random_vec(21, c, 0.5, 1.5)),
         Param::new("beta", &[c], random_vec(22, c, -0.5, 0.5)),
-        Param::new("w", &[4, c * h * w], random_vec(23, 4 * c * h * w, -1.0, 1.0)),
+        Param::new(
+            "w",
+            &[4, c * h * w],
+            random_vec(23, 4 * c * h * w, -1.0, 1.0),
+        ),
     ];
     let x = random_vec(24, n * c * h * w, -2.0, 2.0);
     let labels = [1u32, 3, 0];

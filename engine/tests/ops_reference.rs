@@ -811,3 +811,194 @@ fn conv_and_batchnorm_are_deterministic_with_two_threads() {
     }
     set_num_threads(2);
 }
+
+/// Fused batch norm + relu + 2x2 pool against the three ops chained: the same bits forward
+/// (the chained ops compute each value the same way), and backward against the chained f64
+/// backward (pool backward, relu mask, batch-norm backward), on every SIMD path; the
+/// in-place backward gives the same bits as the other.
+#[test]
+fn batchnorm2d_relu_maxpool2d_matches_the_chained_ops() {
+    // (n, c, h, w): VGG's first block, partial vectors, narrow rows (scalar with AVX2),
+    // 2x2 planes, several channel blocks, an odd number of outputs per row.
+    let shapes = [
+        (2, 3, 32, 32),
+        (3, 4, 6, 20),
+        (4, 5, 4, 4),
+        (5, 3, 2, 2),
+        (2, 40, 8, 8),
+        (3, 2, 16, 6),
+    ];
+    let eps = 1e-5;
+    on_every_path(|path| {
+        for (t, &(n, c, h, w)) in shapes.iter().enumerate() {
+            let what = |op: &str| format!("{op} n={n} c={c} {h}x{w} {path}");
+            let (len, out) = (n * c * h * w, n * c * h * w / 4);
+            let seed = 50_000 + 10 * t as u64;
+            let (x32, x64) = rand_pair(seed, len, -1.0, 2.0);
+            let (g32, g64) = rand_pair(seed + 1, c, 0.5, 1.5);
+            let (b32, b64) = rand_pair(seed + 2, c, -0.5, 0.5);
+            let (dp32, dp64) = rand_pair(seed + 3, out, -1.0, 1.0);
+            let geom = Pool2dGeom {
+                n,
+                c,
+                h,
+                w,
+                k: 2,
+                stride: 2,
+            };
+
+            // Chained, f32 and f64.
+            let chained = |x: &[f64], g: &[f64], b: &[f64]| {
+                let (mut z, mut saved) = (vec![f64::NAN; len], BnReluSaved::new());
+                batchnorm2d_relu_forward_train(n, c, h * w, x, g, b, eps, &mut z, &mut saved);
+                let (mut p, mut a) = (vec![f64::NAN; out], vec![u8::MAX; out]);
+                maxpool2d_forward(&geom, &z, &mut p, &mut a);
+                (z, saved, p, a)
+            };
+            let (z64, s64, p64, a64) = chained(&x64, &g64, &b64);
+            let (mut z32, mut s32) = (vec![f32::NAN; len], BnReluSaved::new());
+            batchnorm2d_relu_forward_train(n, c, h * w, &x32, &g32, &b32, eps, &mut z32, &mut s32);
+            let (mut pc32, mut ac32) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            maxpool2d_forward(&geom, &z32, &mut pc32, &mut ac32);
+
+            // Fused.
+            let (mut p32, mut a32, mut sf32) =
+                (vec![f32::NAN; out], vec![u8::MAX; out], BnReluSaved::new());
+            batchnorm2d_relu_maxpool2d_forward_train(
+                n, c, h, w, &x32, &g32, &b32, eps, &mut p32, &mut a32, &mut sf32,
+            );
+            assert_eq!(p32, pc32, "{}", what("fused fwd p (f32)"));
+            assert_eq!(a32, ac32, "{}", what("fused fwd argmax (f32)"));
+            assert_eq!(
+                (sf32.mean(), sf32.invstd()),
+                (s32.mean(), s32.invstd()),
+                "{}",
+                what("stats")
+            );
+            let (mut pf64, mut af64, mut sf64) =
+                (vec![f64::NAN; out], vec![u8::MAX; out], BnReluSaved::new());
+            batchnorm2d_relu_maxpool2d_forward_train(
+                n, c, h, w, &x64, &g64, &b64, eps, &mut pf64, &mut af64, &mut sf64,
+            );
+            assert_eq!(pf64, p64, "{}", what("fused fwd p (f64)"));
+            assert_eq!(af64, a64, "{}", what("fused fwd argmax (f64)"));
+            assert_close(&what("fused fwd f32 vs f64"), &p32, &p64);
+
+            // Backward reference: chained f64 with the f32 op's own window positions and
+            // relu mask (so values within rounding of a tie or of 0 cannot differ).
+            let mut dz = vec![f64::NAN; len];
+            maxpool2d_backward(&geom, &dp64, &a32, &mut dz);
+            for (d, &z) in dz.iter_mut().zip(&z32) {
+                if z <= 0.0 {
+                    *d = 0.0;
+                }
+            }
+            let (mut rdx, mut rdg, mut rdb) =
+                (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+            let (m64, is64) = (s64.mean().to_vec(), s64.invstd().to_vec());
+            batchnorm2d_backward(
+                n,
+                c,
+                h * w,
+                &x64,
+                &g64,
+                &m64,
+                &is64,
+                &dz,
+                &mut rdx,
+                &mut rdg,
+                &mut rdb,
+            );
+            let (mut dx32, mut dg32, mut db32) =
+                (vec![f32::NAN; len], vec![f32::NAN; c], vec![f32::NAN; c]);
+            batchnorm2d_relu_maxpool2d_backward(
+                n, c, h, w, &x32, &g32, &sf32, &dp32, &a32, &mut dx32, &mut dg32, &mut db32,
+            );
+            assert_close(&what("fused bwd dx"), &dx32, &rdx);
+            assert_close(&what("fused bwd dgamma"), &dg32, &rdg);
+            assert_close(&what("fused bwd dbeta"), &db32, &rdb);
+            let (mut inplace, mut dg2, mut db2) =
+                (x32.clone(), vec![f32::NAN; c], vec![f32::NAN; c]);
+            batchnorm2d_relu_maxpool2d_backward_in_place(
+                n,
+                c,
+                h,
+                w,
+                &mut inplace,
+                &g32,
+                &sf32,
+                &dp32,
+                &a32,
+                &mut dg2,
+                &mut db2,
+            );
+            assert_eq!(inplace, dx32, "{}", what("fused bwd in place dx"));
+            assert_eq!(
+                (dg2, db2),
+                (dg32, db32),
+                "{}",
+                what("fused bwd in place param grads")
+            );
+            // f64 fused backward against the f64 chain (exact masks and positions in f64).
+            let mut dz = vec![f64::NAN; len];
+            maxpool2d_backward(&geom, &dp64, &a64, &mut dz);
+            for (d, &z) in dz.iter_mut().zip(&z64) {
+                if z <= 0.0 {
+                    *d = 0.0;
+                }
+            }
+            batchnorm2d_backward(
+                n,
+                c,
+                h * w,
+                &x64,
+                &g64,
+                &m64,
+                &is64,
+                &dz,
+                &mut rdx,
+                &mut rdg,
+                &mut rdb,
+            );
+            let (mut dx64, mut dg64, mut db64) =
+                (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+            batchnorm2d_relu_maxpool2d_backward(
+                n, c, h, w, &x64, &g64, &sf64, &dp64, &a64, &mut dx64, &mut dg64, &mut db64,
+            );
+            for (name, a, b) in [
+                ("dx", &dx64, &rdx),
+                ("dgamma", &dg64, &rdg),
+                ("dbeta", &db64, &rdb),
+            ] {
+                assert!(
+                    rel_err64(a, b) <= 1e-10,
+                    "{}",
+                    what(&format!("fused f64 bwd {name}"))
+                );
+            }
+
+            // Eval: against the chain too.
+            let (rm32, rv32) = (vec![0.1f32; c], vec![1.5f32; c]);
+            let mut ze = vec![f32::NAN; len];
+            batchnorm2d_relu_forward_eval(
+                n,
+                c,
+                h * w,
+                &x32,
+                &g32,
+                &b32,
+                &rm32,
+                &rv32,
+                eps,
+                &mut ze,
+            );
+            let (mut pe, mut ae) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            maxpool2d_forward(&geom, &ze, &mut pe, &mut ae);
+            let (mut pf, mut af) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            batchnorm2d_relu_maxpool2d_forward_eval(
+                n, c, h, w, &x32, &g32, &b32, &rm32, &rv32, eps, &mut pf, &mut af,
+            );
+            assert_eq!((pf, af), (pe, ae), "{}", what("fused eval"));
+        }
+    });
+}

@@ -52,17 +52,17 @@ impl<T: Float> Affine<T> {
 /// Channels `c0 .. c0 + cb` of an `[n, c, hw]` tensor.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Block {
-    n: usize,
-    c: usize,
-    hw: usize,
-    c0: usize,
-    cb: usize,
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) hw: usize,
+    pub(crate) c0: usize,
+    pub(crate) cb: usize,
 }
 
 impl Block {
     /// Offset of plane (`img`, channel `c0 + j`).
     #[inline(always)]
-    fn plane(&self, img: usize, j: usize) -> usize {
+    pub(crate) fn plane(&self, img: usize, j: usize) -> usize {
         (img * self.c + self.c0 + j) * self.hw
     }
 }
@@ -94,15 +94,15 @@ where
 }
 
 /// Lane sums in the element type, flushed into f64 totals (see the module docs).
-struct BlockedSums<V: FloatVec> {
-    lanes: Vec<[V; 2]>,
-    totals: Vec<(f64, f64)>,
+pub(crate) struct BlockedSums<V: FloatVec> {
+    pub(crate) lanes: Vec<[V; 2]>,
+    pub(crate) totals: Vec<(f64, f64)>,
     flush_every: usize,
 }
 
 impl<V: FloatVec> BlockedSums<V> {
     #[inline(always)]
-    fn new(cb: usize, hw: usize) -> Self {
+    pub(crate) fn new(cb: usize, hw: usize) -> Self {
         BlockedSums {
             lanes: vec![[V::zero(); 2]; cb],
             totals: vec![(0.0, 0.0); cb],
@@ -111,7 +111,7 @@ impl<V: FloatVec> BlockedSums<V> {
     }
     /// Called after image `img`'s planes were added to `lanes`.
     #[inline(always)]
-    fn image_done(&mut self, img: usize, n: usize) {
+    pub(crate) fn image_done(&mut self, img: usize, n: usize) {
         if (img + 1).is_multiple_of(self.flush_every) || img + 1 == n {
             for (l, t) in self.lanes.iter_mut().zip(&mut self.totals) {
                 t.0 += l[0].reduce_sum().to_f64_lossy();
@@ -187,13 +187,13 @@ impl<T: Float> VecKernel<T> for ShiftedSums<'_, T> {
 /// `affine(x)` of one vector (and the centered `x`), exactly as the forward computes it (the
 /// fused backward recomputes its relu mask with this).
 #[inline(always)]
-fn apply_affine<V: FloatVec>(x: V, a: &[V; 4]) -> (V, V) {
+pub(crate) fn apply_affine<V: FloatVec>(x: V, a: &[V; 4]) -> (V, V) {
     let xc = x.sub(a[0]).sub(a[1]);
     (xc, xc.mul_add(a[2], a[3]))
 }
 
 #[inline(always)]
-fn splat_affine<V: FloatVec>(a: &Affine<V::Elem>) -> [V; 4] {
+pub(crate) fn splat_affine<V: FloatVec>(a: &Affine<V::Elem>) -> [V; 4] {
     [
         V::splat(a.hi),
         V::splat(a.lo),
@@ -203,7 +203,7 @@ fn splat_affine<V: FloatVec>(a: &Affine<V::Elem>) -> [V; 4] {
 }
 
 #[inline(always)]
-fn relu<V: FloatVec>(y: V) -> V {
+pub(crate) fn relu<V: FloatVec>(y: V) -> V {
     V::select(y.lt(V::zero()), V::zero(), y)
 }
 
@@ -350,26 +350,10 @@ pub(crate) fn forward_train<T: Float, const RELU: bool>(
 ) -> Vec<(f64, f64, Affine<T>)> {
     check_lengths("batchnorm2d forward", n, c, hw, x, gamma, beta);
     assert_eq!(y.len(), x.len(), "batchnorm2d forward: y length");
-    let count = (n * hw) as f64;
     let y_ptr = SharedMutPtr(y.as_mut_ptr());
     for_channel_blocks::<T, _, _>(n, c, hw, |blk, outs| {
-        let shifts: Vec<T> = (0..blk.cb).map(|j| x[blk.plane(0, j)]).collect();
-        let sums = T::run(ShiftedSums {
-            x,
-            blk,
-            shifts: &shifts,
-        });
-        let mut coefs = Vec::with_capacity(blk.cb);
-        for (j, (out, (s, q))) in outs.iter_mut().zip(sums).enumerate() {
-            let ch = blk.c0 + j;
-            let mean_shifted = s / count;
-            let var = (q / count - mean_shifted * mean_shifted).max(0.0);
-            let mean = shifts[j].to_f64_lossy() + mean_shifted;
-            let invstd = 1.0 / (var + eps).sqrt();
-            let affine = Affine::new(mean, gamma[ch].to_f64_lossy() * invstd, beta[ch]);
-            coefs.push(affine);
-            *out = (mean, invstd, affine);
-        }
+        block_stats(x, blk, gamma, beta, eps, outs);
+        let coefs: Vec<Affine<T>> = outs.iter().map(|o| o.2).collect();
         T::run(Normalize::<T, RELU> {
             x,
             y: &y_ptr,
@@ -377,6 +361,33 @@ pub(crate) fn forward_train<T: Float, const RELU: bool>(
             coefs: &coefs,
         });
     })
+}
+
+/// A block's batch statistics: per channel `(mean, invstd, affine map)` into `outs`.
+pub(crate) fn block_stats<T: Float>(
+    x: &[T],
+    blk: Block,
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+    outs: &mut [(f64, f64, Affine<T>)],
+) {
+    let count = (blk.n * blk.hw) as f64;
+    let shifts: Vec<T> = (0..blk.cb).map(|j| x[blk.plane(0, j)]).collect();
+    let sums = T::run(ShiftedSums {
+        x,
+        blk,
+        shifts: &shifts,
+    });
+    for (j, (out, (s, q))) in outs.iter_mut().zip(sums).enumerate() {
+        let ch = blk.c0 + j;
+        let mean_shifted = s / count;
+        let var = (q / count - mean_shifted * mean_shifted).max(0.0);
+        let mean = shifts[j].to_f64_lossy() + mean_shifted;
+        let invstd = 1.0 / (var + eps).sqrt();
+        let affine = Affine::new(mean, gamma[ch].to_f64_lossy() * invstd, beta[ch]);
+        *out = (mean, invstd, affine);
+    }
 }
 
 /// Eval forward (+ relu if `RELU`) with running statistics.
@@ -401,12 +412,7 @@ pub(crate) fn forward_eval<T: Float, const RELU: bool>(
         "batchnorm2d eval: running_mean length"
     );
     assert_eq!(running_var.len(), c, "batchnorm2d eval: running_var length");
-    let coefs: Vec<Affine<T>> = (0..c)
-        .map(|ch| {
-            let scale = gamma[ch].to_f64_lossy() / (running_var[ch].to_f64_lossy() + eps).sqrt();
-            Affine::new(running_mean[ch].to_f64_lossy(), scale, beta[ch])
-        })
-        .collect();
+    let coefs = eval_coefs(gamma, beta, running_mean, running_var, eps);
     let y_ptr = SharedMutPtr(y.as_mut_ptr());
     for_channel_blocks::<T, (), _>(n, c, hw, |blk, _| {
         let coefs = &coefs[blk.c0..blk.c0 + blk.cb];
@@ -417,6 +423,22 @@ pub(crate) fn forward_eval<T: Float, const RELU: bool>(
             coefs,
         });
     });
+}
+
+/// The affine maps of an eval forward (running statistics).
+pub(crate) fn eval_coefs<T: Float>(
+    gamma: &[T],
+    beta: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+    eps: f64,
+) -> Vec<Affine<T>> {
+    (0..gamma.len())
+        .map(|ch| {
+            let scale = gamma[ch].to_f64_lossy() / (running_var[ch].to_f64_lossy() + eps).sqrt();
+            Affine::new(running_mean[ch].to_f64_lossy(), scale, beta[ch])
+        })
+        .collect()
 }
 
 /// Training backward (+ relu's if `RELU`, whose mask is recomputed from `x` and `coefs`):
@@ -442,20 +464,10 @@ pub(crate) fn backward<T: Float, const RELU: bool>(
         gamma.len() == c && coefs.len() == c && invstd.len() == c,
         "batchnorm2d backward: per-channel lengths"
     );
-    let count = (n * hw) as f64;
     for_channel_blocks::<T, _, _>(n, c, hw, |blk, outs| {
         let coefs = &coefs[blk.c0..blk.c0 + blk.cb];
         let sums = T::run(GradSums::<T, RELU> { x, dy, blk, coefs });
-        let k: Vec<[T; 3]> = sums
-            .iter()
-            .enumerate()
-            .map(|(j, &(sum_g, sum_gx))| {
-                let ch = blk.c0 + j;
-                let is = invstd[ch].to_f64_lossy();
-                let kk = gamma[ch].to_f64_lossy() * is;
-                [kk, -kk * is * is * sum_gx / count, -kk * sum_g / count].map(T::from_f64_lossy)
-            })
-            .collect();
+        let k = grad_coefficients(&sums, blk, gamma, invstd);
         T::run(GradApply::<T, RELU> {
             x,
             dy,
@@ -466,6 +478,25 @@ pub(crate) fn backward<T: Float, const RELU: bool>(
         });
         outs.copy_from_slice(&sums);
     })
+}
+
+/// A block's `dx = k0·g + k1·xc + k2` coefficients from its sums `(Σ g, Σ g·xc)`.
+pub(crate) fn grad_coefficients<T: Float>(
+    sums: &[(f64, f64)],
+    blk: Block,
+    gamma: &[T],
+    invstd: &[T],
+) -> Vec<[T; 3]> {
+    let count = (blk.n * blk.hw) as f64;
+    sums.iter()
+        .enumerate()
+        .map(|(j, &(sum_g, sum_gx))| {
+            let ch = blk.c0 + j;
+            let is = invstd[ch].to_f64_lossy();
+            let kk = gamma[ch].to_f64_lossy() * is;
+            [kk, -kk * is * is * sum_gx / count, -kk * sum_g / count].map(T::from_f64_lossy)
+        })
+        .collect()
 }
 
 /// `dbeta = Σ g`, `dgamma = (Σ g·xc)·invstd` from [`backward`]'s per-channel sums.

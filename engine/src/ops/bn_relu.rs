@@ -17,9 +17,9 @@ use crate::Float;
 /// batch mean (as `T`) and `invstd = 1/sqrt(var_biased + eps)`.
 #[derive(Clone, Debug, Default)]
 pub struct BnReluSaved<T> {
-    affine: Vec<Affine<T>>,
-    mean: Vec<T>,
-    invstd: Vec<T>,
+    pub(crate) affine: Vec<Affine<T>>,
+    pub(crate) mean: Vec<T>,
+    pub(crate) invstd: Vec<T>,
 }
 
 impl<T: Float> BnReluSaved<T> {
@@ -28,6 +28,17 @@ impl<T: Float> BnReluSaved<T> {
             affine: Vec::new(),
             mean: Vec::new(),
             invstd: Vec::new(),
+        }
+    }
+    /// Keeps per-channel `(mean, invstd, affine)` as a training forward computed them.
+    pub(crate) fn set(&mut self, stats: &[(f64, f64, Affine<T>)]) {
+        self.affine.clear();
+        self.mean.clear();
+        self.invstd.clear();
+        for &(mean, invstd, affine) in stats {
+            self.affine.push(affine);
+            self.mean.push(T::from_f64_lossy(mean));
+            self.invstd.push(T::from_f64_lossy(invstd));
         }
     }
     /// The batch mean per channel.
@@ -56,14 +67,7 @@ pub fn batchnorm2d_relu_forward_train<T: Float>(
     saved: &mut BnReluSaved<T>,
 ) {
     let stats = batchnorm::forward_train::<T, true>(n, c, hw, x, gamma, beta, eps, z);
-    saved.affine.clear();
-    saved.mean.clear();
-    saved.invstd.clear();
-    for (mean, invstd, affine) in stats {
-        saved.affine.push(affine);
-        saved.mean.push(T::from_f64_lossy(mean));
-        saved.invstd.push(T::from_f64_lossy(invstd));
-    }
+    saved.set(&stats);
 }
 
 /// Eval forward of `relu(batchnorm2d(x))` with running statistics.

@@ -17,6 +17,7 @@
 
 pub mod batchnorm;
 pub mod bn_relu;
+pub mod bn_relu_pool;
 pub mod conv;
 mod conv_node;
 mod elementwise;
@@ -27,6 +28,7 @@ pub mod relu;
 
 pub use batchnorm::*;
 pub use bn_relu::*;
+pub use bn_relu_pool::*;
 pub use conv::*;
 pub use linear::*;
 pub use loss::*;

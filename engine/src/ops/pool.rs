@@ -112,7 +112,7 @@ pub fn maxpool2d_forward<T: Float>(g: &Pool2dGeom, x: &[T], y: &mut [T], argmax:
 /// Whether `v` replaces the running max `best`: strictly greater (so the first maximum in
 /// row-major window order wins ties), or NaN (which propagates, as in PyTorch).
 #[inline(always)]
-fn takes<T: Float>(v: T, best: T) -> bool {
+pub(crate) fn takes<T: Float>(v: T, best: T) -> bool {
     v > best || v.is_nan()
 }
 
@@ -210,7 +210,7 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
 /// # Safety
 /// `p .. p + 2m` must be readable.
 #[inline(always)]
-unsafe fn load_column_pairs<V: FloatVec>(p: *const V::Elem, m: usize) -> (V, V) {
+pub(crate) unsafe fn load_column_pairs<V: FloatVec>(p: *const V::Elem, m: usize) -> (V, V) {
     let l = V::LANES;
     // SAFETY: the caller guarantees `2m` readable values; the second load is skipped when
     // it would be empty.
@@ -228,7 +228,7 @@ unsafe fn load_column_pairs<V: FloatVec>(p: *const V::Elem, m: usize) -> (V, V) 
 /// The running window maximum `(best, idx)` after candidate `v` at window position `i`:
 /// `v` wins if strictly greater or NaN (see [`takes`]).
 #[inline(always)]
-fn take_if_larger<V: FloatVec>(v: V, i: V, best: V, idx: V) -> (V, V) {
+pub(crate) fn take_if_larger<V: FloatVec>(v: V, i: V, best: V, idx: V) -> (V, V) {
     let t = V::mask_or(v.gt(best), v.is_nan());
     (V::select(t, v, best), V::select(t, i, idx))
 }
@@ -394,7 +394,7 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
 /// # Safety
 /// `p .. p + 2m` must be writable.
 #[inline(always)]
-unsafe fn store_column_pairs<V: FloatVec>(p: *mut V::Elem, m: usize, even: V, odd: V) {
+pub(crate) unsafe fn store_column_pairs<V: FloatVec>(p: *mut V::Elem, m: usize, even: V, odd: V) {
     let l = V::LANES;
     let (lo, hi) = V::interleave(even, odd);
     // SAFETY: the caller guarantees `2m` writable values; the second store is skipped when
