@@ -492,6 +492,23 @@ fn relu_f32_matches_f64() {
 #[test]
 fn maxpool2d_f32_matches_f64_and_definition() {
     let shapes = [
+        // Half-vector rows two at a time, across planes of odd height/2 (AVX2, Portable16).
+        Pool2dGeom {
+            n: 3,
+            c: 2,
+            h: 6,
+            w: 8,
+            k: 2,
+            stride: 2,
+        },
+        Pool2dGeom {
+            n: 2,
+            c: 3,
+            h: 10,
+            w: 16,
+            k: 2,
+            stride: 2,
+        },
         // VGG's first pool: vector rows
         Pool2dGeom {
             n: 2,
@@ -827,6 +844,10 @@ fn batchnorm2d_relu_maxpool2d_matches_the_chained_ops() {
         (5, 3, 2, 2),
         (2, 40, 8, 8),
         (3, 2, 16, 6),
+        // Rows of half a vector (AVX2: 8 wide, Portable16: 16 wide) are taken two at a time;
+        // an odd row count leaves one alone.
+        (3, 2, 6, 8),
+        (2, 3, 10, 16),
     ];
     let eps = 1e-5;
     on_every_path(|path| {

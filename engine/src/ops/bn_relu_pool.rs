@@ -19,7 +19,7 @@ use super::batchnorm::{
     relu, splat_affine, write_param_grads, Affine, Block, BlockedSums, BnMode, BN_EPS,
 };
 use super::bn_relu::BnReluSaved;
-use super::pool::{load_column_pairs, take_if_larger, takes};
+use super::pool::{load_outputs, load_step, store_outputs, take_if_larger, takes, Steps};
 use super::SharedMutPtr;
 use crate::autograd::{Param, ParamGrads, Pools, Tape, TapeNode, ValueId};
 use crate::simd::{FloatVec, VecKernel};
@@ -77,58 +77,68 @@ impl<T: Float> VecKernel<T> for NormalizePool<'_, T> {
                 let off = self.blk.plane(img, j);
                 let o_off = off / 4; // output plane of (img, channel)
                 let coef = &self.coefs[j];
+                if 2 * ow < l {
+                    // SAFETY: the plane's inputs and outputs lie inside `x` (asserted) and the
+                    // outputs (same plane count); only this block's task writes its outputs.
+                    unsafe { pool_plane_scalar(xp, pp, ap, off, o_off, w, oh, ow, coef) };
+                    continue;
+                }
                 let a = splat_affine::<V>(coef);
-                for r in 0..oh {
-                    let (top, bottom, out) =
-                        (off + 2 * r * w, off + (2 * r + 1) * w, o_off + r * ow);
-                    if 2 * ow < l {
-                        for c in 0..ow {
-                            // SAFETY: 2·ow = w inputs per row, ow outputs per row, inside the
-                            // planes (asserted); only this block's task writes these outputs.
-                            unsafe {
-                                let v = [
-                                    affine_relu(*xp.add(top + 2 * c), coef).1,
-                                    affine_relu(*xp.add(top + 2 * c + 1), coef).1,
-                                    affine_relu(*xp.add(bottom + 2 * c), coef).1,
-                                    affine_relu(*xp.add(bottom + 2 * c + 1), coef).1,
-                                ];
-                                let (mut best, mut at) = (v[0], 0u8);
-                                for (k, &cand) in v.iter().enumerate().skip(1) {
-                                    let t = takes(cand, best);
-                                    best = if t { cand } else { best };
-                                    at = if t { k as u8 } else { at };
-                                }
-                                *pp.add(out + c) = best;
-                                *ap.add(out + c) = at;
-                            }
-                        }
-                        continue;
-                    }
-                    let mut c = 0;
-                    while c < ow {
-                        let m = (ow - c).min(l);
-                        // SAFETY: as above, vector-wise: inputs `2c .. 2(c + m)` of both rows,
-                        // outputs `c .. c + m`.
-                        unsafe {
-                            let (va, vb) = load_column_pairs::<V>(xp.add(top + 2 * c), m);
-                            let (vd, ve) = load_column_pairs::<V>(xp.add(bottom + 2 * c), m);
-                            let (best, idx) = (affine_relu_vec(va, &a), V::zero());
-                            let (best, idx) =
-                                take_if_larger(affine_relu_vec(vb, &a), i1, best, idx);
-                            let (best, idx) =
-                                take_if_larger(affine_relu_vec(vd, &a), i2, best, idx);
-                            let (best, idx) =
-                                take_if_larger(affine_relu_vec(ve, &a), i3, best, idx);
-                            best.store_n(pp.add(out + c), m);
-                            if m == l {
-                                idx.store_u8(ap.add(out + c));
-                            } else {
-                                idx.store_u8_partial(ap.add(out + c), m);
-                            }
-                        }
-                        c += m;
+                for st in Steps::new(w, ow, oh, l, off, o_off) {
+                    // SAFETY: as above, vector-wise: a step's inputs and outputs lie inside the
+                    // plane.
+                    unsafe {
+                        let (va, vb) = load_step::<V>(xp, &st, 0);
+                        let (vd, ve) = load_step::<V>(xp, &st, w);
+                        let (best, idx) = (affine_relu_vec(va, &a), V::zero());
+                        let (best, idx) = take_if_larger(affine_relu_vec(vb, &a), i1, best, idx);
+                        let (best, idx) = take_if_larger(affine_relu_vec(vd, &a), i2, best, idx);
+                        let (best, idx) = take_if_larger(affine_relu_vec(ve, &a), i3, best, idx);
+                        store_outputs(pp, ap, &st, best, idx);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The forward of one plane whose rows are narrower than half a vector, value by value.
+///
+/// # Safety
+/// The plane's `4·oh·ow` inputs from `off` and `oh·ow` outputs from `o_off` must be
+/// accessible, the outputs exclusively.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pool_plane_scalar<T: Float>(
+    xp: *const T,
+    pp: *mut T,
+    ap: *mut u8,
+    off: usize,
+    o_off: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    coef: &Affine<T>,
+) {
+    for r in 0..oh {
+        let (top, bottom, out) = (off + 2 * r * w, off + (2 * r + 1) * w, o_off + r * ow);
+        for c in 0..ow {
+            // SAFETY: inside the plane (the caller's contract).
+            unsafe {
+                let v = [
+                    affine_relu(*xp.add(top + 2 * c), coef).1,
+                    affine_relu(*xp.add(top + 2 * c + 1), coef).1,
+                    affine_relu(*xp.add(bottom + 2 * c), coef).1,
+                    affine_relu(*xp.add(bottom + 2 * c + 1), coef).1,
+                ];
+                let (mut best, mut at) = (v[0], 0u8);
+                for (k, &cand) in v.iter().enumerate().skip(1) {
+                    let t = takes(cand, best);
+                    best = if t { cand } else { best };
+                    at = if t { k as u8 } else { at };
+                }
+                *pp.add(out + c) = best;
+                *ap.add(out + c) = at;
             }
         }
     }
@@ -168,14 +178,14 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
     let z = V::zero();
     let idx = [
         z,
-        V::splat(V::Elem::one()),
-        V::splat(V::Elem::from_f64_lossy(2.0)),
-        V::splat(V::Elem::from_f64_lossy(3.0)),
+        V::splat(T::one()),
+        V::splat(T::from_f64_lossy(2.0)),
+        V::splat(T::from_f64_lossy(3.0)),
     ];
-    for r in 0..oh {
-        let rows = [off + 2 * r * w, off + (2 * r + 1) * w];
-        let out = o_off + r * ow;
-        if 2 * ow < l {
+    if 2 * ow < l {
+        for r in 0..oh {
+            let rows = [off + 2 * r * w, off + (2 * r + 1) * w];
+            let out = o_off + r * ow;
             for c in 0..ow {
                 let (g, at) = (dp[out + c], argmax[out + c] as usize);
                 for k in 0..4 {
@@ -190,44 +200,29 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
                     f.scalar(pos, gk, xc);
                 }
             }
-            continue;
         }
-        let mut c = 0;
-        while c < ow {
-            let m = (ow - c).min(l);
-            // SAFETY: outputs `c .. c + m` of the row are inside `dp` and `argmax` (the
-            // caller's bounds).
-            let (g, at) = unsafe {
-                let g = V::load_n(dp.as_ptr().add(out + c), m);
-                let at = if m == l {
-                    V::load_u8(argmax.as_ptr().add(out + c))
-                } else {
-                    V::load_u8_partial(argmax.as_ptr().add(out + c), m)
-                };
-                (g, at)
-            };
-            let part = [
-                V::select(at.eq(idx[0]), g, z),
-                V::select(at.eq(idx[1]), g, z),
-                V::select(at.eq(idx[2]), g, z),
-                V::select(at.eq(idx[3]), g, z),
-            ];
-            for (row, (even, odd)) in [(rows[0], (part[0], part[1])), (rows[1], (part[2], part[3]))]
-            {
-                let (lo, hi) = V::interleave(even, odd);
-                let start = row + 2 * c;
-                for (half, gh) in [(0, lo), (l, hi)] {
-                    if 2 * m <= half {
-                        break;
-                    }
-                    let cnt = 2 * m - half;
-                    // SAFETY: inputs `2c .. 2(c + m)` of the row are inside the plane.
-                    let xv = unsafe { V::load_n(x.add(start + half), cnt) };
-                    let (xc, y) = apply_affine(xv, &a);
-                    f.step(start + half, cnt, V::select(y.gt(z), gh, z), xc);
+        return;
+    }
+    for st in Steps::new(w, ow, oh, l, off, o_off) {
+        // SAFETY: a step's outputs are inside `dp` and `argmax` (the caller's bounds).
+        let (g, at) = unsafe { load_outputs::<V>(dp.as_ptr(), argmax.as_ptr(), &st) };
+        let part = [
+            V::select(at.eq(idx[0]), g, z),
+            V::select(at.eq(idx[1]), g, z),
+            V::select(at.eq(idx[2]), g, z),
+            V::select(at.eq(idx[3]), g, z),
+        ];
+        for (shift, (even, odd)) in [(0, (part[0], part[1])), (w, (part[2], part[3]))] {
+            let (lo, hi) = V::interleave(even, odd);
+            for (start, cnt, gh) in [(st.top_lo, st.n_lo, lo), (st.top_hi, st.n_hi, hi)] {
+                if cnt == 0 {
+                    break;
                 }
+                // SAFETY: a step's inputs are inside the plane.
+                let xv = unsafe { V::load_n(x.add(start + shift), cnt) };
+                let (xc, y) = apply_affine(xv, &a);
+                f.step(start + shift, cnt, V::select(y.gt(z), gh, z), xc);
             }
-            c += m;
         }
     }
 }

@@ -177,51 +177,202 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
             self.y.as_mut_ptr(),
             self.argmax.as_mut_ptr(),
         );
-        for r in 0..self.rows {
-            let (top, bottom) = (2 * r * w, (2 * r + 1) * w);
-            let mut c = 0;
-            while c < ow {
-                let m = (ow - c).min(l); // outputs this step
-                                         // SAFETY: inputs `2c .. 2(c + m)` of both rows lie inside the row (2·ow <= w)
-                                         // and inside `x` (asserted); outputs `c .. c + m` of row `r` inside `y` and
-                                         // `argmax`.
-                unsafe {
-                    let (a, b) = load_column_pairs::<V>(xp.add(top + 2 * c), m);
-                    let (d, e) = load_column_pairs::<V>(xp.add(bottom + 2 * c), m);
-                    let (best, idx) = (a, V::zero());
-                    let (best, idx) = take_if_larger(b, i1, best, idx);
-                    let (best, idx) = take_if_larger(d, i2, best, idx);
-                    let (best, idx) = take_if_larger(e, i3, best, idx);
-                    best.store_n(yp.add(r * ow + c), m);
-                    if m == l {
-                        idx.store_u8(ap.add(r * ow + c));
-                    } else {
-                        idx.store_u8_partial(ap.add(r * ow + c), m);
-                    }
-                }
-                c += m;
+        for st in Steps::new(w, ow, self.rows, l, 0, 0) {
+            // SAFETY: a step's inputs lie inside its rows (2·ow <= w) and inside `x`
+            // (asserted); its outputs inside `y` and `argmax`.
+            unsafe {
+                let (a, b) = load_step::<V>(xp, &st, 0);
+                let (d, e) = load_step::<V>(xp, &st, w);
+                let (best, idx) = (a, V::zero());
+                let (best, idx) = take_if_larger(b, i1, best, idx);
+                let (best, idx) = take_if_larger(d, i2, best, idx);
+                let (best, idx) = take_if_larger(e, i3, best, idx);
+                store_outputs(yp, ap, &st, best, idx);
             }
         }
     }
 }
 
-/// The even and odd columns of `2m <= 2·LANES` consecutive inputs at `p`.
+/// One vector step of a 2×2 / stride-2 pass: `m <= LANES` consecutive outputs from `out`
+/// (row-major, `ow` per row), whose windows' top-row inputs are `n_lo` values at `top_lo`
+/// followed by `n_hi` values at `top_hi` (`2m` in all; each window's bottom row is one input
+/// row further). Rows of at least a vector of inputs are cut into steps; rows of exactly
+/// half a vector are taken two at a time (`top_hi` is then the next row pair's top row), so
+/// no step is half empty.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Step {
+    pub(crate) top_lo: usize,
+    pub(crate) n_lo: usize,
+    pub(crate) top_hi: usize,
+    pub(crate) n_hi: usize,
+    pub(crate) out: usize,
+    pub(crate) m: usize,
+}
+
+/// The [`Step`]s over `rows` output rows of width `ow` (input rows of width `w`), for
+/// vectors of `l` lanes, with inputs from `in_base` and outputs from `out_base`. Needs
+/// `2·ow >= l` (narrower rows use scalar loops).
+pub(crate) struct Steps {
+    w: usize,
+    ow: usize,
+    rows: usize,
+    l: usize,
+    in_base: usize,
+    out_base: usize,
+    r: usize,
+    c: usize,
+}
+
+impl Steps {
+    #[inline(always)]
+    pub(crate) fn new(
+        w: usize,
+        ow: usize,
+        rows: usize,
+        l: usize,
+        in_base: usize,
+        out_base: usize,
+    ) -> Self {
+        debug_assert!(2 * ow >= l);
+        Steps {
+            w,
+            ow,
+            rows,
+            l,
+            in_base,
+            out_base,
+            r: 0,
+            c: 0,
+        }
+    }
+}
+
+impl Iterator for Steps {
+    type Item = Step;
+    #[inline(always)]
+    fn next(&mut self) -> Option<Step> {
+        let (w, ow, l, r) = (self.w, self.ow, self.l, self.r);
+        if r >= self.rows {
+            return None;
+        }
+        let top = self.in_base + 2 * r * w;
+        if 2 * ow == l && r + 1 < self.rows {
+            self.r += 2;
+            return Some(Step {
+                top_lo: top,
+                n_lo: l,
+                top_hi: top + 2 * w,
+                n_hi: l,
+                out: self.out_base + r * ow,
+                m: l,
+            });
+        }
+        let m = (ow - self.c).min(l);
+        let top_lo = top + 2 * self.c;
+        let step = Step {
+            top_lo,
+            n_lo: (2 * m).min(l),
+            top_hi: top_lo + l,
+            n_hi: (2 * m).saturating_sub(l),
+            out: self.out_base + r * ow + self.c,
+            m,
+        };
+        self.c += m;
+        if self.c == ow {
+            self.c = 0;
+            self.r += 1;
+        }
+        Some(step)
+    }
+}
+
+/// The even and odd inputs (window columns 0 and 1) of a step's top row, or of its bottom
+/// row with `row_shift = w`.
 ///
 /// # Safety
-/// `p .. p + 2m` must be readable.
+/// The step's inputs (shifted) must be readable from `x`.
 #[inline(always)]
-pub(crate) unsafe fn load_column_pairs<V: FloatVec>(p: *const V::Elem, m: usize) -> (V, V) {
-    let l = V::LANES;
-    // SAFETY: the caller guarantees `2m` readable values; the second load is skipped when
-    // it would be empty.
+pub(crate) unsafe fn load_step<V: FloatVec>(
+    x: *const V::Elem,
+    st: &Step,
+    row_shift: usize,
+) -> (V, V) {
+    // SAFETY: forwarded; the second load is skipped when it is empty.
     unsafe {
-        let lo = V::load_n(p, 2 * m);
-        let hi = if 2 * m > l {
-            V::load_n(p.add(l), 2 * m - l)
+        let lo = V::load_n(x.add(st.top_lo + row_shift), st.n_lo);
+        let hi = if st.n_hi > 0 {
+            V::load_n(x.add(st.top_hi + row_shift), st.n_hi)
         } else {
             V::zero()
         };
         V::deinterleave(lo, hi)
+    }
+}
+
+/// Stores `even`/`odd` interleaved at a step's top-row inputs (bottom row: `row_shift = w`).
+///
+/// # Safety
+/// The step's inputs (shifted) must be writable in `dx`.
+#[inline(always)]
+pub(crate) unsafe fn store_step<V: FloatVec>(
+    dx: *mut V::Elem,
+    st: &Step,
+    row_shift: usize,
+    even: V,
+    odd: V,
+) {
+    let (lo, hi) = V::interleave(even, odd);
+    // SAFETY: forwarded; the second store is skipped when it is empty.
+    unsafe {
+        lo.store_n(dx.add(st.top_lo + row_shift), st.n_lo);
+        if st.n_hi > 0 {
+            hi.store_n(dx.add(st.top_hi + row_shift), st.n_hi);
+        }
+    }
+}
+
+/// Stores a step's maxima and window positions.
+///
+/// # Safety
+/// The step's outputs must be writable in `y` and `argmax`.
+#[inline(always)]
+pub(crate) unsafe fn store_outputs<V: FloatVec>(
+    y: *mut V::Elem,
+    argmax: *mut u8,
+    st: &Step,
+    best: V,
+    idx: V,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        best.store_n(y.add(st.out), st.m);
+        if st.m == V::LANES {
+            idx.store_u8(argmax.add(st.out));
+        } else {
+            idx.store_u8_partial(argmax.add(st.out), st.m);
+        }
+    }
+}
+
+/// A step's pooled gradient and window positions.
+///
+/// # Safety
+/// The step's outputs must be readable in `dy` and `argmax`.
+#[inline(always)]
+pub(crate) unsafe fn load_outputs<V: FloatVec>(
+    dy: *const V::Elem,
+    argmax: *const u8,
+    st: &Step,
+) -> (V, V) {
+    // SAFETY: forwarded.
+    unsafe {
+        let g = V::load_n(dy.add(st.out), st.m);
+        let at = if st.m == V::LANES {
+            V::load_u8(argmax.add(st.out))
+        } else {
+            V::load_u8_partial(argmax.add(st.out), st.m)
+        };
+        (g, at)
     }
 }
 
@@ -357,52 +508,23 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
             V::splat(T::from_f64_lossy(3.0)),
         ];
         let (dyp, ap, dxp) = (self.dy.as_ptr(), self.argmax.as_ptr(), self.dx.as_mut_ptr());
-        for r in 0..self.rows {
-            let mut c = 0;
-            while c < ow {
-                let m = (ow - c).min(l);
-                // SAFETY: outputs `c .. c + m` of row `r` lie inside `dy` and `argmax`;
-                // inputs `2c .. 2(c + m)` of rows `2r`, `2r + 1` inside the row and `dx`
-                // (asserted).
-                unsafe {
-                    let g = V::load_n(dyp.add(r * ow + c), m);
-                    let at = if m == l {
-                        V::load_u8(ap.add(r * ow + c))
-                    } else {
-                        V::load_u8_partial(ap.add(r * ow + c), m)
-                    };
-                    let z = V::zero();
-                    let (p0, p1) = (
-                        V::select(at.eq(idx[0]), g, z),
-                        V::select(at.eq(idx[1]), g, z),
-                    );
-                    let (p2, p3) = (
-                        V::select(at.eq(idx[2]), g, z),
-                        V::select(at.eq(idx[3]), g, z),
-                    );
-                    store_column_pairs(dxp.add(2 * r * w + 2 * c), m, p0, p1);
-                    store_column_pairs(dxp.add((2 * r + 1) * w + 2 * c), m, p2, p3);
-                }
-                c += m;
+        for st in Steps::new(w, ow, self.rows, l, 0, 0) {
+            // SAFETY: a step's outputs lie inside `dy` and `argmax`, its inputs inside its
+            // rows and `dx` (asserted).
+            unsafe {
+                let (g, at) = load_outputs::<V>(dyp, ap, &st);
+                let z = V::zero();
+                let (p0, p1) = (
+                    V::select(at.eq(idx[0]), g, z),
+                    V::select(at.eq(idx[1]), g, z),
+                );
+                let (p2, p3) = (
+                    V::select(at.eq(idx[2]), g, z),
+                    V::select(at.eq(idx[3]), g, z),
+                );
+                store_step(dxp, &st, 0, p0, p1);
+                store_step(dxp, &st, w, p2, p3);
             }
-        }
-    }
-}
-
-/// Stores `even`/`odd` interleaved as `2m <= 2·LANES` consecutive values at `p`.
-///
-/// # Safety
-/// `p .. p + 2m` must be writable.
-#[inline(always)]
-pub(crate) unsafe fn store_column_pairs<V: FloatVec>(p: *mut V::Elem, m: usize, even: V, odd: V) {
-    let l = V::LANES;
-    let (lo, hi) = V::interleave(even, odd);
-    // SAFETY: the caller guarantees `2m` writable values; the second store is skipped when
-    // it would be empty.
-    unsafe {
-        lo.store_n(p, 2 * m);
-        if 2 * m > l {
-            hi.store_n(p.add(l), 2 * m - l);
         }
     }
 }
