@@ -194,7 +194,7 @@ fn gradcheck_batchnorm2d_relu() {
     let eps = 1e-5;
     for (t, &(n, c, hw)) in shapes.iter().enumerate() {
         let forward = |x: &[f64], g: &[f64], b: &[f64]| {
-            let (mut z, mut saved) = (vec![f64::NAN; x.len()], BnReluSaved::new());
+            let (mut z, mut saved) = (vec![f64::NAN; x.len()], BnSaved::new());
             batchnorm2d_relu_forward_train(n, c, hw, x, g, b, eps, &mut z, &mut saved);
             (z, saved)
         };
@@ -263,8 +263,7 @@ fn gradcheck_batchnorm2d_relu_maxpool2d() {
     for (t, &(n, c, h, w)) in shapes.iter().enumerate() {
         let (len, out) = (n * c * h * w, n * c * h * w / 4);
         let forward = |x: &[f64], g: &[f64], b: &[f64]| {
-            let (mut p, mut a, mut saved) =
-                (vec![f64::NAN; out], vec![0u8; out], BnReluSaved::new());
+            let (mut p, mut a, mut saved) = (vec![f64::NAN; out], vec![0u8; out], BnSaved::new());
             batchnorm2d_relu_maxpool2d_forward_train(
                 n, c, h, w, x, g, b, eps, &mut p, &mut a, &mut saved,
             );

@@ -275,8 +275,8 @@ fn check_batchnorm(n: usize, c: usize, hw: usize, mean: f64, spread: f64, seed: 
     // plain f64 backward of `dz · mask` (backward). The mask is the f32 op's own output
     // `z32 > 0` so that values within rounding of 0 cannot flip it between the two.
     let relu64 = |v: &[f64]| v.iter().map(|&v| v.max(0.0)).collect::<Vec<f64>>();
-    let (mut z32, mut saved32) = (vec![f32::NAN; len], BnReluSaved::new());
-    let (mut z64, mut saved64) = (vec![f64::NAN; len], BnReluSaved::new());
+    let (mut z32, mut saved32) = (vec![f32::NAN; len], BnSaved::new());
+    let (mut z64, mut saved64) = (vec![f64::NAN; len], BnSaved::new());
     batchnorm2d_relu_forward_train(n, c, hw, &x32, &g32, &b32, eps, &mut z32, &mut saved32);
     batchnorm2d_relu_forward_train(n, c, hw, &x64, &g64, &b64, eps, &mut z64, &mut saved64);
     assert_close(&what("bn+relu fwd z"), &z32, &relu64(&y64));
@@ -870,21 +870,21 @@ fn batchnorm2d_relu_maxpool2d_matches_the_chained_ops() {
 
             // Chained, f32 and f64.
             let chained = |x: &[f64], g: &[f64], b: &[f64]| {
-                let (mut z, mut saved) = (vec![f64::NAN; len], BnReluSaved::new());
+                let (mut z, mut saved) = (vec![f64::NAN; len], BnSaved::new());
                 batchnorm2d_relu_forward_train(n, c, h * w, x, g, b, eps, &mut z, &mut saved);
                 let (mut p, mut a) = (vec![f64::NAN; out], vec![u8::MAX; out]);
                 maxpool2d_forward(&geom, &z, &mut p, &mut a);
                 (z, saved, p, a)
             };
             let (z64, s64, p64, a64) = chained(&x64, &g64, &b64);
-            let (mut z32, mut s32) = (vec![f32::NAN; len], BnReluSaved::new());
+            let (mut z32, mut s32) = (vec![f32::NAN; len], BnSaved::new());
             batchnorm2d_relu_forward_train(n, c, h * w, &x32, &g32, &b32, eps, &mut z32, &mut s32);
             let (mut pc32, mut ac32) = (vec![f32::NAN; out], vec![u8::MAX; out]);
             maxpool2d_forward(&geom, &z32, &mut pc32, &mut ac32);
 
             // Fused.
             let (mut p32, mut a32, mut sf32) =
-                (vec![f32::NAN; out], vec![u8::MAX; out], BnReluSaved::new());
+                (vec![f32::NAN; out], vec![u8::MAX; out], BnSaved::new());
             batchnorm2d_relu_maxpool2d_forward_train(
                 n, c, h, w, &x32, &g32, &b32, eps, &mut p32, &mut a32, &mut sf32,
             );
@@ -897,7 +897,7 @@ fn batchnorm2d_relu_maxpool2d_matches_the_chained_ops() {
                 what("stats")
             );
             let (mut pf64, mut af64, mut sf64) =
-                (vec![f64::NAN; out], vec![u8::MAX; out], BnReluSaved::new());
+                (vec![f64::NAN; out], vec![u8::MAX; out], BnSaved::new());
             batchnorm2d_relu_maxpool2d_forward_train(
                 n, c, h, w, &x64, &g64, &b64, eps, &mut pf64, &mut af64, &mut sf64,
             );

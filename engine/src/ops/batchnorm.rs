@@ -15,7 +15,7 @@
 //! around a sample of the channel (its first value) so `|mean| ≫ std` does not cancel, and
 //! the f64 mean is applied as a two-part (`hi + lo`) value for the same reason.
 use super::{par_chunks_mut, units_per_task, SharedMutPtr};
-use crate::autograd::{Param, ParamGrads, Pools, Tape, TapeNode, ValueId};
+use crate::autograd::{Param, ParamGrads, Tape, TapeNode, ValueId};
 use crate::simd::{FloatVec, VecKernel};
 use crate::Float;
 
@@ -192,6 +192,19 @@ pub(crate) fn apply_affine<V: FloatVec>(x: V, a: &[V; 4]) -> (V, V) {
     (xc, xc.mul_add(a[2], a[3]))
 }
 
+/// The centered input `xc = (x - hi) - lo` and the gradient reaching batch norm's output:
+/// `g`, or with `RELU`, `g · [affine(x) > 0]` (relu's mask, recomputed as the forward did).
+#[inline(always)]
+pub(crate) fn centered_grad<V: FloatVec, const RELU: bool>(x: V, g: V, a: &[V; 4]) -> (V, V) {
+    let (xc, y) = apply_affine(x, a);
+    let g = if RELU {
+        V::select(y.gt(V::zero()), g, V::zero())
+    } else {
+        g
+    };
+    (xc, g)
+}
+
 #[inline(always)]
 pub(crate) fn splat_affine<V: FloatVec>(a: &Affine<V::Elem>) -> [V; 4] {
     [
@@ -269,13 +282,9 @@ impl<T: Float, const RELU: bool> VecKernel<T> for GradSums<'_, T, RELU> {
                     // SAFETY: as in `Normalize`; `dy` has `x`'s length. Partial loads read
                     // zeros past the plane, which add nothing (`g = 0` there).
                     unsafe {
-                        let (xc, y) = apply_affine(V::load_n(xp.add(i), hw - i), &a);
+                        let x = V::load_n(xp.add(i), hw - i);
                         let g = V::load_n(dyp.add(off + i), hw - i);
-                        let g = if RELU {
-                            V::select(y.gt(V::zero()), g, V::zero())
-                        } else {
-                            g
-                        };
+                        let (xc, g) = centered_grad::<V, RELU>(x, g, &a);
                         (s, p) = (s.add(g), g.mul_add(xc, p));
                     }
                     i += V::LANES;
@@ -318,13 +327,9 @@ impl<T: Float, const RELU: bool> VecKernel<T> for GradApply<'_, T, RELU> {
                     // SAFETY: as in `GradSums`; only this block's task writes these planes of
                     // `dx`, and when `dx` is `dy` each vector is loaded before it is stored.
                     unsafe {
-                        let (xc, y) = apply_affine(V::load_n(xp.add(i), hw - i), &a);
+                        let x = V::load_n(xp.add(i), hw - i);
                         let g = V::load_n(dyp.add(off + i), hw - i);
-                        let g = if RELU {
-                            V::select(y.gt(V::zero()), g, V::zero())
-                        } else {
-                            g
-                        };
+                        let (xc, g) = centered_grad::<V, RELU>(x, g, &a);
                         g.mul_add(k0, xc.mul_add(k1, k2))
                             .store_n(dxp.add(off + i), hw - i);
                     }
@@ -674,7 +679,157 @@ pub enum BnMode<'a, T> {
 /// Batch-norm epsilon (PyTorch default).
 pub const BN_EPS: f64 = 1e-5;
 
-struct BatchNorm2dNode<T> {
+/// What a training forward of the batch-norm family keeps for backward, per channel: the
+/// affine map it applied, the batch mean (as `T`) and `invstd = 1/sqrt(var_biased + eps)`.
+#[derive(Clone, Debug, Default)]
+pub struct BnSaved<T> {
+    pub(crate) affine: Vec<Affine<T>>,
+    pub(crate) mean: Vec<T>,
+    pub(crate) invstd: Vec<T>,
+}
+
+impl<T: Float> BnSaved<T> {
+    pub fn new() -> Self {
+        BnSaved {
+            affine: Vec::new(),
+            mean: Vec::new(),
+            invstd: Vec::new(),
+        }
+    }
+    /// Keeps per-channel `(mean, invstd, affine)` as a training forward computed them.
+    pub(crate) fn set(&mut self, stats: &[(f64, f64, Affine<T>)]) {
+        self.affine.clear();
+        self.mean.clear();
+        self.invstd.clear();
+        for &(mean, invstd, affine) in stats {
+            self.affine.push(affine);
+            self.mean.push(T::from_f64_lossy(mean));
+            self.invstd.push(T::from_f64_lossy(invstd));
+        }
+    }
+    /// The batch mean per channel.
+    pub fn mean(&self) -> &[T] {
+        &self.mean
+    }
+    /// `1/sqrt(var_biased + eps)` per channel.
+    pub fn invstd(&self) -> &[T] {
+        &self.invstd
+    }
+}
+
+/// The batch-norm part of a forward of the batch-norm family (see
+/// [`Tape::record_batchnorm`]).
+pub(crate) enum BnPass<'a, T> {
+    /// Batch statistics, kept in `saved`.
+    Train(&'a mut BnSaved<T>),
+    Eval {
+        running_mean: &'a [T],
+        running_var: &'a [T],
+    },
+}
+
+/// What a recorded op of the batch-norm family leaves for its node.
+pub(crate) struct BnRecord<T> {
+    pub(crate) x: usize,
+    pub(crate) out: usize,
+    pub(crate) saved: BnSaved<T>,
+}
+
+impl<T: Float> Tape<T> {
+    /// Records an op of the batch-norm family (plain, + relu, + relu + pool) on
+    /// `x: [N, C, H, W]`: runs `forward(x, gamma, beta, pass, out)` into a new output of
+    /// `out_shape`, updates the running statistics in training, consumes `x` (saved for
+    /// backward when recording) and returns the output and, when recording, what the op's node
+    /// needs (the caller pushes the node).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_batchnorm(
+        &mut self,
+        params: &[Param<T>],
+        x: ValueId,
+        gamma: usize,
+        beta: usize,
+        mode: BnMode<'_, T>,
+        out_shape: Vec<usize>,
+        forward: impl FnOnce(&[T], &[T], &[T], BnPass<'_, T>, &mut [T]),
+    ) -> (ValueId, Option<BnRecord<T>>) {
+        let xs = self.shape(&x);
+        assert!(xs.len() == 4, "batch norm expects [N, C, H, W], got {xs:?}");
+        let count = xs[0] * xs[2] * xs[3];
+        let record = self.record();
+        let (g, b) = (&params[gamma].value[..], &params[beta].value[..]);
+        match mode {
+            BnMode::Train {
+                running_mean,
+                running_var,
+                momentum,
+            } => {
+                let mut saved = BnSaved::new();
+                let out = self.new_output(out_shape, |t, out| {
+                    forward(t.value(x.0), g, b, BnPass::Train(&mut saved), out)
+                });
+                batchnorm2d_update_running(
+                    &saved.mean,
+                    &saved.invstd,
+                    BN_EPS,
+                    count,
+                    momentum,
+                    running_mean,
+                    running_var,
+                );
+                let x = self.consume_input(x, record);
+                if record {
+                    self.note_param_use(gamma);
+                    self.note_param_use(beta);
+                }
+                self.maybe_free_data(x);
+                (ValueId(out), record.then_some(BnRecord { x, out, saved }))
+            }
+            BnMode::Eval {
+                running_mean,
+                running_var,
+            } => {
+                assert!(
+                    !record,
+                    "eval-mode batch norm is not differentiable here: disable gradients"
+                );
+                let out = self.new_output(out_shape, |t, out| {
+                    let pass = BnPass::Eval {
+                        running_mean,
+                        running_var,
+                    };
+                    forward(t.value(x.0), g, b, pass, out)
+                });
+                let x = self.consume_input(x, false);
+                self.maybe_free_data(x);
+                (ValueId(out), None)
+            }
+        }
+    }
+
+    /// The backward of a batch-norm-family node that writes `dx` over `dy`:
+    /// `compute(x, gamma, dy_then_dx, dgamma, dbeta)`, then `dx` goes to `x`.
+    pub(crate) fn backward_over_dy(
+        &mut self,
+        grads: &mut ParamGrads<'_, T>,
+        (x, gamma, beta): (usize, usize, usize),
+        dy: &mut Vec<T>,
+        compute: impl FnOnce(&[T], &[T], &mut [T], &mut [T], &mut [T]),
+    ) {
+        let mut gamma_value = self.pools.floats.take(grads.params[gamma].numel());
+        gamma_value.copy_from_slice(&grads.params[gamma].value);
+        self.write_param_grads(grads, gamma, Some(beta), |t, gg, gb| {
+            compute(t.value(x), &gamma_value, dy, gg, gb.expect("beta grad"))
+        });
+        self.pools.floats.give(gamma_value);
+        self.unsave(x);
+        if self.requires_grad(x) {
+            self.deliver_grad(x, std::mem::take(dy));
+        }
+    }
+}
+
+/// The node of batch norm, and (`RELU`) of the fused batch norm + relu.
+struct BatchNormNode<T, const RELU: bool> {
     n: usize,
     c: usize,
     hw: usize,
@@ -682,47 +837,29 @@ struct BatchNorm2dNode<T> {
     y: usize,
     gamma: usize,
     beta: usize,
-    mean: Vec<T>,
-    invstd: Vec<T>,
+    saved: BnSaved<T>,
 }
 
-impl<T: Float> TapeNode<T> for BatchNorm2dNode<T> {
+impl<T: Float, const RELU: bool> TapeNode<T> for BatchNormNode<T, RELU> {
     fn op(&self) -> &'static str {
-        "batchnorm2d"
+        if RELU {
+            "batchnorm2d_relu"
+        } else {
+            "batchnorm2d"
+        }
     }
     fn output(&self) -> usize {
         self.y
     }
     fn backward(&self, tape: &mut Tape<T>, grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
-        let (n, c, hw, x) = (self.n, self.c, self.hw, self.x);
-        let mut gamma_value = tape.pools.floats.take(c);
-        gamma_value.copy_from_slice(&grads.params[self.gamma].value);
-        tape.write_param_grads(grads, self.gamma, Some(self.beta), |t, gg, gb| {
-            // dx is written over dy (no second activation-sized buffer).
-            let coefs = centering(&self.mean);
+        let (n, c, hw) = (self.n, self.c, self.hw);
+        let ids = (self.x, self.gamma, self.beta);
+        tape.backward_over_dy(grads, ids, dy, |x, gamma, dy, dgamma, dbeta| {
             let ptr = SharedMutPtr(dy.as_mut_ptr());
-            let sums = backward::<T, false>(
-                n,
-                c,
-                hw,
-                t.value(x),
-                &gamma_value,
-                &coefs,
-                &self.invstd,
-                &ptr,
-                &ptr,
-            );
-            write_param_grads(&sums, &self.invstd, gg, gb.expect("beta grad"));
+            let (affine, invstd) = (&self.saved.affine, &self.saved.invstd);
+            let sums = backward::<T, RELU>(n, c, hw, x, gamma, affine, invstd, &ptr, &ptr);
+            write_param_grads(&sums, invstd, dgamma, dbeta);
         });
-        tape.pools.floats.give(gamma_value);
-        tape.unsave(x);
-        if tape.requires_grad(x) {
-            tape.deliver_grad(x, std::mem::take(dy));
-        }
-    }
-    fn recycle(self: Box<Self>, pools: &mut Pools<T>) {
-        pools.floats.give(self.mean);
-        pools.floats.give(self.invstd);
     }
 }
 
@@ -736,94 +873,55 @@ impl<T: Float> Tape<T> {
         beta: usize,
         mode: BnMode<'_, T>,
     ) -> ValueId {
+        self.batchnorm_op::<false>(params, x, gamma, beta, mode)
+    }
+
+    /// [`Tape::batchnorm2d`], followed by relu if `RELU` (see [`super::bn_relu`]).
+    pub(crate) fn batchnorm_op<const RELU: bool>(
+        &mut self,
+        params: &[Param<T>],
+        x: ValueId,
+        gamma: usize,
+        beta: usize,
+        mode: BnMode<'_, T>,
+    ) -> ValueId {
         let xs = self.shape(&x).to_vec();
         assert!(
             xs.len() == 4,
             "batchnorm2d expects [N, C, H, W], got {xs:?}"
         );
         let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
-        let record = self.record();
-        let (g, b) = (&params[gamma].value, &params[beta].value);
-        match mode {
-            BnMode::Train {
-                running_mean,
-                running_var,
-                momentum,
-            } => {
-                let mut mean = self.pools.floats.take(c);
-                let mut invstd = self.pools.floats.take(c);
-                let y = self.new_output(xs, |t, yd| {
-                    let xd = t.value(x.0);
-                    batchnorm2d_forward_train(
-                        n,
-                        c,
-                        hw,
-                        xd,
-                        g,
-                        b,
-                        BN_EPS,
-                        yd,
-                        &mut mean,
-                        &mut invstd,
-                    )
-                });
-                batchnorm2d_update_running(
-                    &mean,
-                    &invstd,
-                    BN_EPS,
-                    n * hw,
-                    momentum,
+        let (y, rec) = self.record_batchnorm(
+            params,
+            x,
+            gamma,
+            beta,
+            mode,
+            xs,
+            |x, g, b, pass, y| match pass {
+                BnPass::Train(saved) => {
+                    saved.set(&forward_train::<T, RELU>(n, c, hw, x, g, b, BN_EPS, y))
+                }
+                BnPass::Eval {
                     running_mean,
                     running_var,
-                );
-                let x = self.consume_input(x, record);
-                if record {
-                    self.note_param_use(gamma);
-                    self.note_param_use(beta);
-                    self.push_node(Box::new(BatchNorm2dNode {
-                        n,
-                        c,
-                        hw,
-                        x,
-                        y,
-                        gamma,
-                        beta,
-                        mean,
-                        invstd,
-                    }));
-                } else {
-                    self.pools.floats.give(mean);
-                    self.pools.floats.give(invstd);
+                } => {
+                    forward_eval::<T, RELU>(n, c, hw, x, g, b, running_mean, running_var, BN_EPS, y)
                 }
-                self.maybe_free_data(x);
-                ValueId(y)
-            }
-            BnMode::Eval {
-                running_mean,
-                running_var,
-            } => {
-                assert!(
-                    !record,
-                    "eval-mode batch norm is not differentiable here: disable gradients"
-                );
-                let y = self.new_output(xs, |t, yd| {
-                    batchnorm2d_forward_eval(
-                        n,
-                        c,
-                        hw,
-                        t.value(x.0),
-                        g,
-                        b,
-                        running_mean,
-                        running_var,
-                        BN_EPS,
-                        yd,
-                    )
-                });
-                let x = self.consume_input(x, false);
-                self.maybe_free_data(x);
-                ValueId(y)
-            }
+            },
+        );
+        if let Some(BnRecord { x, out, saved }) = rec {
+            self.push_node(Box::new(BatchNormNode::<T, RELU> {
+                n,
+                c,
+                hw,
+                x,
+                y: out,
+                gamma,
+                beta,
+                saved,
+            }));
         }
+        y
     }
 }

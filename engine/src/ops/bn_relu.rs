@@ -8,48 +8,10 @@
 //! `z > 0`) — so the op saves only `x` (which batch norm's backward needs anyway), never `z`:
 //! when `z` feeds a max-pool, its buffer is recycled right after the pool's forward. `dx` is
 //! written over `dz` in place.
-use super::batchnorm::{self, check_lengths, Affine, BnMode, BN_EPS};
+use super::batchnorm::{self, check_lengths, BnMode, BnSaved};
 use super::SharedMutPtr;
-use crate::autograd::{Param, ParamGrads, Tape, TapeNode, ValueId};
+use crate::autograd::{Param, Tape, ValueId};
 use crate::Float;
-
-/// What a training forward keeps for backward, per channel: the affine map it applied, the
-/// batch mean (as `T`) and `invstd = 1/sqrt(var_biased + eps)`.
-#[derive(Clone, Debug, Default)]
-pub struct BnReluSaved<T> {
-    pub(crate) affine: Vec<Affine<T>>,
-    pub(crate) mean: Vec<T>,
-    pub(crate) invstd: Vec<T>,
-}
-
-impl<T: Float> BnReluSaved<T> {
-    pub fn new() -> Self {
-        BnReluSaved {
-            affine: Vec::new(),
-            mean: Vec::new(),
-            invstd: Vec::new(),
-        }
-    }
-    /// Keeps per-channel `(mean, invstd, affine)` as a training forward computed them.
-    pub(crate) fn set(&mut self, stats: &[(f64, f64, Affine<T>)]) {
-        self.affine.clear();
-        self.mean.clear();
-        self.invstd.clear();
-        for &(mean, invstd, affine) in stats {
-            self.affine.push(affine);
-            self.mean.push(T::from_f64_lossy(mean));
-            self.invstd.push(T::from_f64_lossy(invstd));
-        }
-    }
-    /// The batch mean per channel.
-    pub fn mean(&self) -> &[T] {
-        &self.mean
-    }
-    /// `1/sqrt(var_biased + eps)` per channel.
-    pub fn invstd(&self) -> &[T] {
-        &self.invstd
-    }
-}
 
 /// Training forward of `relu(batchnorm2d(x))` (batch statistics, biased variance): writes
 /// `z` and what backward needs into `saved` (its `mean`/`invstd` feed
@@ -64,7 +26,7 @@ pub fn batchnorm2d_relu_forward_train<T: Float>(
     beta: &[T],
     eps: f64,
     z: &mut [T],
-    saved: &mut BnReluSaved<T>,
+    saved: &mut BnSaved<T>,
 ) {
     let stats = batchnorm::forward_train::<T, true>(n, c, hw, x, gamma, beta, eps, z);
     saved.set(&stats);
@@ -96,7 +58,7 @@ pub fn batchnorm2d_relu_backward<T: Float>(
     hw: usize,
     x: &[T],
     gamma: &[T],
-    saved: &BnReluSaved<T>,
+    saved: &BnSaved<T>,
     dz: &[T],
     dx: &mut [T],
     dgamma: &mut [T],
@@ -118,7 +80,7 @@ pub fn batchnorm2d_relu_backward_in_place<T: Float>(
     hw: usize,
     x: &[T],
     gamma: &[T],
-    saved: &BnReluSaved<T>,
+    saved: &BnSaved<T>,
     dz_then_dx: &mut [T],
     dgamma: &mut [T],
     dbeta: &mut [T],
@@ -139,7 +101,7 @@ fn backward<T: Float>(
     hw: usize,
     x: &[T],
     gamma: &[T],
-    saved: &BnReluSaved<T>,
+    saved: &BnSaved<T>,
     dz: &SharedMutPtr<T>,
     dx: &SharedMutPtr<T>,
     dgamma: &mut [T],
@@ -155,53 +117,10 @@ fn backward<T: Float>(
     batchnorm::write_param_grads(&sums, &saved.invstd, dgamma, dbeta);
 }
 
-struct BnReluNode<T> {
-    n: usize,
-    c: usize,
-    hw: usize,
-    x: usize,
-    z: usize,
-    gamma: usize,
-    beta: usize,
-    saved: BnReluSaved<T>,
-}
-
-impl<T: Float> TapeNode<T> for BnReluNode<T> {
-    fn op(&self) -> &'static str {
-        "batchnorm2d_relu"
-    }
-    fn output(&self) -> usize {
-        self.z
-    }
-    fn backward(&self, tape: &mut Tape<T>, grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
-        let (n, c, hw, x) = (self.n, self.c, self.hw, self.x);
-        let mut gamma_value = tape.pools.floats.take(c);
-        gamma_value.copy_from_slice(&grads.params[self.gamma].value);
-        tape.write_param_grads(grads, self.gamma, Some(self.beta), |t, gg, gb| {
-            batchnorm2d_relu_backward_in_place(
-                n,
-                c,
-                hw,
-                t.value(x),
-                &gamma_value,
-                &self.saved,
-                dy,
-                gg,
-                gb.expect("beta grad"),
-            )
-        });
-        tape.pools.floats.give(gamma_value);
-        tape.unsave(x);
-        if tape.requires_grad(x) {
-            tape.deliver_grad(x, std::mem::take(dy));
-        }
-    }
-}
-
 impl<T: Float> Tape<T> {
     /// `relu(batchnorm2d(x))` over channels of `x: [N, C, H, W]` with affine `gamma`, `beta`,
     /// as one op (see the module docs; same results as [`Tape::batchnorm2d`] then
-    /// [`Tape::relu`] up to rounding).
+    /// [`Tape::relu`] up to rounding). Its node is batch norm's, with relu on.
     pub fn batchnorm2d_relu(
         &mut self,
         params: &[Param<T>],
@@ -210,87 +129,6 @@ impl<T: Float> Tape<T> {
         beta: usize,
         mode: BnMode<'_, T>,
     ) -> ValueId {
-        let xs = self.shape(&x).to_vec();
-        assert!(
-            xs.len() == 4,
-            "batchnorm2d_relu expects [N, C, H, W], got {xs:?}"
-        );
-        let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
-        let record = self.record();
-        let (g, b) = (&params[gamma].value, &params[beta].value);
-        match mode {
-            BnMode::Train {
-                running_mean,
-                running_var,
-                momentum,
-            } => {
-                let mut saved = BnReluSaved::new();
-                let z = self.new_output(xs, |t, zd| {
-                    batchnorm2d_relu_forward_train(
-                        n,
-                        c,
-                        hw,
-                        t.value(x.0),
-                        g,
-                        b,
-                        BN_EPS,
-                        zd,
-                        &mut saved,
-                    )
-                });
-                super::batchnorm2d_update_running(
-                    &saved.mean,
-                    &saved.invstd,
-                    BN_EPS,
-                    n * hw,
-                    momentum,
-                    running_mean,
-                    running_var,
-                );
-                let x = self.consume_input(x, record);
-                if record {
-                    self.note_param_use(gamma);
-                    self.note_param_use(beta);
-                    self.push_node(Box::new(BnReluNode {
-                        n,
-                        c,
-                        hw,
-                        x,
-                        z,
-                        gamma,
-                        beta,
-                        saved,
-                    }));
-                }
-                self.maybe_free_data(x);
-                ValueId(z)
-            }
-            BnMode::Eval {
-                running_mean,
-                running_var,
-            } => {
-                assert!(
-                    !record,
-                    "eval-mode batch norm is not differentiable here: disable gradients"
-                );
-                let z = self.new_output(xs, |t, zd| {
-                    batchnorm2d_relu_forward_eval(
-                        n,
-                        c,
-                        hw,
-                        t.value(x.0),
-                        g,
-                        b,
-                        running_mean,
-                        running_var,
-                        BN_EPS,
-                        zd,
-                    )
-                });
-                let x = self.consume_input(x, false);
-                self.maybe_free_data(x);
-                ValueId(z)
-            }
-        }
+        self.batchnorm_op::<true>(params, x, gamma, beta, mode)
     }
 }

@@ -15,10 +15,10 @@
 //! scalar transform is the vector one, operation for operation, so the relu mask backward
 //! recomputes is the forward's exactly.
 use super::batchnorm::{
-    apply_affine, block_stats, check_lengths, eval_coefs, for_channel_blocks, grad_coefficients,
-    relu, splat_affine, write_param_grads, Affine, Block, BlockedSums, BnMode, BN_EPS,
+    apply_affine, block_stats, centered_grad, check_lengths, eval_coefs, for_channel_blocks,
+    grad_coefficients, relu, splat_affine, write_param_grads, Affine, Block, BlockedSums, BnMode,
+    BnPass, BnRecord, BnSaved, BN_EPS,
 };
-use super::bn_relu::BnReluSaved;
 use super::pool::{load_outputs, load_step, store_outputs, take_if_larger, takes, Steps};
 use super::SharedMutPtr;
 use crate::autograd::{Param, ParamGrads, Pools, Tape, TapeNode, ValueId};
@@ -220,8 +220,8 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
                 }
                 // SAFETY: a step's inputs are inside the plane.
                 let xv = unsafe { V::load_n(x.add(start + shift), cnt) };
-                let (xc, y) = apply_affine(xv, &a);
-                f.step(start + shift, cnt, V::select(y.gt(z), gh, z), xc);
+                let (xc, g) = centered_grad::<V, true>(xv, gh, &a);
+                f.step(start + shift, cnt, g, xc);
             }
         }
     }
@@ -372,7 +372,7 @@ pub fn batchnorm2d_relu_maxpool2d_forward_train<T: Float>(
     eps: f64,
     p: &mut [T],
     argmax: &mut [u8],
-    saved: &mut BnReluSaved<T>,
+    saved: &mut BnSaved<T>,
 ) {
     let op = "batchnorm2d_relu_maxpool2d_forward_train";
     let out_plane = check_pool_shape(op, h, w);
@@ -450,7 +450,7 @@ pub fn batchnorm2d_relu_maxpool2d_backward<T: Float>(
     w: usize,
     x: &[T],
     gamma: &[T],
-    saved: &BnReluSaved<T>,
+    saved: &BnSaved<T>,
     dp: &[T],
     argmax: &[u8],
     dx: &mut [T],
@@ -490,7 +490,7 @@ pub fn batchnorm2d_relu_maxpool2d_backward_in_place<T: Float>(
     w: usize,
     x_then_dx: &mut [T],
     gamma: &[T],
-    saved: &BnReluSaved<T>,
+    saved: &BnSaved<T>,
     dp: &[T],
     argmax: &[u8],
     dgamma: &mut [T],
@@ -519,7 +519,7 @@ fn backward<T: Float>(
     x: &SharedMutPtr<T>,
     dx: &SharedMutPtr<T>,
     gamma: &[T],
-    saved: &BnReluSaved<T>,
+    saved: &BnSaved<T>,
     dp: &[T],
     argmax: &[u8],
     dgamma: &mut [T],
@@ -574,7 +574,7 @@ struct BnReluPoolNode<T> {
     p: usize,
     gamma: usize,
     beta: usize,
-    saved: BnReluSaved<T>,
+    saved: BnSaved<T>,
     argmax: Vec<u8>,
 }
 
@@ -662,92 +662,56 @@ impl<T: Float> Tape<T> {
             "batchnorm2d_relu_maxpool2d expects [N, C, H, W] with even H and W, got {xs:?}"
         );
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
-        let out_shape = vec![n, c, h / 2, w / 2];
         let mut argmax = self.pools.bytes.take(n * c * (h / 2) * (w / 2));
-        let record = self.record();
-        let (g, b) = (&params[gamma].value, &params[beta].value);
-        match mode {
-            BnMode::Train {
-                running_mean,
-                running_var,
-                momentum,
-            } => {
-                let mut saved = BnReluSaved::new();
-                let p = self.new_output(out_shape, |t, pd| {
-                    batchnorm2d_relu_maxpool2d_forward_train(
-                        n,
-                        c,
-                        h,
-                        w,
-                        t.value(x.0),
-                        g,
-                        b,
-                        BN_EPS,
-                        pd,
-                        &mut argmax,
-                        &mut saved,
-                    )
-                });
-                super::batchnorm2d_update_running(
-                    &saved.mean,
-                    &saved.invstd,
-                    BN_EPS,
-                    n * h * w,
-                    momentum,
-                    running_mean,
-                    running_var,
-                );
-                let x = self.consume_input(x, record);
-                if record {
-                    self.note_param_use(gamma);
-                    self.note_param_use(beta);
-                    self.push_node(Box::new(BnReluPoolNode {
+        let out_shape = vec![n, c, h / 2, w / 2];
+        let (p, rec) = self.record_batchnorm(
+            params,
+            x,
+            gamma,
+            beta,
+            mode,
+            out_shape,
+            |x, g, b, pass, p| {
+                let am = &mut argmax;
+                match pass {
+                    BnPass::Train(saved) => batchnorm2d_relu_maxpool2d_forward_train(
+                        n, c, h, w, x, g, b, BN_EPS, p, am, saved,
+                    ),
+                    BnPass::Eval {
+                        running_mean,
+                        running_var,
+                    } => batchnorm2d_relu_maxpool2d_forward_eval(
                         n,
                         c,
                         h,
                         w,
                         x,
-                        p,
-                        gamma,
-                        beta,
-                        saved,
-                        argmax,
-                    }));
-                } else {
-                    self.pools.bytes.give(argmax);
-                }
-                self.maybe_free_data(x);
-                ValueId(p)
-            }
-            BnMode::Eval {
-                running_mean,
-                running_var,
-            } => {
-                assert!(
-                    !record,
-                    "eval-mode batch norm is not differentiable here: disable gradients"
-                );
-                let p = self.new_output(out_shape, |t, pd| {
-                    batchnorm2d_relu_maxpool2d_forward_eval(
-                        n,
-                        c,
-                        h,
-                        w,
-                        t.value(x.0),
                         g,
                         b,
                         running_mean,
                         running_var,
                         BN_EPS,
-                        pd,
-                        &mut argmax,
-                    )
-                });
-                self.pools.bytes.give(argmax);
-                let x = self.consume_input(x, false);
-                self.maybe_free_data(x);
-                ValueId(p)
-            }
+                        p,
+                        am,
+                    ),
+                }
+            },
+        );
+        match rec {
+            Some(BnRecord { x, out, saved }) => self.push_node(Box::new(BnReluPoolNode {
+                n,
+                c,
+                h,
+                w,
+                x,
+                p: out,
+                gamma,
+                beta,
+                saved,
+                argmax,
+            })),
+            None => self.pools.bytes.give(argmax),
         }
+        p
     }
 }
