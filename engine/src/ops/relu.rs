@@ -1,4 +1,4 @@
-//! relu, elementwise: vectorized ([`super::elementwise`]), parallel chunks for large tensors.
+//! relu, elementwise: vectorized (the shared `elementwise` loops), parallel for large tensors.
 #[cfg(test)]
 use super::elementwise::MapKernel;
 use super::elementwise::{map2, map2_in_place, LaneOp};
