@@ -150,7 +150,10 @@ trait GradStep<T, V: FloatVec<Elem = T>> {
     /// Called with up to two vectors per row step (lanes past `2m` hold `g = 0`); `at` is
     /// the offset of the first lane in the plane buffer.
     fn step(&mut self, at: usize, n: usize, g: V, xc: V);
+    /// One value (rows narrower than half a vector).
     fn scalar(&mut self, at: usize, g: T, xc: T);
+    /// Whether values with `g = 0` may be skipped (sums: they add nothing) in the scalar walk.
+    const SKIPS_ZEROS: bool;
 }
 
 /// Walks a block's planes output row by output row, spreading `dp` back to the window
@@ -189,6 +192,9 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
             for c in 0..ow {
                 let (g, at) = (dp[out + c], argmax[out + c] as usize);
                 for k in 0..4 {
+                    if F::SKIPS_ZEROS && k != at {
+                        continue;
+                    }
                     let pos = rows[k >> 1] + 2 * c + (k & 1);
                     // SAFETY: `pos` is inside the plane, inside `x` (the caller's bounds).
                     let (xc, y) = affine_relu(unsafe { *x.add(pos) }, coef);
@@ -243,6 +249,7 @@ struct SumStep<'a, V: FloatVec> {
 }
 
 impl<T: Float, V: FloatVec<Elem = T>> GradStep<T, V> for SumStep<'_, V> {
+    const SKIPS_ZEROS: bool = true;
     #[inline(always)]
     fn step(&mut self, _at: usize, _n: usize, g: V, xc: V) {
         self.lanes[0] = self.lanes[0].add(g);
@@ -308,6 +315,7 @@ struct ApplyStep<T, V> {
 }
 
 impl<T: Float, V: FloatVec<Elem = T>> GradStep<T, V> for ApplyStep<T, V> {
+    const SKIPS_ZEROS: bool = false;
     #[inline(always)]
     fn step(&mut self, at: usize, n: usize, g: V, xc: V) {
         let [k0, k1, k2] = self.k;
