@@ -251,13 +251,15 @@ fn gradcheck_batchnorm2d_relu() {
 fn gradcheck_batchnorm2d_relu_maxpool2d() {
     // (n, c, h, w): 1 output per row (scalar path), 2 (one f64 vector), 3 (a partial second
     // half-vector), several rows and images.
-    // (f64 vectors have 4 lanes: 2 outputs per row are taken two rows at a time.)
+    // (f64 vectors have 4 lanes: 2 outputs per row are taken two rows at a time, 1 output
+    // four rows at a time.)
     let shapes = [
         (2, 3, 2, 2),
         (3, 2, 4, 4),
         (2, 2, 4, 6),
         (1, 3, 6, 8),
         (2, 2, 6, 4),
+        (2, 2, 10, 2),
     ];
     let eps = 1e-5;
     for (t, &(n, c, h, w)) in shapes.iter().enumerate() {

@@ -492,6 +492,24 @@ fn relu_f32_matches_f64() {
 #[test]
 fn maxpool2d_f32_matches_f64_and_definition() {
     let shapes = [
+        // Quarter-vector rows four at a time (AVX2: 4 wide; Portable16: 8 wide), with rows
+        // left over.
+        Pool2dGeom {
+            n: 3,
+            c: 1,
+            h: 6,
+            w: 4,
+            k: 2,
+            stride: 2,
+        },
+        Pool2dGeom {
+            n: 1,
+            c: 3,
+            h: 10,
+            w: 8,
+            k: 2,
+            stride: 2,
+        },
         // Half-vector rows two at a time, across planes of odd height/2 (AVX2, Portable16).
         Pool2dGeom {
             n: 3,
@@ -848,6 +866,11 @@ fn batchnorm2d_relu_maxpool2d_matches_the_chained_ops() {
         // an odd row count leaves one alone.
         (3, 2, 6, 8),
         (2, 3, 10, 16),
+        // Rows of a quarter vector (AVX2: 4 wide, Portable16: 8 wide) four at a time, and
+        // the rows left over.
+        (2, 3, 8, 4),
+        (2, 2, 12, 8),
+        (3, 2, 6, 4),
     ];
     let eps = 1e-5;
     on_every_path(|path| {

@@ -19,7 +19,10 @@ use super::batchnorm::{
     grad_coefficients, relu, splat_affine, write_param_grads, Affine, Block, BlockedSums, BnMode,
     BnPass, BnRecord, BnSaved, BN_EPS,
 };
-use super::pool::{load_outputs, load_step, store_outputs, take_if_larger, takes, Steps};
+use super::pool::{
+    load_corners, load_outputs, spread_corners, store_outputs, take_if_larger, takes, vector_rows,
+    Steps,
+};
 use super::SharedMutPtr;
 use crate::autograd::{Param, ParamGrads, Pools, Tape, TapeNode, ValueId};
 use crate::simd::{FloatVec, VecKernel};
@@ -77,7 +80,7 @@ impl<T: Float> VecKernel<T> for NormalizePool<'_, T> {
                 let off = self.blk.plane(img, j);
                 let o_off = off / 4; // output plane of (img, channel)
                 let coef = &self.coefs[j];
-                if 2 * ow < l {
+                if !vector_rows(ow, l) {
                     // SAFETY: the plane's inputs and outputs lie inside `x` (asserted) and the
                     // outputs (same plane count); only this block's task writes its outputs.
                     unsafe { pool_plane_scalar(xp, pp, ap, off, o_off, w, oh, ow, coef) };
@@ -88,8 +91,7 @@ impl<T: Float> VecKernel<T> for NormalizePool<'_, T> {
                     // SAFETY: as above, vector-wise: a step's inputs and outputs lie inside the
                     // plane.
                     unsafe {
-                        let (va, vb) = load_step::<V>(xp, &st, 0);
-                        let (vd, ve) = load_step::<V>(xp, &st, w);
+                        let [va, vb, vd, ve] = load_corners::<V>(xp, &st, w);
                         let (best, idx) = (affine_relu_vec(va, &a), V::zero());
                         let (best, idx) = take_if_larger(affine_relu_vec(vb, &a), i1, best, idx);
                         let (best, idx) = take_if_larger(affine_relu_vec(vd, &a), i2, best, idx);
@@ -185,7 +187,7 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
         V::splat(T::from_f64_lossy(2.0)),
         V::splat(T::from_f64_lossy(3.0)),
     ];
-    if 2 * ow < l {
+    if !vector_rows(ow, l) {
         for r in 0..oh {
             let rows = [off + 2 * r * w, off + (2 * r + 1) * w];
             let out = o_off + r * ow;
@@ -218,17 +220,14 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
             V::select(at.eq(idx[2]), g, z),
             V::select(at.eq(idx[3]), g, z),
         ];
-        for (shift, (even, odd)) in [(0, (part[0], part[1])), (w, (part[2], part[3]))] {
-            let (lo, hi) = V::interleave(even, odd);
-            for (start, cnt, gh) in [(st.top_lo, st.n_lo, lo), (st.top_hi, st.n_hi, hi)] {
-                if cnt == 0 {
-                    break;
-                }
-                // SAFETY: a step's inputs are inside the plane.
-                let xv = unsafe { V::load_n(x.add(start + shift), cnt) };
-                let (xc, g) = centered_grad::<V, true>(xv, gh, &a);
-                f.step(start + shift, cnt, g, xc);
+        for (at, cnt, gv) in spread_corners(&st, w, part) {
+            if cnt == 0 {
+                continue;
             }
+            // SAFETY: a step's inputs are inside the plane.
+            let xv = unsafe { V::load_n(x.add(at), cnt) };
+            let (xc, g) = centered_grad::<V, true>(xv, gv, &a);
+            f.step(at, cnt, g, xc);
         }
     }
 }

@@ -164,7 +164,7 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
             2 * ow <= w && (self.rows == 0 || (2 * self.rows - 1) * w + 2 * ow <= self.x.len())
         );
         assert!(self.y.len() == self.rows * ow && self.argmax.len() == self.y.len());
-        if 2 * ow < l {
+        if !vector_rows(ow, l) {
             return pool_rows_2x2_scalar(self.x, w, ow, self.rows, self.y, self.argmax);
         }
         let (i1, i2, i3) = (
@@ -181,8 +181,7 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
             // SAFETY: a step's inputs lie inside its rows (2·ow <= w) and inside `x`
             // (asserted); its outputs inside `y` and `argmax`.
             unsafe {
-                let (a, b) = load_step::<V>(xp, &st, 0);
-                let (d, e) = load_step::<V>(xp, &st, w);
+                let [a, b, d, e] = load_corners::<V>(xp, &st, w);
                 let (best, idx) = (a, V::zero());
                 let (best, idx) = take_if_larger(b, i1, best, idx);
                 let (best, idx) = take_if_larger(d, i2, best, idx);
@@ -197,10 +196,12 @@ impl<T: Float> VecKernel<T> for Pool2x2<'_, T> {
 /// (row-major, `ow` per row), whose windows' top-row inputs are `n_lo` values at `top_lo`
 /// followed by `n_hi` values at `top_hi` (`2m` in all; each window's bottom row is one input
 /// row further). Rows of at least a vector of inputs are cut into steps; rows of exactly
-/// half a vector are taken two at a time (`top_hi` is then the next row pair's top row), so
-/// no step is half empty.
+/// half a vector are taken two at a time (`top_hi` is then the next row pair's top row), and
+/// rows of a quarter vector four at a time (`quarter`: four whole row pairs, one vector each,
+/// from `top_lo`), so no step is half empty.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Step {
+    pub(crate) quarter: bool,
     pub(crate) top_lo: usize,
     pub(crate) n_lo: usize,
     pub(crate) top_hi: usize,
@@ -211,7 +212,7 @@ pub(crate) struct Step {
 
 /// The [`Step`]s over `rows` output rows of width `ow` (input rows of width `w`), for
 /// vectors of `l` lanes, with inputs from `in_base` and outputs from `out_base`. Needs
-/// `2·ow >= l` (narrower rows use scalar loops).
+/// [`vector_rows`] (narrower rows use scalar loops).
 pub(crate) struct Steps {
     w: usize,
     ow: usize,
@@ -233,7 +234,7 @@ impl Steps {
         in_base: usize,
         out_base: usize,
     ) -> Self {
-        debug_assert!(2 * ow >= l);
+        debug_assert!(vector_rows(ow, l));
         Steps {
             w,
             ow,
@@ -256,9 +257,22 @@ impl Iterator for Steps {
             return None;
         }
         let top = self.in_base + 2 * r * w;
+        if 4 * ow == l && r + 3 < self.rows {
+            self.r += 4;
+            return Some(Step {
+                quarter: true,
+                top_lo: top,
+                n_lo: l,
+                top_hi: top,
+                n_hi: 0,
+                out: self.out_base + r * ow,
+                m: l,
+            });
+        }
         if 2 * ow == l && r + 1 < self.rows {
             self.r += 2;
             return Some(Step {
+                quarter: false,
                 top_lo: top,
                 n_lo: l,
                 top_hi: top + 2 * w,
@@ -270,6 +284,7 @@ impl Iterator for Steps {
         let m = (ow - self.c).min(l);
         let top_lo = top + 2 * self.c;
         let step = Step {
+            quarter: false,
             top_lo,
             n_lo: (2 * m).min(l),
             top_hi: top_lo + l,
@@ -286,49 +301,87 @@ impl Iterator for Steps {
     }
 }
 
-/// The even and odd inputs (window columns 0 and 1) of a step's top row, or of its bottom
-/// row with `row_shift = w`.
+/// Whether rows of `ow` outputs take the vector path with `l` lanes (else a scalar loop).
+#[inline(always)]
+pub(crate) fn vector_rows(ow: usize, l: usize) -> bool {
+    2 * ow >= l || 4 * ow == l
+}
+
+/// A step's window corners in window order (top-left, top-right, bottom-left,
+/// bottom-right), one lane per output.
 ///
 /// # Safety
-/// The step's inputs (shifted) must be readable from `x`.
+/// The step's inputs must be readable from `x`.
 #[inline(always)]
-pub(crate) unsafe fn load_step<V: FloatVec>(
-    x: *const V::Elem,
-    st: &Step,
-    row_shift: usize,
-) -> (V, V) {
-    // SAFETY: forwarded; the second load is skipped when it is empty.
+pub(crate) unsafe fn load_corners<V: FloatVec>(x: *const V::Elem, st: &Step, w: usize) -> [V; 4] {
+    let l = V::LANES;
+    // SAFETY: forwarded; empty loads are skipped.
     unsafe {
-        let lo = V::load_n(x.add(st.top_lo + row_shift), st.n_lo);
-        let hi = if st.n_hi > 0 {
-            V::load_n(x.add(st.top_hi + row_shift), st.n_hi)
-        } else {
-            V::zero()
-        };
-        V::deinterleave(lo, hi)
+        if st.quarter {
+            // Four row pairs `[top | bottom]`, a vector each: even/odd lanes give
+            // `[top0, bottom0, top1, bottom1]` quarters, even/odd quarters then give rows.
+            let p = x.add(st.top_lo);
+            let (e01, o01) = V::deinterleave(V::load(p), V::load(p.add(l)));
+            let (e23, o23) = V::deinterleave(V::load(p.add(2 * l)), V::load(p.add(3 * l)));
+            let (a, d) = V::deinterleave_quarters(e01, e23);
+            let (b, e) = V::deinterleave_quarters(o01, o23);
+            return [a, b, d, e];
+        }
+        let (a, b) = V::deinterleave(
+            load_or_zero(x, st.top_lo, st.n_lo),
+            load_or_zero(x, st.top_hi, st.n_hi),
+        );
+        let (d, e) = V::deinterleave(
+            load_or_zero(x, st.top_lo + w, st.n_lo),
+            load_or_zero(x, st.top_hi + w, st.n_hi),
+        );
+        [a, b, d, e]
     }
 }
 
-/// Stores `even`/`odd` interleaved at a step's top-row inputs (bottom row: `row_shift = w`).
+/// `n` values at `x + at` (zeros past them), or zeros when `n == 0` (no memory access).
 ///
 /// # Safety
-/// The step's inputs (shifted) must be writable in `dx`.
+/// `x + at .. x + at + n` must be readable.
 #[inline(always)]
-pub(crate) unsafe fn store_step<V: FloatVec>(
-    dx: *mut V::Elem,
-    st: &Step,
-    row_shift: usize,
-    even: V,
-    odd: V,
-) {
-    let (lo, hi) = V::interleave(even, odd);
-    // SAFETY: forwarded; the second store is skipped when it is empty.
-    unsafe {
-        lo.store_n(dx.add(st.top_lo + row_shift), st.n_lo);
-        if st.n_hi > 0 {
-            hi.store_n(dx.add(st.top_hi + row_shift), st.n_hi);
-        }
+unsafe fn load_or_zero<V: FloatVec>(x: *const V::Elem, at: usize, n: usize) -> V {
+    if n == 0 {
+        return V::zero();
     }
+    // SAFETY: forwarded.
+    unsafe { V::load_n(x.add(at), n) }
+}
+
+/// The inverse of [`load_corners`]: the input vectors whose corners are `c`, each with its
+/// offset and length (`(_, 0, _)` entries are empty).
+#[inline(always)]
+pub(crate) fn spread_corners<V: FloatVec>(
+    st: &Step,
+    w: usize,
+    c: [V; 4],
+) -> [(usize, usize, V); 4] {
+    let l = V::LANES;
+    if st.quarter {
+        let (e01, e23) = V::interleave_quarters(c[0], c[2]);
+        let (o01, o23) = V::interleave_quarters(c[1], c[3]);
+        let (v0, v1) = V::interleave(e01, o01);
+        let (v2, v3) = V::interleave(e23, o23);
+        let p = st.top_lo;
+        return [
+            (p, l, v0),
+            (p + l, l, v1),
+            (p + 2 * l, l, v2),
+            (p + 3 * l, l, v3),
+        ];
+    }
+    let (top_lo, top_hi) = V::interleave(c[0], c[1]);
+    let (bot_lo, bot_hi) = V::interleave(c[2], c[3]);
+    [
+        (st.top_lo, st.n_lo, top_lo),
+        (st.top_hi, st.n_hi, top_hi),
+        (st.top_lo + w, st.n_lo, bot_lo),
+        (st.top_hi + w, st.n_hi, bot_hi),
+    ]
 }
 
 /// Stores a step's maxima and window positions.
@@ -498,7 +551,7 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
             2 * ow <= w && (self.rows == 0 || (2 * self.rows - 1) * w + 2 * ow <= self.dx.len())
         );
         assert!(self.dy.len() == self.rows * ow && self.argmax.len() == self.dy.len());
-        if 2 * ow < l {
+        if !vector_rows(ow, l) {
             return unpool_rows_2x2_scalar(self.dy, self.argmax, w, ow, self.rows, self.dx);
         }
         let idx: [V; 4] = [
@@ -522,8 +575,11 @@ impl<T: Float> VecKernel<T> for Unpool2x2<'_, T> {
                     V::select(at.eq(idx[2]), g, z),
                     V::select(at.eq(idx[3]), g, z),
                 );
-                store_step(dxp, &st, 0, p0, p1);
-                store_step(dxp, &st, w, p2, p3);
+                for (at, n, v) in spread_corners(&st, w, [p0, p1, p2, p3]) {
+                    if n > 0 {
+                        v.store_n(dxp.add(at), n);
+                    }
+                }
             }
         }
     }

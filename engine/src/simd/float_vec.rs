@@ -57,6 +57,10 @@ pub trait FloatVec: Copy + Send + Sync + 'static {
     unsafe fn store_u8(self, p: *mut u8);
     fn deinterleave(a: Self, b: Self) -> (Self, Self);
     fn interleave(a: Self, b: Self) -> (Self, Self);
+    /// See [`F32Vec::deinterleave_quarters`].
+    fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self);
+    /// See [`F32Vec::interleave_quarters`].
+    fn interleave_quarters(a: Self, b: Self) -> (Self, Self);
 
     /// [`FloatVec::load`] if `n >= LANES`, else [`FloatVec::load_partial`] (loops whose last
     /// step is short; the branch is predicted).
@@ -335,6 +339,14 @@ impl<V: F32Vec> FloatVec for V {
     fn interleave(a: Self, b: Self) -> (Self, Self) {
         <V as F32Vec>::interleave(a, b)
     }
+    #[inline(always)]
+    fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+        <V as F32Vec>::deinterleave_quarters(a, b)
+    }
+    #[inline(always)]
+    fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+        <V as F32Vec>::interleave_quarters(a, b)
+    }
 }
 
 /// 4 f64 lanes in plain Rust: the f64 (gradient-check) instance of every kernel.
@@ -475,6 +487,15 @@ impl FloatVec for F64x4 {
             F64x4([a[2], b[2], a[3], b[3]]),
         )
     }
+    #[inline(always)]
+    fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+        // Quarters of 4 lanes are lanes.
+        Self::deinterleave(a, b)
+    }
+    #[inline(always)]
+    fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+        Self::interleave(a, b)
+    }
 }
 
 #[cfg(test)]
@@ -554,6 +575,27 @@ mod tests {
                 lo.store(back.as_mut_ptr());
                 hi.store(back.as_mut_ptr().add(l));
                 same(back, a.clone(), "interleave");
+                let q = l / 4;
+                let (e, o) = V::deinterleave_quarters(va, vb);
+                let (mut ev, mut od) = (vec![T::zero(); l], vec![T::zero(); l]);
+                e.store(ev.as_mut_ptr());
+                o.store(od.as_mut_ptr());
+                let quarter = |k: usize| a[k * q..(k + 1) * q].to_vec(); // a ++ b: 8 quarters
+                same(
+                    ev,
+                    [0, 2, 4, 6].iter().flat_map(|&k| quarter(k)).collect(),
+                    "deinterleave_quarters even",
+                );
+                same(
+                    od,
+                    [1, 3, 5, 7].iter().flat_map(|&k| quarter(k)).collect(),
+                    "deinterleave_quarters odd",
+                );
+                let (lo, hi) = V::interleave_quarters(e, o);
+                let mut back = vec![T::zero(); 2 * l];
+                lo.store(back.as_mut_ptr());
+                hi.store(back.as_mut_ptr().add(l));
+                same(back, a.clone(), "interleave_quarters");
                 let bytes: Vec<u8> = (0..l).map(|i| (i * 37 % 256) as u8).collect();
                 let v = V::load_u8(bytes.as_ptr());
                 let mut round = vec![0u8; l];

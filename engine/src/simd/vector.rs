@@ -94,6 +94,12 @@ pub trait F32Vec: Copy + Send + Sync + 'static {
     /// The inverse of [`F32Vec::deinterleave`]: `a0, b0, a1, b1, …` as two vectors (first
     /// half, second half).
     fn interleave(a: Self, b: Self) -> (Self, Self);
+    /// [`F32Vec::deinterleave`] of quarter vectors (`LANES / 4` lanes each) instead of lanes:
+    /// `([a.q0, a.q2, b.q0, b.q2], [a.q1, a.q3, b.q1, b.q3])`.
+    fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self);
+    /// The inverse of [`F32Vec::deinterleave_quarters`]:
+    /// `([a.q0, b.q0, a.q1, b.q1], [a.q2, b.q2, a.q3, b.q3])`.
+    fn interleave_quarters(a: Self, b: Self) -> (Self, Self);
     /// Sum of the lanes, in a fixed order: lanes are added pairwise, halves first
     /// (`LANES = 8`: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`), the same for every type of
     /// the same width.
@@ -317,6 +323,36 @@ macro_rules! portable_vec {
                 ($name(lo), $name(hi))
             }
             #[inline(always)]
+            fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+                const Q: usize = $lanes / 4;
+                let (mut even, mut odd) = ([0.0; $lanes], [0.0; $lanes]);
+                for i in 0..Q {
+                    for (k, src) in [(0, &a.0), (2, &b.0)] {
+                        even[k * Q + i] = src[i];
+                        even[(k + 1) * Q + i] = src[2 * Q + i];
+                        odd[k * Q + i] = src[Q + i];
+                        odd[(k + 1) * Q + i] = src[3 * Q + i];
+                    }
+                }
+                ($name(even), $name(odd))
+            }
+            #[inline(always)]
+            fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+                const Q: usize = $lanes / 4;
+                let (mut lo, mut hi) = ([0.0; $lanes], [0.0; $lanes]);
+                for i in 0..Q {
+                    lo[i] = a.0[i];
+                    lo[Q + i] = b.0[i];
+                    lo[2 * Q + i] = a.0[Q + i];
+                    lo[3 * Q + i] = b.0[Q + i];
+                    hi[i] = a.0[2 * Q + i];
+                    hi[Q + i] = b.0[2 * Q + i];
+                    hi[2 * Q + i] = a.0[3 * Q + i];
+                    hi[3 * Q + i] = b.0[3 * Q + i];
+                }
+                ($name(lo), $name(hi))
+            }
+            #[inline(always)]
             fn reduce_sum(self) -> f32 {
                 let mut v = self.0;
                 let mut width = $lanes;
@@ -492,12 +528,17 @@ mod x86 {
             unsafe {
                 // Per 128-bit half: (a0 a2 b0 b2 | a4 a6 b4 b6); then the 64-bit pairs are
                 // put in order 0, 2, 1, 3.
-                let even = _mm256_shuffle_ps::<0b10_00_10_00>(a.0, b.0);
-                let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a.0, b.0);
-                let fix = |v: __m256| {
-                    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-                };
-                (Avx2(fix(even)), Avx2(fix(odd)))
+                // (No closures here: one would be compiled without AVX2.)
+                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a.0, b.0));
+                let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a.0, b.0));
+                (
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        even,
+                    ))),
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        odd,
+                    ))),
+                )
             }
         }
         #[inline(always)]
@@ -510,6 +551,36 @@ mod x86 {
                 (
                     Avx2(_mm256_permute2f128_ps::<0x20>(lo, hi)),
                     Avx2(_mm256_permute2f128_ps::<0x31>(lo, hi)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // Quarters are 64-bit pairs: (a0 b0 a2 b2) and (a1 b1 a3 b3), then reordered.
+                let (a, b) = (_mm256_castps_pd(a.0), _mm256_castps_pd(b.0));
+                let (even, odd) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+                (
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        even,
+                    ))),
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        odd,
+                    ))),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // (a0 b0 a2 b2) and (a1 b1 a3 b3) in 64-bit pairs, then the 128-bit halves.
+                let (a, b) = (_mm256_castps_pd(a.0), _mm256_castps_pd(b.0));
+                let (lo, hi) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+                (
+                    Avx2(_mm256_castpd_ps(_mm256_permute2f128_pd::<0x20>(lo, hi))),
+                    Avx2(_mm256_castpd_ps(_mm256_permute2f128_pd::<0x31>(lo, hi))),
                 )
             }
         }
@@ -666,6 +737,30 @@ mod x86 {
                 (
                     Avx512(_mm512_permutex2var_ps(a.0, lo, b.0)),
                     Avx512(_mm512_permutex2var_ps(a.0, hi, b.0)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // Quarters are 128-bit blocks: blocks (0, 2) of a then of b, and (1, 3).
+                (
+                    Avx512(_mm512_shuffle_f32x4::<0b10_00_10_00>(a.0, b.0)),
+                    Avx512(_mm512_shuffle_f32x4::<0b11_01_11_01>(a.0, b.0)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // (a0 a1 b0 b1) then blocks 0, 2, 1, 3; likewise with blocks 2, 3.
+                let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a.0, b.0);
+                let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a.0, b.0);
+                (
+                    Avx512(_mm512_shuffle_f32x4::<0b11_01_10_00>(lo, lo)),
+                    Avx512(_mm512_shuffle_f32x4::<0b11_01_10_00>(hi, hi)),
                 )
             }
         }
