@@ -42,6 +42,14 @@ fn affine_relu_vec<V: FloatVec>(x: V, a: &[V; 4]) -> V {
     relu(apply_affine(x, a).1)
 }
 
+/// Whether a plane of `oh` rows of `ow` outputs takes the vector path: as the plain pool's
+/// ([`vector_rows`]), except that quarter-vector rows need four rows in the plane (a step
+/// never spans two planes here: they are different channels).
+#[inline(always)]
+fn plane_vector_rows(ow: usize, oh: usize, l: usize) -> bool {
+    2 * ow >= l || (vector_rows(ow, l) && oh >= 4)
+}
+
 /// Shape checks; returns the output plane size `(h/2)·(w/2)`.
 fn check_pool_shape(op: &str, h: usize, w: usize) -> usize {
     assert!(
@@ -80,7 +88,7 @@ impl<T: Float> VecKernel<T> for NormalizePool<'_, T> {
                 let off = self.blk.plane(img, j);
                 let o_off = off / 4; // output plane of (img, channel)
                 let coef = &self.coefs[j];
-                if !vector_rows(ow, l) {
+                if !plane_vector_rows(ow, oh, l) {
                     // SAFETY: the plane's inputs and outputs lie inside `x` (asserted) and the
                     // outputs (same plane count); only this block's task writes its outputs.
                     unsafe { pool_plane_scalar(xp, pp, ap, off, o_off, w, oh, ow, coef) };
@@ -187,7 +195,7 @@ fn walk_block<T: Float, V: FloatVec<Elem = T>, F: GradStep<T, V>>(
         V::splat(T::from_f64_lossy(2.0)),
         V::splat(T::from_f64_lossy(3.0)),
     ];
-    if !vector_rows(ow, l) {
+    if !plane_vector_rows(ow, oh, l) {
         for r in 0..oh {
             let rows = [off + 2 * r * w, off + (2 * r + 1) * w];
             let out = o_off + r * ow;
