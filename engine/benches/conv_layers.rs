@@ -204,7 +204,7 @@ fn main() {
                     stride: 2,
                 };
                 let out = n * c * (hw / 2) * (hw / 2);
-                let (mut py, mut arg) = (vec![0f32; out], vec![0u32; out]);
+                let (mut py, mut arg) = (vec![0f32; out], vec![0u8; out]);
                 let pf = time_ms(reps, || maxpool2d_forward(&g, &x, &mut py, &mut arg));
                 let pdy = random(&mut rng, out);
                 let pb = time_ms(reps, || maxpool2d_backward(&g, &pdy, &arg, &mut dx));

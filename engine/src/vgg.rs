@@ -53,6 +53,7 @@ use thiserror::Error;
 
 use crate::autograd::{BnMode, Param, Tape, ValueId};
 use crate::init::{init_rng, init_weight_and_bias};
+use crate::parallel;
 use crate::state::{NamedTensor, StateError};
 use crate::tensor::numel;
 use crate::Float;
@@ -241,6 +242,8 @@ pub struct Vgg<T: Float> {
     eval_batch: usize,
     /// Logits of the last `forward_backward` (train mode), `[n, classes]`.
     last_logits: Vec<T>,
+    /// Threads for this model's ops (`None`: the surrounding [`parallel::num_threads`]).
+    threads: Option<usize>,
 }
 
 /// Index of the max logit (first wins on ties, as `argmax`).
@@ -327,7 +330,17 @@ impl<T: Float> Vgg<T> {
             eval_tape: Tape::new(),
             eval_batch: 0,
             last_logits: Vec::new(),
+            threads: None,
         }
+    }
+
+    /// Runs this model's forward and backward passes on `threads` threads (`None`: whatever
+    /// [`parallel::num_threads`] says at the call, e.g. the process default).
+    pub fn set_num_threads(&mut self, threads: Option<usize>) {
+        self.threads = threads.map(|t| t.max(1));
+    }
+    pub fn num_threads(&self) -> Option<usize> {
+        self.threads
     }
 
     pub fn config(&self) -> &VggConfig {
@@ -411,8 +424,9 @@ impl<T: Float> Vgg<T> {
         train: bool,
     ) -> ValueId {
         let mut h = input;
-        for layer in layers {
-            h = match *layer {
+        let mut i = 0;
+        while i < layers.len() {
+            h = match layers[i] {
                 Layer::ConvBnRelu {
                     conv_w,
                     conv_b,
@@ -435,11 +449,20 @@ impl<T: Float> Vgg<T> {
                             running_var: &buffers.running_var,
                         }
                     };
-                    let y = tape.batchnorm2d(params, y, bn_gamma, bn_beta, mode);
-                    tape.relu(y)
+                    // A following 2x2 pool on even planes is fused in (one pass, no
+                    // full-size relu output).
+                    let s = tape.shape(&y);
+                    let pool_next = matches!(layers.get(i + 1), Some(Layer::MaxPool));
+                    if pool_next && s[2].is_multiple_of(2) && s[3].is_multiple_of(2) {
+                        i += 1;
+                        tape.batchnorm2d_relu_maxpool2d(params, y, bn_gamma, bn_beta, mode)
+                    } else {
+                        tape.batchnorm2d_relu(params, y, bn_gamma, bn_beta, mode)
+                    }
                 }
                 Layer::MaxPool => tape.maxpool2d(h, 2, 2),
             };
+            i += 1;
         }
         tape.linear(params, h, fc.0, Some(fc.1))
     }
@@ -472,6 +495,19 @@ impl<T: Float> Vgg<T> {
     }
 
     fn forward_backward_inner(
+        &mut self,
+        x: &[T],
+        n: usize,
+        labels: &[u32],
+        want_input_grad: bool,
+        on_grad_ready: &mut dyn FnMut(usize, &[T]),
+    ) -> Result<(StepStats, Option<Vec<T>>), ModelError> {
+        parallel::with_num_threads_or_default(self.threads, || {
+            self.train_step_on_tape(x, n, labels, want_input_grad, on_grad_ready)
+        })
+    }
+
+    fn train_step_on_tape(
         &mut self,
         x: &[T],
         n: usize,
@@ -556,6 +592,10 @@ impl<T: Float> Vgg<T> {
     /// Inference forward with the running statistics (PyTorch `eval()` semantics, whatever
     /// the training flag): returns the logits `[n, classes]` flat. Nothing is recorded.
     pub fn forward_eval(&mut self, x: &[T], n: usize) -> Result<Vec<T>, ModelError> {
+        parallel::with_num_threads_or_default(self.threads, || self.eval_on_tape(x, n))
+    }
+
+    fn eval_on_tape(&mut self, x: &[T], n: usize) -> Result<Vec<T>, ModelError> {
         self.check_batch(x, n, None)?;
         let tape = &mut self.eval_tape;
         if self.eval_batch != n {
