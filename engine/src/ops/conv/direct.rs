@@ -275,16 +275,21 @@ impl<T: ConvFloat> ForwardTile<'_, T> {
                 let co = co0 + m.min(valid - 1);
                 &self.w[co * k..(co + 1) * k]
             });
-            let bias: [L; MR] = std::array::from_fn(|m| match self.bias {
-                Some(b) => L::splat(b[co0 + m.min(valid - 1)]),
-                None => L::zero(),
-            });
+            // Plain loops for every vector operation in kernels (see `winograd::apply2d`).
+            let mut bias = [L::zero(); MR];
+            if let Some(b) = self.bias {
+                for (m, bv) in bias.iter_mut().enumerate() {
+                    *bv = L::splat(b[co0 + m.min(valid - 1)]);
+                }
+            }
             for r in 0..p.oh {
                 let rows = p.rows(r);
                 for c0 in (0..p.ow).step_by(width) {
                     let mut acc = [[L::zero(); NV]; MR];
-                    for (m, a) in acc.iter_mut().enumerate() {
-                        a.iter_mut().for_each(|v| *v = bias[m]);
+                    for (a, &bv) in acc.iter_mut().zip(&bias) {
+                        for v in a.iter_mut() {
+                            *v = bv;
+                        }
                     }
                     for ci in 0..p.c_in {
                         for ky in rows.clone() {
@@ -296,10 +301,11 @@ impl<T: ConvFloat> ForwardTile<'_, T> {
                                 // at most `NV·LANES + kw − 1` past column `c0` of this padded
                                 // row: inside the planes or the SLACK behind them
                                 // (`NV·LANES <= 32 < SLACK`).
-                                let xv: [L; NV] = std::array::from_fn(|v| unsafe {
+                                let mut xv = [L::zero(); NV];
+                                for (v, xv) in xv.iter_mut().enumerate() {
                                     debug_assert!(kx + v * L::LANES + L::LANES <= line.len());
-                                    L::load(line.as_ptr().add(kx + v * L::LANES))
-                                });
+                                    *xv = unsafe { L::load(line.as_ptr().add(kx + v * L::LANES)) };
+                                }
                                 for (m, a) in acc.iter_mut().enumerate() {
                                     let wv = L::splat(wrow[m][tap0 + kx]);
                                     for (av, &x) in a.iter_mut().zip(&xv) {
@@ -320,7 +326,7 @@ impl<T: ConvFloat> ForwardTile<'_, T> {
                             // `co0 + m` of this image, inside `y`; this task alone owns the
                             // channel block of this image.
                             unsafe {
-                                av.store_partial(self.y.get().add(row + c), L::LANES.min(p.ow - c))
+                                av.store_n(self.y.get().add(row + c), L::LANES.min(p.ow - c))
                             };
                         }
                     }
@@ -442,9 +448,12 @@ impl<T: ConvFloat> WeightTile<'_, T> {
                                 ((m0 + m.min(valid - 1)) * k + tap0 + t.min(taps - 1)) * lanes
                             };
                             // SAFETY (loads and stores of `acc`): `at(m, t) + lanes <= acc.len()`.
-                            let mut a: [[L; NT]; MR] = std::array::from_fn(|m| {
-                                std::array::from_fn(|t| unsafe { L::load(acc_ptr.add(at(m, t))) })
-                            });
+                            let mut a = [[L::zero(); NT]; MR];
+                            for (m, am) in a.iter_mut().enumerate() {
+                                for (t, av) in am.iter_mut().enumerate() {
+                                    *av = unsafe { L::load(acc_ptr.add(at(m, t))) };
+                                }
+                            }
                             for r in 0..p.oh {
                                 let ih = (r + ky) as isize - p.pad_h;
                                 if ih < 0 || ih >= p.h as isize {
@@ -456,13 +465,17 @@ impl<T: ConvFloat> WeightTile<'_, T> {
                                     // SAFETY: `n` columns from `c0` of row `r` of the dY
                                     // plane, and of the padded row from `c0 + kx` (the
                                     // padded row is `ow + kw − 1` long).
-                                    let dyv: [L; MR] = std::array::from_fn(|m| unsafe {
-                                        L::load_partial(dy_plane[m][r * p.ow + c0..].as_ptr(), n)
-                                    });
-                                    let xv: [L; NT] = std::array::from_fn(|t| unsafe {
+                                    let mut dyv = [L::zero(); MR];
+                                    for (d, plane) in dyv.iter_mut().zip(&dy_plane) {
+                                        *d = unsafe {
+                                            L::load_n(plane[r * p.ow + c0..].as_ptr(), n)
+                                        };
+                                    }
+                                    let mut xv = [L::zero(); NT];
+                                    for (t, xt) in xv.iter_mut().enumerate() {
                                         let kx = kx0 + t.min(taps - 1);
-                                        L::load_partial(line[c0 + kx..].as_ptr(), n)
-                                    });
+                                        *xt = unsafe { L::load_n(line[c0 + kx..].as_ptr(), n) };
+                                    }
                                     for (am, &d) in a.iter_mut().zip(&dyv) {
                                         for (av, &xt) in am.iter_mut().zip(&xv) {
                                             *av = d.mul_add(xt, *av);

@@ -41,6 +41,37 @@ pub(crate) trait Lanes: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p .. p + n` must be writable.
     unsafe fn store_partial(self, p: *mut Self::Elem, n: usize);
+    /// [`Lanes::load`] when `n == LANES`, else [`Lanes::load_partial`] (masked loads and
+    /// stores are several times slower than plain ones on AMD cores: keep them for tails).
+    ///
+    /// # Safety
+    /// `p .. p + n` must be readable.
+    #[inline(always)]
+    unsafe fn load_n(p: *const Self::Elem, n: usize) -> Self {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if n == Self::LANES {
+                Self::load(p)
+            } else {
+                Self::load_partial(p, n)
+            }
+        }
+    }
+    /// [`Lanes::store`] when `n == LANES`, else [`Lanes::store_partial`].
+    ///
+    /// # Safety
+    /// `p .. p + n` must be writable.
+    #[inline(always)]
+    unsafe fn store_n(self, p: *mut Self::Elem, n: usize) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if n == Self::LANES {
+                self.store(p)
+            } else {
+                self.store_partial(p, n)
+            }
+        }
+    }
     fn add(self, b: Self) -> Self;
     fn sub(self, b: Self) -> Self;
     fn mul(self, b: Self) -> Self;

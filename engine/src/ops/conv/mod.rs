@@ -516,8 +516,8 @@ pub fn conv2d_forward_with<T: Float>(
         match algo {
             ConvAlgo::Im2col => im2col::forward(g, x, w, b, y),
             ConvAlgo::Direct => direct::forward(v, g, x, w, b, y),
-            ConvAlgo::WinogradF2 => winograd::forward(&winograd::F2, v, g, x, w, b, y),
-            ConvAlgo::WinogradF4 => winograd::forward(&winograd::F4, v, g, x, w, b, y),
+            ConvAlgo::WinogradF2 => winograd::forward(winograd::F2, v, g, x, w, b, y),
+            ConvAlgo::WinogradF4 => winograd::forward(winograd::F4, v, g, x, w, b, y),
         }
     }
     if is::<T, f32>() {
@@ -565,8 +565,8 @@ pub fn conv2d_backward_data_with<T: Float>(
         match algo {
             ConvAlgo::Im2col => im2col::backward_data(g, dy, w, dx),
             ConvAlgo::Direct => direct::backward_data(v, g, dy, w, dx),
-            ConvAlgo::WinogradF2 => winograd::backward_data(&winograd::F2, v, g, dy, w, dx),
-            ConvAlgo::WinogradF4 => winograd::backward_data(&winograd::F4, v, g, dy, w, dx),
+            ConvAlgo::WinogradF2 => winograd::backward_data(winograd::F2, v, g, dy, w, dx),
+            ConvAlgo::WinogradF4 => winograd::backward_data(winograd::F4, v, g, dy, w, dx),
         }
     }
     if is::<T, f32>() {
@@ -617,8 +617,8 @@ pub fn conv2d_backward_weight_with<T: Float>(
         match algo {
             ConvAlgo::Im2col => im2col::backward_weight(g, x, dy, dw),
             ConvAlgo::Direct => direct::backward_weight(v, g, x, dy, dw),
-            ConvAlgo::WinogradF2 => winograd::backward_weight(&winograd::F2, v, g, x, dy, dw),
-            ConvAlgo::WinogradF4 => winograd::backward_weight(&winograd::F4, v, g, x, dy, dw),
+            ConvAlgo::WinogradF2 => winograd::backward_weight(winograd::F2, v, g, x, dy, dw),
+            ConvAlgo::WinogradF4 => winograd::backward_weight(winograd::F4, v, g, x, dy, dw),
         }
     }
     if is::<T, f32>() {

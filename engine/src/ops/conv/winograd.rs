@@ -37,9 +37,12 @@ use super::{Conv2dGeom, ConvVectors};
 use crate::gemm::MatRef;
 use crate::ops::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::parallel::parallel_for;
+use std::marker::PhantomData;
 use std::ops::Range;
 
-/// The matrices of one Winograd variant F(M×M, 3×3) with α = `A` = M + 2.
+/// The matrices of one Winograd variant F(M×M, 3×3) with α = `A` = M + 2: the definition the
+/// straight-line transforms are checked against (tests only).
+#[cfg(test)]
 pub(super) struct Variant<const M: usize, const A: usize> {
     /// Bᵀ (α×α): input tile transform `V = Bᵀ d B`.
     bt: [[f64; A]; A],
@@ -53,6 +56,7 @@ pub(super) struct Variant<const M: usize, const A: usize> {
     gt: [[f64; A]; 3],
 }
 
+#[cfg(test)]
 const fn transpose<const R: usize, const C: usize>(m: [[f64; C]; R]) -> [[f64; R]; C] {
     let mut t = [[0.0; R]; C];
     let mut i = 0;
@@ -67,6 +71,7 @@ const fn transpose<const R: usize, const C: usize>(m: [[f64; C]; R]) -> [[f64; R
     t
 }
 
+#[cfg(test)]
 impl<const M: usize, const A: usize> Variant<M, A> {
     const fn new(bt: [[f64; A]; A], g: [[f64; 3]; A], at: [[f64; A]; M]) -> Self {
         Variant {
@@ -79,8 +84,141 @@ impl<const M: usize, const A: usize> Variant<M, A> {
     }
 }
 
+/// A Winograd variant as a (zero-sized) type: its matrices ([`Winograd::var`], the
+/// definition) and the five 1-D transforms they define, written out as straight-line vector
+/// code (zero and ±1 coefficients cost nothing; a generic matrix-times-vector loop was left
+/// as branches and multiplies by the compiler). `tests::transforms_match_their_matrices`
+/// checks each function against its matrix.
+pub(super) trait Winograd<const M: usize, const A: usize>:
+    Copy + Send + Sync + 'static
+{
+    #[cfg(test)]
+    fn var() -> &'static Variant<M, A>;
+    /// `Bᵀ d`.
+    fn bt<L: Lanes>(d: [L; A]) -> [L; A];
+    /// `G k`.
+    fn g<L: Lanes>(k: [L; 3]) -> [L; A];
+    /// `Aᵀ m`.
+    fn at<L: Lanes>(m: [L; A]) -> [L; M];
+    /// `A y`.
+    fn a<L: Lanes>(y: [L; M]) -> [L; A];
+    /// `Gᵀ m`.
+    fn gt<L: Lanes>(m: [L; A]) -> [L; 3];
+}
+
+/// F(2x2,3x3).
+#[derive(Clone, Copy)]
+pub(super) struct F2;
+/// F(4x4,3x3).
+#[derive(Clone, Copy)]
+pub(super) struct F4;
+
+#[inline(always)]
+fn k<L: Lanes>(c: f64) -> L {
+    L::constant(c)
+}
+
+impl Winograd<2, 4> for F2 {
+    #[cfg(test)]
+    fn var() -> &'static Variant<2, 4> {
+        &F2_MATRICES
+    }
+    #[inline(always)]
+    fn bt<L: Lanes>([d0, d1, d2, d3]: [L; 4]) -> [L; 4] {
+        [d0.sub(d2), d1.add(d2), d2.sub(d1), d1.sub(d3)]
+    }
+    #[inline(always)]
+    fn g<L: Lanes>([k0, k1, k2]: [L; 3]) -> [L; 4] {
+        let t = k0.add(k2);
+        [k0, t.add(k1).mul(k(0.5)), t.sub(k1).mul(k(0.5)), k2]
+    }
+    #[inline(always)]
+    fn at<L: Lanes>([m0, m1, m2, m3]: [L; 4]) -> [L; 2] {
+        [m0.add(m1).add(m2), m1.sub(m2).sub(m3)]
+    }
+    #[inline(always)]
+    fn a<L: Lanes>([y0, y1]: [L; 2]) -> [L; 4] {
+        [y0, y0.add(y1), y0.sub(y1), L::zero().sub(y1)]
+    }
+    #[inline(always)]
+    fn gt<L: Lanes>([m0, m1, m2, m3]: [L; 4]) -> [L; 3] {
+        let s = m1.add(m2).mul(k(0.5));
+        [m0.add(s), m1.sub(m2).mul(k(0.5)), s.add(m3)]
+    }
+}
+
+impl Winograd<4, 6> for F4 {
+    #[cfg(test)]
+    fn var() -> &'static Variant<4, 6> {
+        &F4_MATRICES
+    }
+    #[inline(always)]
+    fn bt<L: Lanes>([d0, d1, d2, d3, d4, d5]: [L; 6]) -> [L; 6] {
+        [
+            d3.sub(d1).mul_add(k(1.5), d0.add(d4)).sub(d2.add(d2)),
+            d2.mul_add(k(-2.5), d3.mul_add(k(0.5), d1.add(d4))),
+            d3.mul_add(k(2.5), d2.mul_add(k(0.5), d4.sub(d1))),
+            d3.sub(d1).mul_add(k(2.0), d4.sub(d2)),
+            d1.sub(d3).mul_add(k(0.5), d4.sub(d2)),
+            d4.sub(d2).mul_add(k(1.5), d1.sub(d3.add(d3)).add(d5)),
+        ]
+    }
+    #[inline(always)]
+    fn g<L: Lanes>([k0, k1, k2]: [L; 3]) -> [L; 6] {
+        [
+            k0,
+            k1.sub(k0).sub(k2).mul(k(1.0 / 3.0)),
+            k0.add(k1).add(k2).mul(k(1.0 / 3.0)),
+            k1.mul_add(k(2.0), k2)
+                .mul_add(k(-4.0 / 15.0), k0.mul(k(-16.0 / 15.0))),
+            k2.mul_add(k(4.0), k0)
+                .mul_add(k(1.0 / 15.0), k1.mul(k(-2.0 / 15.0))),
+            k2,
+        ]
+    }
+    #[inline(always)]
+    fn at<L: Lanes>([m0, m1, m2, m3, m4, m5]: [L; 6]) -> [L; 4] {
+        let (p, q) = (m2.add(m1), m2.sub(m1));
+        [
+            p.add(m3).add(m4).add(m0),
+            m4.mul_add(k(-2.0), m3.mul_add(k(0.5), q)),
+            m4.mul_add(k(4.0), m3.mul_add(k(0.25), p)),
+            m4.mul_add(k(-8.0), m3.mul_add(k(0.125), q)).add(m5),
+        ]
+    }
+    #[inline(always)]
+    fn a<L: Lanes>([y0, y1, y2, y3]: [L; 4]) -> [L; 6] {
+        let (e, o) = (y0.add(y2), y1.add(y3));
+        [
+            y0,
+            e.sub(o),
+            e.add(o),
+            y3.mul_add(k(0.125), y2.mul_add(k(0.25), y1.mul_add(k(0.5), y0))),
+            y3.mul_add(k(-8.0), y2.mul_add(k(4.0), y1.mul_add(k(-2.0), y0))),
+            y3,
+        ]
+    }
+    #[inline(always)]
+    fn gt<L: Lanes>([m0, m1, m2, m3, m4, m5]: [L; 6]) -> [L; 3] {
+        let (p, q) = (m2.add(m1), m2.sub(m1));
+        [
+            m4.mul_add(
+                k(1.0 / 15.0),
+                m3.mul_add(k(-16.0 / 15.0), q.mul_add(k(1.0 / 3.0), m0)),
+            ),
+            m4.mul_add(
+                k(-2.0 / 15.0),
+                m3.mul_add(k(-8.0 / 15.0), p.mul(k(1.0 / 3.0))),
+            ),
+            m4.sub(m3)
+                .mul_add(k(4.0 / 15.0), q.mul_add(k(1.0 / 3.0), m5)),
+        ]
+    }
+}
+
 /// F(2x2,3x3), interpolation points 0, 1, −1 (Lavin & Gray's matrices).
-pub(super) const F2: Variant<2, 4> = Variant::new(
+#[cfg(test)]
+const F2_MATRICES: Variant<2, 4> = Variant::new(
     [
         [1.0, 0.0, -1.0, 0.0],
         [0.0, 1.0, 1.0, 0.0],
@@ -99,7 +237,8 @@ pub(super) const F2: Variant<2, 4> = Variant::new(
 /// F(4x4,3x3), interpolation points 0, −1, 1, ½, −2 (and ∞): Bᵀ rows are the coefficients of
 /// `Π_{l≠j}(x − p_l)`, G rows `p_j^k / Π_{l≠j}(p_j − p_l)`, Aᵀ columns `p_j^i` (Cook–Toom).
 /// Every entry of Bᵀ and Aᵀ is exact in binary; G's thirds and fifteenths round once.
-pub(super) const F4: Variant<4, 6> = Variant::new(
+#[cfg(test)]
+const F4_MATRICES: Variant<4, 6> = Variant::new(
     [
         [1.0, -1.5, -2.0, 1.5, 1.0, 0.0],
         [0.0, 1.0, -2.5, 0.5, 1.0, 0.0],
@@ -140,47 +279,35 @@ pub(super) fn macs(g: &Conv2dGeom, m: usize) -> usize {
     g.n * tiles * alpha * alpha * g.c_in * g.c_out
 }
 
-/// `Σ_i coef[i] · x(i)`, skipping zero coefficients and multiplying by ±1 for free (the
-/// coefficients are compile-time constants once inlined, so the branches fold away).
-#[inline(always)]
-fn combine<L: Lanes, const N: usize>(coef: &[f64; N], x: impl Fn(usize) -> L) -> L {
-    let mut acc: Option<L> = None;
-    for (i, &c) in coef.iter().enumerate() {
-        if c == 0.0 {
-            continue;
+/// `F · X · Fᵀ` for the N×N tile `$x` of `$L` vectors, where `$f` (a path to one of
+/// [`Winograd`]'s 1-D transforms) applies the P×N matrix `F` to a vector: first to every
+/// column, then to every row of the result.
+///
+/// A macro, so `$f` is a direct call: a function passed as `impl Fn` is called through a
+/// `Fn::call` shim that was not inlined and so ran without the SIMD level's target
+/// features, every vector operation an out-of-line call (seen in profiles). For the same
+/// reason kernel bodies use plain loops, not `array::map`/`from_fn` closures, for vector
+/// operations.
+macro_rules! apply2d {
+    ($L:ty, $x:expr, $f:path, $n:expr, $p:expr) => {{
+        let x: &[[$L; $n]; $n] = $x;
+        let mut t = [[<$L>::zero(); $n]; $p];
+        for j in 0..$n {
+            let mut col = [<$L>::zero(); $n];
+            for i in 0..$n {
+                col[i] = x[i][j];
+            }
+            let col = $f(col);
+            for a in 0..$p {
+                t[a][j] = col[a];
+            }
         }
-        let v = x(i);
-        acc = Some(match acc {
-            None if c == 1.0 => v,
-            None if c == -1.0 => L::zero().sub(v),
-            None => v.mul(L::constant(c)),
-            Some(a) if c == 1.0 => a.add(v),
-            Some(a) if c == -1.0 => a.sub(v),
-            Some(a) => v.mul_add(L::constant(c), a),
-        });
-    }
-    acc.unwrap_or_else(L::zero)
-}
-
-/// `mat · X · matᵀ` for a P×N matrix and an N×N tile of vectors.
-#[inline(always)]
-fn transform2d<L: Lanes, const N: usize, const P: usize>(
-    mat: &[[f64; N]; P],
-    x: &[[L; N]; N],
-) -> [[L; P]; P] {
-    let mut t = [[L::zero(); N]; P];
-    for (a, row) in mat.iter().enumerate() {
-        for j in 0..N {
-            t[a][j] = combine(row, |i| x[i][j]);
+        let mut out = [[<$L>::zero(); $p]; $p];
+        for a in 0..$p {
+            out[a] = $f(t[a]);
         }
-    }
-    let mut r = [[L::zero(); P]; P];
-    for a in 0..P {
-        for (b, row) in mat.iter().enumerate() {
-            r[a][b] = combine(row, |j| t[a][j]);
-        }
-    }
-    r
+        out
+    }};
 }
 
 /// A stride-1 3×3 convolution as the transforms see it: `c_in` planes of `h×w` into `c_out`
@@ -242,39 +369,45 @@ impl Planes {
     }
 }
 
-/// Where kernel tap (o, i, ky, kx) of the pass's output channel `o` and input channel `i`
-/// lives in `w[C_out, C_in, 3, 3]`.
+/// How a pass reads the kernel `w[C_out][C_in][3][3]`. `U_ξ` is stored row-major over
+/// (w's output channel, w's input channel) — the kernel transform is vectorized over w's
+/// input channels, whose taps are contiguous — which makes it `[cb × C_in]` for the forward
+/// pass (the GEMM reads it as a column-major `C_in × cb` B) and `[C_out × cb]` for
+/// backward-data (a row-major B).
 #[derive(Clone, Copy)]
-struct KernelLayout {
-    out_stride: usize,
-    in_stride: usize,
-    /// Backward-data reads the kernel rotated by 180°.
-    rotated: bool,
+enum KernelRole {
+    Forward {
+        w_c_in: usize,
+    },
+    /// The kernel rotated by 180°, w's input channels being the pass's outputs.
+    BackwardData {
+        w_c_in: usize,
+    },
 }
 
-impl KernelLayout {
-    fn forward(g: &Conv2dGeom) -> Self {
-        KernelLayout {
-            out_stride: g.c_in * 9,
-            in_stride: 9,
-            rotated: false,
+impl KernelRole {
+    /// The ranges of w's output and input channels that `U` holds for the pass's output
+    /// channels `outs` (the pass reads `pass_c_in` input channels).
+    fn block(self, pass_c_in: usize, outs: Range<usize>) -> (Range<usize>, Range<usize>) {
+        match self {
+            KernelRole::Forward { .. } => (outs, 0..pass_c_in),
+            KernelRole::BackwardData { .. } => (0..pass_c_in, outs),
         }
     }
-    fn backward_data(g: &Conv2dGeom) -> Self {
-        KernelLayout {
-            out_stride: 9,
-            in_stride: g.c_in * 9,
-            rotated: true,
+    /// `U_ξ` as the GEMM's B operand `[pass_c_in × cb]`.
+    fn b_view<T>(self, u_xi: &[T], pass_c_in: usize, cb: usize) -> MatRef<'_, T> {
+        match self {
+            KernelRole::Forward { .. } => MatRef::col_major(u_xi, pass_c_in),
+            KernelRole::BackwardData { .. } => MatRef::row_major(u_xi, cb),
         }
     }
+    /// Index of tap `(ky, kx)` of `w[r][c]` as this pass reads it.
     #[inline(always)]
-    fn index(&self, o: usize, i: usize, ky: usize, kx: usize) -> usize {
-        let tap = if self.rotated {
-            (2 - ky) * 3 + (2 - kx)
-        } else {
-            ky * 3 + kx
-        };
-        o * self.out_stride + i * self.in_stride + tap
+    fn index(self, r: usize, c: usize, ky: usize, kx: usize) -> usize {
+        match self {
+            KernelRole::Forward { w_c_in } => (r * w_c_in + c) * 9 + ky * 3 + kx,
+            KernelRole::BackwardData { w_c_in } => (r * w_c_in + c) * 9 + (2 - ky) * 3 + (2 - kx),
+        }
     }
 }
 
@@ -327,8 +460,8 @@ fn par_ranges(units: usize, unit_elems: usize, f: impl Fn(Range<usize>) + Sync) 
 }
 
 /// Forward pass (lengths checked by the caller).
-pub(super) fn forward<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+pub(super) fn forward<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+    _variant: W,
     vectors: ConvVectors,
     g: &Conv2dGeom,
     x: &[T],
@@ -337,12 +470,20 @@ pub(super) fn forward<T: ConvFloat, const M: usize, const A: usize>(
     y: &mut [T],
 ) {
     let planes = Planes::forward(g, M);
-    convolve(var, vectors, &planes, x, w, KernelLayout::forward(g), b, y)
+    convolve::<T, W, M, A>(
+        vectors,
+        &planes,
+        x,
+        w,
+        KernelRole::Forward { w_c_in: g.c_in },
+        b,
+        y,
+    )
 }
 
 /// Backward-data pass (lengths checked by the caller).
-pub(super) fn backward_data<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+pub(super) fn backward_data<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+    _variant: W,
     vectors: ConvVectors,
     g: &Conv2dGeom,
     dy: &[T],
@@ -350,13 +491,12 @@ pub(super) fn backward_data<T: ConvFloat, const M: usize, const A: usize>(
     dx: &mut [T],
 ) {
     let planes = Planes::backward_data(g, M);
-    convolve(
-        var,
+    convolve::<T, W, M, A>(
         vectors,
         &planes,
         dy,
         w,
-        KernelLayout::backward_data(g),
+        KernelRole::BackwardData { w_c_in: g.c_in },
         None,
         dx,
     )
@@ -364,13 +504,12 @@ pub(super) fn backward_data<T: ConvFloat, const M: usize, const A: usize>(
 
 /// `y = conv(x, kernel) (+ bias)` over `planes` by F(M×M, 3×3).
 #[allow(clippy::too_many_arguments)]
-fn convolve<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+fn convolve<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
     x: &[T],
     w: &[T],
-    layout: KernelLayout,
+    role: KernelRole,
     bias: Option<&[T]>,
     y: &mut [T],
 ) {
@@ -389,8 +528,7 @@ fn convolve<T: ConvFloat, const M: usize, const A: usize>(
             let nb = bl.images_per_chunk.min(p.n - start);
             let tiles = nb * tpi;
             let v = &mut v[..a2 * tiles * p.c_in];
-            input_transform(
-                var,
+            input_transform::<T, W, M, A>(
                 vectors,
                 p,
                 &x[start * in_img..(start + nb) * in_img],
@@ -404,24 +542,24 @@ fn convolve<T: ConvFloat, const M: usize, const A: usize>(
                 let u = &mut u[..a2 * p.c_in * cb];
                 // With one block, U is computed once and kept for every chunk.
                 if bl.blocks > 1 || start == 0 {
-                    kernel_transform(var, vectors, w, layout, p.c_in, o0..o0 + cb, u);
+                    kernel_transform::<T, W, M, A>(vectors, w, role, p.c_in, o0..o0 + cb, u);
                 }
                 let mbuf = &mut mbuf[..a2 * tiles * cb];
                 let (v, u) = (&*v, &*u);
                 par_chunks_mut(mbuf, tiles * cb, |xi, m_xi| {
                     let v_xi = MatRef::row_major(&v[xi * tiles * p.c_in..], p.c_in);
-                    let u_xi = MatRef::row_major(&u[xi * p.c_in * cb..], cb);
+                    let u_xi = role.b_view(&u[xi * p.c_in * cb..][..p.c_in * cb], p.c_in, cb);
                     T::gemm(tiles, cb, p.c_in, T::one(), v_xi, u_xi, T::zero(), m_xi, cb);
                 });
-                output_transform(var, vectors, p, mbuf, tiles, o0..o0 + cb, bias, y_chunk);
+                output_transform::<T, W, M, A>(vectors, p, mbuf, tiles, o0..o0 + cb, bias, y_chunk);
             }
         }
     });
 }
 
 /// Backward-weight pass: `dw` only (lengths checked and `n > 0` ensured by the caller).
-pub(super) fn backward_weight<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+pub(super) fn backward_weight<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+    _variant: W,
     vectors: ConvVectors,
     g: &Conv2dGeom,
     x: &[T],
@@ -449,8 +587,7 @@ pub(super) fn backward_weight<T: ConvFloat, const M: usize, const A: usize>(
                 let tiles = nb * tpi;
                 let v = &mut v[..a2 * tiles * p.c_in];
                 // With one block, V is computed once per chunk; with several, once per block.
-                input_transform(
-                    var,
+                input_transform::<T, W, M, A>(
                     vectors,
                     &p,
                     &x[start * in_img..(start + nb) * in_img],
@@ -459,7 +596,7 @@ pub(super) fn backward_weight<T: ConvFloat, const M: usize, const A: usize>(
                 );
                 let d = &mut d[..a2 * tiles * cb];
                 let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
-                grad_output_transform(var, vectors, &p, dy_chunk, tiles, o0..o0 + cb, d);
+                grad_output_transform::<T, W, M, A>(vectors, &p, dy_chunk, tiles, o0..o0 + cb, d);
                 // MW_ξ[cb, C_in] (+)= D_ξᵀ[cb, tiles] · V_ξ[tiles, C_in]; the first chunk overwrites.
                 let beta = if chunk == 0 { T::zero() } else { T::one() };
                 let (v, d) = (&*v, &*d);
@@ -473,14 +610,13 @@ pub(super) fn backward_weight<T: ConvFloat, const M: usize, const A: usize>(
                     T::gemm(cb, p.c_in, tiles, T::one(), d_xi, v_xi, beta, mw_xi, p.c_in);
                 });
             }
-            weight_grad_transform(var, vectors, mw, p.c_in, o0..o0 + cb, dw);
+            weight_grad_transform::<T, W, M, A>(vectors, mw, p.c_in, o0..o0 + cb, dw);
         }
     });
 }
 
 /// `V[ξ][t][c] = (Bᵀ d B)[ξ]` for every tile `t` of the chunk and channel `c`.
-fn input_transform<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+fn input_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
     x_chunk: &[T],
@@ -496,8 +632,8 @@ fn input_transform<T: ConvFloat, const M: usize, const A: usize>(
     par_ranges(tiles, A * A * p.c_in, |range| {
         T::run_kernel(
             vectors,
-            InputTransform {
-                var,
+            InputTransform::<T, W, M, A> {
+                var: PhantomData,
                 p,
                 x: x_chunk,
                 tiles,
@@ -508,8 +644,8 @@ fn input_transform<T: ConvFloat, const M: usize, const A: usize>(
     });
 }
 
-struct InputTransform<'a, T, const M: usize, const A: usize> {
-    var: &'a Variant<M, A>,
+struct InputTransform<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
     p: &'a Planes,
     x: &'a [T],
     tiles: usize,
@@ -517,7 +653,9 @@ struct InputTransform<'a, T, const M: usize, const A: usize> {
     v: &'a SharedMutPtr<T>,
 }
 
-impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for InputTransform<'_, T, M, A> {
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for InputTransform<'_, T, W, M, A>
+{
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<Elem = T>>(self) {
@@ -557,7 +695,7 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for InputTransf
                         *dv = unsafe { L::load(e.as_ptr()) };
                     }
                 }
-                let out = transform2d(&self.var.bt, &d);
+                let out = apply2d!(L, &d, W::bt, A, A);
                 for (i, orow) in out.iter().enumerate() {
                     for (j, ov) in orow.iter().enumerate() {
                         let xi = i * A + j;
@@ -565,10 +703,7 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for InputTransf
                         // `v` (asserted by `input_transform`); tile `t` belongs to this task
                         // alone, so no other task writes these elements.
                         unsafe {
-                            ov.store_partial(
-                                self.v.get().add((xi * self.tiles + t) * p.c_in + c0),
-                                lanes,
-                            )
+                            ov.store_n(self.v.get().add((xi * self.tiles + t) * p.c_in + c0), lanes)
                         };
                     }
                 }
@@ -584,28 +719,28 @@ fn clip(start: isize, len: usize, size: usize) -> Range<usize> {
     lo..hi
 }
 
-/// `U[ξ][i][o − o0] = (G g Gᵀ)[ξ]` for input channel `i` and output channel `o` of `outs`.
-fn kernel_transform<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+/// `U_ξ[r][c] = (G g Gᵀ)[ξ]` for the kernels `g = w[r][c]` of the block [`KernelRole::block`]
+/// gives for the pass's output channels `outs`.
+fn kernel_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     w: &[T],
-    layout: KernelLayout,
-    c_in: usize,
+    role: KernelRole,
+    pass_c_in: usize,
     outs: Range<usize>,
     u: &mut [T],
 ) {
-    let cb = outs.len();
-    assert!(u.len() >= A * A * c_in * cb);
+    let (rows, cols) = role.block(pass_c_in, outs);
+    assert!(u.len() >= A * A * rows.len() * cols.len());
     let u_ptr = SharedMutPtr(u.as_mut_ptr());
-    par_ranges(c_in, A * A * cb, |range| {
+    par_ranges(rows.len(), A * A * cols.len(), |range| {
         T::run_kernel(
             vectors,
-            KernelTransform {
-                var,
+            KernelTransform::<T, W, M, A> {
+                var: PhantomData,
                 w,
-                layout,
-                c_in,
-                outs: outs.clone(),
+                role,
+                rows: rows.clone(),
+                cols: cols.clone(),
                 range,
                 u: &u_ptr,
             },
@@ -613,30 +748,34 @@ fn kernel_transform<T: ConvFloat, const M: usize, const A: usize>(
     });
 }
 
-struct KernelTransform<'a, T, const M: usize, const A: usize> {
-    var: &'a Variant<M, A>,
+struct KernelTransform<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
     w: &'a [T],
-    layout: KernelLayout,
-    c_in: usize,
-    outs: Range<usize>,
-    /// Input channels of this task.
+    role: KernelRole,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    /// Rows (relative to `rows.start`) of this task.
     range: Range<usize>,
     u: &'a SharedMutPtr<T>,
 }
 
-impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for KernelTransform<'_, T, M, A> {
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for KernelTransform<'_, T, W, M, A>
+{
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<Elem = T>>(self) {
-        let (o0, cb) = (self.outs.start, self.outs.len());
+        let (n_rows, n_cols) = (self.rows.len(), self.cols.len());
         let mut block = [[[T::zero(); MAX_LANES]; 3]; 3];
-        for i in self.range.clone() {
-            for ob in (0..cb).step_by(L::LANES) {
-                let lanes = L::LANES.min(cb - ob);
+        for r in self.range.clone() {
+            for cb in (0..n_cols).step_by(L::LANES) {
+                let lanes = L::LANES.min(n_cols - cb);
+                // The lanes' 9 taps each: 9·lanes consecutive floats of w.
                 for lane in 0..lanes {
+                    let (wr, wc) = (self.rows.start + r, self.cols.start + cb + lane);
                     for (ky, row) in block.iter_mut().enumerate() {
                         for (kx, e) in row.iter_mut().enumerate() {
-                            e[lane] = self.w[self.layout.index(o0 + ob + lane, i, ky, kx)];
+                            e[lane] = self.w[self.role.index(wr, wc, ky, kx)];
                         }
                     }
                 }
@@ -647,18 +786,13 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for KernelTrans
                         *kv = unsafe { L::load(e.as_ptr()) };
                     }
                 }
-                let out = transform2d(&self.var.g, &k);
+                let out = apply2d!(L, &k, W::g, 3, A);
                 for (a, orow) in out.iter().enumerate() {
                     for (b, ov) in orow.iter().enumerate() {
-                        let xi = a * A + b;
-                        // SAFETY: `(ξ·c_in + i)·cb + ob + lanes <= α²·c_in·cb`, inside `u`
-                        // (asserted by `kernel_transform`); row `i` belongs to this task.
-                        unsafe {
-                            ov.store_partial(
-                                self.u.get().add((xi * self.c_in + i) * cb + ob),
-                                lanes,
-                            )
-                        };
+                        let at = ((a * A + b) * n_rows + r) * n_cols + cb;
+                        // SAFETY: `at + lanes <= α²·rows·cols`, inside `u` (asserted by
+                        // `kernel_transform`); row `r` belongs to this task alone.
+                        unsafe { ov.store_n(self.u.get().add(at), lanes) };
                     }
                 }
             }
@@ -668,8 +802,7 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for KernelTrans
 
 /// `y[img][o][tile] = (Aᵀ M A) (+ bias[o])` for the output channels `outs` of every tile.
 #[allow(clippy::too_many_arguments)]
-fn output_transform<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+fn output_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
     mbuf: &[T],
@@ -687,8 +820,8 @@ fn output_transform<T: ConvFloat, const M: usize, const A: usize>(
     par_ranges(tiles, A * A * outs.len(), |range| {
         T::run_kernel(
             vectors,
-            OutputTransform {
-                var,
+            OutputTransform::<T, W, M, A> {
+                var: PhantomData,
                 p,
                 mbuf,
                 tiles,
@@ -701,8 +834,8 @@ fn output_transform<T: ConvFloat, const M: usize, const A: usize>(
     });
 }
 
-struct OutputTransform<'a, T, const M: usize, const A: usize> {
-    var: &'a Variant<M, A>,
+struct OutputTransform<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
     p: &'a Planes,
     mbuf: &'a [T],
     tiles: usize,
@@ -712,7 +845,9 @@ struct OutputTransform<'a, T, const M: usize, const A: usize> {
     y: &'a SharedMutPtr<T>,
 }
 
-impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for OutputTransform<'_, T, M, A> {
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for OutputTransform<'_, T, W, M, A>
+{
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<Elem = T>>(self) {
@@ -731,15 +866,19 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for OutputTrans
                     for (j, mv) in mrow.iter_mut().enumerate() {
                         let at = ((i * A + j) * self.tiles + t) * cb + ob;
                         // SAFETY: `at + lanes <= α²·tiles·cb <= mbuf.len()`.
-                        *mv = unsafe { L::load_partial(self.mbuf[at..].as_ptr(), lanes) };
+                        *mv = unsafe { L::load_n(self.mbuf[at..].as_ptr(), lanes) };
                     }
                 }
-                let mut out = transform2d(&self.var.at, &m);
+                let mut out = apply2d!(L, &m, W::at, A, M);
                 if let Some(bias) = self.bias {
                     let bv = &bias[o0 + ob..o0 + ob + lanes];
                     // SAFETY: `bv` holds `lanes` elements.
-                    let bv = unsafe { L::load_partial(bv.as_ptr(), lanes) };
-                    out.iter_mut().flatten().for_each(|o| *o = o.add(bv));
+                    let bv = unsafe { L::load_n(bv.as_ptr(), lanes) };
+                    for row in out.iter_mut() {
+                        for o in row.iter_mut() {
+                            *o = o.add(bv);
+                        }
+                    }
                 }
                 for (brow, orow) in block.iter_mut().zip(&out) {
                     for (e, ov) in brow.iter_mut().zip(orow) {
@@ -764,8 +903,7 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T> for OutputTrans
 }
 
 /// `D[ξ][t][o − o0] = (A dY_tile Aᵀ)[ξ]` (zero beyond the output's edge) for `outs`.
-fn grad_output_transform<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+fn grad_output_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
     dy_chunk: &[T],
@@ -782,8 +920,8 @@ fn grad_output_transform<T: ConvFloat, const M: usize, const A: usize>(
     par_ranges(tiles, A * A * outs.len(), |range| {
         T::run_kernel(
             vectors,
-            GradOutputTransform {
-                var,
+            GradOutputTransform::<T, W, M, A> {
+                var: PhantomData,
                 p,
                 dy: dy_chunk,
                 tiles,
@@ -795,8 +933,8 @@ fn grad_output_transform<T: ConvFloat, const M: usize, const A: usize>(
     });
 }
 
-struct GradOutputTransform<'a, T, const M: usize, const A: usize> {
-    var: &'a Variant<M, A>,
+struct GradOutputTransform<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
     p: &'a Planes,
     dy: &'a [T],
     tiles: usize,
@@ -805,8 +943,8 @@ struct GradOutputTransform<'a, T, const M: usize, const A: usize> {
     d: &'a SharedMutPtr<T>,
 }
 
-impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T>
-    for GradOutputTransform<'_, T, M, A>
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for GradOutputTransform<'_, T, W, M, A>
 {
     type Output = ();
     #[inline(always)]
@@ -840,17 +978,14 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T>
                         *dv = unsafe { L::load(e.as_ptr()) };
                     }
                 }
-                let out = transform2d(&self.var.a, &dyt);
+                let out = apply2d!(L, &dyt, W::a, M, A);
                 for (i, orow) in out.iter().enumerate() {
                     for (j, ov) in orow.iter().enumerate() {
                         let xi = i * A + j;
                         // SAFETY: `(ξ·tiles + t)·cb + ob + lanes <= α²·tiles·cb`, inside `d`
                         // (asserted by the caller); tile `t` belongs to this task alone.
                         unsafe {
-                            ov.store_partial(
-                                self.d.get().add((xi * self.tiles + t) * cb + ob),
-                                lanes,
-                            )
+                            ov.store_n(self.d.get().add((xi * self.tiles + t) * cb + ob), lanes)
                         };
                     }
                 }
@@ -860,8 +995,7 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T>
 }
 
 /// `dw[o][i] = (Gᵀ MW G)` for the output channels `outs` (rows of `mw`), every input channel.
-fn weight_grad_transform<T: ConvFloat, const M: usize, const A: usize>(
-    var: &Variant<M, A>,
+fn weight_grad_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     mw: &[T],
     c_in: usize,
@@ -874,8 +1008,8 @@ fn weight_grad_transform<T: ConvFloat, const M: usize, const A: usize>(
     par_ranges(cb, A * A * c_in, |range| {
         T::run_kernel(
             vectors,
-            WeightGradTransform {
-                var,
+            WeightGradTransform::<T, W, M, A> {
+                var: PhantomData,
                 mw,
                 c_in,
                 outs: outs.clone(),
@@ -886,8 +1020,8 @@ fn weight_grad_transform<T: ConvFloat, const M: usize, const A: usize>(
     });
 }
 
-struct WeightGradTransform<'a, T, const M: usize, const A: usize> {
-    var: &'a Variant<M, A>,
+struct WeightGradTransform<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
     mw: &'a [T],
     c_in: usize,
     outs: Range<usize>,
@@ -896,8 +1030,8 @@ struct WeightGradTransform<'a, T, const M: usize, const A: usize> {
     dw: &'a SharedMutPtr<T>,
 }
 
-impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T>
-    for WeightGradTransform<'_, T, M, A>
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for WeightGradTransform<'_, T, W, M, A>
 {
     type Output = ();
     #[inline(always)]
@@ -912,10 +1046,10 @@ impl<T: ConvFloat, const M: usize, const A: usize> LaneKernel<T>
                     for (j, mv) in mrow.iter_mut().enumerate() {
                         let at = ((i * A + j) * cb + o) * c_in + ib;
                         // SAFETY: `at + lanes <= α²·cb·c_in <= mw.len()`.
-                        *mv = unsafe { L::load_partial(self.mw[at..].as_ptr(), lanes) };
+                        *mv = unsafe { L::load_n(self.mw[at..].as_ptr(), lanes) };
                     }
                 }
-                let out = transform2d(&self.var.gt, &m);
+                let out = apply2d!(L, &m, W::gt, A, 3);
                 for (brow, orow) in block.iter_mut().zip(&out) {
                     for (e, ov) in brow.iter_mut().zip(orow) {
                         // SAFETY: `e` holds MAX_LANES >= LANES elements.
@@ -967,10 +1101,45 @@ mod tests {
         }
     }
 
+    /// Each straight-line 1-D transform equals its matrix (columns = images of unit vectors).
+    fn check_transforms<W: Winograd<M, A>, const M: usize, const A: usize>() {
+        use crate::ops::conv::lanes::F64Lane;
+        fn check<const N: usize, const P: usize>(
+            what: &str,
+            mat: &[[f64; N]; P],
+            f: impl Fn([F64Lane; N]) -> [F64Lane; P],
+        ) {
+            for j in 0..N {
+                let unit = std::array::from_fn(|i| F64Lane::splat(if i == j { 1.0 } else { 0.0 }));
+                let col = f(unit);
+                for (i, v) in col.iter().enumerate() {
+                    let got = v.reduce_sum();
+                    assert!(
+                        (got - mat[i][j]).abs() < 1e-15,
+                        "F({M},3) {what}[{i}][{j}]: {got} vs {}",
+                        mat[i][j]
+                    );
+                }
+            }
+        }
+        let var = W::var();
+        check("Bt", &var.bt, W::bt);
+        check("G", &var.g, W::g);
+        check("At", &var.at, W::at);
+        check("A", &var.a, W::a);
+        check("Gt", &var.gt, W::gt);
+    }
+
+    #[test]
+    fn transforms_match_their_matrices() {
+        check_transforms::<F2, 2, 4>();
+        check_transforms::<F4, 4, 6>();
+    }
+
     #[test]
     fn winograd_matrices_satisfy_the_bilinear_identity() {
-        check_identity(&F2);
-        check_identity(&F4);
+        check_identity(F2::var());
+        check_identity(F4::var());
     }
 
     #[test]
