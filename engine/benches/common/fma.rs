@@ -3,6 +3,8 @@
 //! Independent chains of fused multiply-adds on registers (no memory traffic), enough of
 //! them to cover the FMA latency on both pipes: the most f32 multiply-adds one core can
 //! retire per second at a SIMD level. 2 FLOPs per lane per FMA.
+// Each bench that includes this file uses only part of it.
+#![allow(dead_code)]
 use engine::simd::{F32Vec, Portable16, Portable8, SimdKernel, SimdLevel};
 use std::time::Instant;
 

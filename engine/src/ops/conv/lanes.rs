@@ -11,6 +11,7 @@
 //! the element-type association and [`dispatch_at`] (run a kernel at an explicit level;
 //! `crate::simd` has one too but does not export it).
 use super::ConvVectors;
+use crate::gemm::{gemm_packed_b_reference, sgemm_packed_b, Kernel, MatRef, PackedLayout};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Avx2, Avx512};
 use crate::simd::{F32Vec, Portable16, Portable8, SimdKernel, SimdLevel};
@@ -218,6 +219,22 @@ pub(crate) trait ConvFloat: Float {
     fn run_kernel<K: LaneKernel<Self>>(vectors: ConvVectors, kernel: K) -> K::Output;
     /// The `Lanes::LANES` that `run_kernel` uses.
     fn lanes(vectors: ConvVectors) -> usize;
+    /// The panel layout [`ConvFloat::gemm_packed`] reads.
+    fn packed_layout() -> PackedLayout;
+    /// `C[m×n] = A·B + beta·C` with A read in place and B packed in
+    /// [`ConvFloat::packed_layout`] (single-threaded: callers run one per parallel task).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_packed_b(
+        layout: PackedLayout,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, Self>,
+        b: &[Self],
+        beta: Self,
+        c: &mut [Self],
+        ldc: usize,
+    );
 }
 
 /// Runs an f32 [`LaneKernel`] as a [`SimdKernel`].
@@ -278,6 +295,28 @@ impl ConvFloat for f32 {
             ConvVectors::Level(_) => 8,
         }
     }
+    fn packed_layout() -> PackedLayout {
+        PackedLayout::of(Kernel::detect())
+    }
+    fn gemm_packed_b(
+        layout: PackedLayout,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, f32>,
+        b: &[f32],
+        beta: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let kernel = Kernel::detect();
+        assert_eq!(
+            layout,
+            PackedLayout::of(kernel),
+            "B packed for another kernel"
+        );
+        sgemm_packed_b(kernel, m, n, k, a, b, beta, c, ldc)
+    }
 }
 
 impl ConvFloat for f64 {
@@ -287,5 +326,26 @@ impl ConvFloat for f64 {
     }
     fn lanes(_vectors: ConvVectors) -> usize {
         1
+    }
+    /// A small depth block, so the f64 checks cross depth blocks even on tiny shapes.
+    fn packed_layout() -> PackedLayout {
+        PackedLayout {
+            mr: 4,
+            nr: 8,
+            kc: 16,
+        }
+    }
+    fn gemm_packed_b(
+        layout: PackedLayout,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, f64>,
+        b: &[f64],
+        beta: f64,
+        c: &mut [f64],
+        ldc: usize,
+    ) {
+        gemm_packed_b_reference(layout, m, n, k, a, b, beta, c, ldc)
     }
 }

@@ -16,12 +16,23 @@
 //! ~1.5× the error). Measured f32 errors (norm-wise, against an f64 direct convolution) are
 //! in `tests/conv_algos.rs` and the README.
 //!
-//! Layouts (per chunk of images; `t` = tile index, image-major): `V[ξ][t][c_in]`,
-//! `U[ξ][c_in][c_out-block]`, `M[ξ][t][c_out-block]`, `D[ξ][t][c_out-block]`,
-//! `MW[ξ][c_out-block][c_in]`. Channels are innermost, so every transform works on vectors
-//! of consecutive channels: one tile's patch is gathered for LANES channels into a small
-//! stack block (NCHW planes are strided by channel), transformed with full vector
-//! arithmetic and stored contiguously into the GEMM operands.
+//! Data flow: the transforms write the batched GEMMs' operands in the form the SGEMM
+//! microkernel reads without any packing pass ([`crate::gemm::sgemm_packed_b`]): B as
+//! `NR`-wide panels ([`Panels`]), A as a plain row-major matrix that the microkernel
+//! broadcasts from in place. Per chunk of images (`t` = tile index, image-major):
+//! - forward / backward-data: `V_ξ` = B `[C_in × tiles]` (input transform, vectorized over
+//!   consecutive tiles: one vector store per panel run), `Uᵀ_ξ` = A `[cb × C_in]` (kernel
+//!   transform, vectorized over input channels), `C_ξ = Uᵀ_ξ V_ξ` `[cb × tiles]`, read back
+//!   by the output transform vectorized over tiles;
+//! - backward-weight: `Vᵀ_ξ` = B `[tiles × C_in]` (vectorized over channels), `D_ξ` = A
+//!   `[cb × tiles]` (vectorized over tiles), `MW_ξ = D_ξ Vᵀ_ξ` `[cb × C_in]` accumulated over
+//!   chunks, then the weight-gradient transform vectorized over input channels.
+//!
+//! Every transform walks the α² ξ-planes as α² sequential streams (one cache line completed
+//! at a time), and consecutive planes are skewed by a cache line ([`xi_stride`]) so the
+//! streams do not all map to one L1 set. Patches are gathered per lane into a small stack
+//! block (NCHW planes are strided by channel), then transformed with full-width vector
+//! arithmetic by straight-line 1-D transforms ([`Winograd`]).
 //!
 //! Scratch: `U` (or `MW`) for a block of output channels, `V` and `M` (or `D`) for a chunk
 //! of images, together at most [`WINOGRAD_SCRATCH_ELEMS`] (24 MB in f32) whatever the
@@ -34,7 +45,7 @@
 use super::lanes::{ConvFloat, LaneKernel, Lanes};
 use super::scratch::with_scratch;
 use super::{Conv2dGeom, ConvVectors};
-use crate::gemm::MatRef;
+use crate::gemm::{MatRef, PackedLayout, Panels};
 use crate::ops::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::parallel::parallel_for;
 use std::marker::PhantomData;
@@ -269,6 +280,18 @@ const WINOGRAD_SCRATCH_ELEMS: usize = 6 << 20;
 const CHANNEL_ALIGN: usize = 16;
 /// Most lanes any vector type has (size of the gather/scatter stack blocks).
 const MAX_LANES: usize = 16;
+/// Widest B panel (NR) of any GEMM kernel.
+const MAX_PANEL: usize = 32;
+/// Distance between consecutive ξ-planes of a transformed operand for planes of `len`
+/// elements: rounded up to 1024 elements (4 KB in f32), plus one 64-byte line. The
+/// transforms stream through all α² planes at once; planes a power of two apart (e.g.
+/// 128×512 floats) would map every stream to the same L1 set and conflict-miss on every
+/// access (measured: the transforms ran ~3× slower).
+#[inline(always)]
+fn xi_stride(len: usize) -> usize {
+    len.next_multiple_of(1024) + 16
+}
+
 /// Elements per parallel transform task at least.
 const MIN_TASK_ELEMS: usize = 1 << 13;
 
@@ -328,6 +351,14 @@ struct Planes {
     tiles_w: usize,
 }
 
+/// A tile's image (within the chunk), tile row and tile column.
+#[derive(Clone, Copy, Default)]
+struct Tile {
+    img: usize,
+    th: usize,
+    tw: usize,
+}
+
 impl Planes {
     fn new(
         m: usize,
@@ -362,18 +393,40 @@ impl Planes {
     fn tiles_per_image(&self) -> usize {
         self.tiles_h * self.tiles_w
     }
-    /// (image in chunk, tile row, tile column) of tile `t`.
-    fn tile(&self, t: usize) -> (usize, usize, usize) {
+    /// Tile `t` of the chunk (tiles are numbered image by image, row by row).
+    fn tile(&self, t: usize) -> Tile {
         let per = self.tiles_per_image();
-        (t / per, (t % per) / self.tiles_w, t % self.tiles_w)
+        Tile {
+            img: t / per,
+            th: (t % per) / self.tiles_w,
+            tw: t % self.tiles_w,
+        }
+    }
+    /// The tile after `t` (no division: kernels walk tiles in order).
+    #[inline(always)]
+    fn next(&self, t: Tile) -> Tile {
+        if t.tw + 1 < self.tiles_w {
+            Tile { tw: t.tw + 1, ..t }
+        } else if t.th + 1 < self.tiles_h {
+            Tile {
+                th: t.th + 1,
+                tw: 0,
+                ..t
+            }
+        } else {
+            Tile {
+                img: t.img + 1,
+                th: 0,
+                tw: 0,
+            }
+        }
     }
 }
 
-/// How a pass reads the kernel `w[C_out][C_in][3][3]`. `U_ξ` is stored row-major over
-/// (w's output channel, w's input channel) — the kernel transform is vectorized over w's
-/// input channels, whose taps are contiguous — which makes it `[cb × C_in]` for the forward
-/// pass (the GEMM reads it as a column-major `C_in × cb` B) and `[C_out × cb]` for
-/// backward-data (a row-major B).
+/// How a pass reads the kernel `w[C_out][C_in][3][3]`: the kernel transform walks w's
+/// output channels ("rows") and, vectorized, its input channels ("columns", whose taps are
+/// contiguous in `w`), and writes `Uᵀ` — the pass's output channels × its input channels —
+/// as the packed A operand.
 #[derive(Clone, Copy)]
 enum KernelRole {
     Forward {
@@ -386,19 +439,13 @@ enum KernelRole {
 }
 
 impl KernelRole {
-    /// The ranges of w's output and input channels that `U` holds for the pass's output
-    /// channels `outs` (the pass reads `pass_c_in` input channels).
-    fn block(self, pass_c_in: usize, outs: Range<usize>) -> (Range<usize>, Range<usize>) {
+    /// w's (output, input) channel of A's row for the pass's output channel `o` and depth
+    /// (the pass's input channel) `d`.
+    #[inline(always)]
+    fn w_coords(self, o: usize, d: usize) -> (usize, usize) {
         match self {
-            KernelRole::Forward { .. } => (outs, 0..pass_c_in),
-            KernelRole::BackwardData { .. } => (0..pass_c_in, outs),
-        }
-    }
-    /// `U_ξ` as the GEMM's B operand `[pass_c_in × cb]`.
-    fn b_view<T>(self, u_xi: &[T], pass_c_in: usize, cb: usize) -> MatRef<'_, T> {
-        match self {
-            KernelRole::Forward { .. } => MatRef::col_major(u_xi, pass_c_in),
-            KernelRole::BackwardData { .. } => MatRef::row_major(u_xi, cb),
+            KernelRole::Forward { .. } => (o, d),
+            KernelRole::BackwardData { .. } => (d, o),
         }
     }
     /// Index of tap `(ky, kx)` of `w[r][c]` as this pass reads it.
@@ -450,13 +497,22 @@ fn blocking(
     }
 }
 
-/// Split `units` work units of `unit_elems` elements each into parallel tasks and run
-/// `f(range)` for each.
-fn par_ranges(units: usize, unit_elems: usize, f: impl Fn(Range<usize>) + Sync) {
-    let per_task = units_per_task(units, unit_elems, MIN_TASK_ELEMS);
+/// Split `units` work units of `unit_elems` elements each into parallel tasks whose first
+/// unit is a multiple of `align`, and run `f(range)` for each.
+fn par_ranges(units: usize, unit_elems: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
+    let per_task = units_per_task(units, unit_elems, MIN_TASK_ELEMS).next_multiple_of(align);
     parallel_for(units.div_ceil(per_task), |task| {
         f(task * per_task..((task + 1) * per_task).min(units))
     });
+}
+
+/// The layout of the packed GEMM operands, checked against what the tile-vectorized
+/// kernels assume: a vector of up to `MAX_LANES` consecutive depths never straddles a depth
+/// block.
+fn packed_layout<T: ConvFloat>() -> PackedLayout {
+    let layout = T::packed_layout();
+    assert!(layout.kc % MAX_LANES == 0, "{layout:?}");
+    layout
 }
 
 /// Forward pass (lengths checked by the caller).
@@ -470,15 +526,8 @@ pub(super) fn forward<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: 
     y: &mut [T],
 ) {
     let planes = Planes::forward(g, M);
-    convolve::<T, W, M, A>(
-        vectors,
-        &planes,
-        x,
-        w,
-        KernelRole::Forward { w_c_in: g.c_in },
-        b,
-        y,
-    )
+    let role = KernelRole::Forward { w_c_in: g.c_in };
+    convolve::<T, W, M, A>(vectors, &planes, x, w, role, b, y)
 }
 
 /// Backward-data pass (lengths checked by the caller).
@@ -491,18 +540,12 @@ pub(super) fn backward_data<T: ConvFloat, W: Winograd<M, A>, const M: usize, con
     dx: &mut [T],
 ) {
     let planes = Planes::backward_data(g, M);
-    convolve::<T, W, M, A>(
-        vectors,
-        &planes,
-        dy,
-        w,
-        KernelRole::BackwardData { w_c_in: g.c_in },
-        None,
-        dx,
-    )
+    let role = KernelRole::BackwardData { w_c_in: g.c_in };
+    convolve::<T, W, M, A>(vectors, &planes, dy, w, role, None, dx)
 }
 
-/// `y = conv(x, kernel) (+ bias)` over `planes` by F(M×M, 3×3).
+/// `y = conv(x, kernel) (+ bias)` over `p` by F(M×M, 3×3): per chunk of images and block of
+/// output channels, `C_ξ[cb, tiles] = Uᵀ_ξ[cb, C_in] · V_ξ[C_in, tiles]` for every ξ.
 #[allow(clippy::too_many_arguments)]
 fn convolve<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
@@ -513,51 +556,59 @@ fn convolve<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     bias: Option<&[T]>,
     y: &mut [T],
 ) {
-    let a2 = A * A;
+    let (a2, layout) = (A * A, packed_layout::<T>());
     let tpi = p.tiles_per_image();
     let bl = blocking(a2, p.c_in, p.c_out, tpi, p.n);
     let max_tiles = bl.images_per_chunk * tpi;
     let (in_img, out_img) = (p.c_in * p.h * p.w, p.c_out * p.oh * p.ow);
     let lens = [
-        a2 * p.c_in * bl.cb,
-        a2 * max_tiles * p.c_in,
-        a2 * max_tiles * bl.cb,
+        a2 * xi_stride(bl.cb * p.c_in),
+        a2 * xi_stride(Panels::b(layout, max_tiles, p.c_in).len()),
+        a2 * xi_stride(bl.cb * max_tiles),
     ];
-    with_scratch::<T, 3, _>(lens, |[u, v, mbuf]| {
+    with_scratch::<T, 3, _>(lens, |[u, v, c]| {
         for start in (0..p.n).step_by(bl.images_per_chunk) {
             let nb = bl.images_per_chunk.min(p.n - start);
             let tiles = nb * tpi;
-            let v = &mut v[..a2 * tiles * p.c_in];
-            input_transform::<T, W, M, A>(
-                vectors,
-                p,
-                &x[start * in_img..(start + nb) * in_img],
-                tiles,
-                v,
-            );
+            let pv = Panels::b(layout, tiles, p.c_in);
+            let v = &mut v[..a2 * xi_stride(pv.len())];
+            let x_chunk = &x[start * in_img..(start + nb) * in_img];
+            input_over_tiles::<T, W, M, A>(vectors, p, x_chunk, pv, v);
             let y_chunk = &mut y[start * out_img..(start + nb) * out_img];
             for block in 0..bl.blocks {
-                let o0 = block * bl.cb;
-                let cb = bl.cb.min(p.c_out - o0);
-                let u = &mut u[..a2 * p.c_in * cb];
+                let outs = block * bl.cb..((block + 1) * bl.cb).min(p.c_out);
+                let cb = outs.len();
+                let u = &mut u[..a2 * xi_stride(cb * p.c_in)];
                 // With one block, U is computed once and kept for every chunk.
                 if bl.blocks > 1 || start == 0 {
-                    kernel_transform::<T, W, M, A>(vectors, w, role, p.c_in, o0..o0 + cb, u);
+                    kernel_transform::<T, W, M, A>(vectors, w, role, p.c_in, outs.clone(), u);
                 }
-                let mbuf = &mut mbuf[..a2 * tiles * cb];
-                let (v, u) = (&*v, &*u);
-                par_chunks_mut(mbuf, tiles * cb, |xi, m_xi| {
-                    let v_xi = MatRef::row_major(&v[xi * tiles * p.c_in..], p.c_in);
-                    let u_xi = role.b_view(&u[xi * p.c_in * cb..][..p.c_in * cb], p.c_in, cb);
-                    T::gemm(tiles, cb, p.c_in, T::one(), v_xi, u_xi, T::zero(), m_xi, cb);
+                let c = &mut c[..a2 * xi_stride(cb * tiles)];
+                let (u, v) = (&*u, &*v);
+                par_chunks_mut(c, xi_stride(cb * tiles), |xi, c_xi| {
+                    let u_xi = &u[xi * xi_stride(cb * p.c_in)..][..cb * p.c_in];
+                    let u_xi = MatRef::row_major(u_xi, p.c_in);
+                    let v_xi = &v[xi * xi_stride(pv.len())..][..pv.len()];
+                    T::gemm_packed_b(
+                        layout,
+                        cb,
+                        tiles,
+                        p.c_in,
+                        u_xi,
+                        v_xi,
+                        T::zero(),
+                        c_xi,
+                        tiles,
+                    );
                 });
-                output_transform::<T, W, M, A>(vectors, p, mbuf, tiles, o0..o0 + cb, bias, y_chunk);
+                output_over_tiles::<T, W, M, A>(vectors, p, c, tiles, outs, bias, y_chunk);
             }
         }
     });
 }
 
-/// Backward-weight pass: `dw` only (lengths checked and `n > 0` ensured by the caller).
+/// Backward-weight pass: `dw` only (lengths checked and `n > 0` ensured by the caller). Per
+/// block of output channels, `MW_ξ[cb, C_in] = Σ_chunks D_ξ[cb, tiles] · Vᵀ_ξ[tiles, C_in]`.
 pub(super) fn backward_weight<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     _variant: W,
     vectors: ConvVectors,
@@ -566,150 +617,46 @@ pub(super) fn backward_weight<T: ConvFloat, W: Winograd<M, A>, const M: usize, c
     dy: &[T],
     dw: &mut [T],
 ) {
-    let a2 = A * A;
+    let (a2, layout) = (A * A, packed_layout::<T>());
     let p = Planes::forward(g, M);
     let tpi = p.tiles_per_image();
     let bl = blocking(a2, p.c_in, p.c_out, tpi, p.n);
     let max_tiles = bl.images_per_chunk * tpi;
     let (in_img, out_img) = (p.c_in * p.h * p.w, p.c_out * p.oh * p.ow);
     let lens = [
-        a2 * bl.cb * p.c_in,
-        a2 * max_tiles * p.c_in,
-        a2 * max_tiles * bl.cb,
+        a2 * xi_stride(bl.cb * p.c_in),
+        a2 * xi_stride(Panels::b(layout, p.c_in, max_tiles).len()),
+        a2 * xi_stride(bl.cb * max_tiles),
     ];
     with_scratch::<T, 3, _>(lens, |[mw, v, d]| {
         for block in 0..bl.blocks {
-            let o0 = block * bl.cb;
-            let cb = bl.cb.min(p.c_out - o0);
-            let mw = &mut mw[..a2 * cb * p.c_in];
+            let outs = block * bl.cb..((block + 1) * bl.cb).min(p.c_out);
+            let cb = outs.len();
+            let mw = &mut mw[..a2 * xi_stride(cb * p.c_in)];
             for (chunk, start) in (0..p.n).step_by(bl.images_per_chunk).enumerate() {
                 let nb = bl.images_per_chunk.min(p.n - start);
                 let tiles = nb * tpi;
-                let v = &mut v[..a2 * tiles * p.c_in];
+                let pv = Panels::b(layout, p.c_in, tiles);
+                let v = &mut v[..a2 * xi_stride(pv.len())];
                 // With one block, V is computed once per chunk; with several, once per block.
-                input_transform::<T, W, M, A>(
-                    vectors,
-                    &p,
-                    &x[start * in_img..(start + nb) * in_img],
-                    tiles,
-                    v,
-                );
-                let d = &mut d[..a2 * tiles * cb];
+                let x_chunk = &x[start * in_img..(start + nb) * in_img];
+                input_over_channels::<T, W, M, A>(vectors, &p, x_chunk, pv, v);
+                let d = &mut d[..a2 * xi_stride(cb * tiles)];
                 let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
-                grad_output_transform::<T, W, M, A>(vectors, &p, dy_chunk, tiles, o0..o0 + cb, d);
-                // MW_ξ[cb, C_in] (+)= D_ξᵀ[cb, tiles] · V_ξ[tiles, C_in]; the first chunk overwrites.
+                grad_output_over_tiles::<T, W, M, A>(vectors, &p, dy_chunk, outs.clone(), d);
+                // The first chunk overwrites MW, later ones accumulate.
                 let beta = if chunk == 0 { T::zero() } else { T::one() };
                 let (v, d) = (&*v, &*d);
-                par_chunks_mut(mw, cb * p.c_in, |xi, mw_xi| {
-                    let d_xi = MatRef {
-                        data: &d[xi * tiles * cb..(xi + 1) * tiles * cb],
-                        rs: 1,
-                        cs: cb,
-                    };
-                    let v_xi = MatRef::row_major(&v[xi * tiles * p.c_in..], p.c_in);
-                    T::gemm(cb, p.c_in, tiles, T::one(), d_xi, v_xi, beta, mw_xi, p.c_in);
+                par_chunks_mut(mw, xi_stride(cb * p.c_in), |xi, mw_xi| {
+                    let d_xi = &d[xi * xi_stride(cb * tiles)..][..cb * tiles];
+                    let d_xi = MatRef::row_major(d_xi, tiles);
+                    let v_xi = &v[xi * xi_stride(pv.len())..][..pv.len()];
+                    T::gemm_packed_b(layout, cb, p.c_in, tiles, d_xi, v_xi, beta, mw_xi, p.c_in);
                 });
             }
-            weight_grad_transform::<T, W, M, A>(vectors, mw, p.c_in, o0..o0 + cb, dw);
+            weight_grad_transform::<T, W, M, A>(vectors, mw, p.c_in, outs, dw);
         }
     });
-}
-
-/// `V[ξ][t][c] = (Bᵀ d B)[ξ]` for every tile `t` of the chunk and channel `c`.
-fn input_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
-    vectors: ConvVectors,
-    p: &Planes,
-    x_chunk: &[T],
-    tiles: usize,
-    v: &mut [T],
-) {
-    assert!(v.len() >= A * A * tiles * p.c_in);
-    assert_eq!(
-        x_chunk.len() * p.tiles_per_image(),
-        tiles * p.c_in * p.h * p.w
-    );
-    let v_ptr = SharedMutPtr(v.as_mut_ptr());
-    par_ranges(tiles, A * A * p.c_in, |range| {
-        T::run_kernel(
-            vectors,
-            InputTransform::<T, W, M, A> {
-                var: PhantomData,
-                p,
-                x: x_chunk,
-                tiles,
-                range,
-                v: &v_ptr,
-            },
-        )
-    });
-}
-
-struct InputTransform<'a, T, W, const M: usize, const A: usize> {
-    var: PhantomData<W>,
-    p: &'a Planes,
-    x: &'a [T],
-    tiles: usize,
-    range: Range<usize>,
-    v: &'a SharedMutPtr<T>,
-}
-
-impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
-    for InputTransform<'_, T, W, M, A>
-{
-    type Output = ();
-    #[inline(always)]
-    fn run<L: Lanes<Elem = T>>(self) {
-        let p = self.p;
-        let plane = p.h * p.w;
-        let mut block = [[[T::zero(); MAX_LANES]; A]; A];
-        for t in self.range.clone() {
-            let (img, th, tw) = p.tile(t);
-            let r0 = (th * M) as isize - p.pad;
-            let q0 = (tw * M) as isize - p.pad;
-            // The patch's rows and columns that lie inside the plane.
-            let rows = clip(r0, A, p.h);
-            let cols = clip(q0, A, p.w);
-            for c0 in (0..p.c_in).step_by(L::LANES) {
-                let lanes = L::LANES.min(p.c_in - c0);
-                for lane in 0..lanes {
-                    let src = &self.x[(img * p.c_in + c0 + lane) * plane..][..plane];
-                    for (i, row) in block.iter_mut().enumerate() {
-                        if !rows.contains(&i) {
-                            row.iter_mut().for_each(|e| e[lane] = T::zero());
-                            continue;
-                        }
-                        let line = &src[(r0 + i as isize) as usize * p.w..][..p.w];
-                        for (j, e) in row.iter_mut().enumerate() {
-                            e[lane] = if cols.contains(&j) {
-                                line[(q0 + j as isize) as usize]
-                            } else {
-                                T::zero()
-                            };
-                        }
-                    }
-                }
-                let mut d = [[L::zero(); A]; A];
-                for (drow, brow) in d.iter_mut().zip(&block) {
-                    for (dv, e) in drow.iter_mut().zip(brow) {
-                        // SAFETY: `e` holds MAX_LANES >= LANES elements.
-                        *dv = unsafe { L::load(e.as_ptr()) };
-                    }
-                }
-                let out = apply2d!(L, &d, W::bt, A, A);
-                for (i, orow) in out.iter().enumerate() {
-                    for (j, ov) in orow.iter().enumerate() {
-                        let xi = i * A + j;
-                        // SAFETY: `(ξ·tiles + t)·c_in + c0 + lanes <= α²·tiles·c_in`, inside
-                        // `v` (asserted by `input_transform`); tile `t` belongs to this task
-                        // alone, so no other task writes these elements.
-                        unsafe {
-                            ov.store_n(self.v.get().add((xi * self.tiles + t) * p.c_in + c0), lanes)
-                        };
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// The indices `i < len` with `start + i` inside `[0, size)`.
@@ -719,8 +666,282 @@ fn clip(start: isize, len: usize, size: usize) -> Range<usize> {
     lo..hi
 }
 
-/// `U_ξ[r][c] = (G g Gᵀ)[ξ]` for the kernels `g = w[r][c]` of the block [`KernelRole::block`]
-/// gives for the pass's output channels `outs`.
+/// Copy the `S×S` patch of `plane` (`h×w`) whose top-left corner is `(r0, q0)` into lane
+/// `lane` of `block`, zero outside the plane.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gather_patch<T: ConvFloat, const S: usize>(
+    plane: &[T],
+    h: usize,
+    w: usize,
+    r0: isize,
+    q0: isize,
+    block: &mut [[[T; MAX_LANES]; S]; S],
+    lane: usize,
+) {
+    let (rows, cols) = (clip(r0, S, h), clip(q0, S, w));
+    for (i, brow) in block.iter_mut().enumerate() {
+        if !rows.contains(&i) {
+            for e in brow.iter_mut() {
+                e[lane] = T::zero();
+            }
+            continue;
+        }
+        let line = &plane[(r0 + i as isize) as usize * w..][..w];
+        if cols.len() == S {
+            let seg = &line[q0 as usize..q0 as usize + S];
+            for (e, &v) in brow.iter_mut().zip(seg) {
+                e[lane] = v;
+            }
+        } else {
+            for (j, e) in brow.iter_mut().enumerate() {
+                e[lane] = if cols.contains(&j) {
+                    line[(q0 + j as isize) as usize]
+                } else {
+                    T::zero()
+                };
+            }
+        }
+    }
+}
+
+/// Zero lanes `from..` of every element of `block` (a partial vector's unused lanes).
+#[inline(always)]
+fn zero_lanes<T: ConvFloat, const S: usize>(block: &mut [[[T; MAX_LANES]; S]; S], from: usize) {
+    for e in block.iter_mut().flatten() {
+        e[from..].iter_mut().for_each(|v| *v = T::zero());
+    }
+}
+
+/// Load lane block `block` (`S×S` elements of `MAX_LANES` lanes) as vectors.
+#[inline(always)]
+fn load_block<L: Lanes, const S: usize>(block: &[[[L::Elem; MAX_LANES]; S]; S]) -> [[L; S]; S] {
+    let mut out = [[L::zero(); S]; S];
+    for (orow, brow) in out.iter_mut().zip(block) {
+        for (o, e) in orow.iter_mut().zip(brow) {
+            // SAFETY: `e` holds MAX_LANES >= LANES elements.
+            *o = unsafe { L::load(e.as_ptr()) };
+        }
+    }
+    out
+}
+
+/// Store vectors into lane block `block`.
+#[inline(always)]
+fn store_block<L: Lanes, const S: usize>(
+    v: &[[L; S]; S],
+    block: &mut [[[L::Elem; MAX_LANES]; S]; S],
+) {
+    for (vrow, brow) in v.iter().zip(block.iter_mut()) {
+        for (x, e) in vrow.iter().zip(brow.iter_mut()) {
+            // SAFETY: `e` holds MAX_LANES >= LANES elements.
+            unsafe { x.store(e.as_mut_ptr()) };
+        }
+    }
+}
+
+/// `V_ξ[c][t] = (Bᵀ d B)[ξ]` as the packed B operand `pv` (rows = tiles, depth = channels),
+/// vectorized over consecutive tiles: tile panel by tile panel, channel by channel, so each
+/// ξ-plane is written sequentially.
+fn input_over_tiles<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+    vectors: ConvVectors,
+    p: &Planes,
+    x_chunk: &[T],
+    pv: Panels,
+    v: &mut [T],
+) {
+    let tiles = x_chunk.len() / (p.c_in * p.h * p.w) * p.tiles_per_image();
+    assert!(
+        v.len() >= A * A * xi_stride(pv.len())
+            && pv == Panels::b(T::packed_layout(), tiles, p.c_in)
+    );
+    assert!(pv.panel_rows() <= MAX_PANEL);
+    let v_ptr = SharedMutPtr(v.as_mut_ptr());
+    let align = pv.panel_rows().max(MAX_LANES);
+    par_ranges(tiles, A * A * p.c_in, align, |range| {
+        T::run_kernel(
+            vectors,
+            InputOverTiles::<T, W, M, A> {
+                var: PhantomData,
+                p,
+                x: x_chunk,
+                pv,
+                range,
+                v: &v_ptr,
+            },
+        )
+    });
+}
+
+struct InputOverTiles<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
+    p: &'a Planes,
+    x: &'a [T],
+    pv: Panels,
+    /// Tiles of this task (the first a multiple of the panel width and of MAX_LANES).
+    range: Range<usize>,
+    v: &'a SharedMutPtr<T>,
+}
+
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for InputOverTiles<'_, T, W, M, A>
+{
+    type Output = ();
+    #[inline(always)]
+    fn run<L: Lanes<Elem = T>>(self) {
+        let p = self.p;
+        let plane = p.h * p.w;
+        // Panels that hold whole vectors take vector stores; otherwise lane by lane.
+        let nr = self.pv.panel_rows();
+        let contiguous = nr.is_multiple_of(L::LANES);
+        let group = if contiguous { nr } else { L::LANES };
+        let mut block = [[[T::zero(); MAX_LANES]; A]; A];
+        let mut lane_vals = [T::zero(); MAX_LANES];
+        let mut tiles = [Tile::default(); MAX_PANEL];
+        let mut cursor = p.tile(self.range.start);
+        for g0 in self.range.clone().step_by(group) {
+            let gl = group.min(self.range.end - g0);
+            for t in tiles.iter_mut().take(gl) {
+                *t = cursor;
+                cursor = p.next(cursor);
+            }
+            for c in 0..p.c_in {
+                for v0 in (0..gl).step_by(L::LANES) {
+                    let lanes = L::LANES.min(gl - v0);
+                    if lanes < L::LANES {
+                        zero_lanes(&mut block, lanes);
+                    }
+                    for (lane, t) in tiles[v0..v0 + lanes].iter().enumerate() {
+                        let src = &self.x[(t.img * p.c_in + c) * plane..][..plane];
+                        let (r0, q0) = ((t.th * M) as isize - p.pad, (t.tw * M) as isize - p.pad);
+                        gather_patch(src, p.h, p.w, r0, q0, &mut block, lane);
+                    }
+                    let out = apply2d!(L, &load_block::<L, A>(&block), W::bt, A, A);
+                    let base = self.pv.index(g0 + v0, c);
+                    for (xi, ov) in out.iter().flatten().enumerate() {
+                        let at = xi * xi_stride(self.pv.len()) + base;
+                        // SAFETY: element (tile g0 + v0 + lane, channel c) of plane ξ of the
+                        // packed operand, inside `v` (asserted by `input_over_tiles`); with
+                        // whole vectors per panel the LANES slots from `base` are one run
+                        // of the zero-padded panel. These tiles belong to this task alone.
+                        unsafe {
+                            if contiguous {
+                                ov.store(self.v.get().add(at));
+                            } else {
+                                ov.store(lane_vals.as_mut_ptr());
+                                for (lane, &val) in lane_vals.iter().enumerate().take(lanes) {
+                                    let at = xi * xi_stride(self.pv.len())
+                                        + self.pv.index(g0 + v0 + lane, c);
+                                    *self.v.get().add(at) = val;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Vᵀ_ξ[t][c] = (Bᵀ d B)[ξ]` as the packed B operand `pv` (rows = channels, depth =
+/// tiles), vectorized over consecutive channels (backward-weight): channel panel by channel
+/// panel, tile by tile, so each ξ-plane is written sequentially.
+fn input_over_channels<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+    vectors: ConvVectors,
+    p: &Planes,
+    x_chunk: &[T],
+    pv: Panels,
+    v: &mut [T],
+) {
+    let tiles = x_chunk.len() / (p.c_in * p.h * p.w) * p.tiles_per_image();
+    assert!(
+        v.len() >= A * A * xi_stride(pv.len())
+            && pv == Panels::b(T::packed_layout(), p.c_in, tiles)
+    );
+    let v_ptr = SharedMutPtr(v.as_mut_ptr());
+    par_ranges(tiles, A * A * p.c_in, 1, |range| {
+        T::run_kernel(
+            vectors,
+            InputOverChannels::<T, W, M, A> {
+                var: PhantomData,
+                p,
+                x: x_chunk,
+                pv,
+                range,
+                v: &v_ptr,
+            },
+        )
+    });
+}
+
+struct InputOverChannels<'a, T, W, const M: usize, const A: usize> {
+    var: PhantomData<W>,
+    p: &'a Planes,
+    x: &'a [T],
+    pv: Panels,
+    range: Range<usize>,
+    v: &'a SharedMutPtr<T>,
+}
+
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
+    for InputOverChannels<'_, T, W, M, A>
+{
+    type Output = ();
+    #[inline(always)]
+    fn run<L: Lanes<Elem = T>>(self) {
+        let p = self.p;
+        let plane = p.h * p.w;
+        let nr = self.pv.panel_rows();
+        let contiguous = nr.is_multiple_of(L::LANES);
+        let group = if contiguous { nr } else { L::LANES };
+        let mut block = [[[T::zero(); MAX_LANES]; A]; A];
+        let mut lane_vals = [T::zero(); MAX_LANES];
+        for g0 in (0..p.c_in).step_by(group) {
+            let gl = group.min(p.c_in - g0);
+            let mut tile = p.tile(self.range.start);
+            for t in self.range.clone() {
+                let (r0, q0) = (
+                    (tile.th * M) as isize - p.pad,
+                    (tile.tw * M) as isize - p.pad,
+                );
+                for v0 in (0..gl).step_by(L::LANES) {
+                    let (c0, lanes) = (g0 + v0, L::LANES.min(gl - v0));
+                    if lanes < L::LANES {
+                        zero_lanes(&mut block, lanes);
+                    }
+                    for lane in 0..lanes {
+                        let src = &self.x[(tile.img * p.c_in + c0 + lane) * plane..][..plane];
+                        gather_patch(src, p.h, p.w, r0, q0, &mut block, lane);
+                    }
+                    let out = apply2d!(L, &load_block::<L, A>(&block), W::bt, A, A);
+                    let base = self.pv.index(c0, t);
+                    for (xi, ov) in out.iter().flatten().enumerate() {
+                        let at = xi * xi_stride(self.pv.len()) + base;
+                        // SAFETY: element (channel c0 + lane, tile t) of plane ξ of the packed
+                        // operand, inside `v` (asserted by `input_over_channels`); tile t
+                        // belongs to this task alone (see `InputOverTiles` for `contiguous`).
+                        unsafe {
+                            if contiguous {
+                                ov.store(self.v.get().add(at));
+                            } else {
+                                ov.store(lane_vals.as_mut_ptr());
+                                for (lane, &val) in lane_vals.iter().enumerate().take(lanes) {
+                                    let at =
+                                        xi * xi_stride(self.pv.len()) + self.pv.index(c0 + lane, t);
+                                    *self.v.get().add(at) = val;
+                                }
+                            }
+                        }
+                    }
+                }
+                tile = p.next(tile);
+            }
+        }
+    }
+}
+
+/// `Uᵀ_ξ[o][d] = (G g Gᵀ)[ξ]`, row-major (the GEMM's A, read in place): rows = the pass's
+/// output channels `outs`, depth = its `pass_c_in` input channels, vectorized over depth.
 fn kernel_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     w: &[T],
@@ -729,18 +950,17 @@ fn kernel_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: us
     outs: Range<usize>,
     u: &mut [T],
 ) {
-    let (rows, cols) = role.block(pass_c_in, outs);
-    assert!(u.len() >= A * A * rows.len() * cols.len());
+    assert!(u.len() >= A * A * xi_stride(outs.len() * pass_c_in));
     let u_ptr = SharedMutPtr(u.as_mut_ptr());
-    par_ranges(rows.len(), A * A * cols.len(), |range| {
+    par_ranges(outs.len(), A * A * pass_c_in, 1, |range| {
         T::run_kernel(
             vectors,
             KernelTransform::<T, W, M, A> {
                 var: PhantomData,
                 w,
                 role,
-                rows: rows.clone(),
-                cols: cols.clone(),
+                outs: outs.clone(),
+                depth: pass_c_in,
                 range,
                 u: &u_ptr,
             },
@@ -752,9 +972,9 @@ struct KernelTransform<'a, T, W, const M: usize, const A: usize> {
     var: PhantomData<W>,
     w: &'a [T],
     role: KernelRole,
-    rows: Range<usize>,
-    cols: Range<usize>,
-    /// Rows (relative to `rows.start`) of this task.
+    outs: Range<usize>,
+    depth: usize,
+    /// Rows (relative to `outs.start`) of this task.
     range: Range<usize>,
     u: &'a SharedMutPtr<T>,
 }
@@ -765,65 +985,58 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<Elem = T>>(self) {
-        let (n_rows, n_cols) = (self.rows.len(), self.cols.len());
-        let mut block = [[[T::zero(); MAX_LANES]; 3]; 3];
-        for r in self.range.clone() {
-            for cb in (0..n_cols).step_by(L::LANES) {
-                let lanes = L::LANES.min(n_cols - cb);
-                // The lanes' 9 taps each: 9·lanes consecutive floats of w.
+        let stride = xi_stride(self.outs.len() * self.depth);
+        let mut taps = [[[T::zero(); MAX_LANES]; 3]; 3];
+        for i in self.range.clone() {
+            let o = self.outs.start + i;
+            for d0 in (0..self.depth).step_by(L::LANES) {
+                let lanes = L::LANES.min(self.depth - d0);
                 for lane in 0..lanes {
-                    let (wr, wc) = (self.rows.start + r, self.cols.start + cb + lane);
-                    for (ky, row) in block.iter_mut().enumerate() {
+                    let (wr, wc) = self.role.w_coords(o, d0 + lane);
+                    for (ky, row) in taps.iter_mut().enumerate() {
                         for (kx, e) in row.iter_mut().enumerate() {
                             e[lane] = self.w[self.role.index(wr, wc, ky, kx)];
                         }
                     }
                 }
-                let mut k = [[L::zero(); 3]; 3];
-                for (krow, brow) in k.iter_mut().zip(&block) {
-                    for (kv, e) in krow.iter_mut().zip(brow) {
-                        // SAFETY: `e` holds MAX_LANES >= LANES elements.
-                        *kv = unsafe { L::load(e.as_ptr()) };
-                    }
-                }
-                let out = apply2d!(L, &k, W::g, 3, A);
-                for (a, orow) in out.iter().enumerate() {
-                    for (b, ov) in orow.iter().enumerate() {
-                        let at = ((a * A + b) * n_rows + r) * n_cols + cb;
-                        // SAFETY: `at + lanes <= α²·rows·cols`, inside `u` (asserted by
-                        // `kernel_transform`); row `r` belongs to this task alone.
-                        unsafe { ov.store_n(self.u.get().add(at), lanes) };
-                    }
+                let u = apply2d!(L, &load_block::<L, 3>(&taps), W::g, 3, A);
+                for (xi, uv) in u.iter().flatten().enumerate() {
+                    let at = xi * stride + i * self.depth + d0;
+                    // SAFETY: row i, depths d0 .. d0 + lanes of plane ξ, inside `u` (asserted
+                    // by `kernel_transform`); row i belongs to this task alone.
+                    unsafe { uv.store_n(self.u.get().add(at), lanes) };
                 }
             }
         }
     }
 }
 
-/// `y[img][o][tile] = (Aᵀ M A) (+ bias[o])` for the output channels `outs` of every tile.
+/// `y[img][o][tile] = (Aᵀ C A) (+ bias[o])` for the output channels `outs`, from the GEMM
+/// results `c` (`[ξ][o − outs.start][tile]`), vectorized over consecutive tiles: channel by
+/// channel, so each ξ-plane of `c` is read sequentially.
 #[allow(clippy::too_many_arguments)]
-fn output_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+fn output_over_tiles<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
-    mbuf: &[T],
+    c: &[T],
     tiles: usize,
     outs: Range<usize>,
     bias: Option<&[T]>,
     y_chunk: &mut [T],
 ) {
-    assert!(mbuf.len() >= A * A * tiles * outs.len() && outs.end <= p.c_out);
+    assert!(c.len() >= A * A * xi_stride(tiles * outs.len()) && outs.end <= p.c_out);
     assert_eq!(
         y_chunk.len() * p.tiles_per_image(),
         tiles * p.c_out * p.oh * p.ow
     );
     let y_ptr = SharedMutPtr(y_chunk.as_mut_ptr());
-    par_ranges(tiles, A * A * outs.len(), |range| {
+    par_ranges(tiles, A * A * outs.len(), MAX_LANES, |range| {
         T::run_kernel(
             vectors,
-            OutputTransform::<T, W, M, A> {
+            OutputOverTiles::<T, W, M, A> {
                 var: PhantomData,
                 p,
-                mbuf,
+                c,
                 tiles,
                 outs: outs.clone(),
                 bias,
@@ -834,10 +1047,10 @@ fn output_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: us
     });
 }
 
-struct OutputTransform<'a, T, W, const M: usize, const A: usize> {
+struct OutputOverTiles<'a, T, W, const M: usize, const A: usize> {
     var: PhantomData<W>,
     p: &'a Planes,
-    mbuf: &'a [T],
+    c: &'a [T],
     tiles: usize,
     outs: Range<usize>,
     bias: Option<&'a [T]>,
@@ -846,7 +1059,7 @@ struct OutputTransform<'a, T, W, const M: usize, const A: usize> {
 }
 
 impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
-    for OutputTransform<'_, T, W, M, A>
+    for OutputOverTiles<'_, T, W, M, A>
 {
     type Output = ();
     #[inline(always)]
@@ -855,44 +1068,39 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
         let (o0, cb) = (self.outs.start, self.outs.len());
         let plane = p.oh * p.ow;
         let mut block = [[[T::zero(); MAX_LANES]; M]; M];
-        for t in self.range.clone() {
-            let (img, th, tw) = p.tile(t);
-            let rows = M.min(p.oh - th * M);
-            let cols = M.min(p.ow - tw * M);
-            for ob in (0..cb).step_by(L::LANES) {
-                let lanes = L::LANES.min(cb - ob);
+        let mut tiles = [Tile::default(); MAX_LANES];
+        for o in 0..cb {
+            let bias = self.bias.map(|b| b[o0 + o]);
+            let mut cursor = p.tile(self.range.start);
+            for t0 in self.range.clone().step_by(L::LANES) {
+                let lanes = L::LANES.min(self.range.end - t0);
+                for t in tiles.iter_mut().take(lanes) {
+                    *t = cursor;
+                    cursor = p.next(cursor);
+                }
                 let mut m = [[L::zero(); A]; A];
-                for (i, mrow) in m.iter_mut().enumerate() {
-                    for (j, mv) in mrow.iter_mut().enumerate() {
-                        let at = ((i * A + j) * self.tiles + t) * cb + ob;
-                        // SAFETY: `at + lanes <= α²·tiles·cb <= mbuf.len()`.
-                        *mv = unsafe { L::load_n(self.mbuf[at..].as_ptr(), lanes) };
-                    }
+                for (xi, mv) in m.iter_mut().flatten().enumerate() {
+                    let at = xi * xi_stride(cb * self.tiles) + o * self.tiles + t0;
+                    // SAFETY: `at + lanes` is inside plane ξ of `c` (asserted by `output_over_tiles`).
+                    *mv = unsafe { L::load_n(self.c[at..].as_ptr(), lanes) };
                 }
                 let mut out = apply2d!(L, &m, W::at, A, M);
-                if let Some(bias) = self.bias {
-                    let bv = &bias[o0 + ob..o0 + ob + lanes];
-                    // SAFETY: `bv` holds `lanes` elements.
-                    let bv = unsafe { L::load_n(bv.as_ptr(), lanes) };
-                    for row in out.iter_mut() {
-                        for o in row.iter_mut() {
-                            *o = o.add(bv);
-                        }
+                if let Some(b) = bias {
+                    let bv = L::splat(b);
+                    for ov in out.iter_mut().flatten() {
+                        *ov = ov.add(bv);
                     }
                 }
-                for (brow, orow) in block.iter_mut().zip(&out) {
-                    for (e, ov) in brow.iter_mut().zip(orow) {
-                        // SAFETY: `e` holds MAX_LANES >= LANES elements.
-                        unsafe { ov.store(e.as_mut_ptr()) };
-                    }
-                }
-                for lane in 0..lanes {
-                    let base = (img * p.c_out + o0 + ob + lane) * plane + th * M * p.ow + tw * M;
+                store_block(&out, &mut block);
+                for (lane, t) in tiles.iter().enumerate().take(lanes) {
+                    let rows = M.min(p.oh - t.th * M);
+                    let cols = M.min(p.ow - t.tw * M);
+                    let base = (t.img * p.c_out + o0 + o) * plane + t.th * M * p.ow + t.tw * M;
                     for (i, brow) in block.iter().enumerate().take(rows) {
                         for (j, e) in brow.iter().enumerate().take(cols) {
-                            // SAFETY: row `th·M + i < oh` and column `tw·M + j < ow` of plane
-                            // `(img, o)`, inside `y_chunk` (asserted by `output_transform`);
-                            // tile `t` belongs to this task alone.
+                            // SAFETY: row `th·M + i < oh` and column `tw·M + j < ow` of
+                            // plane (img, o), inside `y_chunk` (asserted by
+                            // `output_over_tiles`); the tile belongs to this task alone.
                             unsafe { *self.y.get().add(base + i * p.ow + j) = e[lane] };
                         }
                     }
@@ -902,30 +1110,27 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
     }
 }
 
-/// `D[ξ][t][o − o0] = (A dY_tile Aᵀ)[ξ]` (zero beyond the output's edge) for `outs`.
-fn grad_output_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+/// `D_ξ[o][t] = (A dY_tile Aᵀ)[ξ]` (zero beyond the output's edge), row-major (the GEMM's
+/// A, read in place): rows = output channels `outs`, depth = tiles, vectorized over tiles.
+fn grad_output_over_tiles<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
     dy_chunk: &[T],
-    tiles: usize,
     outs: Range<usize>,
     d: &mut [T],
 ) {
-    assert!(d.len() >= A * A * tiles * outs.len() && outs.end <= p.c_out);
-    assert_eq!(
-        dy_chunk.len() * p.tiles_per_image(),
-        tiles * p.c_out * p.oh * p.ow
-    );
+    let tiles = dy_chunk.len() / (p.c_out * p.oh * p.ow) * p.tiles_per_image();
+    assert!(outs.end <= p.c_out && d.len() >= A * A * xi_stride(outs.len() * tiles));
     let d_ptr = SharedMutPtr(d.as_mut_ptr());
-    par_ranges(tiles, A * A * outs.len(), |range| {
+    par_ranges(tiles, A * A * outs.len(), MAX_LANES, |range| {
         T::run_kernel(
             vectors,
-            GradOutputTransform::<T, W, M, A> {
+            GradOutputOverTiles::<T, W, M, A> {
                 var: PhantomData,
                 p,
                 dy: dy_chunk,
-                tiles,
                 outs: outs.clone(),
+                tiles,
                 range,
                 d: &d_ptr,
             },
@@ -933,18 +1138,18 @@ fn grad_output_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const 
     });
 }
 
-struct GradOutputTransform<'a, T, W, const M: usize, const A: usize> {
+struct GradOutputOverTiles<'a, T, W, const M: usize, const A: usize> {
     var: PhantomData<W>,
     p: &'a Planes,
     dy: &'a [T],
-    tiles: usize,
     outs: Range<usize>,
+    tiles: usize,
     range: Range<usize>,
     d: &'a SharedMutPtr<T>,
 }
 
 impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
-    for GradOutputTransform<'_, T, W, M, A>
+    for GradOutputOverTiles<'_, T, W, M, A>
 {
     type Output = ();
     #[inline(always)]
@@ -952,42 +1157,28 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
         let p = self.p;
         let (o0, cb) = (self.outs.start, self.outs.len());
         let plane = p.oh * p.ow;
+        let stride = xi_stride(cb * self.tiles);
         let mut block = [[[T::zero(); MAX_LANES]; M]; M];
-        for t in self.range.clone() {
-            let (img, th, tw) = p.tile(t);
-            let rows = M.min(p.oh - th * M);
-            let cols = M.min(p.ow - tw * M);
-            for ob in (0..cb).step_by(L::LANES) {
-                let lanes = L::LANES.min(cb - ob);
-                for lane in 0..lanes {
-                    let src = &self.dy[(img * p.c_out + o0 + ob + lane) * plane..][..plane];
-                    for (i, brow) in block.iter_mut().enumerate() {
-                        for (j, e) in brow.iter_mut().enumerate() {
-                            e[lane] = if i < rows && j < cols {
-                                src[(th * M + i) * p.ow + tw * M + j]
-                            } else {
-                                T::zero()
-                            };
-                        }
-                    }
+        let mut tiles = [Tile::default(); MAX_LANES];
+        for o in 0..cb {
+            let mut cursor = p.tile(self.range.start);
+            for t0 in self.range.clone().step_by(L::LANES) {
+                let lanes = L::LANES.min(self.range.end - t0);
+                for t in tiles.iter_mut().take(lanes) {
+                    *t = cursor;
+                    cursor = p.next(cursor);
                 }
-                let mut dyt = [[L::zero(); M]; M];
-                for (drow, brow) in dyt.iter_mut().zip(&block) {
-                    for (dv, e) in drow.iter_mut().zip(brow) {
-                        // SAFETY: `e` holds MAX_LANES >= LANES elements.
-                        *dv = unsafe { L::load(e.as_ptr()) };
-                    }
+                for (lane, t) in tiles.iter().enumerate().take(lanes) {
+                    let src = &self.dy[(t.img * p.c_out + o0 + o) * plane..][..plane];
+                    let (r0, q0) = ((t.th * M) as isize, (t.tw * M) as isize);
+                    gather_patch(src, p.oh, p.ow, r0, q0, &mut block, lane);
                 }
-                let out = apply2d!(L, &dyt, W::a, M, A);
-                for (i, orow) in out.iter().enumerate() {
-                    for (j, ov) in orow.iter().enumerate() {
-                        let xi = i * A + j;
-                        // SAFETY: `(ξ·tiles + t)·cb + ob + lanes <= α²·tiles·cb`, inside `d`
-                        // (asserted by the caller); tile `t` belongs to this task alone.
-                        unsafe {
-                            ov.store_n(self.d.get().add((xi * self.tiles + t) * cb + ob), lanes)
-                        };
-                    }
+                let dt = apply2d!(L, &load_block::<L, M>(&block), W::a, M, A);
+                for (xi, dv) in dt.iter().flatten().enumerate() {
+                    let at = xi * stride + o * self.tiles + t0;
+                    // SAFETY: row o, tiles t0 .. t0 + lanes of plane ξ, inside `d` (asserted
+                    // by `grad_output_over_tiles`); these tiles belong to this task alone.
+                    unsafe { dv.store_n(self.d.get().add(at), lanes) };
                 }
             }
         }
@@ -1003,9 +1194,9 @@ fn weight_grad_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const 
     dw: &mut [T],
 ) {
     let cb = outs.len();
-    assert!(mw.len() >= A * A * cb * c_in && dw.len() >= outs.end * c_in * 9);
+    assert!(mw.len() >= A * A * xi_stride(cb * c_in) && dw.len() >= outs.end * c_in * 9);
     let dw_ptr = SharedMutPtr(dw.as_mut_ptr());
-    par_ranges(cb, A * A * c_in, |range| {
+    par_ranges(cb, A * A * c_in, 1, |range| {
         T::run_kernel(
             vectors,
             WeightGradTransform::<T, W, M, A> {
@@ -1042,29 +1233,20 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
             for ib in (0..c_in).step_by(L::LANES) {
                 let lanes = L::LANES.min(c_in - ib);
                 let mut m = [[L::zero(); A]; A];
-                for (i, mrow) in m.iter_mut().enumerate() {
-                    for (j, mv) in mrow.iter_mut().enumerate() {
-                        let at = ((i * A + j) * cb + o) * c_in + ib;
-                        // SAFETY: `at + lanes <= α²·cb·c_in <= mw.len()`.
-                        *mv = unsafe { L::load_n(self.mw[at..].as_ptr(), lanes) };
-                    }
+                for (xi, mv) in m.iter_mut().flatten().enumerate() {
+                    let at = xi * xi_stride(cb * c_in) + o * c_in + ib;
+                    // SAFETY: `at + lanes` is inside plane ξ of `mw` (asserted by `weight_grad_transform`).
+                    *mv = unsafe { L::load_n(self.mw[at..].as_ptr(), lanes) };
                 }
                 let out = apply2d!(L, &m, W::gt, A, 3);
-                for (brow, orow) in block.iter_mut().zip(&out) {
-                    for (e, ov) in brow.iter_mut().zip(orow) {
-                        // SAFETY: `e` holds MAX_LANES >= LANES elements.
-                        unsafe { ov.store(e.as_mut_ptr()) };
-                    }
-                }
+                store_block(&out, &mut block);
                 for lane in 0..lanes {
                     let base = ((o0 + o) * c_in + ib + lane) * 9;
-                    for (ky, brow) in block.iter().enumerate() {
-                        for (kx, e) in brow.iter().enumerate() {
-                            // SAFETY: `base + 8 < outs.end·c_in·9 <= dw.len()` (asserted by
-                            // `weight_grad_transform`); output channel `o0 + o` belongs to
-                            // this task alone.
-                            unsafe { *self.dw.get().add(base + ky * 3 + kx) = e[lane] };
-                        }
+                    for (tap, e) in block.iter().flatten().enumerate() {
+                        // SAFETY: `base + 8 < outs.end·c_in·9 <= dw.len()` (asserted by
+                        // `weight_grad_transform`); output channel `o0 + o` belongs to
+                        // this task alone.
+                        unsafe { *self.dw.get().add(base + tap) = e[lane] };
                     }
                 }
             }
@@ -1105,6 +1287,7 @@ mod tests {
     fn check_transforms<W: Winograd<M, A>, const M: usize, const A: usize>() {
         use crate::ops::conv::lanes::F64Lane;
         fn check<const N: usize, const P: usize>(
+            m: usize,
             what: &str,
             mat: &[[f64; N]; P],
             f: impl Fn([F64Lane; N]) -> [F64Lane; P],
@@ -1112,22 +1295,22 @@ mod tests {
             for j in 0..N {
                 let unit = std::array::from_fn(|i| F64Lane::splat(if i == j { 1.0 } else { 0.0 }));
                 let col = f(unit);
-                for (i, v) in col.iter().enumerate() {
+                for (i, (v, row)) in col.iter().zip(mat).enumerate() {
                     let got = v.reduce_sum();
                     assert!(
-                        (got - mat[i][j]).abs() < 1e-15,
-                        "F({M},3) {what}[{i}][{j}]: {got} vs {}",
-                        mat[i][j]
+                        (got - row[j]).abs() < 1e-15,
+                        "F({m},3) {what}[{i}][{j}]: {got} vs {}",
+                        row[j]
                     );
                 }
             }
         }
         let var = W::var();
-        check("Bt", &var.bt, W::bt);
-        check("G", &var.g, W::g);
-        check("At", &var.at, W::at);
-        check("A", &var.a, W::a);
-        check("Gt", &var.gt, W::gt);
+        check(M, "Bt", &var.bt, W::bt);
+        check(M, "G", &var.g, W::g);
+        check(M, "At", &var.at, W::at);
+        check(M, "A", &var.a, W::a);
+        check(M, "Gt", &var.gt, W::gt);
     }
 
     #[test]
