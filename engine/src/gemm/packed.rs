@@ -153,7 +153,7 @@ unsafe fn run<K: MicroKernel>(
     };
     // A ragged last row panel of A is packed here, since the kernel reads whole panels.
     let mut ragged_panel = [0f32; MAX_TILE_ROWS * MAX_KC];
-    debug_assert!(K::MR <= MAX_TILE_ROWS && K::KC <= MAX_KC);
+    debug_assert!(K::MR <= MAX_TILE_ROWS && K::KC <= MAX_KC && K::MC % K::MR == 0);
     let ragged = m % K::MR;
     for p0 in (0..k).step_by(K::KC) {
         let depth = K::KC.min(k - p0);
@@ -161,27 +161,33 @@ unsafe fn run<K: MicroKernel>(
             K::pack_a(a, m - ragged, p0, ragged, depth, &mut ragged_panel);
         }
         let beta_block = if p0 == 0 { beta } else { 1.0 };
-        // SAFETY: A was checked for m × k and is read at (0.., p0..); the depth block's B
-        // panels start at `p0·rows_padded` and hold `⌈n/NR⌉` panels of `depth` steps
-        // (asserted length); C is the checked m × n row-major matrix, borrowed mutably.
-        unsafe {
-            macro_kernel::<K>(
-                m,
-                n,
-                depth,
-                1.0,
-                beta_block,
-                Block::Direct {
-                    m: a,
-                    r0: 0,
-                    c0: p0,
-                },
-                &ragged_panel,
-                Block::Packed,
-                &b[p0 * pb.rows_padded..],
-                cm,
-            )
-        };
+        // Row blocks of MC, as in `gemm_serial`: the block's A rows (MC × KC) stay in L2
+        // while every B panel of the depth block streams past them.
+        for i0 in (0..m).step_by(K::MC) {
+            let rows = K::MC.min(m - i0);
+            // SAFETY: A was checked for m × k and is read at (i0.., p0..); the depth block's
+            // B panels start at `p0·rows_padded` and hold `⌈n/NR⌉` panels of `depth` steps
+            // (asserted length); (i0, 0) is inside the checked m × n row-major C, which is
+            // borrowed mutably for the call.
+            unsafe {
+                macro_kernel::<K>(
+                    rows,
+                    n,
+                    depth,
+                    1.0,
+                    beta_block,
+                    Block::Direct {
+                        m: a,
+                        r0: i0,
+                        c0: p0,
+                    },
+                    &ragged_panel,
+                    Block::Packed,
+                    &b[p0 * pb.rows_padded..],
+                    cm.at(i0, 0),
+                )
+            };
+        }
     }
 }
 
