@@ -271,6 +271,7 @@ impl<T: ConvFloat> ForwardTile<'_, T> {
         for co0 in self.outs.clone().step_by(MR) {
             let valid = MR.min(self.outs.end - co0);
             // Rows past the block's end repeat its last row: computed, never stored.
+            // Rows past the block's end repeat its last row: computed, never stored.
             let wrow: [&[T]; MR] = std::array::from_fn(|m| {
                 let co = co0 + m.min(valid - 1);
                 &self.w[co * k..(co + 1) * k]
@@ -294,20 +295,24 @@ impl<T: ConvFloat> ForwardTile<'_, T> {
                     for ci in 0..p.c_in {
                         for ky in rows.clone() {
                             let ih = (r + ky) as isize - p.pad_h;
-                            let line = &self.xp[(ci * p.h + ih as usize) * wp + c0..];
+                            let at = (ci * p.h + ih as usize) * wp + c0;
                             let tap0 = (ci * p.kh + ky) * p.kw;
+                            // The loads read `xp[at + kx + v·LANES ..][..LANES]`: at most
+                            // `NV·LANES + kw − 1` past column `c0` of this padded row, inside
+                            // the planes or the SLACK behind them (`NV·LANES <= 32 < SLACK`).
+                            assert!(at + p.kw - 1 + width <= self.xp.len() && tap0 + p.kw <= k);
+                            let line = self.xp[at..].as_ptr();
+                            let taps: [*const T; MR] =
+                                std::array::from_fn(|m| wrow[m][tap0..].as_ptr());
                             for kx in 0..p.kw {
-                                // SAFETY: the vector reads `line[kx + v·LANES ..][..LANES]`,
-                                // at most `NV·LANES + kw − 1` past column `c0` of this padded
-                                // row: inside the planes or the SLACK behind them
-                                // (`NV·LANES <= 32 < SLACK`).
                                 let mut xv = [L::zero(); NV];
                                 for (v, xv) in xv.iter_mut().enumerate() {
-                                    debug_assert!(kx + v * L::LANES + L::LANES <= line.len());
-                                    *xv = unsafe { L::load(line.as_ptr().add(kx + v * L::LANES)) };
+                                    // SAFETY: inside `xp` (asserted above).
+                                    *xv = unsafe { L::load(line.add(kx + v * L::LANES)) };
                                 }
-                                for (m, a) in acc.iter_mut().enumerate() {
-                                    let wv = L::splat(wrow[m][tap0 + kx]);
+                                for (a, tap) in acc.iter_mut().zip(&taps) {
+                                    // SAFETY: tap `tap0 + kx` of this row of `w` (asserted).
+                                    let wv = L::splat(unsafe { *tap.add(kx) });
                                     for (av, &x) in a.iter_mut().zip(&xv) {
                                         *av = x.mul_add(wv, *av);
                                     }
@@ -371,7 +376,7 @@ pub(super) fn backward_weight<T: ConvFloat>(
                 let per_task = outs
                     .len()
                     .div_ceil(4 * num_threads())
-                    .next_multiple_of(8)
+                    .next_multiple_of(6)
                     .min(outs.len());
                 let xp = &*xp;
                 par_chunks_mut(acc, per_task * k * lanes, |task, acc_rows| {
@@ -412,10 +417,11 @@ impl<T: ConvFloat> LaneKernel<T> for WeightTile<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<Elem = T>>(self) {
+        // 9 accumulators for 16 registers (a 4×3 tile spilled), 18 for 32.
         match L::LANES {
             1 => self.tile::<L, 2, 3>(),
-            2..=8 => self.tile::<L, 4, 3>(),
-            _ => self.tile::<L, 8, 3>(),
+            2..=8 => self.tile::<L, 3, 3>(),
+            _ => self.tile::<L, 6, 3>(),
         }
     }
 }
@@ -459,24 +465,27 @@ impl<T: ConvFloat> WeightTile<'_, T> {
                                 if ih < 0 || ih >= p.h as isize {
                                     continue;
                                 }
-                                let line = &xp[(ci * p.h + ih as usize) * wp..];
+                                // Row r of each dY plane and the padded input row from column
+                                // kx0: `ow` (`ow + taps − 1`) elements, asserted once per row.
+                                let line = (ci * p.h + ih as usize) * wp + kx0;
+                                assert!(line + p.ow + taps - 1 <= xp.len());
+                                let line = xp[line..].as_ptr();
+                                let dy_rows: [*const T; MR] = std::array::from_fn(|m| {
+                                    dy_plane[m][r * p.ow..][..p.ow].as_ptr()
+                                });
                                 for c0 in (0..p.ow).step_by(lanes) {
                                     let n = lanes.min(p.ow - c0);
-                                    // SAFETY: `n` columns from `c0` of row `r` of the dY
-                                    // plane, and of the padded row from `c0 + kx` (the
-                                    // padded row is `ow + kw − 1` long).
-                                    let mut dyv = [L::zero(); MR];
-                                    for (d, plane) in dyv.iter_mut().zip(&dy_plane) {
-                                        *d = unsafe {
-                                            L::load_n(plane[r * p.ow + c0..].as_ptr(), n)
-                                        };
-                                    }
                                     let mut xv = [L::zero(); NT];
                                     for (t, xt) in xv.iter_mut().enumerate() {
-                                        let kx = kx0 + t.min(taps - 1);
-                                        *xt = unsafe { L::load_n(line[c0 + kx..].as_ptr(), n) };
+                                        // SAFETY: columns c0 + t' .. + n of the padded row
+                                        // (t' < taps), inside `xp` (asserted above).
+                                        *xt =
+                                            unsafe { L::load_n(line.add(c0 + t.min(taps - 1)), n) };
                                     }
-                                    for (am, &d) in a.iter_mut().zip(&dyv) {
+                                    // One dY vector at a time, right before its FMAs.
+                                    for (am, row) in a.iter_mut().zip(&dy_rows) {
+                                        // SAFETY: columns c0 .. c0 + n of this dY row.
+                                        let d = unsafe { L::load_n(row.add(c0), n) };
                                         for (av, &xt) in am.iter_mut().zip(&xv) {
                                             *av = d.mul_add(xt, *av);
                                         }
