@@ -531,3 +531,35 @@ fn override_drives_the_public_entry_points() {
     }
     set_conv_algo_override(ConvAlgoOverride::Auto);
 }
+
+/// The GEMM inside every algorithm follows the process's SIMD level (`DTRAIN_SIMD`, read
+/// once), so the portable GEMM's panel layout — NR = 8, narrower than a 16-lane vector,
+/// which takes the lane-by-lane store path of the transforms — only runs in a process
+/// started at the portable level: re-run the oracle test in such a child.
+#[test]
+fn every_algorithm_matches_the_oracle_in_a_portable_level_process() {
+    const CHILD: &str = "CONV_ALGOS_PORTABLE_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        // We are the child: the parent checks our exit status.
+        assert_eq!(engine::simd::level(), SimdLevel::Portable);
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new(exe)
+        .args([
+            "every_algorithm_matches_the_oracle_at_every_vector_width",
+            "every_algorithm_matches_the_oracle_in_a_portable_level_process",
+            "--test-threads=1",
+        ])
+        .env("DTRAIN_SIMD", "portable")
+        .env(CHILD, "1")
+        .output()
+        .expect("spawn the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "portable-level child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("2 passed"), "child ran: {stdout}");
+}
