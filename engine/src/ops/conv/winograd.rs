@@ -573,7 +573,7 @@ fn convolve<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
             let pv = Panels::b(layout, tiles, p.c_in);
             let v = &mut v[..a2 * xi_stride(pv.len())];
             let x_chunk = &x[start * in_img..(start + nb) * in_img];
-            input_over_tiles::<T, W, M, A>(vectors, p, x_chunk, pv, v);
+            input_transform::<T, W, M, A>(vectors, p, x_chunk, InputLanes::Tiles, pv, v);
             let y_chunk = &mut y[start * out_img..(start + nb) * out_img];
             for block in 0..bl.blocks {
                 let outs = block * bl.cb..((block + 1) * bl.cb).min(p.c_out);
@@ -640,7 +640,8 @@ pub(super) fn backward_weight<T: ConvFloat, W: Winograd<M, A>, const M: usize, c
                 let v = &mut v[..a2 * xi_stride(pv.len())];
                 // With one block, V is computed once per chunk; with several, once per block.
                 let x_chunk = &x[start * in_img..(start + nb) * in_img];
-                input_over_channels::<T, W, M, A>(vectors, &p, x_chunk, pv, v);
+                let over = InputLanes::Channels;
+                input_transform::<T, W, M, A>(vectors, &p, x_chunk, over, pv, v);
                 let d = &mut d[..a2 * xi_stride(cb * tiles)];
                 let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
                 grad_output_over_tiles::<T, W, M, A>(vectors, &p, dy_chunk, outs.clone(), d);
@@ -740,31 +741,47 @@ fn store_block<L: Lanes, const S: usize>(
     }
 }
 
-/// `V_ξ[c][t] = (Bᵀ d B)[ξ]` as the packed B operand `pv` (rows = tiles, depth = channels),
-/// vectorized over consecutive tiles: tile panel by tile panel, channel by channel, so each
-/// ξ-plane is written sequentially.
-fn input_over_tiles<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
+/// Which dimension the input transform's vector lanes run over, i.e. which packed B operand
+/// it writes (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InputLanes {
+    /// `V_ξ` `[C_in × tiles]` (forward, backward-data): lanes = consecutive tiles; tile panel
+    /// by tile panel, channel by channel.
+    Tiles,
+    /// `Vᵀ_ξ` `[tiles × C_in]` (backward-weight): lanes = consecutive channels; channel panel
+    /// by channel panel, tile by tile.
+    Channels,
+}
+
+/// `(Bᵀ d B)[ξ]` of every tile and channel of the chunk as the packed B operand `pv`, laid
+/// out as `over` says. Either way each ξ-plane is written as one sequential stream.
+fn input_transform<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
     vectors: ConvVectors,
     p: &Planes,
     x_chunk: &[T],
+    over: InputLanes,
     pv: Panels,
     v: &mut [T],
 ) {
     let tiles = x_chunk.len() / (p.c_in * p.h * p.w) * p.tiles_per_image();
-    assert!(
-        v.len() >= A * A * xi_stride(pv.len())
-            && pv == Panels::b(T::packed_layout(), tiles, p.c_in)
-    );
+    let (want, align) = match over {
+        InputLanes::Tiles => (
+            Panels::b(T::packed_layout(), tiles, p.c_in),
+            pv.panel_rows().max(MAX_LANES),
+        ),
+        InputLanes::Channels => (Panels::b(T::packed_layout(), p.c_in, tiles), 1),
+    };
+    assert!(v.len() >= A * A * xi_stride(pv.len()) && pv == want);
     assert!(pv.panel_rows() <= MAX_PANEL);
     let v_ptr = SharedMutPtr(v.as_mut_ptr());
-    let align = pv.panel_rows().max(MAX_LANES);
     par_ranges(tiles, A * A * p.c_in, align, |range| {
         T::run_kernel(
             vectors,
-            InputOverTiles::<T, W, M, A> {
+            InputTransform::<T, W, M, A> {
                 var: PhantomData,
                 p,
                 x: x_chunk,
+                over,
                 pv,
                 range,
                 v: &v_ptr,
@@ -773,30 +790,81 @@ fn input_over_tiles<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: us
     });
 }
 
-struct InputOverTiles<'a, T, W, const M: usize, const A: usize> {
+struct InputTransform<'a, T, W, const M: usize, const A: usize> {
     var: PhantomData<W>,
     p: &'a Planes,
     x: &'a [T],
+    over: InputLanes,
     pv: Panels,
-    /// Tiles of this task (the first a multiple of the panel width and of MAX_LANES).
+    /// Tiles of this task (over tiles: the first a multiple of the panel width and of
+    /// MAX_LANES).
     range: Range<usize>,
     v: &'a SharedMutPtr<T>,
 }
 
 impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
-    for InputOverTiles<'_, T, W, M, A>
+    for InputTransform<'_, T, W, M, A>
 {
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<Elem = T>>(self) {
-        let p = self.p;
-        let plane = p.h * p.w;
-        // Panels that hold whole vectors take vector stores; otherwise lane by lane.
+        match self.over {
+            InputLanes::Tiles => self.over_tiles::<L>(),
+            InputLanes::Channels => self.over_channels::<L>(),
+        }
+    }
+}
+
+impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>
+    InputTransform<'_, T, W, M, A>
+{
+    /// Panels that hold whole vectors take vector stores; otherwise lane by lane. Returns
+    /// (contiguous, rows per group).
+    #[inline(always)]
+    fn grouping<L: Lanes<Elem = T>>(&self) -> (bool, usize) {
         let nr = self.pv.panel_rows();
         let contiguous = nr.is_multiple_of(L::LANES);
-        let group = if contiguous { nr } else { L::LANES };
-        let mut block = [[[T::zero(); MAX_LANES]; A]; A];
+        (contiguous, if contiguous { nr } else { L::LANES })
+    }
+
+    /// Transform the gathered patches and store them as rows `row0 ..` (+ lane) at `depth`
+    /// of every ξ-plane.
+    #[inline(always)]
+    fn transform_and_store<L: Lanes<Elem = T>>(
+        &self,
+        block: &[[[T; MAX_LANES]; A]; A],
+        (row0, depth, lanes): (usize, usize, usize),
+        contiguous: bool,
+    ) {
+        let out = apply2d!(L, &load_block::<L, A>(block), W::bt, A, A);
+        let base = self.pv.index(row0, depth);
         let mut lane_vals = [T::zero(); MAX_LANES];
+        for (xi, ov) in out.iter().flatten().enumerate() {
+            let plane = xi * xi_stride(self.pv.len());
+            // SAFETY: element (row0 + lane, depth) of plane ξ of the packed operand, inside
+            // `v` (asserted by `input_transform`); with whole vectors per panel the LANES
+            // slots from `base` are one run of the zero-padded panel. These rows (tiles) or
+            // this depth (tile) belong to this task alone.
+            unsafe {
+                if contiguous {
+                    ov.store(self.v.get().add(plane + base));
+                } else {
+                    ov.store(lane_vals.as_mut_ptr());
+                    for (lane, &val) in lane_vals.iter().enumerate().take(lanes) {
+                        let at = plane + self.pv.index(row0 + lane, depth);
+                        *self.v.get().add(at) = val;
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn over_tiles<L: Lanes<Elem = T>>(&self) {
+        let p = self.p;
+        let plane = p.h * p.w;
+        let (contiguous, group) = self.grouping::<L>();
+        let mut block = [[[T::zero(); MAX_LANES]; A]; A];
         let mut tiles = [Tile::default(); MAX_PANEL];
         let mut cursor = p.tile(self.range.start);
         for g0 in self.range.clone().step_by(group) {
@@ -816,86 +884,18 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
                         let (r0, q0) = ((t.th * M) as isize - p.pad, (t.tw * M) as isize - p.pad);
                         gather_patch(src, p.h, p.w, r0, q0, &mut block, lane);
                     }
-                    let out = apply2d!(L, &load_block::<L, A>(&block), W::bt, A, A);
-                    let base = self.pv.index(g0 + v0, c);
-                    for (xi, ov) in out.iter().flatten().enumerate() {
-                        let at = xi * xi_stride(self.pv.len()) + base;
-                        // SAFETY: element (tile g0 + v0 + lane, channel c) of plane ξ of the
-                        // packed operand, inside `v` (asserted by `input_over_tiles`); with
-                        // whole vectors per panel the LANES slots from `base` are one run
-                        // of the zero-padded panel. These tiles belong to this task alone.
-                        unsafe {
-                            if contiguous {
-                                ov.store(self.v.get().add(at));
-                            } else {
-                                ov.store(lane_vals.as_mut_ptr());
-                                for (lane, &val) in lane_vals.iter().enumerate().take(lanes) {
-                                    let at = xi * xi_stride(self.pv.len())
-                                        + self.pv.index(g0 + v0 + lane, c);
-                                    *self.v.get().add(at) = val;
-                                }
-                            }
-                        }
-                    }
+                    self.transform_and_store::<L>(&block, (g0 + v0, c, lanes), contiguous);
                 }
             }
         }
     }
-}
 
-/// `Vᵀ_ξ[t][c] = (Bᵀ d B)[ξ]` as the packed B operand `pv` (rows = channels, depth =
-/// tiles), vectorized over consecutive channels (backward-weight): channel panel by channel
-/// panel, tile by tile, so each ξ-plane is written sequentially.
-fn input_over_channels<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>(
-    vectors: ConvVectors,
-    p: &Planes,
-    x_chunk: &[T],
-    pv: Panels,
-    v: &mut [T],
-) {
-    let tiles = x_chunk.len() / (p.c_in * p.h * p.w) * p.tiles_per_image();
-    assert!(
-        v.len() >= A * A * xi_stride(pv.len())
-            && pv == Panels::b(T::packed_layout(), p.c_in, tiles)
-    );
-    let v_ptr = SharedMutPtr(v.as_mut_ptr());
-    par_ranges(tiles, A * A * p.c_in, 1, |range| {
-        T::run_kernel(
-            vectors,
-            InputOverChannels::<T, W, M, A> {
-                var: PhantomData,
-                p,
-                x: x_chunk,
-                pv,
-                range,
-                v: &v_ptr,
-            },
-        )
-    });
-}
-
-struct InputOverChannels<'a, T, W, const M: usize, const A: usize> {
-    var: PhantomData<W>,
-    p: &'a Planes,
-    x: &'a [T],
-    pv: Panels,
-    range: Range<usize>,
-    v: &'a SharedMutPtr<T>,
-}
-
-impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel<T>
-    for InputOverChannels<'_, T, W, M, A>
-{
-    type Output = ();
     #[inline(always)]
-    fn run<L: Lanes<Elem = T>>(self) {
+    fn over_channels<L: Lanes<Elem = T>>(&self) {
         let p = self.p;
         let plane = p.h * p.w;
-        let nr = self.pv.panel_rows();
-        let contiguous = nr.is_multiple_of(L::LANES);
-        let group = if contiguous { nr } else { L::LANES };
+        let (contiguous, group) = self.grouping::<L>();
         let mut block = [[[T::zero(); MAX_LANES]; A]; A];
-        let mut lane_vals = [T::zero(); MAX_LANES];
         for g0 in (0..p.c_in).step_by(group) {
             let gl = group.min(p.c_in - g0);
             let mut tile = p.tile(self.range.start);
@@ -913,26 +913,7 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
                         let src = &self.x[(tile.img * p.c_in + c0 + lane) * plane..][..plane];
                         gather_patch(src, p.h, p.w, r0, q0, &mut block, lane);
                     }
-                    let out = apply2d!(L, &load_block::<L, A>(&block), W::bt, A, A);
-                    let base = self.pv.index(c0, t);
-                    for (xi, ov) in out.iter().flatten().enumerate() {
-                        let at = xi * xi_stride(self.pv.len()) + base;
-                        // SAFETY: element (channel c0 + lane, tile t) of plane ξ of the packed
-                        // operand, inside `v` (asserted by `input_over_channels`); tile t
-                        // belongs to this task alone (see `InputOverTiles` for `contiguous`).
-                        unsafe {
-                            if contiguous {
-                                ov.store(self.v.get().add(at));
-                            } else {
-                                ov.store(lane_vals.as_mut_ptr());
-                                for (lane, &val) in lane_vals.iter().enumerate().take(lanes) {
-                                    let at =
-                                        xi * xi_stride(self.pv.len()) + self.pv.index(c0 + lane, t);
-                                    *self.v.get().add(at) = val;
-                                }
-                            }
-                        }
-                    }
+                    self.transform_and_store::<L>(&block, (c0, t, lanes), contiguous);
                 }
                 tile = p.next(tile);
             }
