@@ -206,6 +206,20 @@ impl Lanes for F64Lane {
     }
 }
 
+/// Hint the cache to fetch the line holding `p` (no-op off x86-64). For kernels that walk
+/// more concurrent streams (the α² ξ-planes) than the hardware prefetcher follows. Any
+/// address is allowed: a prefetch never faults.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` is SSE (every x86-64 CPU), only a hint, and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A conv kernel written once for every [`Lanes`] of element type `T`. `run` must be
 /// `#[inline(always)]`, as must every generic helper it calls (see `crate::simd`).
 pub(crate) trait LaneKernel<T> {

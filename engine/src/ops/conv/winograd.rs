@@ -42,7 +42,7 @@
 //! Parallelism: transforms split over tiles (or channels), the α² GEMMs run one per task
 //! (each single-threaded: no GEMM too narrow to split, full-size panels); every output
 //! element has one fixed summation order, independent of the thread count.
-use super::lanes::{ConvFloat, LaneKernel, Lanes};
+use super::lanes::{prefetch, ConvFloat, LaneKernel, Lanes};
 use super::scratch::with_scratch;
 use super::{Conv2dGeom, ConvVectors};
 use crate::gemm::{MatRef, PackedLayout, Panels};
@@ -291,6 +291,11 @@ const MAX_PANEL: usize = 32;
 fn xi_stride(len: usize) -> usize {
     len.next_multiple_of(1024) + 16
 }
+
+/// How far ahead (elements) the transforms prefetch along each ξ-plane: four cache lines.
+/// They walk α² = 16 or 36 streams at once, more than the hardware prefetcher follows
+/// (measured: ~10 % off the forward pass of the 64→128 layer).
+const PREFETCH_AHEAD: usize = 64;
 
 /// Elements per parallel transform task at least.
 const MIN_TASK_ELEMS: usize = 1 << 13;
@@ -846,6 +851,16 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize>
             // slots from `base` are one run of the zero-padded panel. These rows (tiles) or
             // this depth (tile) belong to this task alone.
             unsafe {
+                // Over tiles, the next depths (channels) of this plane follow panel row by
+                // panel row. (Prefetching the other streams' stores measured no better.)
+                if self.over == InputLanes::Tiles {
+                    prefetch(
+                        self.v
+                            .get()
+                            .add(plane + base)
+                            .wrapping_add(4 * self.pv.panel_rows()),
+                    );
+                }
                 if contiguous {
                     ov.store(self.v.get().add(plane + base));
                 } else {
@@ -1062,8 +1077,10 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
                 let mut m = [[L::zero(); A]; A];
                 for (xi, mv) in m.iter_mut().flatten().enumerate() {
                     let at = xi * xi_stride(cb * self.tiles) + o * self.tiles + t0;
+                    let at = self.c[at..].as_ptr();
                     // SAFETY: `at + lanes` is inside plane ξ of `c` (asserted by `output_over_tiles`).
-                    *mv = unsafe { L::load_n(self.c[at..].as_ptr(), lanes) };
+                    *mv = unsafe { L::load_n(at, lanes) };
+                    prefetch(at.wrapping_add(PREFETCH_AHEAD));
                 }
                 let mut out = apply2d!(L, &m, W::at, A, M);
                 if let Some(b) = bias {
@@ -1216,8 +1233,10 @@ impl<T: ConvFloat, W: Winograd<M, A>, const M: usize, const A: usize> LaneKernel
                 let mut m = [[L::zero(); A]; A];
                 for (xi, mv) in m.iter_mut().flatten().enumerate() {
                     let at = xi * xi_stride(cb * c_in) + o * c_in + ib;
+                    let at = self.mw[at..].as_ptr();
                     // SAFETY: `at + lanes` is inside plane ξ of `mw` (asserted by `weight_grad_transform`).
-                    *mv = unsafe { L::load_n(self.mw[at..].as_ptr(), lanes) };
+                    *mv = unsafe { L::load_n(at, lanes) };
+                    prefetch(at.wrapping_add(PREFETCH_AHEAD));
                 }
                 let out = apply2d!(L, &m, W::gt, A, 3);
                 store_block(&out, &mut block);
