@@ -19,7 +19,6 @@ pub mod batchnorm;
 pub mod bn_relu;
 pub mod bn_relu_pool;
 pub mod conv;
-mod conv_node;
 mod elementwise;
 pub mod linear;
 pub mod loss;

@@ -26,6 +26,7 @@
 mod direct;
 mod im2col;
 mod lanes;
+mod node;
 mod scratch;
 mod winograd;
 

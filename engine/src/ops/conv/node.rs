@@ -1,4 +1,4 @@
-//! conv2d's tape node and recording method (the kernels are in `conv.rs`).
+//! conv2d's tape node and recording method (the kernels are beside it in `conv/`).
 use super::{conv2d_backward_data, conv2d_backward_weight, conv2d_forward, Conv2dGeom};
 use crate::autograd::{Param, ParamGrads, Tape, TapeNode, ValueId};
 use crate::Float;
