@@ -149,6 +149,14 @@ fn main() {
         "{:>6} {:>7} {:>10} {:>10} {:>9} {:>9}",
         "batch", "threads", "ms/step", "fwd+bwd", "img/s", "peak MB"
     );
+    let mut batches: Vec<usize> = configs.iter().map(|&(b, _)| b).collect();
+    batches.dedup();
+    for b in batches {
+        println!("conv algorithms at batch {b}:");
+        for line in VggConfig::vgg11().conv_plan_lines(b) {
+            println!("  {line}");
+        }
+    }
     // ms/step per (batch, threads), for the scaling line.
     let mut measured: Vec<(usize, usize, f64)> = Vec::new();
     for (batch, threads) in configs {

@@ -194,6 +194,43 @@ impl VggConfig {
         }
         c * hw * hw
     }
+
+    /// Each conv layer's name (`layers.{i}`, as in the state dict) and geometry for a batch
+    /// of `n` images: 3x3, stride 1, padding 1, as [`Vgg::forward_backward`] runs them. The
+    /// conv plan printed by `dtrain --verbose` and the benches comes from these.
+    pub fn conv_geoms(&self, n: usize) -> Vec<(String, crate::ops::Conv2dGeom)> {
+        let (mut c, mut hw, mut seq) = (self.in_channels, self.image_size, 0);
+        let mut out = Vec::new();
+        for l in &self.layers {
+            match *l {
+                LayerSpec::Conv(c_out) => {
+                    let g = crate::ops::Conv2dGeom::new(n, c, hw, hw, c_out, (3, 3), 1, 1);
+                    out.push((format!("layers.{seq}"), g));
+                    c = c_out;
+                    seq += 3;
+                }
+                LayerSpec::MaxPool => {
+                    hw /= 2;
+                    seq += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// One line per conv layer naming the algorithm each pass runs in this process (SIMD
+    /// level and `--conv-algo` applied), e.g. `layers.4   64->128  16x16: fwd winograd-f4,
+    /// bwd-data winograd-f4, bwd-weight winograd-f4`.
+    pub fn conv_plan_lines(&self, n: usize) -> Vec<String> {
+        self.conv_geoms(n)
+            .iter()
+            .map(|(name, g)| {
+                let shape = format!("{}->{}", g.c_in, g.c_out);
+                let plan = crate::ops::conv2d_plan(g);
+                format!("{name:<10} {shape:>8} {:>3}x{:<3}: {plan}", g.h, g.w)
+            })
+            .collect()
+    }
 }
 
 /// Batch-norm buffers of one layer (`layers.{index}.*`).
@@ -800,6 +837,31 @@ impl<T: Float> Vgg<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conv_geoms_name_and_size_every_conv_weight() {
+        let config = VggConfig::vgg11();
+        let model = Vgg::<f32>::new(config.clone(), 0);
+        let geoms = config.conv_geoms(7);
+        let weights: Vec<_> = model
+            .params()
+            .iter()
+            .filter(|p| p.shape.len() == 4)
+            .collect();
+        assert_eq!(geoms.len(), weights.len());
+        let mut hw = 32;
+        for ((name, g), w) in geoms.iter().zip(&weights) {
+            assert_eq!(format!("{name}.weight"), w.name);
+            assert_eq!(
+                [g.c_out, g.c_in, g.kh, g.kw],
+                [w.shape[0], w.shape[1], 3, 3]
+            );
+            assert_eq!((g.n, g.stride, g.pad, g.out_h()), (7, 1, 1, g.h));
+            assert!(g.h <= hw && g.h == g.w, "{name}: {g:?}");
+            hw = g.h;
+        }
+        assert_eq!(geoms.last().map(|(_, g)| g.h), Some(2));
+    }
 
     #[test]
     fn parse_spec_accepts_vgg_lists_and_rejects_junk() {
