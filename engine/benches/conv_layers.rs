@@ -1,12 +1,21 @@
-//! Per-layer timings of VGG11's convolutions (forward, backward-data, backward-weight) and of
-//! its BN / ReLU / max-pool layers, at batch 128 on 32×32 inputs, with 1 and 2 threads.
+//! Per-layer timings of VGG11's convolutions — every applicable algorithm for each pass, side
+//! by side in the same run — and of its BN / ReLU / max-pool layers, at batch 128 on 32×32
+//! inputs, with 1 and 2 threads.
 //!
 //! Run: `cargo bench -p engine --bench conv_layers`
+//! Columns: ms (best of the repetitions), effective GFLOP/s (`2·N·C_out·P·C_in·9` / time, the
+//! same count for every algorithm), the algorithm's own GFLOP/s (its executed multiply-adds,
+//! [`ConvAlgo::macs`]), and that as % of the FMA peak measured at the start of the run (per
+//! core × threads). `*` marks the automatic choice, `x` its speed-up over im2col.
 //! Env: `BENCH_BATCH` (default 128), `BENCH_REPS` (timed repetitions, default 2; the best is
 //! reported, after one untimed warm-up), `BENCH_THREADS` (comma list, default "1,2"),
-//! `BENCH_CLOCK=cpu` (time with the calling thread's CPU clock instead of the wall clock:
-//! meaningful for 1 thread only, on a machine busy with other work where wall times mostly
-//! measure waiting for a core).
+//! `BENCH_ALGOS` (comma list of algorithm names, default all), `BENCH_CLOCK=cpu` (time with
+//! the calling thread's CPU clock instead of the wall clock: meaningful for 1 thread only,
+//! on a machine busy with other work where wall times mostly measure waiting for a core).
+//! `DTRAIN_SIMD` caps the SIMD level as everywhere.
+#[path = "common/fma.rs"]
+mod fma;
+
 use engine::ops::*;
 use engine::parallel::set_num_threads;
 use rand::{Rng, SeedableRng};
@@ -36,18 +45,6 @@ fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
 }
 
-/// CPU time of the calling thread, ms.
-fn thread_cpu_ms() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
-}
-
 fn use_cpu_clock() -> bool {
     std::env::var("BENCH_CLOCK").is_ok_and(|v| v == "cpu")
 }
@@ -59,9 +56,9 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     (0..reps.max(1))
         .map(|_| {
             if cpu {
-                let t = thread_cpu_ms();
+                let t = fma::thread_cpu_ms();
                 f();
-                thread_cpu_ms() - t
+                fma::thread_cpu_ms() - t
             } else {
                 let t = Instant::now();
                 f();
@@ -93,61 +90,24 @@ fn main() {
             "WARNING: BENCH_CLOCK=cpu only counts the calling thread: multi-thread rows undercount"
         );
     }
+    let level = engine::simd::level();
+    let peak = fma::measure_peak(fma::Vectors::Level(level), 100.0, 5).unwrap_or(f64::NAN);
+    println!(
+        "{}, SIMD level {}: FMA peak {peak:.1} GFLOP/s per core (fma_peak bench kernel)",
+        fma::cpu_model(),
+        level.name()
+    );
+    let algos: Vec<ConvAlgo> = match std::env::var("BENCH_ALGOS") {
+        Ok(list) => ConvAlgo::ALL
+            .into_iter()
+            .filter(|a| list.split(',').any(|n| n.trim() == a.name()))
+            .collect(),
+        Err(_) => ConvAlgo::ALL.to_vec(),
+    };
     for &t in &threads {
         set_num_threads(t);
         println!("\n== threads {t} ==");
-        println!(
-            "{:<16} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
-            "conv", "fwd ms", "GF/s", "bwd-d ms", "GF/s", "bwd-w ms", "GF/s"
-        );
-        let (mut sum_ms, mut sum_flops) = (0.0, 0.0);
-        for &(c_in, c_out, hw, _) in &VGG11_CONVS {
-            let g = Conv2dGeom {
-                n: batch,
-                c_in,
-                h: hw,
-                w: hw,
-                c_out,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad: 1,
-            };
-            let x = random(&mut rng, batch * c_in * hw * hw);
-            let w = random(&mut rng, c_out * c_in * 9);
-            let b = random(&mut rng, c_out);
-            let dy = random(&mut rng, batch * c_out * hw * hw);
-            let mut y = vec![0f32; dy.len()];
-            let mut dx = vec![0f32; x.len()];
-            let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; c_out]);
-            let flops = 2.0 * g.macs() as f64;
-            let fwd = time_ms(reps, || conv2d_forward(&g, &x, &w, Some(&b), &mut y));
-            // The first layer's input gradient is never needed in training; timed anyway.
-            let bwd_d = time_ms(reps, || conv2d_backward_data(&g, &dy, &w, &mut dx));
-            let bwd_w = time_ms(reps, || {
-                conv2d_backward_weight(&g, &x, &dy, &mut dw, Some(&mut db))
-            });
-            let gf = |ms: f64| flops / (ms * 1e6);
-            println!(
-                "{:<16} {:>9.2} {:>7.1} {:>9.2} {:>7.1} {:>9.2} {:>7.1}",
-                format!("{c_in}->{c_out}@{hw}"),
-                fwd,
-                gf(fwd),
-                bwd_d,
-                gf(bwd_d),
-                bwd_w,
-                gf(bwd_w)
-            );
-            sum_ms += fwd + bwd_d + bwd_w;
-            sum_flops += 3.0 * flops;
-        }
-        println!(
-            "{:<16} {:>9.2} ms total, {:.1} GFLOP/s overall",
-            "all convs",
-            sum_ms,
-            sum_flops / (sum_ms * 1e6)
-        );
-
+        conv_table(batch, reps, t, peak * t as f64, &algos, &mut rng);
         println!(
             "\n{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "activation", "bn fwd", "bn bwd", "relu fwd", "relu bwd", "pool fwd", "pool bwd"
@@ -204,7 +164,7 @@ fn main() {
                     stride: 2,
                 };
                 let out = n * c * (hw / 2) * (hw / 2);
-                let (mut py, mut arg) = (vec![0f32; out], vec![0u32; out]);
+                let (mut py, mut arg) = (vec![0f32; out], vec![0u8; out]);
                 let pf = time_ms(reps, || maxpool2d_forward(&g, &x, &mut py, &mut arg));
                 let pdy = random(&mut rng, out);
                 let pb = time_ms(reps, || maxpool2d_backward(&g, &pdy, &arg, &mut dx));
@@ -226,4 +186,73 @@ fn main() {
         }
         println!("{:<16} {:>9.2} ms total", "all bn/relu/pool", sum_ms);
     }
+}
+
+/// Time every algorithm in `algos` that applies, per layer and pass; print the table and the
+/// totals of the automatic choice against im2col.
+fn conv_table(
+    batch: usize,
+    reps: usize,
+    threads: usize,
+    peak: f64,
+    algos: &[ConvAlgo],
+    rng: &mut ChaCha8Rng,
+) {
+    println!(
+        "{:<14} {:<10} {:<13} {:>9} {:>8} {:>8} {:>7} {:>7}",
+        "conv", "pass", "algorithm", "ms", "eff GF/s", "alg GF/s", "% peak", "vs i2c"
+    );
+    let (mut auto_ms, mut im2col_ms) = (0.0, 0.0);
+    for &(c_in, c_out, hw, _) in &VGG11_CONVS {
+        let g = Conv2dGeom::new(batch, c_in, hw, hw, c_out, (3, 3), 1, 1);
+        let x = random(rng, batch * c_in * hw * hw);
+        let w = random(rng, c_out * c_in * 9);
+        let b = random(rng, c_out);
+        let dy = random(rng, batch * c_out * hw * hw);
+        let mut y = vec![0f32; dy.len()];
+        let mut dx = vec![0f32; x.len()];
+        let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; c_out]);
+        let v = ConvVectors::process();
+        let plan = conv2d_plan(&g);
+        for pass in ConvPass::ALL {
+            let auto = plan.get(pass).algo;
+            let mut im2col = None;
+            for &algo in algos.iter().filter(|a| a.unsupported_reason(&g).is_none()) {
+                let ms = time_ms(reps, || match pass {
+                    ConvPass::Forward => conv2d_forward_with(algo, v, &g, &x, &w, Some(&b), &mut y),
+                    // The first layer's input gradient is never needed in training; timed anyway.
+                    ConvPass::BackwardData => {
+                        conv2d_backward_data_with(algo, v, &g, &dy, &w, &mut dx)
+                    }
+                    ConvPass::BackwardWeight => {
+                        conv2d_backward_weight_with(algo, v, &g, &x, &dy, &mut dw, Some(&mut db))
+                    }
+                });
+                if algo == ConvAlgo::Im2col {
+                    im2col = Some(ms);
+                    im2col_ms += ms;
+                }
+                if algo == auto {
+                    auto_ms += ms;
+                }
+                let eff = 2.0 * g.macs() as f64 / (ms * 1e6);
+                let own = 2.0 * algo.macs(&g, pass) as f64 / (ms * 1e6);
+                let speedup = match (algo == auto, im2col) {
+                    (true, Some(i)) => format!("{:.2}x", i / ms),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<14} {:<10} {:<13} {ms:>9.2} {eff:>8.1} {own:>8.1} {:>6.0}% {speedup:>7}",
+                    format!("{c_in}->{c_out}@{hw}"),
+                    pass.name(),
+                    format!("{}{}", algo.name(), if algo == auto { " *" } else { "" }),
+                    100.0 * own / peak
+                );
+            }
+        }
+    }
+    println!(
+        "all convs, {threads} thread(s): automatic choice {auto_ms:.1} ms, im2col {im2col_ms:.1} ms ({:.2}x)",
+        im2col_ms / auto_ms
+    );
 }

@@ -5,6 +5,7 @@
 //! op code as training does.
 
 use crate::gemm::{self, MatRef};
+use crate::simd::{F64x4, VecKernel};
 
 /// A floating-point element for tensors and ops.
 pub trait Float:
@@ -39,6 +40,11 @@ pub trait Float:
 
     fn from_f64_lossy(v: f64) -> Self;
     fn to_f64_lossy(self) -> f64;
+
+    /// Runs a kernel written over [`crate::simd::FloatVec`]: f32 at the process's SIMD level
+    /// ([`crate::simd::level`], or a [`crate::simd::with_f32_impl`] override), f64 on
+    /// [`F64x4`] (plain Rust, the gradient-check path).
+    fn run<K: VecKernel<Self>>(kernel: K) -> K::Output;
 }
 
 impl Float for f32 {
@@ -61,6 +67,10 @@ impl Float for f32 {
     fn to_f64_lossy(self) -> f64 {
         self as f64
     }
+    #[inline]
+    fn run<K: VecKernel<f32>>(kernel: K) -> K::Output {
+        crate::simd::current_f32_impl().run(kernel)
+    }
 }
 
 impl Float for f64 {
@@ -82,5 +92,9 @@ impl Float for f64 {
     }
     fn to_f64_lossy(self) -> f64 {
         self
+    }
+    #[inline]
+    fn run<K: VecKernel<f64>>(kernel: K) -> K::Output {
+        kernel.run::<F64x4>()
     }
 }

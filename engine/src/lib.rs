@@ -6,7 +6,9 @@
 //! reference kernels, which is what the gradient checks differentiate.
 //!
 //! Training API: [`vgg`] (models, with a complete usage example), [`autograd`] (the tape),
-//! [`optim`] (SGD), [`state`] (safetensors I/O), [`init`] (PyTorch default init).
+//! [`optim`] (SGD), [`state`] (safetensors I/O), [`init`] (PyTorch default init),
+//! [`parallel`] (thread counts: per model, per optimizer, or scoped), [`simd`] (the SIMD level
+//! every kernel runs at, `DTRAIN_SIMD`).
 
 pub mod autograd;
 pub mod float;

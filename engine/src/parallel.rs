@@ -1,5 +1,11 @@
-//! Intra-op parallelism: a process-wide thread count the caller sets (default: all cores)
-//! and a persistent pool that runs `parallel_for(n_tasks, |task_index| ...)`.
+//! Intra-op parallelism: a thread count and a persistent pool that runs
+//! `parallel_for(n_tasks, |task_index| ...)`.
+//!
+//! The thread count [`num_threads`] is, in order: the count of the innermost
+//! [`with_num_threads`] scope on this thread (models and optimizers hold their own count and
+//! run under it: [`crate::Vgg::set_num_threads`], [`crate::Sgd::set_num_threads`]); else the
+//! process default [`set_num_threads`]; else all cores. Tasks of a parallel loop see the count
+//! of the loop that runs them (and its [`crate::simd::with_f32_impl`] override).
 //!
 //! Why a hand-written pool rather than `rayon`: the only pattern the engine needs is "split
 //! this loop over T threads and wait", with T small (2 on the target machine). A pool built
@@ -34,13 +40,22 @@ const CALLER_SPIN: Duration = Duration::from_micros(200);
 /// wake-up; there should be none).
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 
-/// Set the number of threads intra-op parallel loops use (>= 1).
+/// Set the process-wide default number of threads intra-op parallel loops use (>= 1); a
+/// [`with_num_threads`] scope overrides it.
 pub fn set_num_threads(n: usize) {
     NUM_THREADS.store(n.max(1), Ordering::Relaxed);
 }
 
-/// The number of threads intra-op parallel loops use.
+/// The number of threads intra-op parallel loops use here (see the module docs).
 pub fn num_threads() -> usize {
+    match SCOPED_THREADS.with(|t| t.get()) {
+        0 => default_num_threads(),
+        n => n,
+    }
+}
+
+/// The process default: [`set_num_threads`], else all cores.
+fn default_num_threads() -> usize {
     match NUM_THREADS.load(Ordering::Relaxed) {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -49,9 +64,41 @@ pub fn num_threads() -> usize {
     }
 }
 
+/// Runs `f` with [`num_threads`] = `threads` (>= 1) on this thread (and in the tasks of the
+/// parallel loops it starts), restoring the previous count afterwards, also on unwind.
+pub fn with_num_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    let _restore = ScopedThreads::set(threads.max(1));
+    f()
+}
+
+/// [`with_num_threads`] if `threads` is given, else just `f()` (the surrounding count).
+pub fn with_num_threads_or_default<R>(threads: Option<usize>, f: impl FnOnce() -> R) -> R {
+    match threads {
+        Some(t) => with_num_threads(t, f),
+        None => f(),
+    }
+}
+
+/// Sets this thread's scoped count; dropping restores the previous one.
+struct ScopedThreads(usize);
+
+impl ScopedThreads {
+    fn set(threads: usize) -> Self {
+        ScopedThreads(SCOPED_THREADS.with(|t| t.replace(threads)))
+    }
+}
+
+impl Drop for ScopedThreads {
+    fn drop(&mut self) {
+        SCOPED_THREADS.with(|t| t.set(self.0));
+    }
+}
+
 thread_local! {
     /// True on pool workers and on a caller while it runs its share of a parallel loop.
     static IN_PARALLEL: Cell<bool> = const { Cell::new(false) };
+    /// The innermost [`with_num_threads`] count on this thread (0: none).
+    static SCOPED_THREADS: Cell<usize> = const { Cell::new(0) };
 }
 
 /// True when called from inside a `parallel_for` task: a nested parallel loop would run
@@ -90,7 +137,7 @@ pub fn parallel_for_threads<F: Fn(usize) + Sync>(threads: usize, n_tasks: usize,
         run_inline(n_tasks, &f);
         return;
     }
-    pool.run(workers, n_tasks, &f);
+    pool.run(threads, workers, n_tasks, &f);
 }
 
 /// Run all tasks on the calling thread, flagged as inside a parallel loop (so nested
@@ -124,6 +171,10 @@ struct State {
     epoch: u64,
     /// How many workers may still join the current job.
     open_slots: usize,
+    /// The current job's thread count (what `num_threads` says inside its tasks).
+    threads: usize,
+    /// The submitter's `simd::with_f32_impl` override, applied inside the job's tasks.
+    f32_impl: Option<crate::simd::F32Impl>,
     /// Workers spawned so far.
     n_workers: usize,
 }
@@ -154,6 +205,8 @@ fn pool() -> &'static Pool {
             job: None,
             epoch: 0,
             open_slots: 0,
+            threads: 1,
+            f32_impl: None,
             n_workers: 0,
         }),
         work_cv: Condvar::new(),
@@ -193,7 +246,7 @@ impl Pool {
     }
 
     /// Publish a job, take part in it, and wait until every joined worker has left.
-    fn run(&self, workers: usize, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    fn run(&self, threads: usize, workers: usize, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         // SAFETY: only the lifetime is erased; see `JobPtr` for why no worker can use the
         // pointer after this function returns.
         let job = JobPtr(unsafe {
@@ -212,13 +265,18 @@ impl Pool {
             self.panicked.store(false, Ordering::Relaxed);
             st.job = Some(job);
             st.open_slots = workers;
+            st.threads = threads;
+            st.f32_impl = crate::simd::f32_impl_override();
             st.epoch += 1;
             self.epoch.store(st.epoch, Ordering::Release);
         }
         self.work_cv.notify_all();
 
         IN_PARALLEL.with(|p| p.set(true));
-        let own_panic = self.run_tasks(f);
+        let own_panic = {
+            let _scope = ScopedThreads::set(threads);
+            self.run_tasks(f)
+        };
         IN_PARALLEL.with(|p| p.set(false));
 
         // Wait for the workers: spin briefly (tasks are usually balanced), then sleep.
@@ -287,7 +345,7 @@ impl Pool {
                     break;
                 }
             }
-            let job = {
+            let (job, threads, f32_impl) = {
                 let mut st = lock(&self.state);
                 loop {
                     if st.epoch != seen {
@@ -295,7 +353,7 @@ impl Pool {
                         if let (Some(job), true) = (st.job, st.open_slots > 0) {
                             st.open_slots -= 1;
                             self.joined.fetch_add(1, Ordering::AcqRel);
-                            break job;
+                            break (job, st.threads, st.f32_impl);
                         }
                     }
                     // Idle workers sleep indefinitely by design (nothing to wait *for*);
@@ -310,9 +368,13 @@ impl Pool {
             // SAFETY: we joined the job under the lock while it was published; the
             // submitter keeps the closure alive until we bump `left` below.
             let f = unsafe { &*job.0 };
+            SCOPED_THREADS.with(|t| t.set(threads));
+            crate::simd::set_f32_impl_override(f32_impl);
             if self.run_tasks(f).is_some() {
                 self.panicked.store(true, Ordering::Release);
             }
+            crate::simd::set_f32_impl_override(None);
+            SCOPED_THREADS.with(|t| t.set(0));
             // Take the lock so the submitter cannot miss the notification between its
             // check and its wait.
             let st = lock(&self.state);
@@ -320,5 +382,29 @@ impl Pool {
             drop(st);
             self.done_cv.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn scoped_thread_count_applies_to_the_scope_and_its_tasks_and_is_restored() {
+        let outer = num_threads();
+        let seen = Mutex::new(Vec::new());
+        with_num_threads(2, || {
+            assert_eq!(num_threads(), 2);
+            parallel_for(8, |_| seen.lock().unwrap().push(num_threads()));
+            with_num_threads(1, || assert_eq!(num_threads(), 1));
+            assert_eq!(num_threads(), 2);
+        });
+        assert_eq!(num_threads(), outer);
+        assert_eq!(*seen.lock().unwrap(), vec![2; 8]);
+        // Restored on unwind too.
+        let r = std::panic::catch_unwind(|| with_num_threads(3, || panic!("boom")));
+        assert!(r.is_err());
+        assert_eq!(num_threads(), outer);
     }
 }

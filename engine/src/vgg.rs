@@ -53,6 +53,7 @@ use thiserror::Error;
 
 use crate::autograd::{BnMode, Param, Tape, ValueId};
 use crate::init::{init_rng, init_weight_and_bias};
+use crate::parallel;
 use crate::state::{NamedTensor, StateError};
 use crate::tensor::numel;
 use crate::Float;
@@ -193,6 +194,43 @@ impl VggConfig {
         }
         c * hw * hw
     }
+
+    /// Each conv layer's name (`layers.{i}`, as in the state dict) and geometry for a batch
+    /// of `n` images: 3x3, stride 1, padding 1, as [`Vgg::forward_backward`] runs them. The
+    /// conv plan printed by `dtrain --verbose` and the benches comes from these.
+    pub fn conv_geoms(&self, n: usize) -> Vec<(String, crate::ops::Conv2dGeom)> {
+        let (mut c, mut hw, mut seq) = (self.in_channels, self.image_size, 0);
+        let mut out = Vec::new();
+        for l in &self.layers {
+            match *l {
+                LayerSpec::Conv(c_out) => {
+                    let g = crate::ops::Conv2dGeom::new(n, c, hw, hw, c_out, (3, 3), 1, 1);
+                    out.push((format!("layers.{seq}"), g));
+                    c = c_out;
+                    seq += 3;
+                }
+                LayerSpec::MaxPool => {
+                    hw /= 2;
+                    seq += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// One line per conv layer naming the algorithm each pass runs in this process (SIMD
+    /// level and `--conv-algo` applied), e.g. `layers.4   64->128  16x16: fwd winograd-f4,
+    /// bwd-data winograd-f4, bwd-weight winograd-f4`.
+    pub fn conv_plan_lines(&self, n: usize) -> Vec<String> {
+        self.conv_geoms(n)
+            .iter()
+            .map(|(name, g)| {
+                let shape = format!("{}->{}", g.c_in, g.c_out);
+                let plan = crate::ops::conv2d_plan(g);
+                format!("{name:<10} {shape:>8} {:>3}x{:<3}: {plan}", g.h, g.w)
+            })
+            .collect()
+    }
 }
 
 /// Batch-norm buffers of one layer (`layers.{index}.*`).
@@ -241,6 +279,8 @@ pub struct Vgg<T: Float> {
     eval_batch: usize,
     /// Logits of the last `forward_backward` (train mode), `[n, classes]`.
     last_logits: Vec<T>,
+    /// Threads for this model's ops (`None`: the surrounding [`parallel::num_threads`]).
+    threads: Option<usize>,
 }
 
 /// Index of the max logit (first wins on ties, as `argmax`).
@@ -327,7 +367,17 @@ impl<T: Float> Vgg<T> {
             eval_tape: Tape::new(),
             eval_batch: 0,
             last_logits: Vec::new(),
+            threads: None,
         }
+    }
+
+    /// Runs this model's forward and backward passes on `threads` threads (`None`: whatever
+    /// [`parallel::num_threads`] says at the call, e.g. the process default).
+    pub fn set_num_threads(&mut self, threads: Option<usize>) {
+        self.threads = threads.map(|t| t.max(1));
+    }
+    pub fn num_threads(&self) -> Option<usize> {
+        self.threads
     }
 
     pub fn config(&self) -> &VggConfig {
@@ -411,8 +461,9 @@ impl<T: Float> Vgg<T> {
         train: bool,
     ) -> ValueId {
         let mut h = input;
-        for layer in layers {
-            h = match *layer {
+        let mut i = 0;
+        while i < layers.len() {
+            h = match layers[i] {
                 Layer::ConvBnRelu {
                     conv_w,
                     conv_b,
@@ -435,11 +486,20 @@ impl<T: Float> Vgg<T> {
                             running_var: &buffers.running_var,
                         }
                     };
-                    let y = tape.batchnorm2d(params, y, bn_gamma, bn_beta, mode);
-                    tape.relu(y)
+                    // A following 2x2 pool on even planes is fused in (one pass, no
+                    // full-size relu output).
+                    let s = tape.shape(&y);
+                    let pool_next = matches!(layers.get(i + 1), Some(Layer::MaxPool));
+                    if pool_next && s[2].is_multiple_of(2) && s[3].is_multiple_of(2) {
+                        i += 1;
+                        tape.batchnorm2d_relu_maxpool2d(params, y, bn_gamma, bn_beta, mode)
+                    } else {
+                        tape.batchnorm2d_relu(params, y, bn_gamma, bn_beta, mode)
+                    }
                 }
                 Layer::MaxPool => tape.maxpool2d(h, 2, 2),
             };
+            i += 1;
         }
         tape.linear(params, h, fc.0, Some(fc.1))
     }
@@ -472,6 +532,19 @@ impl<T: Float> Vgg<T> {
     }
 
     fn forward_backward_inner(
+        &mut self,
+        x: &[T],
+        n: usize,
+        labels: &[u32],
+        want_input_grad: bool,
+        on_grad_ready: &mut dyn FnMut(usize, &[T]),
+    ) -> Result<(StepStats, Option<Vec<T>>), ModelError> {
+        parallel::with_num_threads_or_default(self.threads, || {
+            self.train_step_on_tape(x, n, labels, want_input_grad, on_grad_ready)
+        })
+    }
+
+    fn train_step_on_tape(
         &mut self,
         x: &[T],
         n: usize,
@@ -556,6 +629,10 @@ impl<T: Float> Vgg<T> {
     /// Inference forward with the running statistics (PyTorch `eval()` semantics, whatever
     /// the training flag): returns the logits `[n, classes]` flat. Nothing is recorded.
     pub fn forward_eval(&mut self, x: &[T], n: usize) -> Result<Vec<T>, ModelError> {
+        parallel::with_num_threads_or_default(self.threads, || self.eval_on_tape(x, n))
+    }
+
+    fn eval_on_tape(&mut self, x: &[T], n: usize) -> Result<Vec<T>, ModelError> {
         self.check_batch(x, n, None)?;
         let tape = &mut self.eval_tape;
         if self.eval_batch != n {
@@ -760,6 +837,31 @@ impl<T: Float> Vgg<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conv_geoms_name_and_size_every_conv_weight() {
+        let config = VggConfig::vgg11();
+        let model = Vgg::<f32>::new(config.clone(), 0);
+        let geoms = config.conv_geoms(7);
+        let weights: Vec<_> = model
+            .params()
+            .iter()
+            .filter(|p| p.shape.len() == 4)
+            .collect();
+        assert_eq!(geoms.len(), weights.len());
+        let mut hw = 32;
+        for ((name, g), w) in geoms.iter().zip(&weights) {
+            assert_eq!(format!("{name}.weight"), w.name);
+            assert_eq!(
+                [g.c_out, g.c_in, g.kh, g.kw],
+                [w.shape[0], w.shape[1], 3, 3]
+            );
+            assert_eq!((g.n, g.stride, g.pad, g.out_h()), (7, 1, 1, g.h));
+            assert!(g.h <= hw && g.h == g.w, "{name}: {g:?}");
+            hw = g.h;
+        }
+        assert_eq!(geoms.last().map(|(_, g)| g.h), Some(2));
+    }
 
     #[test]
     fn parse_spec_accepts_vgg_lists_and_rejects_junk() {

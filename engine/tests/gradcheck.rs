@@ -178,6 +178,153 @@ fn gradcheck_batchnorm2d() {
     }
 }
 
+/// The fused op, through its own backward (relu's mask recomputed from `x`). Inputs are
+/// drawn (from a fixed seed sequence) until every batch-norm output is at least 1e-3 away
+/// from relu's kink, far beyond the eps = 1e-6 perturbation.
+#[test]
+fn gradcheck_batchnorm2d_relu() {
+    let shapes = [
+        (2, 3, 5 * 7),
+        (1, 2, 3 * 4),
+        (4, 3, 1),
+        (3, 1, 9),
+        (2, 4, 2 * 3),
+        (5, 2, 17),
+    ];
+    let eps = 1e-5;
+    for (t, &(n, c, hw)) in shapes.iter().enumerate() {
+        let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+            let (mut z, mut saved) = (vec![f64::NAN; x.len()], BnSaved::new());
+            batchnorm2d_relu_forward_train(n, c, hw, x, g, b, eps, &mut z, &mut saved);
+            (z, saved)
+        };
+        let clear_of_kink = |x: &[f64], g: &[f64], b: &[f64]| {
+            let (mut y, mut m, mut s) = (vec![f64::NAN; x.len()], vec![0.0; c], vec![0.0; c]);
+            batchnorm2d_forward_train(n, c, hw, x, g, b, eps, &mut y, &mut m, &mut s);
+            y.iter().all(|v| v.abs() >= 1e-3)
+        };
+        let (x, gamma, beta) = (0..100u64)
+            .map(|k| {
+                let seed = 1500 + 100 * t as u64 + 10 * k;
+                (
+                    random_vec(seed, n * c * hw, -2.0, 3.0),
+                    random_vec(seed + 1, c, 0.5, 1.5),
+                    random_vec(seed + 2, c, -0.5, 0.5),
+                )
+            })
+            .find(|(x, g, b)| clear_of_kink(x, g, b))
+            .expect("some seed gives batch-norm outputs clear of relu's kink");
+        let r = random_vec(1600 + t as u64, x.len(), -1.0, 1.0);
+        let (z, saved) = forward(&x, &gamma, &beta);
+        assert!(
+            z.contains(&0.0) && z.iter().any(|&v| v > 0.0),
+            "both relu branches"
+        );
+        let mut dx = vec![f64::NAN; x.len()];
+        let (mut dgamma, mut dbeta) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        batchnorm2d_relu_backward(
+            n,
+            c,
+            hw,
+            &x,
+            &gamma,
+            &saved,
+            &r,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        check(
+            &format!("batchnorm2d_relu n={n} c={c} hw={hw}"),
+            &["x", "gamma", "beta"],
+            &mut [x.clone(), gamma.clone(), beta.clone()],
+            &[dx, dgamma, dbeta],
+            |v| dot(&r, &forward(&v[0], &v[1], &v[2]).0),
+        );
+    }
+}
+
+/// The fused batch norm + relu + 2x2 pool. Inputs are drawn until every batch-norm output is
+/// at least 1e-3 from relu's kink and, in every window whose maximum is positive, the two
+/// largest relu outputs are 1e-3 apart (a tie is a kink of the max).
+#[test]
+fn gradcheck_batchnorm2d_relu_maxpool2d() {
+    // (n, c, h, w): 1 output per row (scalar path), 2 (one f64 vector), 3 (a partial second
+    // half-vector), several rows and images.
+    // (f64 vectors have 4 lanes: 2 outputs per row are taken two rows at a time, 1 output
+    // four rows at a time.)
+    let shapes = [
+        (2, 3, 2, 2),
+        (3, 2, 4, 4),
+        (2, 2, 4, 6),
+        (1, 3, 6, 8),
+        (2, 2, 6, 4),
+        (2, 2, 10, 2),
+    ];
+    let eps = 1e-5;
+    for (t, &(n, c, h, w)) in shapes.iter().enumerate() {
+        let (len, out) = (n * c * h * w, n * c * h * w / 4);
+        let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+            let (mut p, mut a, mut saved) = (vec![f64::NAN; out], vec![0u8; out], BnSaved::new());
+            batchnorm2d_relu_maxpool2d_forward_train(
+                n, c, h, w, x, g, b, eps, &mut p, &mut a, &mut saved,
+            );
+            (p, a, saved)
+        };
+        let clear_of_kinks = |x: &[f64], g: &[f64], b: &[f64]| {
+            let (mut y, mut m, mut s) = (vec![f64::NAN; len], vec![0.0; c], vec![0.0; c]);
+            batchnorm2d_forward_train(n, c, h * w, x, g, b, eps, &mut y, &mut m, &mut s);
+            if y.iter().any(|v| v.abs() < 1e-3) {
+                return false;
+            }
+            (0..out).all(|o| {
+                let (plane, r, col) = (o / (h * w / 4), (o / (w / 2)) % (h / 2), o % (w / 2));
+                let base = plane * h * w + 2 * r * w + 2 * col;
+                let mut v =
+                    [y[base], y[base + 1], y[base + w], y[base + w + 1]].map(|v| v.max(0.0));
+                v.sort_by(|a, b| b.total_cmp(a));
+                v[0] == 0.0 || v[0] - v[1] >= 1e-3
+            })
+        };
+        let (x, gamma, beta) = (0..200u64)
+            .map(|k| {
+                let seed = 1700 + 1000 * t as u64 + 10 * k;
+                (
+                    random_vec(seed, len, -2.0, 3.0),
+                    random_vec(seed + 1, c, 0.5, 1.5),
+                    random_vec(seed + 2, c, -0.5, 0.5),
+                )
+            })
+            .find(|(x, g, b)| clear_of_kinks(x, g, b))
+            .expect("some seed gives outputs clear of relu's and the max's kinks");
+        let r = random_vec(1800 + t as u64, out, -1.0, 1.0);
+        let (_, argmax, saved) = forward(&x, &gamma, &beta);
+        let mut dx = vec![f64::NAN; len];
+        let (mut dgamma, mut dbeta) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        batchnorm2d_relu_maxpool2d_backward(
+            n,
+            c,
+            h,
+            w,
+            &x,
+            &gamma,
+            &saved,
+            &r,
+            &argmax,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        check(
+            &format!("batchnorm2d_relu_maxpool2d n={n} c={c} {h}x{w}"),
+            &["x", "gamma", "beta"],
+            &mut [x.clone(), gamma.clone(), beta.clone()],
+            &[dx, dgamma, dbeta],
+            |v| dot(&r, &forward(&v[0], &v[1], &v[2]).0),
+        );
+    }
+}
+
 #[test]
 fn gradcheck_relu() {
     for (t, &len) in [1usize, 7, 64, 1000].iter().enumerate() {
@@ -253,12 +400,12 @@ fn gradcheck_maxpool2d() {
         }
         let out = g.n * g.c * g.out_h() * g.out_w();
         let r = random_vec(3100 + t as u64, out, -1.0, 1.0);
-        let (mut y, mut argmax) = (vec![f64::NAN; out], vec![0u32; out]);
+        let (mut y, mut argmax) = (vec![f64::NAN; out], vec![0u8; out]);
         maxpool2d_forward(g, &x, &mut y, &mut argmax);
         let mut dx = vec![f64::NAN; len];
         maxpool2d_backward(g, &r, &argmax, &mut dx);
         check(&format!("maxpool2d {g:?}"), &["x"], &mut [x], &[dx], |v| {
-            let (mut y, mut a) = (vec![f64::NAN; out], vec![0u32; out]);
+            let (mut y, mut a) = (vec![f64::NAN; out], vec![0u8; out]);
             maxpool2d_forward(g, &v[0], &mut y, &mut a);
             dot(&r, &y)
         });

@@ -201,3 +201,80 @@ fn train_updates_buffers_and_eval_does_not() {
     m.set_training(false);
     assert!(m.forward_backward(&x, n, &labels, &mut |_, _| {}).is_err());
 }
+
+/// The plain batch-norm and relu nodes chained, and the fused node, on the same tape graph
+/// (`x → bn(+relu) → linear → CE`, f64): the same loss and gradients, and the plain chain
+/// passes a central-difference check through the tape (the fused one is checked by
+/// `gradcheck_small_network`).
+#[test]
+fn fused_and_chained_batchnorm_relu_agree_through_the_tape() {
+    use engine::autograd::BnMode;
+    let (n, c, h, w) = (3, 2, 3, 2);
+    let mut params = vec![
+        Param::new("gamma", &[c], random_vec(21, c, 0.5, 1.5)),
+        Param::new("beta", &[c], random_vec(22, c, -0.5, 0.5)),
+        Param::new(
+            "w",
+            &[4, c * h * w],
+            random_vec(23, 4 * c * h * w, -1.0, 1.0),
+        ),
+    ];
+    let x = random_vec(24, n * c * h * w, -2.0, 2.0);
+    let labels = [1u32, 3, 0];
+    let mut tape = Tape::<f64>::new();
+    let mut run = |params: &mut [Param<f64>], x: &[f64], fused: bool, backward: bool| {
+        tape.reset();
+        let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+        let mode = BnMode::Train {
+            running_mean: &mut rm,
+            running_var: &mut rv,
+            momentum: 0.1,
+        };
+        let input = tape.leaf(&[n, c, h, w], x, true);
+        let keep = tape.share(&input);
+        let z = if fused {
+            tape.batchnorm2d_relu(params, input, 0, 1, mode)
+        } else {
+            let y = tape.batchnorm2d(params, input, 0, 1, mode);
+            tape.relu(y)
+        };
+        let logits = tape.linear(params, z, 2, None);
+        let (loss, value) = tape.cross_entropy(logits, &labels);
+        let mut dx = Vec::new();
+        if backward {
+            tape.backward(loss, params, &mut |_, _| {});
+            dx = tape.grad(&keep).unwrap().to_vec();
+        } else {
+            tape.release(loss);
+        }
+        tape.release(keep);
+        (value, dx, (rm, rv))
+    };
+    let (loss_f, dx_f, stats_f) = run(&mut params, &x, true, true);
+    let grads_f: Vec<Vec<f64>> = params.iter().map(|p| p.grad.clone()).collect();
+    let (loss_c, dx_c, stats_c) = run(&mut params, &x, false, true);
+    assert!((loss_f - loss_c).abs() < 1e-12, "{loss_f} vs {loss_c}");
+    assert_eq!(stats_f, stats_c, "running statistics");
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-10);
+    assert!(close(&dx_f, &dx_c), "input gradient");
+    for (p, g) in params.iter().zip(&grads_f) {
+        assert!(close(&p.grad, g), "{}", p.name);
+    }
+    let mut analytic: Vec<Vec<f64>> = params.iter().map(|p| p.grad.clone()).collect();
+    analytic.push(dx_c);
+    let mut values: Vec<Vec<f64>> = params.iter().map(|p| p.value.clone()).collect();
+    values.push(x.clone());
+    check_gradients(
+        &["gamma", "beta", "w", "x"],
+        &mut values,
+        &analytic,
+        &GradcheckConfig::default(),
+        |v| {
+            for (p, val) in params.iter_mut().zip(v) {
+                p.value.copy_from_slice(val);
+            }
+            run(&mut params, &v[3], false, false).0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -3,14 +3,30 @@
 //! additionally against a direct 7-loop f64 convolution written here (an oracle independent
 //! of im2col/GEMM). Each runs with 1 and 2 threads. Error measure: norm-wise relative error
 //! `‖a - b‖₂ / ‖b‖₂ <= 1e-4`.
+//!
+//! The vectorized elementwise ops (batch norm, fused batch norm + relu, relu, max-pool) also
+//! run on every f32 SIMD path this CPU has and on `Portable16` (AVX-512's 16-lane logic)
+//! through `simd::with_f32_impl`.
 use engine::gradcheck::random_vec;
 use engine::ops::*;
-use engine::parallel::set_num_threads;
+use engine::parallel::{set_num_threads, with_num_threads};
+use engine::simd::{with_f32_impl, F32Impl};
 use std::sync::{Mutex, MutexGuard};
 
 const TOL: f64 = 1e-4;
 
-/// The thread count is process-wide: tests that set it run one at a time.
+/// Runs `check(label)` on every f32 SIMD path and with 1 and 2 threads.
+fn on_every_path(mut check: impl FnMut(&str)) {
+    for imp in F32Impl::runnable() {
+        for threads in [1, 2] {
+            with_f32_impl(imp, || {
+                with_num_threads(threads, || check(&format!("{imp:?} threads={threads}")))
+            });
+        }
+    }
+}
+
+/// The process-wide thread count ([`set_num_threads`]): tests that set it run one at a time.
 fn thread_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -186,16 +202,8 @@ fn conv2d_f32_matches_f64_and_naive_oracle() {
 
 /// Run training BN forward + backward + running update in f32 and f64 on the same inputs and
 /// compare every output.
-fn check_batchnorm(
-    n: usize,
-    c: usize,
-    hw: usize,
-    mean: f64,
-    spread: f64,
-    seed: u64,
-    threads: usize,
-) {
-    let what = |op: &str| format!("{op} n={n} c={c} hw={hw} mean={mean} threads={threads}");
+fn check_batchnorm(n: usize, c: usize, hw: usize, mean: f64, spread: f64, seed: u64, path: &str) {
+    let what = |op: &str| format!("{op} n={n} c={c} hw={hw} mean={mean} {path}");
     let eps = 1e-5;
     let len = n * c * hw;
     let (x32, x64) = rand_pair(seed, len, mean - spread, mean + spread);
@@ -262,31 +270,106 @@ fn check_batchnorm(
     batchnorm2d_forward_eval(n, c, hw, &x32, &g32, &b32, &rm32, &rv32, eps, &mut ye32);
     batchnorm2d_forward_eval(n, c, hw, &x64, &g64, &b64, &rm64, &rv64, eps, &mut ye64);
     assert_close(&what("bn eval y"), &ye32, &ye64);
+
+    // Fused batch norm + relu: against relu of the plain op's f64 output (forward), and the
+    // plain f64 backward of `dz · mask` (backward). The mask is the f32 op's own output
+    // `z32 > 0` so that values within rounding of 0 cannot flip it between the two.
+    let relu64 = |v: &[f64]| v.iter().map(|&v| v.max(0.0)).collect::<Vec<f64>>();
+    let (mut z32, mut saved32) = (vec![f32::NAN; len], BnSaved::new());
+    let (mut z64, mut saved64) = (vec![f64::NAN; len], BnSaved::new());
+    batchnorm2d_relu_forward_train(n, c, hw, &x32, &g32, &b32, eps, &mut z32, &mut saved32);
+    batchnorm2d_relu_forward_train(n, c, hw, &x64, &g64, &b64, eps, &mut z64, &mut saved64);
+    assert_close(&what("bn+relu fwd z"), &z32, &relu64(&y64));
+    assert!(
+        rel_err64(&z64, &relu64(&y64)) <= 1e-12,
+        "{}",
+        what("bn+relu f64 fwd")
+    );
+    assert_eq!(saved32.mean(), &m32[..], "{}", what("bn+relu mean"));
+    assert_eq!(saved32.invstd(), &s32[..], "{}", what("bn+relu invstd"));
+    let reference = |mask: &[bool]| {
+        let dy: Vec<f64> = dy64
+            .iter()
+            .zip(mask)
+            .map(|(&d, &m)| if m { d } else { 0.0 })
+            .collect();
+        let (mut dx, mut dg, mut db) = (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+        batchnorm2d_backward(
+            n, c, hw, &x64, &g64, &m64, &s64, &dy, &mut dx, &mut dg, &mut db,
+        );
+        (dx, dg, db)
+    };
+    let mask32: Vec<bool> = z32.iter().map(|&z| z > 0.0).collect();
+    let (rdx, rdg, rdb) = reference(&mask32);
+    let (mut dx32, mut dg32, mut db32) =
+        (vec![f32::NAN; len], vec![f32::NAN; c], vec![f32::NAN; c]);
+    batchnorm2d_relu_backward(
+        n, c, hw, &x32, &g32, &saved32, &dy32, &mut dx32, &mut dg32, &mut db32,
+    );
+    assert_close(&what("bn+relu bwd dx"), &dx32, &rdx);
+    assert_close(&what("bn+relu bwd dgamma"), &dg32, &rdg);
+    assert_close(&what("bn+relu bwd dbeta"), &db32, &rdb);
+    // In place: the same bits.
+    let (mut inplace, mut dg2, mut db2) = (dy32.clone(), vec![f32::NAN; c], vec![f32::NAN; c]);
+    batchnorm2d_relu_backward_in_place(
+        n,
+        c,
+        hw,
+        &x32,
+        &g32,
+        &saved32,
+        &mut inplace,
+        &mut dg2,
+        &mut db2,
+    );
+    assert_eq!(inplace, dx32, "{}", what("bn+relu in place dx"));
+    assert_eq!(
+        (dg2, db2),
+        (dg32, db32),
+        "{}",
+        what("bn+relu in place param grads")
+    );
+    let mask64: Vec<bool> = z64.iter().map(|&z| z > 0.0).collect();
+    let (rdx, rdg, rdb) = reference(&mask64);
+    let (mut dx64, mut dg64, mut db64) =
+        (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+    batchnorm2d_relu_backward(
+        n, c, hw, &x64, &g64, &saved64, &dy64, &mut dx64, &mut dg64, &mut db64,
+    );
+    for (name, a, b) in [
+        ("dx", &dx64, &rdx),
+        ("dgamma", &dg64, &rdg),
+        ("dbeta", &db64, &rdb),
+    ] {
+        assert!(
+            rel_err64(a, b) <= 1e-10,
+            "{}",
+            what(&format!("bn+relu f64 bwd {name}"))
+        );
+    }
+    let (mut ze32, mut ze64) = (vec![f32::NAN; len], vec![f64::NAN; len]);
+    batchnorm2d_relu_forward_eval(n, c, hw, &x32, &g32, &b32, &rm32, &rv32, eps, &mut ze32);
+    batchnorm2d_relu_forward_eval(n, c, hw, &x64, &g64, &b64, &rm64, &rv64, eps, &mut ze64);
+    assert_close(&what("bn+relu eval z"), &ze32, &relu64(&ye64));
 }
 
 #[test]
 fn batchnorm2d_f32_matches_f64() {
-    let _guard = thread_lock();
-    for threads in [1, 2] {
-        set_num_threads(threads);
-        check_batchnorm(3, 5, 7 * 9, 0.3, 2.0, 20_000, threads);
-        check_batchnorm(1, 3, 13, -1.0, 1.0, 20_100, threads);
-        check_batchnorm(128, 64, 4, 0.0, 3.0, 20_200, threads); // VGG's last BN shape-like
-        check_batchnorm(16, 6, 33 * 17, 5.0, 0.5, 20_300, threads);
-    }
-    set_num_threads(2);
+    on_every_path(|path| {
+        check_batchnorm(3, 5, 7 * 9, 0.3, 2.0, 20_000, path);
+        check_batchnorm(1, 3, 13, -1.0, 1.0, 20_100, path);
+        check_batchnorm(128, 64, 4, 0.0, 3.0, 20_200, path); // VGG's last BN shape-like
+        check_batchnorm(16, 6, 33 * 17, 5.0, 0.5, 20_300, path);
+        check_batchnorm(300, 3, 1, 0.5, 1.0, 20_400, path); // 1x1 planes: several flushes
+        check_batchnorm(4, 40, 16 * 16, -0.2, 1.0, 20_500, path); // several channel blocks
+    });
 }
 
 /// A large reduction (262144 elements per channel) with |mean| ≫ std: naive f32 sums or a
 /// one-pass E[x²] - E[x]² in f32 would be off by far more than the tolerance.
 #[test]
 fn batchnorm2d_large_reduction_with_large_mean() {
-    let _guard = thread_lock();
-    for threads in [1, 2] {
-        set_num_threads(threads);
-        check_batchnorm(64, 1, 64 * 64, 1000.0, 2.0, 21_000, threads);
-    }
-    set_num_threads(2);
+    on_every_path(|path| check_batchnorm(64, 1, 64 * 64, 1000.0, 2.0, 21_000, path));
 }
 
 /// Running statistics by hand: momentum 0.1, unbiased variance over count = N·HW.
@@ -380,9 +463,7 @@ fn batchnorm2d_running_update_hand_computed() {
 
 #[test]
 fn relu_f32_matches_f64() {
-    let _guard = thread_lock();
-    for threads in [1, 2] {
-        set_num_threads(threads);
+    on_every_path(|_| {
         // Large enough to be split into parallel chunks, odd length for the tails.
         for (t, &len) in [13usize, 1 << 20 | 3].iter().enumerate() {
             let (x32, x64) = rand_pair(30_000 + t as u64, len, -1.0, 1.0);
@@ -405,14 +486,92 @@ fn relu_f32_matches_f64() {
                 .map(|(&x, &d)| if x > 0.0 { d } else { 0.0 });
             assert!(dx64.iter().copied().eq(by_def), "relu bwd definition");
         }
-    }
-    set_num_threads(2);
+    });
 }
 
 #[test]
 fn maxpool2d_f32_matches_f64_and_definition() {
-    let _guard = thread_lock();
     let shapes = [
+        // Quarter-vector rows four at a time (AVX2: 4 wide; Portable16: 8 wide), with rows
+        // left over.
+        Pool2dGeom {
+            n: 3,
+            c: 1,
+            h: 6,
+            w: 4,
+            k: 2,
+            stride: 2,
+        },
+        Pool2dGeom {
+            n: 1,
+            c: 3,
+            h: 10,
+            w: 8,
+            k: 2,
+            stride: 2,
+        },
+        // Half-vector rows two at a time, across planes of odd height/2 (AVX2, Portable16).
+        Pool2dGeom {
+            n: 3,
+            c: 2,
+            h: 6,
+            w: 8,
+            k: 2,
+            stride: 2,
+        },
+        Pool2dGeom {
+            n: 2,
+            c: 3,
+            h: 10,
+            w: 16,
+            k: 2,
+            stride: 2,
+        },
+        // VGG's first pool: vector rows
+        Pool2dGeom {
+            n: 2,
+            c: 3,
+            h: 32,
+            w: 32,
+            k: 2,
+            stride: 2,
+        },
+        // 10 outputs per row: partial vectors
+        Pool2dGeom {
+            n: 3,
+            c: 2,
+            h: 6,
+            w: 20,
+            k: 2,
+            stride: 2,
+        },
+        // odd height: one plane at a time, vector rows
+        Pool2dGeom {
+            n: 2,
+            c: 5,
+            h: 7,
+            w: 36,
+            k: 2,
+            stride: 2,
+        },
+        // 2 outputs per row: the scalar loop
+        Pool2dGeom {
+            n: 5,
+            c: 4,
+            h: 4,
+            w: 4,
+            k: 2,
+            stride: 2,
+        },
+        // 4 outputs per row
+        Pool2dGeom {
+            n: 1,
+            c: 3,
+            h: 8,
+            w: 8,
+            k: 2,
+            stride: 2,
+        },
         Pool2dGeom {
             n: 64,
             c: 32,
@@ -447,40 +606,67 @@ fn maxpool2d_f32_matches_f64_and_definition() {
             stride: 2,
         },
     ];
-    for threads in [1, 2] {
-        set_num_threads(threads);
+    on_every_path(|path| {
         for (t, g) in shapes.iter().enumerate() {
             let len = g.n * g.c * g.h * g.w;
             let out = g.n * g.c * g.out_h() * g.out_w();
-            let (x32, x64) = rand_pair(40_000 + t as u64, len, -1.0, 1.0);
+            let (mut x32, mut x64) = rand_pair(40_000 + t as u64, len, -1.0, 1.0);
+            // Ties (the first in window order wins) and a NaN (propagates).
+            for i in (0..len - 1).step_by(7) {
+                x32[i] = x32[i + 1];
+                x64[i] = x64[i + 1];
+            }
+            x32[len / 2] = f32::NAN;
+            x64[len / 2] = f64::NAN;
             let (dy32, dy64) = rand_pair(40_100 + t as u64, out, -1.0, 1.0);
-            let (mut y32, mut a32) = (vec![f32::NAN; out], vec![u32::MAX; out]);
-            let (mut y64, mut a64) = (vec![f64::NAN; out], vec![u32::MAX; out]);
+            let (mut y32, mut a32) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            let (mut y64, mut a64) = (vec![f64::NAN; out], vec![u8::MAX; out]);
             maxpool2d_forward(g, &x32, &mut y32, &mut a32);
             maxpool2d_forward(g, &x64, &mut y64, &mut a64);
-            assert_close("pool fwd", &y32, &y64);
-            assert_eq!(a32, a64, "pool argmax f32 vs f64");
-            // By definition: the max over each window, at the recorded position.
+            assert_eq!(a32, a64, "pool argmax f32 vs f64, {g:?} {path}");
+            // By definition: the first maximum of each window in row-major order (a NaN
+            // wins), at the recorded window position; f32 gives exactly the f32 inputs.
             let (oh, ow) = (g.out_h(), g.out_w());
-            for (o, &v) in y64.iter().enumerate() {
+            for (o, (&v, &v32)) in y64.iter().zip(&y32).enumerate() {
                 let (plane, r, c) = (o / (oh * ow), (o / ow) % oh, o % ow);
                 let xp = &x64[plane * g.h * g.w..(plane + 1) * g.h * g.w];
-                let mut m = f64::NEG_INFINITY;
-                for i in 0..g.k {
-                    for j in 0..g.k {
-                        m = m.max(xp[(r * g.stride + i) * g.w + c * g.stride + j]);
+                let at = |k: usize| xp[(r * g.stride + k / g.k) * g.w + c * g.stride + k % g.k];
+                let mut best = 0;
+                for k in 1..g.k * g.k {
+                    if at(k) > at(best) || (at(k).is_nan() && !at(best).is_nan()) {
+                        best = k;
                     }
                 }
-                assert_eq!(v, m, "pool max at output {o}");
-                assert_eq!(xp[a64[o] as usize], m, "pool argmax at output {o}");
+                assert_eq!(
+                    a64[o] as usize, best,
+                    "pool argmax at output {o}, {g:?} {path}"
+                );
+                assert!(
+                    v.to_bits() == at(best).to_bits(),
+                    "pool max at output {o}, {path}"
+                );
+                assert!(
+                    v32.to_bits() == (v as f32).to_bits(),
+                    "pool f32 max at {o}, {path}"
+                );
             }
             let (mut dx32, mut dx64) = (vec![f32::NAN; len], vec![f64::NAN; len]);
             maxpool2d_backward(g, &dy32, &a32, &mut dx32);
             maxpool2d_backward(g, &dy64, &a64, &mut dx64);
-            assert_close("pool bwd", &dx32, &dx64);
+            // By definition: the sum of the dy routed to each input.
+            let mut want = vec![0f64; len];
+            for o in 0..out {
+                let (plane, r, c) = (o / (oh * ow), (o / ow) % oh, o % ow);
+                let k = a64[o] as usize;
+                want[plane * g.h * g.w
+                    + (r * g.stride + k / g.k) * g.w
+                    + c * g.stride
+                    + k % g.k] += dy64[o];
+            }
+            assert_eq!(dx64, want, "pool bwd definition, {g:?} {path}");
+            assert_close(&format!("pool bwd {g:?} {path}"), &dx32, &dx64);
         }
-    }
-    set_num_threads(2);
+    });
 }
 
 /// PyTorch: the first maximum (in row-major window order) wins a tie.
@@ -495,10 +681,10 @@ fn maxpool2d_ties_pick_first() {
         stride: 2,
     };
     let x = [1.0f32, 3.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0];
-    let (mut y, mut a) = ([0f32; 2], [0u32; 2]);
+    let (mut y, mut a) = ([0f32; 2], [0u8; 2]);
     maxpool2d_forward(&g, &x, &mut y, &mut a);
     assert_eq!(y, [3.0, 0.0]);
-    assert_eq!(a, [1, 2]);
+    assert_eq!(a, [1, 0]); // window positions: top-right, top-left
     let mut dx = [f32::NAN; 8];
     maxpool2d_backward(&g, &[1.0, 2.0], &a, &mut dx);
     assert_eq!(dx, [0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
@@ -659,4 +845,204 @@ fn conv_and_batchnorm_are_deterministic_with_two_threads() {
         }
     }
     set_num_threads(2);
+}
+
+/// Fused batch norm + relu + 2x2 pool against the three ops chained: the same bits forward
+/// (the chained ops compute each value the same way), and backward against the chained f64
+/// backward (pool backward, relu mask, batch-norm backward), on every SIMD path; the
+/// in-place backward gives the same bits as the other.
+#[test]
+fn batchnorm2d_relu_maxpool2d_matches_the_chained_ops() {
+    // (n, c, h, w): VGG's first block, partial vectors, narrow rows (scalar with AVX2),
+    // 2x2 planes, several channel blocks, an odd number of outputs per row.
+    let shapes = [
+        (2, 3, 32, 32),
+        (3, 4, 6, 20),
+        (4, 5, 4, 4),
+        (5, 3, 2, 2),
+        (2, 40, 8, 8),
+        (3, 2, 16, 6),
+        // Rows of half a vector (AVX2: 8 wide, Portable16: 16 wide) are taken two at a time;
+        // an odd row count leaves one alone.
+        (3, 2, 6, 8),
+        (2, 3, 10, 16),
+        // Rows of a quarter vector (AVX2: 4 wide, Portable16: 8 wide) four at a time, and
+        // the rows left over.
+        (2, 3, 8, 4),
+        (2, 2, 12, 8),
+        (3, 2, 6, 4),
+    ];
+    let eps = 1e-5;
+    on_every_path(|path| {
+        for (t, &(n, c, h, w)) in shapes.iter().enumerate() {
+            let what = |op: &str| format!("{op} n={n} c={c} {h}x{w} {path}");
+            let (len, out) = (n * c * h * w, n * c * h * w / 4);
+            let seed = 50_000 + 10 * t as u64;
+            let (x32, x64) = rand_pair(seed, len, -1.0, 2.0);
+            let (g32, g64) = rand_pair(seed + 1, c, 0.5, 1.5);
+            let (b32, b64) = rand_pair(seed + 2, c, -0.5, 0.5);
+            let (dp32, dp64) = rand_pair(seed + 3, out, -1.0, 1.0);
+            let geom = Pool2dGeom {
+                n,
+                c,
+                h,
+                w,
+                k: 2,
+                stride: 2,
+            };
+
+            // Chained, f32 and f64.
+            let chained = |x: &[f64], g: &[f64], b: &[f64]| {
+                let (mut z, mut saved) = (vec![f64::NAN; len], BnSaved::new());
+                batchnorm2d_relu_forward_train(n, c, h * w, x, g, b, eps, &mut z, &mut saved);
+                let (mut p, mut a) = (vec![f64::NAN; out], vec![u8::MAX; out]);
+                maxpool2d_forward(&geom, &z, &mut p, &mut a);
+                (z, saved, p, a)
+            };
+            let (z64, s64, p64, a64) = chained(&x64, &g64, &b64);
+            let (mut z32, mut s32) = (vec![f32::NAN; len], BnSaved::new());
+            batchnorm2d_relu_forward_train(n, c, h * w, &x32, &g32, &b32, eps, &mut z32, &mut s32);
+            let (mut pc32, mut ac32) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            maxpool2d_forward(&geom, &z32, &mut pc32, &mut ac32);
+
+            // Fused.
+            let (mut p32, mut a32, mut sf32) =
+                (vec![f32::NAN; out], vec![u8::MAX; out], BnSaved::new());
+            batchnorm2d_relu_maxpool2d_forward_train(
+                n, c, h, w, &x32, &g32, &b32, eps, &mut p32, &mut a32, &mut sf32,
+            );
+            assert_eq!(p32, pc32, "{}", what("fused fwd p (f32)"));
+            assert_eq!(a32, ac32, "{}", what("fused fwd argmax (f32)"));
+            assert_eq!(
+                (sf32.mean(), sf32.invstd()),
+                (s32.mean(), s32.invstd()),
+                "{}",
+                what("stats")
+            );
+            let (mut pf64, mut af64, mut sf64) =
+                (vec![f64::NAN; out], vec![u8::MAX; out], BnSaved::new());
+            batchnorm2d_relu_maxpool2d_forward_train(
+                n, c, h, w, &x64, &g64, &b64, eps, &mut pf64, &mut af64, &mut sf64,
+            );
+            assert_eq!(pf64, p64, "{}", what("fused fwd p (f64)"));
+            assert_eq!(af64, a64, "{}", what("fused fwd argmax (f64)"));
+            assert_close(&what("fused fwd f32 vs f64"), &p32, &p64);
+
+            // Backward reference: chained f64 with the f32 op's own window positions and
+            // relu mask (so values within rounding of a tie or of 0 cannot differ).
+            let mut dz = vec![f64::NAN; len];
+            maxpool2d_backward(&geom, &dp64, &a32, &mut dz);
+            for (d, &z) in dz.iter_mut().zip(&z32) {
+                if z <= 0.0 {
+                    *d = 0.0;
+                }
+            }
+            let (mut rdx, mut rdg, mut rdb) =
+                (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+            let (m64, is64) = (s64.mean().to_vec(), s64.invstd().to_vec());
+            batchnorm2d_backward(
+                n,
+                c,
+                h * w,
+                &x64,
+                &g64,
+                &m64,
+                &is64,
+                &dz,
+                &mut rdx,
+                &mut rdg,
+                &mut rdb,
+            );
+            let (mut dx32, mut dg32, mut db32) =
+                (vec![f32::NAN; len], vec![f32::NAN; c], vec![f32::NAN; c]);
+            batchnorm2d_relu_maxpool2d_backward(
+                n, c, h, w, &x32, &g32, &sf32, &dp32, &a32, &mut dx32, &mut dg32, &mut db32,
+            );
+            assert_close(&what("fused bwd dx"), &dx32, &rdx);
+            assert_close(&what("fused bwd dgamma"), &dg32, &rdg);
+            assert_close(&what("fused bwd dbeta"), &db32, &rdb);
+            let (mut inplace, mut dg2, mut db2) =
+                (x32.clone(), vec![f32::NAN; c], vec![f32::NAN; c]);
+            batchnorm2d_relu_maxpool2d_backward_in_place(
+                n,
+                c,
+                h,
+                w,
+                &mut inplace,
+                &g32,
+                &sf32,
+                &dp32,
+                &a32,
+                &mut dg2,
+                &mut db2,
+            );
+            assert_eq!(inplace, dx32, "{}", what("fused bwd in place dx"));
+            assert_eq!(
+                (dg2, db2),
+                (dg32, db32),
+                "{}",
+                what("fused bwd in place param grads")
+            );
+            // f64 fused backward against the f64 chain (exact masks and positions in f64).
+            let mut dz = vec![f64::NAN; len];
+            maxpool2d_backward(&geom, &dp64, &a64, &mut dz);
+            for (d, &z) in dz.iter_mut().zip(&z64) {
+                if z <= 0.0 {
+                    *d = 0.0;
+                }
+            }
+            batchnorm2d_backward(
+                n,
+                c,
+                h * w,
+                &x64,
+                &g64,
+                &m64,
+                &is64,
+                &dz,
+                &mut rdx,
+                &mut rdg,
+                &mut rdb,
+            );
+            let (mut dx64, mut dg64, mut db64) =
+                (vec![f64::NAN; len], vec![f64::NAN; c], vec![f64::NAN; c]);
+            batchnorm2d_relu_maxpool2d_backward(
+                n, c, h, w, &x64, &g64, &sf64, &dp64, &a64, &mut dx64, &mut dg64, &mut db64,
+            );
+            for (name, a, b) in [
+                ("dx", &dx64, &rdx),
+                ("dgamma", &dg64, &rdg),
+                ("dbeta", &db64, &rdb),
+            ] {
+                assert!(
+                    rel_err64(a, b) <= 1e-10,
+                    "{}",
+                    what(&format!("fused f64 bwd {name}"))
+                );
+            }
+
+            // Eval: against the chain too.
+            let (rm32, rv32) = (vec![0.1f32; c], vec![1.5f32; c]);
+            let mut ze = vec![f32::NAN; len];
+            batchnorm2d_relu_forward_eval(
+                n,
+                c,
+                h * w,
+                &x32,
+                &g32,
+                &b32,
+                &rm32,
+                &rv32,
+                eps,
+                &mut ze,
+            );
+            let (mut pe, mut ae) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            maxpool2d_forward(&geom, &ze, &mut pe, &mut ae);
+            let (mut pf, mut af) = (vec![f32::NAN; out], vec![u8::MAX; out]);
+            batchnorm2d_relu_maxpool2d_forward_eval(
+                n, c, h, w, &x32, &g32, &b32, &rm32, &rv32, eps, &mut pf, &mut af,
+            );
+            assert_eq!((pf, af), (pe, ae), "{}", what("fused eval"));
+        }
+    });
 }

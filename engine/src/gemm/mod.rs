@@ -7,6 +7,9 @@
 //!   [`crate::parallel::num_threads`].
 //! - [`sgemm_with`]: the same with an explicit [`Kernel`] and thread count (tests, benches).
 //! - [`gemm_reference`]: naive triple loop, generic, used for f64 and as the test oracle.
+//! - [`sgemm_packed_b`] / [`gemm_packed_b_reference`]: B already in the microkernel's panel
+//!   layout ([`PackedLayout`], [`Panels`]) and A read in place, as the Winograd transforms
+//!   write them.
 //!
 //! Design (`gemm_serial`): for each `NC`-column block of B and `KC`-deep slice, B is packed
 //! into `NR`-column micro-panels; for each `MC`-row block of A, A is packed into `MR`-row
@@ -21,9 +24,12 @@
 //! 64-byte-aligned packing buffers.
 
 mod pack;
+mod packed;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use packed::{gemm_packed_b_reference, sgemm_packed_b, PackedLayout, Panels};
 
 /// A strided read-only view of a matrix: element `(i, j)` is at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -608,6 +614,12 @@ unsafe fn gemm_serial<K: MicroKernel>(
             while ic < m {
                 let mc = mc_max.min(m - ic);
                 let a_block = if direct_a {
+                    // A ragged last row panel is still packed (to the buffer's start),
+                    // since the kernel reads whole panels.
+                    let ragged = mc % K::MR;
+                    if ragged != 0 {
+                        K::pack_a(a, ic + mc - ragged, pc, ragged, kc, apack);
+                    }
                     Block::Direct {
                         m: a,
                         r0: ic,
@@ -650,7 +662,8 @@ enum Block<'a> {
     /// Packed into the buffer by `pack_a` / `pack_b`.
     Packed,
     /// In place: the block starts at `(r0, c0)` of the strided view. A ragged last panel
-    /// is still packed, to the start of the buffer, since the kernel reads whole panels.
+    /// is still packed, to the start of the buffer (by `gemm_serial`), since the kernel
+    /// reads whole panels.
     Direct {
         m: MatRef<'a, f32>,
         r0: usize,
@@ -676,7 +689,7 @@ unsafe fn macro_kernel<K: MicroKernel>(
     alpha: f32,
     beta: f32,
     a_block: Block<'_>,
-    apack: &mut [f32],
+    apack: &[f32],
     b_block: Block<'_>,
     bpack: &[f32],
     c: CMat,
@@ -684,11 +697,6 @@ unsafe fn macro_kernel<K: MicroKernel>(
     debug_assert!(K::MR * K::NR <= MAX_TILE);
     debug_assert!(apack.len() >= mc.div_ceil(K::MR) * K::MR * kc);
     debug_assert!(bpack.len() >= nc.div_ceil(K::NR) * K::NR * kc);
-    // Pack a ragged last row panel of a direct A block once, up front.
-    let ragged = mc % K::MR;
-    if let (Block::Direct { m: a, r0, c0 }, true) = (a_block, ragged != 0) {
-        K::pack_a(a, r0 + mc - ragged, c0, ragged, kc, apack);
-    }
     let mut tile = TileBuf([0.0; MAX_TILE]);
     for jp in 0..nc.div_ceil(K::NR) {
         let nr = K::NR.min(nc - jp * K::NR);

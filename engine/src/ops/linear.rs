@@ -1,6 +1,8 @@
 //! linear: `y[n, o] = b[o] + Σ_i x[n, i] · w[o, i]` (PyTorch's `[out, in]` weight).
 //! Everything is one GEMM each way; transposes are free strided views.
+use crate::autograd::{Param, ParamGrads, Tape, TapeNode, ValueId};
 use crate::gemm::MatRef;
+use crate::tensor::numel;
 use crate::Float;
 
 #[allow(clippy::too_many_arguments)]
@@ -97,5 +99,100 @@ pub fn linear_backward<T: Float>(
         for (d, a) in db.iter_mut().zip(acc) {
             *d = T::from_f64_lossy(a);
         }
+    }
+}
+
+struct LinearNode {
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    x: usize,
+    y: usize,
+    w: usize,
+    b: Option<usize>,
+}
+
+impl<T: Float> TapeNode<T> for LinearNode {
+    fn op(&self) -> &'static str {
+        "linear"
+    }
+    fn output(&self) -> usize {
+        self.y
+    }
+    fn backward(&self, tape: &mut Tape<T>, grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
+        let (n, d_in, d_out, x, w, b) = (self.n, self.d_in, self.d_out, self.x, self.w, self.b);
+        let mut dw = tape.pools.floats.take(d_out * d_in);
+        let mut db = tape.pools.floats.take(d_out);
+        let mut dx = tape
+            .requires_grad(x)
+            .then(|| tape.pools.floats.take(n * d_in));
+        linear_backward(
+            n,
+            d_in,
+            d_out,
+            tape.value(x),
+            &grads.params[w].value,
+            dy,
+            dx.as_deref_mut(),
+            &mut dw,
+            b.map(|_| &mut db[..]),
+        );
+        tape.write_param_grads(grads, w, b, |_, gw, gb| {
+            gw.copy_from_slice(&dw);
+            if let Some(gb) = gb {
+                gb.copy_from_slice(&db);
+            }
+        });
+        tape.pools.floats.give(dw);
+        tape.pools.floats.give(db);
+        tape.unsave(x);
+        if let Some(dx) = dx {
+            tape.deliver_grad(x, dx);
+        }
+    }
+}
+
+impl<T: Float> Tape<T> {
+    /// Fully connected layer; `x: [N, ...]` is flattened to `[N, d_in]` (PyTorch's
+    /// `view(N, -1)`), `w: [d_out, d_in]`.
+    pub fn linear(
+        &mut self,
+        params: &[Param<T>],
+        x: ValueId,
+        w: usize,
+        b: Option<usize>,
+    ) -> ValueId {
+        let xs = self.shape(&x);
+        let n = xs[0];
+        let d_in = numel(&xs[1..]);
+        let ws = &params[w].shape;
+        assert!(
+            ws.len() == 2 && ws[1] == d_in,
+            "linear: x {xs:?} vs w {ws:?}"
+        );
+        let d_out = ws[0];
+        let y = self.new_output(vec![n, d_out], |t, yd| {
+            let bias = b.map(|b| &params[b].value[..]);
+            linear_forward(n, d_in, d_out, t.value(x.0), &params[w].value, bias, yd)
+        });
+        let record = self.record();
+        let x = self.consume_input(x, record);
+        if record {
+            self.note_param_use(w);
+            if let Some(b) = b {
+                self.note_param_use(b);
+            }
+            self.push_node(Box::new(LinearNode {
+                n,
+                d_in,
+                d_out,
+                x,
+                y,
+                w,
+                b,
+            }));
+        }
+        self.maybe_free_data(x);
+        ValueId(y)
     }
 }

@@ -1,5 +1,6 @@
 //! Log-softmax cross-entropy, mean over the batch (`torch.nn.functional.cross_entropy`).
 //! Rows are shifted by their max before `exp` (no overflow); sums run in f64.
+use crate::autograd::{ParamGrads, Pools, Tape, TapeNode, ValueId};
 use crate::Float;
 
 /// Returns the mean loss; writes softmax probabilities into `probs` (`[n, classes]`) for
@@ -77,5 +78,68 @@ pub fn cross_entropy_backward<T: Float>(
             *d = scale * p;
         }
         drow[label as usize] -= scale;
+    }
+}
+
+struct CrossEntropyNode<T> {
+    n: usize,
+    classes: usize,
+    logits: usize,
+    loss: usize,
+    probs: Vec<T>,
+    labels: Vec<u32>,
+}
+
+impl<T: Float> TapeNode<T> for CrossEntropyNode<T> {
+    fn op(&self) -> &'static str {
+        "cross_entropy"
+    }
+    fn output(&self) -> usize {
+        self.loss
+    }
+    fn backward(&self, tape: &mut Tape<T>, _grads: &mut ParamGrads<'_, T>, dy: &mut Vec<T>) {
+        if tape.requires_grad(self.logits) {
+            let dloss = dy[0];
+            tape.accumulate(self.logits, |_, g| {
+                cross_entropy_backward(self.n, self.classes, &self.probs, &self.labels, dloss, g)
+            });
+        }
+    }
+    fn recycle(self: Box<Self>, pools: &mut Pools<T>) {
+        pools.floats.give(self.probs);
+    }
+}
+
+impl<T: Float> Tape<T> {
+    /// Mean cross-entropy of `logits: [N, classes]` against `labels` (each `< classes`;
+    /// callers validate). Returns the scalar loss value and its number.
+    pub fn cross_entropy(&mut self, logits: ValueId, labels: &[u32]) -> (ValueId, T) {
+        let ls = self.shape(&logits);
+        assert!(
+            ls.len() == 2 && ls[0] == labels.len(),
+            "cross_entropy: {ls:?} vs {} labels",
+            labels.len()
+        );
+        let (n, classes) = (ls[0], ls[1]);
+        let mut probs = self.pools.floats.take(n * classes);
+        let loss_value =
+            cross_entropy_forward(n, classes, self.value(logits.0), labels, &mut probs);
+        let loss = self.new_output(Vec::new(), |_, l| l[0] = loss_value);
+        let record = self.record();
+        let logits = self.consume_input(logits, false);
+        if record {
+            self.push_node(Box::new(CrossEntropyNode {
+                n,
+                classes,
+                logits,
+                loss,
+                probs,
+                labels: labels.to_vec(),
+            }));
+        } else {
+            self.pools.floats.give(probs);
+        }
+        self.maybe_free_data(logits);
+        (ValueId(loss), loss_value)
     }
 }

@@ -16,18 +16,25 @@
 //!   [`conv2d_release_scratch`].
 
 pub mod batchnorm;
+pub mod bn_relu;
+pub mod bn_relu_pool;
 pub mod conv;
+mod elementwise;
 pub mod linear;
 pub mod loss;
 pub mod pool;
 pub mod relu;
 
 pub use batchnorm::*;
+pub use bn_relu::*;
+pub use bn_relu_pool::*;
 pub use conv::*;
 pub use linear::*;
 pub use loss::*;
 pub use pool::*;
 pub use relu::*;
+
+pub(crate) use elementwise::add_assign;
 
 use crate::parallel::{num_threads, parallel_for};
 
@@ -73,6 +80,28 @@ pub(crate) fn par_chunks_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(
         // range; `data` stays exclusively borrowed until `parallel_for` returns.
         let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
         f(i, chunk);
+    });
+}
+
+/// [`par_chunks_mut`] over two slices of the same length split at the same places:
+/// `f(chunk_index, a_chunk, b_chunk)`.
+pub(crate) fn par_chunks_mut2<A: Send, B: Send, F: Fn(usize, &mut [A], &mut [B]) + Sync>(
+    a: &mut [A],
+    b: &mut [B],
+    chunk_len: usize,
+    f: F,
+) {
+    assert_eq!(a.len(), b.len(), "par_chunks_mut2: lengths differ");
+    let chunk_len = chunk_len.max(1);
+    let b_base = SharedMutPtr(b.as_mut_ptr());
+    par_chunks_mut(a, chunk_len, |i, a_chunk| {
+        // SAFETY: `b`'s chunk `i` mirrors `a`'s (same length, same split): inside `b` and
+        // disjoint from every other task's; `b` stays exclusively borrowed until
+        // `par_chunks_mut` returns.
+        let b_chunk = unsafe {
+            std::slice::from_raw_parts_mut(b_base.get().add(i * chunk_len), a_chunk.len())
+        };
+        f(i, a_chunk, b_chunk)
     });
 }
 

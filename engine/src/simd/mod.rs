@@ -14,8 +14,14 @@
 
 use std::sync::OnceLock;
 
+mod float_vec;
 mod vector;
-pub use vector::{dispatch, F32Vec, Portable16, Portable8, SimdKernel};
+pub(crate) use float_vec::set_f32_impl_override;
+pub use float_vec::{
+    current_f32_impl, dispatch_f32_at, f32_impl_override, with_f32_impl, F32Impl, F64x4, FloatVec,
+    VecKernel,
+};
+pub use vector::{dispatch, dispatch_at, F32Vec, Portable16, Portable8, SimdKernel};
 #[cfg(target_arch = "x86_64")]
 pub use vector::{Avx2, Avx512};
 

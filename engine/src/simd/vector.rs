@@ -70,8 +70,36 @@ pub trait F32Vec: Copy + Send + Sync + 'static {
     fn gt(self, b: Self) -> Self::Mask;
     /// Lane-wise `self < b`.
     fn lt(self, b: Self) -> Self::Mask;
+    /// Lane-wise `self == b` (false if either lane is NaN).
+    fn eq(self, b: Self) -> Self::Mask;
+    /// Lane-wise "is NaN".
+    fn is_nan(self) -> Self::Mask;
+    /// Lane-wise `a || b` of two masks.
+    fn mask_or(a: Self::Mask, b: Self::Mask) -> Self::Mask;
     /// Lane-wise `if m { t } else { f }`.
     fn select(m: Self::Mask, t: Self, f: Self) -> Self;
+    /// Load `LANES` bytes as lanes (`0.0 ..= 255.0`).
+    ///
+    /// # Safety
+    /// `p .. p + LANES` must be readable.
+    unsafe fn load_u8(p: *const u8) -> Self;
+    /// Store the lanes, which must hold integers in `0 ..= 255`, as `LANES` bytes.
+    ///
+    /// # Safety
+    /// `p .. p + LANES` must be writable.
+    unsafe fn store_u8(self, p: *mut u8);
+    /// The even and the odd lanes of the `2·LANES`-lane sequence `a ++ b`:
+    /// `([a0, a2, …, b0, b2, …], [a1, a3, …, b1, b3, …])`.
+    fn deinterleave(a: Self, b: Self) -> (Self, Self);
+    /// The inverse of [`F32Vec::deinterleave`]: `a0, b0, a1, b1, …` as two vectors (first
+    /// half, second half).
+    fn interleave(a: Self, b: Self) -> (Self, Self);
+    /// [`F32Vec::deinterleave`] of quarter vectors (`LANES / 4` lanes each) instead of lanes:
+    /// `([a.q0, a.q2, b.q0, b.q2], [a.q1, a.q3, b.q1, b.q3])`.
+    fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self);
+    /// The inverse of [`F32Vec::deinterleave_quarters`]:
+    /// `([a.q0, b.q0, a.q1, b.q1], [a.q2, b.q2, a.q3, b.q3])`.
+    fn interleave_quarters(a: Self, b: Self) -> (Self, Self);
     /// Sum of the lanes, in a fixed order: lanes are added pairwise, halves first
     /// (`LANES = 8`: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`), the same for every type of
     /// the same width.
@@ -85,10 +113,11 @@ pub trait SimdKernel {
     fn run<V: F32Vec>(self) -> Self::Output;
 }
 
-/// Run `kernel` at the process's SIMD level ([`super::level`]).
+/// Run `kernel` at the process's SIMD level ([`super::level`]), or on the variant a
+/// [`super::with_f32_impl`] scope asks for.
 #[inline]
 pub fn dispatch<K: SimdKernel>(kernel: K) -> K::Output {
-    dispatch_at(super::level(), kernel)
+    super::current_f32_impl().run_simd(kernel)
 }
 
 /// Run `kernel` at an explicit level (tests and benches compare levels this way).
@@ -229,12 +258,99 @@ macro_rules! portable_vec {
                 m
             }
             #[inline(always)]
+            fn eq(self, b: Self) -> Self::Mask {
+                let mut m = [false; $lanes];
+                for i in 0..$lanes {
+                    m[i] = self.0[i] == b.0[i];
+                }
+                m
+            }
+            #[inline(always)]
+            fn is_nan(self) -> Self::Mask {
+                let mut m = [false; $lanes];
+                for i in 0..$lanes {
+                    m[i] = self.0[i].is_nan();
+                }
+                m
+            }
+            #[inline(always)]
+            fn mask_or(a: Self::Mask, b: Self::Mask) -> Self::Mask {
+                let mut m = [false; $lanes];
+                for i in 0..$lanes {
+                    m[i] = a[i] || b[i];
+                }
+                m
+            }
+            #[inline(always)]
             fn select(m: Self::Mask, t: Self, f: Self) -> Self {
                 let mut out = [0.0; $lanes];
                 for i in 0..$lanes {
                     out[i] = if m[i] { t.0[i] } else { f.0[i] };
                 }
                 $name(out)
+            }
+            #[inline(always)]
+            unsafe fn load_u8(p: *const u8) -> Self {
+                // SAFETY: the caller guarantees `LANES` readable bytes at `p`.
+                let bytes = unsafe { std::ptr::read_unaligned(p as *const [u8; $lanes]) };
+                $name(bytes.map(|b| b as f32))
+            }
+            #[inline(always)]
+            unsafe fn store_u8(self, p: *mut u8) {
+                // SAFETY: the caller guarantees `LANES` writable bytes at `p`.
+                unsafe { std::ptr::write_unaligned(p as *mut [u8; $lanes], self.0.map(|v| v as u8)) }
+            }
+            #[inline(always)]
+            fn deinterleave(a: Self, b: Self) -> (Self, Self) {
+                let (mut even, mut odd) = ([0.0; $lanes], [0.0; $lanes]);
+                for i in 0..$lanes / 2 {
+                    even[i] = a.0[2 * i];
+                    odd[i] = a.0[2 * i + 1];
+                    even[i + $lanes / 2] = b.0[2 * i];
+                    odd[i + $lanes / 2] = b.0[2 * i + 1];
+                }
+                ($name(even), $name(odd))
+            }
+            #[inline(always)]
+            fn interleave(a: Self, b: Self) -> (Self, Self) {
+                let (mut lo, mut hi) = ([0.0; $lanes], [0.0; $lanes]);
+                for i in 0..$lanes / 2 {
+                    lo[2 * i] = a.0[i];
+                    lo[2 * i + 1] = b.0[i];
+                    hi[2 * i] = a.0[i + $lanes / 2];
+                    hi[2 * i + 1] = b.0[i + $lanes / 2];
+                }
+                ($name(lo), $name(hi))
+            }
+            #[inline(always)]
+            fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+                const Q: usize = $lanes / 4;
+                let (mut even, mut odd) = ([0.0; $lanes], [0.0; $lanes]);
+                for i in 0..Q {
+                    for (k, src) in [(0, &a.0), (2, &b.0)] {
+                        even[k * Q + i] = src[i];
+                        even[(k + 1) * Q + i] = src[2 * Q + i];
+                        odd[k * Q + i] = src[Q + i];
+                        odd[(k + 1) * Q + i] = src[3 * Q + i];
+                    }
+                }
+                ($name(even), $name(odd))
+            }
+            #[inline(always)]
+            fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+                const Q: usize = $lanes / 4;
+                let (mut lo, mut hi) = ([0.0; $lanes], [0.0; $lanes]);
+                for i in 0..Q {
+                    lo[i] = a.0[i];
+                    lo[Q + i] = b.0[i];
+                    lo[2 * Q + i] = a.0[Q + i];
+                    lo[3 * Q + i] = b.0[Q + i];
+                    hi[i] = a.0[2 * Q + i];
+                    hi[Q + i] = b.0[2 * Q + i];
+                    hi[2 * Q + i] = a.0[3 * Q + i];
+                    hi[3 * Q + i] = b.0[3 * Q + i];
+                }
+                ($name(lo), $name(hi))
             }
             #[inline(always)]
             fn reduce_sum(self) -> f32 {
@@ -369,9 +485,104 @@ mod x86 {
             unsafe { _mm256_cmp_ps::<_CMP_LT_OQ>(self.0, b.0) }
         }
         #[inline(always)]
+        fn eq(self, b: Self) -> __m256 {
+            // SAFETY: see the note above the impls.
+            unsafe { _mm256_cmp_ps::<_CMP_EQ_OQ>(self.0, b.0) }
+        }
+        #[inline(always)]
+        fn is_nan(self) -> __m256 {
+            // SAFETY: see the note above the impls.
+            unsafe { _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0) }
+        }
+        #[inline(always)]
+        fn mask_or(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the note above the impls.
+            unsafe { _mm256_or_ps(a, b) }
+        }
+        #[inline(always)]
         fn select(m: __m256, t: Self, f: Self) -> Self {
             // SAFETY: see the note above the impls.
             Avx2(unsafe { _mm256_blendv_ps(f.0, t.0, m) })
+        }
+        #[inline(always)]
+        unsafe fn load_u8(p: *const u8) -> Self {
+            // SAFETY: the caller guarantees 8 readable bytes at `p` (a 64-bit load).
+            Avx2(unsafe {
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+            })
+        }
+        #[inline(always)]
+        unsafe fn store_u8(self, p: *mut u8) {
+            // SAFETY: the caller guarantees 8 writable bytes at `p` (a 64-bit store); lanes
+            // in 0..=255 survive both saturating packs unchanged.
+            unsafe {
+                let i = _mm256_cvttps_epi32(self.0);
+                let w =
+                    _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i));
+                _mm_storel_epi64(p as *mut __m128i, _mm_packus_epi16(w, w));
+            }
+        }
+        #[inline(always)]
+        fn deinterleave(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // Per 128-bit half: (a0 a2 b0 b2 | a4 a6 b4 b6); then the 64-bit pairs are
+                // put in order 0, 2, 1, 3.
+                // (No closures here: one would be compiled without AVX2.)
+                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a.0, b.0));
+                let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a.0, b.0));
+                (
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        even,
+                    ))),
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        odd,
+                    ))),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // (a0 b0 a1 b1 | a4 b4 a5 b5) and (a2 b2 a3 b3 | a6 b6 a7 b7), then halves.
+                let lo = _mm256_unpacklo_ps(a.0, b.0);
+                let hi = _mm256_unpackhi_ps(a.0, b.0);
+                (
+                    Avx2(_mm256_permute2f128_ps::<0x20>(lo, hi)),
+                    Avx2(_mm256_permute2f128_ps::<0x31>(lo, hi)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // Quarters are 64-bit pairs: (a0 b0 a2 b2) and (a1 b1 a3 b3), then reordered.
+                let (a, b) = (_mm256_castps_pd(a.0), _mm256_castps_pd(b.0));
+                let (even, odd) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+                (
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        even,
+                    ))),
+                    Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(
+                        odd,
+                    ))),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // (a0 b0 a2 b2) and (a1 b1 a3 b3) in 64-bit pairs, then the 128-bit halves.
+                let (a, b) = (_mm256_castps_pd(a.0), _mm256_castps_pd(b.0));
+                let (lo, hi) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+                (
+                    Avx2(_mm256_castpd_ps(_mm256_permute2f128_pd::<0x20>(lo, hi))),
+                    Avx2(_mm256_castpd_ps(_mm256_permute2f128_pd::<0x31>(lo, hi))),
+                )
+            }
         }
         #[inline(always)]
         fn reduce_sum(self) -> f32 {
@@ -467,9 +678,91 @@ mod x86 {
             unsafe { _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, b.0) }
         }
         #[inline(always)]
+        fn eq(self, b: Self) -> __mmask16 {
+            // SAFETY: see the note above the impls.
+            unsafe { _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(self.0, b.0) }
+        }
+        #[inline(always)]
+        fn is_nan(self) -> __mmask16 {
+            // SAFETY: see the note above the impls.
+            unsafe { _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0) }
+        }
+        #[inline(always)]
+        fn mask_or(a: __mmask16, b: __mmask16) -> __mmask16 {
+            a | b
+        }
+        #[inline(always)]
         fn select(m: __mmask16, t: Self, f: Self) -> Self {
             // SAFETY: see the note above the impls.
             Avx512(unsafe { _mm512_mask_blend_ps(m, f.0, t.0) })
+        }
+        #[inline(always)]
+        unsafe fn load_u8(p: *const u8) -> Self {
+            // SAFETY: the caller guarantees 16 readable bytes at `p`.
+            Avx512(unsafe {
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)))
+            })
+        }
+        #[inline(always)]
+        unsafe fn store_u8(self, p: *mut u8) {
+            // SAFETY: the caller guarantees 16 writable bytes at `p`; lanes in 0..=255 are
+            // unchanged by the truncating narrow.
+            unsafe {
+                let b = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(self.0));
+                _mm_storeu_si128(p as *mut __m128i, b)
+            }
+        }
+        #[inline(always)]
+        fn deinterleave(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // Indices 0..15 pick from `a`, 16..31 from `b`.
+                let even =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let odd =
+                    _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+                (
+                    Avx512(_mm512_permutex2var_ps(a.0, even, b.0)),
+                    Avx512(_mm512_permutex2var_ps(a.0, odd, b.0)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                let hi =
+                    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+                (
+                    Avx512(_mm512_permutex2var_ps(a.0, lo, b.0)),
+                    Avx512(_mm512_permutex2var_ps(a.0, hi, b.0)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn deinterleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // Quarters are 128-bit blocks: blocks (0, 2) of a then of b, and (1, 3).
+                (
+                    Avx512(_mm512_shuffle_f32x4::<0b10_00_10_00>(a.0, b.0)),
+                    Avx512(_mm512_shuffle_f32x4::<0b11_01_11_01>(a.0, b.0)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave_quarters(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: see the note above the impls.
+            unsafe {
+                // (a0 a1 b0 b1) then blocks 0, 2, 1, 3; likewise with blocks 2, 3.
+                let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a.0, b.0);
+                let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a.0, b.0);
+                (
+                    Avx512(_mm512_shuffle_f32x4::<0b11_01_10_00>(lo, lo)),
+                    Avx512(_mm512_shuffle_f32x4::<0b11_01_10_00>(hi, hi)),
+                )
+            }
         }
         #[inline(always)]
         fn reduce_sum(self) -> f32 {

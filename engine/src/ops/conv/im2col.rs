@@ -1,4 +1,5 @@
-//! conv2d: general kernel/stride/padding, as im2col + GEMM over chunks of images.
+//! [`super::ConvAlgo::Im2col`]: any kernel/stride/padding, as im2col + GEMM over chunks of
+//! images.
 //!
 //! For a chunk of `nb` images the column matrix is `cols[K, nb·P]` with `K = C_in·KH·KW` rows
 //! (one per `(ci, ki, kj)` tap) and `P = OH·OW` columns per image, side by side. Then
@@ -14,88 +15,14 @@
 //! summation order: results do not depend on thread timing.
 //!
 //! Scratch buffers are cached per calling thread and reused across calls (see
-//! [`conv2d_release_scratch`]). With a single image per chunk the GEMM writes straight into
+//! [`super::conv2d_release_scratch`]). With a single image per chunk the GEMM writes straight into
 //! `y` (and reads `dy` in place); 1×1/stride-1/pad-0 convolutions skip im2col entirely then.
-use super::{par_chunks_mut, units_per_task, SharedMutPtr};
+use super::scratch::with_scratch;
+use super::Conv2dGeom;
 use crate::gemm::MatRef;
+use crate::ops::{par_chunks_mut, units_per_task, SharedMutPtr};
 use crate::parallel::{num_threads, parallel_for};
 use crate::Float;
-use std::cell::RefCell;
-
-/// Geometry of a 2-D convolution over a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conv2dGeom {
-    pub n: usize,
-    pub c_in: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c_out: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
-
-impl Conv2dGeom {
-    /// Geometry of `n` images of `c_in×h×w` convolved into `c_out` channels by a `kh×kw`
-    /// kernel.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        n: usize,
-        c_in: usize,
-        h: usize,
-        w: usize,
-        c_out: usize,
-        (kh, kw): (usize, usize),
-        stride: usize,
-        pad: usize,
-    ) -> Self {
-        Conv2dGeom {
-            n,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh,
-            kw,
-            stride,
-            pad,
-        }
-    }
-    pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.pad - self.kh) / self.stride + 1
-    }
-    pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.pad - self.kw) / self.stride + 1
-    }
-    /// Rows of the column matrix: `C_in·KH·KW`.
-    fn taps(&self) -> usize {
-        self.c_in * self.kh * self.kw
-    }
-    /// 1×1, stride 1, no padding: each image already is its own column matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
-    /// Multiply-adds of the forward pass (each backward pass costs the same).
-    pub fn macs(&self) -> usize {
-        self.n * self.c_out * self.out_h() * self.out_w() * self.taps()
-    }
-    fn check(&self, op: &str) {
-        assert!(self.stride >= 1, "{op}: stride must be >= 1");
-        assert!(
-            self.kh >= 1
-                && self.kw >= 1
-                && self.h + 2 * self.pad >= self.kh
-                && self.w + 2 * self.pad >= self.kw,
-            "{op}: kernel {}x{} does not fit the padded {}x{} input (pad {})",
-            self.kh,
-            self.kw,
-            self.h,
-            self.w,
-            self.pad
-        );
-    }
-}
 
 /// GEMM width to aim for when batching images into one column matrix.
 const TARGET_COLS: usize = 2048;
@@ -121,197 +48,131 @@ pub fn conv2d_images_per_chunk(g: &Conv2dGeom) -> usize {
     g.n.max(1).div_ceil(chunks)
 }
 
-thread_local! {
-    /// Reused scratch (as f64 words so it is aligned for any `Float`).
-    static SCRATCH: RefCell<[Vec<f64>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
-}
-
-/// Run `f` with two scratch buffers of `len_a` and `len_b` elements (uninitialized content:
-/// whatever the previous call left). Taken out of the thread-local while in use, so a nested
-/// call just allocates its own instead of aliasing.
-fn with_scratch<T: Float, R>(
-    len_a: usize,
-    len_b: usize,
-    f: impl FnOnce(&mut [T], &mut [T]) -> R,
-) -> R {
-    let words = |len: usize| (len * std::mem::size_of::<T>()).div_ceil(8);
-    let [mut a, mut b] = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if a.len() < words(len_a) {
-        a.resize(words(len_a), 0.0);
-    }
-    if b.len() < words(len_b) {
-        b.resize(words(len_b), 0.0);
-    }
-    let result = {
-        let ta: &mut [T] = bytemuck::cast_slice_mut(&mut a[..words(len_a)]);
-        let tb: &mut [T] = bytemuck::cast_slice_mut(&mut b[..words(len_b)]);
-        f(&mut ta[..len_a], &mut tb[..len_b])
-    };
-    SCRATCH.with(|s| *s.borrow_mut() = [a, b]);
-    result
-}
-
-/// Free this thread's cached conv scratch (it is otherwise kept for the next call).
-pub fn conv2d_release_scratch() {
-    SCRATCH.with(|s| *s.borrow_mut() = [Vec::new(), Vec::new()]);
-}
-
-/// `y[n, co, oh, ow] = b[co] + Σ w[co, ci, i, j] · x[n, ci, oh*s+i-p, ow*s+j-p]`.
-pub fn conv2d_forward<T: Float>(g: &Conv2dGeom, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T]) {
-    g.check("conv2d_forward");
+/// Forward pass (lengths checked by the caller, [`super::conv2d_forward`]).
+pub(super) fn forward<T: Float>(g: &Conv2dGeom, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T]) {
     let (k, p) = (g.taps(), g.out_h() * g.out_w());
     let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * p);
-    assert_eq!(x.len(), g.n * in_img, "conv2d_forward: x length");
-    assert_eq!(w.len(), g.c_out * k, "conv2d_forward: w length");
-    assert_eq!(y.len(), g.n * out_img, "conv2d_forward: y length");
-    if let Some(b) = b {
-        assert_eq!(b.len(), g.c_out, "conv2d_forward: b length");
-    }
     let per_chunk = conv2d_images_per_chunk(g);
     let w_mat = MatRef::row_major(w, k);
-    with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, ybuf| {
-        for start in (0..g.n).step_by(per_chunk) {
-            let nb = per_chunk.min(g.n - start);
-            let ld = nb * p;
-            let x_chunk = &x[start * in_img..(start + nb) * in_img];
-            let y_chunk = &mut y[start * out_img..(start + nb) * out_img];
-            let cols: &[T] = if nb == 1 && g.is_pointwise() {
-                x_chunk
-            } else {
-                im2col(g, x_chunk, nb, &mut cols[..k * ld]);
-                &cols[..k * ld]
-            };
-            if nb == 1 {
-                // One image: GEMM straight into y, accumulating onto the bias.
-                let beta = match b {
-                    Some(b) => {
-                        for (row, &bias) in y_chunk.chunks_mut(p).zip(b) {
-                            row.fill(bias);
-                        }
-                        T::one()
-                    }
-                    None => T::zero(),
+    with_scratch::<T, 2, _>(
+        [k * per_chunk * p, g.c_out * per_chunk * p],
+        |[cols, ybuf]| {
+            for start in (0..g.n).step_by(per_chunk) {
+                let nb = per_chunk.min(g.n - start);
+                let ld = nb * p;
+                let x_chunk = &x[start * in_img..(start + nb) * in_img];
+                let y_chunk = &mut y[start * out_img..(start + nb) * out_img];
+                let cols: &[T] = if nb == 1 && g.is_pointwise() {
+                    x_chunk
+                } else {
+                    im2col(g, x_chunk, nb, &mut cols[..k * ld]);
+                    &cols[..k * ld]
                 };
-                let cols = MatRef::row_major(cols, p);
-                T::gemm(g.c_out, p, k, T::one(), w_mat, cols, beta, y_chunk, p);
-            } else {
-                let ybuf = &mut ybuf[..g.c_out * ld];
-                let cols = MatRef::row_major(cols, ld);
-                T::gemm(g.c_out, ld, k, T::one(), w_mat, cols, T::zero(), ybuf, ld);
-                scatter_output(g.c_out, p, nb, ybuf, b, y_chunk);
+                if nb == 1 {
+                    // One image: GEMM straight into y, accumulating onto the bias.
+                    let beta = match b {
+                        Some(b) => {
+                            for (row, &bias) in y_chunk.chunks_mut(p).zip(b) {
+                                row.fill(bias);
+                            }
+                            T::one()
+                        }
+                        None => T::zero(),
+                    };
+                    let cols = MatRef::row_major(cols, p);
+                    T::gemm(g.c_out, p, k, T::one(), w_mat, cols, beta, y_chunk, p);
+                } else {
+                    let ybuf = &mut ybuf[..g.c_out * ld];
+                    let cols = MatRef::row_major(cols, ld);
+                    T::gemm(g.c_out, ld, k, T::one(), w_mat, cols, T::zero(), ybuf, ld);
+                    scatter_output(g.c_out, p, nb, ybuf, b, y_chunk);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
-/// `dx = ∂L/∂x` given `dy = ∂L/∂y` (overwrites `dx`).
-pub fn conv2d_backward_data<T: Float>(g: &Conv2dGeom, dy: &[T], w: &[T], dx: &mut [T]) {
-    g.check("conv2d_backward_data");
+/// Backward-data pass (lengths checked by the caller).
+pub(super) fn backward_data<T: Float>(g: &Conv2dGeom, dy: &[T], w: &[T], dx: &mut [T]) {
     let (k, p) = (g.taps(), g.out_h() * g.out_w());
     let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * p);
-    assert_eq!(dy.len(), g.n * out_img, "conv2d_backward_data: dy length");
-    assert_eq!(w.len(), g.c_out * k, "conv2d_backward_data: w length");
-    assert_eq!(dx.len(), g.n * in_img, "conv2d_backward_data: dx length");
     let per_chunk = conv2d_images_per_chunk(g);
     // Wᵀ[K, C_out] is W read column-major.
     let wt = MatRef::col_major(w, k);
-    with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, dybuf| {
-        for start in (0..g.n).step_by(per_chunk) {
-            let nb = per_chunk.min(g.n - start);
-            let ld = nb * p;
-            let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
-            let dx_chunk = &mut dx[start * in_img..(start + nb) * in_img];
-            let dy_mat: &[T] = if nb == 1 {
-                dy_chunk
-            } else {
-                gather_output_grad(g.c_out, p, nb, dy_chunk, &mut dybuf[..g.c_out * ld]);
-                &dybuf[..g.c_out * ld]
-            };
-            let dy_mat = MatRef::row_major(dy_mat, ld);
-            if nb == 1 && g.is_pointwise() {
-                T::gemm(
-                    k,
-                    ld,
-                    g.c_out,
-                    T::one(),
-                    wt,
-                    dy_mat,
-                    T::zero(),
-                    dx_chunk,
-                    ld,
-                );
-            } else {
-                let cols = &mut cols[..k * ld];
-                T::gemm(k, ld, g.c_out, T::one(), wt, dy_mat, T::zero(), cols, ld);
-                col2im(g, cols, nb, dx_chunk);
+    with_scratch::<T, 2, _>(
+        [k * per_chunk * p, g.c_out * per_chunk * p],
+        |[cols, dybuf]| {
+            for start in (0..g.n).step_by(per_chunk) {
+                let nb = per_chunk.min(g.n - start);
+                let ld = nb * p;
+                let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
+                let dx_chunk = &mut dx[start * in_img..(start + nb) * in_img];
+                let dy_mat: &[T] = if nb == 1 {
+                    dy_chunk
+                } else {
+                    gather_output_grad(g.c_out, p, nb, dy_chunk, &mut dybuf[..g.c_out * ld]);
+                    &dybuf[..g.c_out * ld]
+                };
+                let dy_mat = MatRef::row_major(dy_mat, ld);
+                if nb == 1 && g.is_pointwise() {
+                    T::gemm(
+                        k,
+                        ld,
+                        g.c_out,
+                        T::one(),
+                        wt,
+                        dy_mat,
+                        T::zero(),
+                        dx_chunk,
+                        ld,
+                    );
+                } else {
+                    let cols = &mut cols[..k * ld];
+                    T::gemm(k, ld, g.c_out, T::one(), wt, dy_mat, T::zero(), cols, ld);
+                    col2im(g, cols, nb, dx_chunk);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
-/// `dw = ∂L/∂w` and, if given, `db = ∂L/∂b` (overwrites both).
-pub fn conv2d_backward_weight<T: Float>(
-    g: &Conv2dGeom,
-    x: &[T],
-    dy: &[T],
-    dw: &mut [T],
-    db: Option<&mut [T]>,
-) {
-    g.check("conv2d_backward_weight");
+/// Backward-weight pass: `dw` only (lengths checked and `n > 0` ensured by the caller).
+pub(super) fn backward_weight<T: Float>(g: &Conv2dGeom, x: &[T], dy: &[T], dw: &mut [T]) {
     let (k, p) = (g.taps(), g.out_h() * g.out_w());
     let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * p);
-    assert_eq!(x.len(), g.n * in_img, "conv2d_backward_weight: x length");
-    assert_eq!(dy.len(), g.n * out_img, "conv2d_backward_weight: dy length");
-    assert_eq!(dw.len(), g.c_out * k, "conv2d_backward_weight: dw length");
-    if g.n == 0 {
-        dw.fill(T::zero());
-    }
     let per_chunk = conv2d_images_per_chunk(g);
-    with_scratch::<T, _>(k * per_chunk * p, g.c_out * per_chunk * p, |cols, dybuf| {
-        for (chunk_index, start) in (0..g.n).step_by(per_chunk).enumerate() {
-            let nb = per_chunk.min(g.n - start);
-            let ld = nb * p;
-            let x_chunk = &x[start * in_img..(start + nb) * in_img];
-            let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
-            let dy_mat: &[T] = if nb == 1 {
-                dy_chunk
-            } else {
-                gather_output_grad(g.c_out, p, nb, dy_chunk, &mut dybuf[..g.c_out * ld]);
-                &dybuf[..g.c_out * ld]
-            };
-            let cols: &[T] = if nb == 1 && g.is_pointwise() {
-                x_chunk
-            } else {
-                im2col(g, x_chunk, nb, &mut cols[..k * ld]);
-                &cols[..k * ld]
-            };
-            // dW[C_out, K] (+)= dY[C_out, ld] · colsᵀ[ld, K]; the first chunk overwrites.
-            let beta = if chunk_index == 0 {
-                T::zero()
-            } else {
-                T::one()
-            };
-            let dy_mat = MatRef::row_major(dy_mat, ld);
-            let cols_t = MatRef::row_major(cols, ld).t();
-            T::gemm(g.c_out, k, ld, T::one(), dy_mat, cols_t, beta, dw, k);
-        }
-    });
-    if let Some(db) = db {
-        assert_eq!(db.len(), g.c_out, "conv2d_backward_weight: db length");
-        // db[co] = Σ_n Σ_p dy[n, co, p], in f64, parallel over output channels.
-        let per_task = units_per_task(g.c_out, g.n * p, MIN_TASK_ELEMS);
-        par_chunks_mut(db, per_task, |t, dbs| {
-            for (j, d) in dbs.iter_mut().enumerate() {
-                let co = t * per_task + j;
-                let mut acc = 0f64;
-                for img in 0..g.n {
-                    let plane = &dy[img * out_img + co * p..img * out_img + (co + 1) * p];
-                    acc += plane.iter().map(|v| v.to_f64_lossy()).sum::<f64>();
-                }
-                *d = T::from_f64_lossy(acc);
+    with_scratch::<T, 2, _>(
+        [k * per_chunk * p, g.c_out * per_chunk * p],
+        |[cols, dybuf]| {
+            for (chunk_index, start) in (0..g.n).step_by(per_chunk).enumerate() {
+                let nb = per_chunk.min(g.n - start);
+                let ld = nb * p;
+                let x_chunk = &x[start * in_img..(start + nb) * in_img];
+                let dy_chunk = &dy[start * out_img..(start + nb) * out_img];
+                let dy_mat: &[T] = if nb == 1 {
+                    dy_chunk
+                } else {
+                    gather_output_grad(g.c_out, p, nb, dy_chunk, &mut dybuf[..g.c_out * ld]);
+                    &dybuf[..g.c_out * ld]
+                };
+                let cols: &[T] = if nb == 1 && g.is_pointwise() {
+                    x_chunk
+                } else {
+                    im2col(g, x_chunk, nb, &mut cols[..k * ld]);
+                    &cols[..k * ld]
+                };
+                // dW[C_out, K] (+)= dY[C_out, ld] · colsᵀ[ld, K]; the first chunk overwrites.
+                let beta = if chunk_index == 0 {
+                    T::zero()
+                } else {
+                    T::one()
+                };
+                let dy_mat = MatRef::row_major(dy_mat, ld);
+                let cols_t = MatRef::row_major(cols, ld).t();
+                T::gemm(g.c_out, k, ld, T::one(), dy_mat, cols_t, beta, dw, k);
             }
-        });
-    }
+        },
+    );
 }
 
 /// The valid output columns `[lo, hi)` of a stride-1 tap with column offset `off = kj - pad`:
