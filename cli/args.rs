@@ -366,6 +366,15 @@ pub struct RunOptions {
     /// Gradients on the wire: none (f32), bf16 or fp16 (half the bytes; ddp and allreduce)
     #[arg(long, value_enum, value_name = "FORMAT", default_value = "none")]
     pub grad_compression: GradCompression,
+    /// Convolution algorithm for every layer and pass: auto (chosen per layer shape and
+    /// pass), im2col, direct, winograd, winograd-f2 or winograd-f4; where the forced one cannot
+    /// run a layer, that layer uses the automatic choice (--verbose says so)
+    #[arg(long, value_name = "ALGO", default_value = "auto")]
+    pub conv_algo: engine::ops::ConvAlgoOverride,
+    /// Print the setup before training: SIMD level, threads, each conv layer's algorithm per
+    /// pass
+    #[arg(long)]
+    pub verbose: bool,
     /// vgg11, or a layer spec like 64,M,128,M (conv widths and max-pools)
     #[arg(long, default_value = "vgg11")]
     pub model: String,

@@ -452,14 +452,33 @@ impl RunLog {
 
 /// Train as `cfg` says. Returns when training is done or on the first error (a dead peer,
 /// bad data, an unreadable checkpoint...), which the caller prints before exiting non-zero.
+/// `--verbose`: what this rank computes with, on stderr before training starts.
+fn print_setup(cfg: &TrainConfig, model: &engine::VggConfig) {
+    let o = &cfg.opts;
+    eprintln!(
+        "dtrain: SIMD {}, {} thread(s) per rank, conv algorithm {} (batch {} per rank):",
+        engine::simd::level().name(),
+        cfg.threads,
+        o.conv_algo,
+        o.batch_size
+    );
+    for line in model.conv_plan_lines(o.batch_size) {
+        eprintln!("dtrain:   {line}");
+    }
+}
+
 pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     engine::parallel::set_num_threads(cfg.threads);
+    engine::ops::set_conv_algo_override(cfg.opts.conv_algo);
     let (rank, o) = (cfg.rank, &cfg.opts);
     // Data, model and checkpoints first: a missing dataset or a bad checkpoint is reported
     // before anyone waits on a rendezvous.
     let (train, test) = data::load_dataset(cfg)?;
     let train = Arc::new(train);
     let (mut model, mut sgd) = initial_state(cfg)?;
+    if o.verbose && rank == 0 {
+        print_setup(cfg, model.config());
+    }
     let resumed = resume_on_rank0(cfg, &mut model, &mut sgd)?;
     let mut checkpoints = match &o.save_checkpoint {
         Some(path) if rank == 0 => Some(Checkpoints::new(path, &o.model, run_settings(cfg))?),

@@ -176,6 +176,15 @@ fn every_flag() {
     assert_eq!(ok("--dataset cifar10").opts.dataset, DatasetKind::Cifar10);
     assert_eq!(ok("--lr=0.2").opts.lr, 0.2);
     assert_eq!(ok("--lr 0").opts.lr, 0.0);
+    use engine::ops::ConvAlgoOverride;
+    assert_eq!(ok("").opts.conv_algo, ConvAlgoOverride::Auto);
+    assert!(!ok("").opts.verbose && ok("--verbose").opts.verbose);
+    for algo in ConvAlgoOverride::ALL {
+        let line = format!("--conv-algo {algo}");
+        assert_eq!(ok(&line).opts.conv_algo, algo);
+    }
+    let msg = err("--conv-algo fft");
+    assert!(msg.contains("unknown conv algorithm \"fft\""), "{msg}");
 }
 
 #[test]

@@ -91,6 +91,63 @@ fn three_ranks_every_mode_through_launch() {
     }
 }
 
+/// `--conv-algo` changes what every layer runs (and so the bits, not the learning), and
+/// `--verbose` names the algorithm of each layer and pass.
+#[test]
+fn conv_algo_is_forced_and_verbose_names_it() {
+    let run = |algo: &str| {
+        let mut args = strings(SMALL);
+        args.extend(strings(&[
+            "--mode",
+            "single",
+            "--max-iters",
+            "4",
+            "--verbose",
+            "--conv-algo",
+            algo,
+        ]));
+        let out = run_single(&args);
+        assert_ok(std::slice::from_ref(&out));
+        out
+    };
+    let plan = |out: &Outcome| -> Vec<String> {
+        out.stderr
+            .lines()
+            .filter(|l| l.contains(": fwd "))
+            .map(|l| l.split(": fwd ").nth(1).unwrap_or_default().to_string())
+            .collect()
+    };
+    let auto = run("auto");
+    let forced = run("winograd");
+    assert!(
+        auto.stderr.contains("conv algorithm auto"),
+        "{}",
+        auto.stderr
+    );
+    // 3->8 at 32x32 has K = 27: direct; 8->16 has too few channels for Winograd: im2col.
+    assert_eq!(
+        plan(&auto),
+        [
+            "direct, bwd-data direct, bwd-weight direct",
+            "im2col, bwd-data im2col, bwd-weight im2col"
+        ],
+        "{}",
+        auto.stderr
+    );
+    assert_eq!(
+        plan(&forced),
+        ["winograd-f4, bwd-data winograd-f4, bwd-weight winograd-f4"; 2],
+        "{}",
+        forced.stderr
+    );
+    assert_ne!(hashes(&auto.stdout), hashes(&forced.stdout));
+    assert_losses_close(
+        &losses(&auto.stdout),
+        &losses(&forced.stdout),
+        "auto vs winograd",
+    );
+}
+
 #[test]
 fn loss_decreases_on_synthetic_data() {
     let dir = temp_dir("learn");

@@ -226,8 +226,9 @@ impl VggConfig {
             .iter()
             .map(|(name, g)| {
                 let shape = format!("{}->{}", g.c_in, g.c_out);
+                let size = format!("{}x{}", g.h, g.w);
                 let plan = crate::ops::conv2d_plan(g);
-                format!("{name:<10} {shape:>8} {:>3}x{:<3}: {plan}", g.h, g.w)
+                format!("{name:<10} {shape:>8} {size:>5}: {plan}")
             })
             .collect()
     }
