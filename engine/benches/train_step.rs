@@ -145,11 +145,8 @@ fn main() {
         "VGG11 train step (forward+backward+SGD), f32, 3x32x32, median of measured steps, SIMD {}",
         simd::level().name()
     );
-    println!(
-        "{:>6} {:>7} {:>10} {:>10} {:>9} {:>9}",
-        "batch", "threads", "ms/step", "fwd+bwd", "img/s", "peak MB"
-    );
     let mut batches: Vec<usize> = configs.iter().map(|&(b, _)| b).collect();
+    batches.sort_unstable();
     batches.dedup();
     for b in batches {
         println!("conv algorithms at batch {b}:");
@@ -157,6 +154,10 @@ fn main() {
             println!("  {line}");
         }
     }
+    println!(
+        "{:>6} {:>7} {:>10} {:>10} {:>9} {:>9}",
+        "batch", "threads", "ms/step", "fwd+bwd", "img/s", "peak MB"
+    );
     // ms/step per (batch, threads), for the scaling line.
     let mut measured: Vec<(usize, usize, f64)> = Vec::new();
     for (batch, threads) in configs {
@@ -195,11 +196,28 @@ fn main() {
             "", "cpu", cpu / threads as f64, ""
         );
     }
-    for &(b, t, ms) in &measured {
-        if let Some(&(_, _, ms1)) = measured.iter().find(|&&(b1, t1, _)| b1 == b && t1 == 1) {
-            if t > 1 {
-                println!("scaling at batch {b}: 1 -> {t} threads {:.2}x", ms1 / ms);
-            }
+    // Scaling from the medians of every run of a configuration, so an interleaved list
+    // (e.g. TRAIN_STEP_CONFIGS=256x1,256x2,256x1,256x2) averages out this VM's drift.
+    let median_ms = |b: usize, t: usize| {
+        let mut v: Vec<f64> = measured
+            .iter()
+            .filter(|m| (m.0, m.1) == (b, t))
+            .map(|m| m.2)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).map(|&m| (m, v.len()))
+    };
+    let mut shown: Vec<(usize, usize)> = Vec::new();
+    for &(b, t, _) in &measured {
+        if t == 1 || shown.contains(&(b, t)) {
+            continue;
+        }
+        shown.push((b, t));
+        if let (Some((ms1, n1)), Some((ms, n))) = (median_ms(b, 1), median_ms(b, t)) {
+            println!(
+                "scaling at batch {b}: 1 -> {t} threads {:.2}x (medians of {n1} and {n} runs)",
+                ms1 / ms
+            );
         }
     }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
