@@ -7,14 +7,11 @@
 //! - for f64: [`F64Lane`], a single f64 — the gradient checks' path, running the same
 //!   tiling, transforms and accumulation order as f32, only one lane wide.
 //!
-//! This is a thin local extension of `crate::simd` (which is f32-only): it adds the f64 lane,
-//! the element-type association and [`dispatch_at`] (run a kernel at an explicit level;
-//! `crate::simd` has one too but does not export it).
+//! This is a thin local extension of `crate::simd`'s f32 vectors: it adds the f64 lane and
+//! the element-type association; running at a level is `crate::simd::dispatch_at`.
 use super::ConvVectors;
 use crate::gemm::{gemm_packed_b_reference, sgemm_packed_b, Kernel, MatRef, PackedLayout};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{Avx2, Avx512};
-use crate::simd::{F32Vec, Portable16, Portable8, SimdKernel, SimdLevel};
+use crate::simd::{dispatch_at, F32Vec, Portable16, SimdKernel, SimdLevel};
 use crate::Float;
 
 /// A vector of `LANES` elements of [`Lanes::Elem`] (see the module docs).
@@ -260,39 +257,6 @@ impl<K: LaneKernel<f32>> SimdKernel for AsSimd<K> {
     fn run<V: F32Vec>(self) -> K::Output {
         self.0.run::<F32Lanes<V>>()
     }
-}
-
-/// Run `kernel` with the vector type of `level`, compiled with that level's features.
-///
-/// Panics if this CPU does not support `level` (a programming error).
-#[inline]
-fn dispatch_at<K: SimdKernel>(level: SimdLevel, kernel: K) -> K::Output {
-    assert!(
-        level.is_supported(),
-        "SIMD level {} is not supported by this CPU",
-        level.name()
-    );
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX-512F/BW/VL/DQ (checked above).
-        SimdLevel::Avx512 => unsafe { run_avx512(kernel) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        SimdLevel::Avx2 => unsafe { run_avx2(kernel) },
-        _ => kernel.run::<Portable8>(),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<K: SimdKernel>(kernel: K) -> K::Output {
-    kernel.run::<Avx2>()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn run_avx512<K: SimdKernel>(kernel: K) -> K::Output {
-    kernel.run::<Avx512>()
 }
 
 impl ConvFloat for f32 {
