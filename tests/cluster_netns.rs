@@ -12,13 +12,15 @@
 //! with a message saying so (CI runs as root and installs iproute2). Namespaces are deleted
 //! and every child killed and reaped on drop, also when an assertion fails.
 
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::netns::{require_root_and_iproute2, TwoHosts, HOST_IPS as IPS};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
 const RUN_DEADLINE: Duration = Duration::from_secs(240);
-const IPS: [&str; 2] = ["10.214.0.1", "10.214.0.2"];
 
 /// Tiny problem: 2 conv blocks, batch 16 per rank, 4 iterations, 4 DDP buckets.
 const TINY: &[&str] = &[
@@ -46,94 +48,6 @@ const TINY: &[&str] = &[
     "--bucket-cap-mb",
     "0.01",
 ];
-
-fn command(program: &str, args: &[&str]) -> Result<Output, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("running `{program} {}`: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(out)
-}
-
-fn require_root_ip_and_tc() {
-    let is_root = nix::unistd::geteuid().is_root();
-    let has_ip = Command::new("ip").arg("-V").output().is_ok();
-    let has_tc = Command::new("tc").arg("-V").output().is_ok();
-    assert!(
-        is_root && has_ip && has_tc,
-        "the shaped two-host test needs root and iproute2 (`ip`, `tc`): running as root = \
-         {is_root}, `ip` found = {has_ip}, `tc` found = {has_tc}. Run the tests as root with \
-         iproute2 installed (CI does)."
-    );
-}
-
-/// Two namespaces joined by a veth pair, both ends shaped; deleted on drop.
-struct ShapedHosts {
-    names: [String; 2],
-}
-
-impl ShapedHosts {
-    fn create(rate: &str) -> ShapedHosts {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let id = format!(
-            "{}{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let hosts = ShapedHosts {
-            names: [format!("dtrain-ca-{id}"), format!("dtrain-cb-{id}")],
-        };
-        let names = hosts.names.clone();
-        let (a, b) = (names[0].as_str(), names[1].as_str());
-        let (va, vb) = (format!("dca{id}"), format!("dcb{id}"));
-        let mut steps: Vec<Vec<&str>> = vec![
-            vec!["netns", "add", a],
-            vec!["netns", "add", b],
-            vec![
-                "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
-            ],
-        ];
-        let cidrs = IPS.map(|ip| format!("{ip}/24"));
-        for (ns, dev, ip) in [(a, va.as_str(), &cidrs[0]), (b, vb.as_str(), &cidrs[1])] {
-            steps.push(vec!["-n", ns, "addr", "add", ip, "dev", dev]);
-            steps.push(vec!["-n", ns, "link", "set", "lo", "up"]);
-            steps.push(vec!["-n", ns, "link", "set", dev, "up"]);
-        }
-        for step in steps {
-            if let Err(e) = command("ip", &step) {
-                drop(hosts);
-                panic!("setting up network namespaces failed: {e}");
-            }
-        }
-        for (ns, dev) in [(a, &va), (b, &vb)] {
-            let shape = [
-                "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-                "burst", "4mb", "latency", "50ms",
-            ];
-            if let Err(e) = command("ip", &shape) {
-                drop(hosts);
-                panic!("shaping the link with tc tbf failed (is sch_tbf available?): {e}");
-            }
-        }
-        hosts
-    }
-}
-
-impl Drop for ShapedHosts {
-    fn drop(&mut self) {
-        for name in &self.names {
-            // Deleting a namespace deletes its veth end (and so the pair) and its qdisc.
-            let _ = command("ip", &["netns", "del", name]);
-        }
-    }
-}
 
 /// Children that are killed and reaped when dropped (also when a test fails).
 struct Ranks(Vec<Child>);
@@ -225,7 +139,7 @@ fn parameter_hash(stdout: &str) -> String {
 
 /// `per_host` ranks on each of the two hosts (rank-major: host 0 has ranks 0..per_host).
 fn ranks_on(
-    hosts: Option<&ShapedHosts>,
+    hosts: Option<&TwoHosts>,
     per_host: usize,
     transport: &str,
     extra: &[&str],
@@ -283,7 +197,7 @@ fn across_and_loopback(
     extra: &[&str],
 ) -> (Vec<String>, Vec<String>) {
     let hashes = |outs: Vec<String>| outs.iter().map(|o| parameter_hash(o)).collect::<Vec<_>>();
-    let hosts = ShapedHosts::create("1gbit");
+    let hosts = TwoHosts::create("the shaped two-host test", "c", Some("1gbit"));
     let across = hashes(run(ranks_on(Some(&hosts), per_host, transport, extra)));
     drop(hosts);
     let loopback = hashes(run(ranks_on(None, per_host, transport, extra)));
@@ -291,7 +205,7 @@ fn across_and_loopback(
 }
 
 fn check(per_host: usize, transport: &str, extra: &[&str]) {
-    require_root_ip_and_tc();
+    require_root_and_iproute2("the shaped two-host test");
     let what = format!(
         "2 hosts x {per_host} rank(s), --transport {transport} {}",
         extra.join(" ")

@@ -20,7 +20,6 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,87 +27,7 @@ use common::{
     free_port, hashes, set_flag, strings, temp_dir, unprefixed, BIN, RUN_DEADLINE, SMALL,
 };
 
-const IPS: [&str; 2] = ["10.216.0.1", "10.216.0.2"];
-
-// ---- namespaces ---------------------------------------------------------------------------
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running `ip {}`: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-fn require_root_and_ip() {
-    let is_root = nix::unistd::geteuid().is_root();
-    let has_ip = Command::new("ip").arg("-V").output().is_ok();
-    assert!(
-        is_root && has_ip,
-        "the multi-node launch test across network namespaces needs root and iproute2 (`ip`): \
-         running as root = {is_root}, `ip` found = {has_ip}. Run the tests as root with \
-         iproute2 installed (CI does)."
-    );
-}
-
-/// Two namespaces joined by a veth pair (`IPS[0]` in the first, `IPS[1]` in the second),
-/// deleted on drop.
-struct TwoHosts {
-    names: [String; 2],
-}
-
-impl TwoHosts {
-    fn create() -> TwoHosts {
-        require_root_and_ip();
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let id = format!(
-            "{}{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let hosts = TwoHosts {
-            names: [format!("dtrain-la-{id}"), format!("dtrain-lb-{id}")],
-        };
-        let (a, b) = (hosts.names[0].as_str(), hosts.names[1].as_str());
-        let (va, vb) = (format!("dla{id}"), format!("dlb{id}"));
-        let cidrs = IPS.map(|ip| format!("{ip}/24"));
-        let mut steps: Vec<Vec<&str>> = vec![
-            vec!["netns", "add", a],
-            vec!["netns", "add", b],
-            vec![
-                "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
-            ],
-        ];
-        for (ns, dev, cidr) in [(a, &va, &cidrs[0]), (b, &vb, &cidrs[1])] {
-            steps.push(vec!["-n", ns, "addr", "add", cidr, "dev", dev]);
-            steps.push(vec!["-n", ns, "link", "set", "lo", "up"]);
-            steps.push(vec!["-n", ns, "link", "set", dev, "up"]);
-        }
-        for step in steps {
-            if let Err(e) = ip(&step) {
-                drop(hosts);
-                panic!("setting up network namespaces failed: {e}");
-            }
-        }
-        hosts
-    }
-}
-
-impl Drop for TwoHosts {
-    fn drop(&mut self) {
-        for name in &self.names {
-            // Deleting a namespace also deletes its end of the veth pair (and so both ends).
-            let _ = ip(&["netns", "del", name]);
-        }
-    }
-}
+use common::netns::{TwoHosts, HOST_IPS as IPS};
 
 // ---- launchers ----------------------------------------------------------------------------
 
@@ -388,7 +307,11 @@ fn job(overrides: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
 
 #[test]
 fn two_hosts_with_two_ranks_each_end_with_equal_hashes() {
-    let hosts = TwoHosts::create();
+    let hosts = TwoHosts::create(
+        "the multi-node launch test across network namespaces",
+        "l",
+        None,
+    );
     let ids = host_ids("equal");
     let args = job(&[], &["--max-iters", "4"]);
     let outs = wait_all(across(&hosts, &ids, &args), RUN_DEADLINE);
@@ -399,7 +322,11 @@ fn two_hosts_with_two_ranks_each_end_with_equal_hashes() {
 
 #[test]
 fn a_rank_killed_on_one_host_ends_both_launchers_naming_it() {
-    let hosts = TwoHosts::create();
+    let hosts = TwoHosts::create(
+        "the multi-node launch test across network namespaces",
+        "l",
+        None,
+    );
     let ids = host_ids("kill");
     // Long enough never to finish on its own: 10 iterations per epoch, 400 epochs.
     let args = job(&[("--synthetic-train", "640")], &["--epochs", "400"]);
@@ -429,7 +356,11 @@ fn a_rank_killed_on_one_host_ends_both_launchers_naming_it() {
 
 #[test]
 fn a_restart_across_hosts_ends_with_the_uninterrupted_hash() {
-    let hosts = TwoHosts::create();
+    let hosts = TwoHosts::create(
+        "the multi-node launch test across network namespaces",
+        "l",
+        None,
+    );
     let ids = host_ids("restart");
     let dir = temp_dir("multinode-restart");
     let ckpt = dir.join("run.safetensors");

@@ -2,6 +2,8 @@
 //! read their output, temporary folders and free ports.
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
