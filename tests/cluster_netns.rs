@@ -14,13 +14,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use common::netns::{require_root_and_iproute2, TwoHosts, HOST_IPS as IPS};
-
-const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
-const RUN_DEADLINE: Duration = Duration::from_secs(240);
+use common::{assert_ok, collect, free_port, hashes, strings, Ranks, BIN};
 
 /// Tiny problem: 2 conv blocks, batch 16 per rank, 4 iterations, 4 DDP buckets.
 const TINY: &[&str] = &[
@@ -49,18 +46,6 @@ const TINY: &[&str] = &[
     "0.01",
 ];
 
-/// Children that are killed and reaped when dropped (also when a test fails).
-struct Ranks(Vec<Child>);
-
-impl Drop for Ranks {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 struct Rank {
     /// Network namespace to run in; `None` = this one.
     netns: Option<String>,
@@ -68,10 +53,12 @@ struct Rank {
     host_id: String,
 }
 
-/// Starts every rank, waits for all (bounded), returns each one's stdout; panics with the
-/// failing rank's output if one does not exit 0.
+/// Starts every rank, waits for all (bounded by [`common::RUN_DEADLINE`]), returns each
+/// one's parameter hash; panics with the failing rank's output if one does not exit 0.
 fn run(ranks: Vec<Rank>) -> Vec<String> {
-    let mut children = Ranks(Vec::new());
+    let mut children = Ranks {
+        children: Vec::new(),
+    };
     for r in &ranks {
         let mut cmd = match &r.netns {
             Some(ns) => {
@@ -86,55 +73,16 @@ fn run(ranks: Vec<Rank>) -> Vec<String> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        children.0.push(cmd.spawn().expect("spawn dtrain"));
+        children.children.push(cmd.spawn().expect("spawn dtrain"));
     }
-    // Read the pipes on threads so a full pipe never blocks a rank.
-    let readers: Vec<_> = children
-        .0
-        .iter_mut()
-        .map(|c| {
-            let (mut out, mut err) = (c.stdout.take().unwrap(), c.stderr.take().unwrap());
-            std::thread::spawn(move || {
-                let (mut o, mut e) = (String::new(), String::new());
-                let _ = std::io::Read::read_to_string(&mut out, &mut o);
-                let _ = std::io::Read::read_to_string(&mut err, &mut e);
-                (o, e)
-            })
+    let outs = collect(&mut children);
+    assert_ok(&outs);
+    outs.iter()
+        .map(|o| match hashes(&o.stdout).as_slice() {
+            [h] => h.clone(),
+            _ => panic!("not one parameter hash in:\n{}", o.stdout),
         })
-        .collect();
-    let start = Instant::now();
-    let mut statuses = vec![None; children.0.len()];
-    while statuses.iter().any(Option::is_none) {
-        for (s, c) in statuses.iter_mut().zip(children.0.iter_mut()) {
-            if s.is_none() {
-                *s = c.try_wait().expect("try_wait");
-            }
-        }
-        assert!(
-            start.elapsed() < RUN_DEADLINE,
-            "dtrain ranks still running after {RUN_DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut stdouts = Vec::new();
-    for (rank, (status, reader)) in statuses.into_iter().zip(readers).enumerate() {
-        let (out, err) = reader.join().unwrap_or_default();
-        let status = status.expect("exited");
-        assert!(
-            status.success(),
-            "rank {rank} failed ({status}):\nstdout:\n{out}\nstderr:\n{err}"
-        );
-        stdouts.push(out);
-    }
-    stdouts
-}
-
-fn parameter_hash(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Parameter hash: "))
-        .unwrap_or_else(|| panic!("no parameter hash in:\n{stdout}"))
-        .to_string()
+        .collect()
 }
 
 /// `per_host` ranks on each of the two hosts (rank-major: host 0 has ranks 0..per_host).
@@ -149,14 +97,13 @@ fn ranks_on(
     let port = if hosts.is_some() {
         29500 // fresh namespaces: nothing else listens there
     } else {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
+        free_port()
     };
     let tag = format!("cluster-test-{}", std::process::id());
     (0..world)
         .map(|rank| {
             let host = rank / per_host;
-            let mut args: Vec<String> = TINY.iter().map(|s| s.to_string()).collect();
+            let mut args = strings(TINY);
             args.extend(
                 [
                     "--master-ip",
@@ -196,11 +143,10 @@ fn across_and_loopback(
     transport: &str,
     extra: &[&str],
 ) -> (Vec<String>, Vec<String>) {
-    let hashes = |outs: Vec<String>| outs.iter().map(|o| parameter_hash(o)).collect::<Vec<_>>();
     let hosts = TwoHosts::create("the shaped two-host test", "c", Some("1gbit"));
-    let across = hashes(run(ranks_on(Some(&hosts), per_host, transport, extra)));
+    let across = run(ranks_on(Some(&hosts), per_host, transport, extra));
     drop(hosts);
-    let loopback = hashes(run(ranks_on(None, per_host, transport, extra)));
+    let loopback = run(ranks_on(None, per_host, transport, extra));
     (across, loopback)
 }
 
