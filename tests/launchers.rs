@@ -8,6 +8,8 @@
 //! passes without having run. The `torchrun_*` test is ignored (it needs torch, which CI
 //! lacks); run it with `cargo test --release --test launchers -- --ignored`.
 
+mod common;
+
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,9 +19,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
-/// No launcher run here should take anywhere near this long; a hang fails instead.
-const RUN_DEADLINE: Duration = Duration::from_secs(180);
+use common::{free_port, temp_dir, TempDir, BIN, RUN_DEADLINE};
 
 /// A tiny DDP job: 2 conv blocks, synthetic data, 3 iterations, one thread per rank.
 const JOB: &[&str] = &[
@@ -41,11 +41,6 @@ const JOB: &[&str] = &[
     "1",
 ];
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
-
 /// Fails the test loudly when a launcher program is missing.
 fn require(program: &str, package: &str) -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|paths| {
@@ -60,33 +55,6 @@ fn require(program: &str, package: &str) -> PathBuf {
              Install Debian's `{package}` (`.ci/run` does: apt-get install openmpi-bin slurm-wlm munge)."
         )
     })
-}
-
-/// A self-removing temporary directory.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "dtrain-launchers-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A command whose environment carries no launcher's variables from the test's own.
@@ -324,8 +292,8 @@ impl SlurmCluster {
         let slurmctld = require("slurmctld", "slurm-wlm");
         let slurmd = require("slurmd", "slurm-wlm");
         require("sinfo", "slurm-wlm");
-        let dir = TempDir::new("slurm");
-        let d = dir.path().to_path_buf();
+        let dir = temp_dir("slurm");
+        let d = dir.to_path_buf();
         let d = d.as_path();
         let mut cluster = SlurmCluster {
             daemons: Vec::new(),
@@ -434,7 +402,7 @@ impl SlurmCluster {
     }
 
     fn spawn_daemon(&mut self, name: &'static str, mut cmd: Command) {
-        let log = File::create(self.dir.path().join(format!("{name}.out"))).unwrap();
+        let log = File::create(self.dir.join(format!("{name}.out"))).unwrap();
         let child = cmd
             .env("SLURM_CONF", &self.conf)
             .stdin(Stdio::null())
@@ -488,7 +456,7 @@ impl SlurmCluster {
             "slurmd.out",
             "log/slurmd.log",
         ] {
-            let content = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+            let content = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
             let tail: Vec<&str> = content.lines().rev().take(30).collect();
             text.push_str(&format!("--- {name}\n"));
             for line in tail.into_iter().rev() {
@@ -554,7 +522,7 @@ fn slurm_srun_and_sbatch_start_dtrain() {
     let outcome = run(srun, RUN_DEADLINE);
     assert_ranks_match(&outcome, 2, &reference);
 
-    let out_file = cluster.dir.path().join("sbatch.out");
+    let out_file = cluster.dir.join("sbatch.out");
     let quoted: Vec<String> = JOB.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
         "#!/bin/sh\n#SBATCH -n 2\n#SBATCH -o {out}\nexec srun --kill-on-bad-exit=1 '{BIN}' {args} --master-port {port}\n",
@@ -562,7 +530,7 @@ fn slurm_srun_and_sbatch_start_dtrain() {
         args = quoted.join(" "),
         port = free_port(),
     );
-    let script_path = cluster.dir.path().join("job.sh");
+    let script_path = cluster.dir.join("job.sh");
     std::fs::write(&script_path, script).unwrap();
     let mut sbatch = cluster.command("sbatch");
     sbatch.arg("--wait").arg(&script_path);
@@ -586,8 +554,8 @@ fn slurm_srun_and_sbatch_start_dtrain() {
 #[test]
 #[ignore = "needs torchrun (pip install torch), not in CI"]
 fn torchrun_failure_summary_shows_the_error_file_message() {
-    let dir = TempDir::new("errfile");
-    let written = dir.path().join("written.json");
+    let dir = temp_dir("errfile");
+    let written = dir.join("written.json");
     let message = "dtrain: error: rank 0: communication failed: a message for torchrun's summary";
     let env = |k: &str| {
         (k == dtrain::error_file::ERROR_FILE_ENV).then(|| written.to_string_lossy().into_owned())
