@@ -300,7 +300,7 @@ fn init_checkpoint_loads_weights_and_starts_fresh() {
 fn init_checkpoint_loads_a_pytorch_state_dict() {
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/engine/tests/fixtures/w8_init.safetensors"
+        "/../engine/tests/fixtures/w8_init.safetensors"
     );
     let w8 = "8,M,16,M,32,32,M,64,64,M,64,64,M";
     let run = |seed: &str, model: &str| {
