@@ -292,6 +292,12 @@ impl NodeGroup {
                 ),
             )));
         }
+        // The first heartbeat goes up before `join` returns, so no rank starts anywhere (the
+        // ready barrier needs every node) while a node's heartbeat still reads 0, which the
+        // watchers take for "never started" and would never time out.
+        client
+            .add(&key(&format!("heartbeat/{}", layout.node_rank)), 1)
+            .map_err(store_err)?;
         let watch = Arc::new(Watch::default());
         let watcher = {
             let (watch, host) = (Arc::clone(&watch), host.to_string());
