@@ -125,6 +125,9 @@ pub struct TrainConfig {
     /// instead of binding `master_port`, which the store already holds. Not part of
     /// [`TrainConfig::config_hash`]: its key prefix differs per attempt.
     pub store: Option<transport::StoreRendezvous>,
+    /// Where `master_addr`/`master_port` came from when dtrain derived them (under Slurm),
+    /// said once by rank 0 when it meets the others.
+    pub master_note: Option<String>,
     /// How many times the launcher restarted the job before this attempt (0 for the first),
     /// from [`RESTART_COUNT_ENV`].
     pub restart_count: usize,
@@ -639,14 +642,30 @@ pub fn resolve_train_args(
     let names = launcher.names();
 
     // --- master address and port
-    let (master_addr, port_in_addr) = match &a.master_ip {
-        Some(raw) => parse_master_addr(raw)?,
-        None => match env("MASTER_ADDR") {
+    // Under Slurm with no address given, rank 0 is the allocation's first node.
+    let slurm_master = match (&a.master_ip, env("MASTER_ADDR"), launcher) {
+        (None, None, Launcher::Slurm) => crate::slurm::master_from_env(env).map_err(invalid)?,
+        _ => None,
+    };
+    let (master_addr, port_in_addr) = match (&a.master_ip, &slurm_master) {
+        (Some(raw), _) => parse_master_addr(raw)?,
+        (None, Some((host, _))) => (host.clone(), None),
+        (None, None) => match env("MASTER_ADDR") {
             Some(raw) => parse_master_addr(&raw)
                 .map_err(|e| invalid(format!("environment variable MASTER_ADDR: {e}")))?,
             None => ("127.0.0.1".to_string(), None),
         },
     };
+    let slurm_port = slurm_master.as_ref().and_then(|(_, port)| *port);
+    let master_note = slurm_master.is_some().then(|| {
+        let port = match slurm_port {
+            Some(_) if a.master_port.is_none() && env("MASTER_PORT").is_none() => {
+                ", port 15000 + the last four digits of SLURM_JOB_ID"
+            }
+            _ => "",
+        };
+        format!("the first node of SLURM_JOB_NODELIST{port}")
+    });
     let master_port = match (a.master_port, port_in_addr) {
         (Some(p), Some(q)) if p != q => {
             return Err(invalid(format!(
@@ -661,7 +680,7 @@ pub fn resolve_train_args(
                     "environment variable MASTER_PORT={raw:?} is not a port number"
                 ))
             })?,
-            None => DEFAULT_MASTER_PORT,
+            None => slurm_port.unwrap_or(DEFAULT_MASTER_PORT),
         },
     };
     if master_port == 0 {
@@ -768,6 +787,7 @@ pub fn resolve_train_args(
         threads,
         progress,
         store,
+        master_note,
         restart_count: env_usize(env, RESTART_COUNT_ENV)?.unwrap_or(0),
         opts,
     })
@@ -958,6 +978,51 @@ mod tests {
         env.retain(|(k, _)| *k != "TORCHELASTIC_RUN_ID");
         let err = parse("", &env).unwrap_err().to_string();
         assert!(err.contains("TORCHELASTIC_RUN_ID"), "{err}");
+    }
+
+    /// What `srun -n 2` in a two-node allocation gives task 1.
+    const SLURM: &[(&str, &str)] = &[
+        ("SLURM_PROCID", "1"),
+        ("SLURM_NTASKS", "2"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_JOB_NODELIST", "cn[07-08]"),
+        ("SLURM_JOB_ID", "4242"),
+    ];
+
+    #[test]
+    fn under_slurm_the_master_is_the_first_node_of_the_allocation() {
+        let c = parse("--mode ddp", SLURM).unwrap();
+        assert_eq!((c.master_addr.as_str(), c.master_port), ("cn07", 19242));
+        assert_eq!((c.rank, c.num_nodes), (1, 2));
+        let note = c.master_note.unwrap_or_default();
+        assert!(
+            note.contains("SLURM_JOB_NODELIST") && note.contains("SLURM_JOB_ID"),
+            "{note}"
+        );
+        // Flags and the usual variables win over the derived address and port.
+        let c = parse("--master-ip 10.0.0.1 --master-port 29400", SLURM).unwrap();
+        assert_eq!((c.master_addr.as_str(), c.master_port), ("10.0.0.1", 29400));
+        let c = parse("--master-port 29400", SLURM).unwrap();
+        assert_eq!((c.master_addr.as_str(), c.master_port), ("cn07", 29400));
+        let mut env = SLURM.to_vec();
+        env.extend([("MASTER_ADDR", "head"), ("MASTER_PORT", "29300")]);
+        let c = parse("", &env).unwrap();
+        assert_eq!((c.master_addr.as_str(), c.master_port), ("head", 29300));
+        // Outside Slurm the node list is not read.
+        let c = parse("", &[("SLURM_JOB_NODELIST", "cn[07-08]")]).unwrap();
+        assert_eq!((c.master_addr.as_str(), c.master_note), ("127.0.0.1", None));
+    }
+
+    #[test]
+    fn a_malformed_slurm_node_list_is_a_usage_error() {
+        let mut env = SLURM.to_vec();
+        env.retain(|(k, _)| *k != "SLURM_JOB_NODELIST");
+        env.push(("SLURM_JOB_NODELIST", "cn[07-"));
+        let err = parse("", &env).unwrap_err().to_string();
+        assert!(
+            err.contains("SLURM_JOB_NODELIST") && err.contains("cn[07-"),
+            "{err}"
+        );
     }
 
     #[test]

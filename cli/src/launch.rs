@@ -188,9 +188,17 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
             });
         }
     }
-    let (master_addr, port_in_addr) = match &t.master_ip {
-        Some(raw) => parse_master_addr(raw)?,
-        None => ("127.0.0.1".to_string(), None),
+    // One launcher per node under Slurm (`srun --ntasks-per-node 1 dtrain launch --nnodes N
+    // --node-rank $SLURM_NODEID`): node 0 is the allocation's first node.
+    let slurm_master = match (&t.master_ip, args.nnodes > 1) {
+        (None, true) => crate::slurm::master_from_env(&|k| std::env::var(k).ok())
+            .map_err(|e| LaunchError::Usage(UsageError::Invalid(e)))?,
+        _ => None,
+    };
+    let (master_addr, port_in_addr) = match (&t.master_ip, &slurm_master) {
+        (Some(raw), _) => parse_master_addr(raw)?,
+        (None, Some((host, _))) => (host.clone(), None),
+        (None, None) => ("127.0.0.1".to_string(), None),
     };
     if let (Some(p), Some(q)) = (t.master_port, port_in_addr) {
         if p != q {
@@ -201,7 +209,10 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
     }
     // A port the user chose is kept across restarts; otherwise each attempt gets a fresh
     // one, so no socket of a dead attempt can interfere.
-    let fixed_port = t.master_port.or(port_in_addr);
+    let fixed_port = t
+        .master_port
+        .or(port_in_addr)
+        .or(slurm_master.and_then(|(_, port)| port));
     let layout = nodes::NodeLayout {
         nnodes: args.nnodes,
         node_rank: args.node_rank,

@@ -6,7 +6,8 @@
 //! - [`sync`]: `GradSync`, one variant per mode owning its communicator; [`ddp`]: bucketed,
 //!   overlapped DDP.
 //! - [`checkpoint`]: save/resume/init checkpoints; [`hash`]: the one FNV-1a digest.
-//! - [`memory`]: bounds on every flag that sizes memory.
+//! - [`memory`]: bounds on every flag that sizes memory; [`slurm`]: rank 0's address from a
+//!   Slurm job's node list.
 //! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`.
 
 pub mod args;
@@ -19,5 +20,6 @@ pub mod hash;
 pub mod launch;
 pub mod memory;
 pub mod plot;
+pub mod slurm;
 pub mod sync;
 pub mod train;

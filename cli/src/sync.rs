@@ -109,6 +109,12 @@ impl GradSync {
         if cfg.num_nodes <= 1 {
             return Ok(GradSync::Solo);
         }
+        if let (0, Some(note)) = (cfg.rank, &cfg.master_note) {
+            eprintln!(
+                "dtrain: rendezvous at {}:{} ({note})",
+                cfg.master_addr, cfg.master_port
+            );
+        }
         let mut comm = connect_peers(comm_config(cfg))?;
         Ok(match cfg.opts.mode {
             Mode::GatherScatter => GradSync::GatherScatter {

@@ -284,6 +284,25 @@ struct SlurmCluster {
     daemons: Vec<(&'static str, Child)>,
     conf: PathBuf,
     dir: TempDir,
+    /// The first job's id: dtrain derives rank 0's port from a job id (15000 + its last four
+    /// digits), so the ids are chosen where those ports are free, and differ between clusters
+    /// of tests running in parallel.
+    first_job: u32,
+}
+
+/// How many jobs one test cluster runs (each needs its job-id port free).
+const SLURM_JOBS: u32 = 3;
+
+/// A first job id whose next [`SLURM_JOBS`] job-id ports are free now.
+fn first_job_with_free_ports() -> u32 {
+    let free = |port: u32| std::net::TcpListener::bind(("0.0.0.0", port as u16)).is_ok();
+    for _ in 0..1000 {
+        let first = 1000 + rand::random::<u32>() % 8000;
+        if (first..first + SLURM_JOBS).all(|id| free(15000 + id % 10000)) {
+            return first;
+        }
+    }
+    panic!("no run of {SLURM_JOBS} free ports in 16000..25000 for Slurm job ids");
 }
 
 impl SlurmCluster {
@@ -299,6 +318,7 @@ impl SlurmCluster {
             daemons: Vec::new(),
             conf: d.join("slurm.conf"),
             dir,
+            first_job: first_job_with_free_ports(),
         };
 
         // munged insists on a private key and on a socket directory everyone can enter.
@@ -367,9 +387,11 @@ impl SlurmCluster {
              SelectType=select/cons_tres\n\
              SelectTypeParameters=CR_Core\n\
              ReturnToService=2\n\
+             FirstJobId={first_job}\n\
              SlurmdParameters=config_overrides\n\
              NodeName={node} NodeAddr=127.0.0.1 CPUs=4 State=UNKNOWN\n\
              PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES\n",
+            first_job = cluster.first_job,
             ctld_port = free_port(),
             slurmd_port = free_port(),
             socket = socket.display(),
@@ -522,13 +544,14 @@ fn slurm_srun_and_sbatch_start_dtrain() {
     let outcome = run(srun, RUN_DEADLINE);
     assert_ranks_match(&outcome, 2, &reference);
 
+    // The batch job gives no address or port: both come from SLURM_JOB_NODELIST and
+    // SLURM_JOB_ID.
     let out_file = cluster.dir.join("sbatch.out");
     let quoted: Vec<String> = JOB.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
-        "#!/bin/sh\n#SBATCH -n 2\n#SBATCH -o {out}\nexec srun --kill-on-bad-exit=1 '{BIN}' {args} --master-port {port}\n",
+        "#!/bin/sh\n#SBATCH -n 2\n#SBATCH -o {out}\nexec srun --kill-on-bad-exit=1 '{BIN}' {args}\n",
         out = out_file.display(),
         args = quoted.join(" "),
-        port = free_port(),
     );
     let script_path = cluster.dir.join("job.sh");
     std::fs::write(&script_path, script).unwrap();
@@ -545,6 +568,31 @@ fn slurm_srun_and_sbatch_start_dtrain() {
         ),
     };
     assert_ranks_match(&outcome, 2, &reference);
+    assert!(
+        job_output.contains(&format!(
+            "{}:{}",
+            short_hostname(),
+            15000 + cluster.first_job + 1
+        )),
+        "rank 0's address should be the first node and the job-id port:\n{job_output}"
+    );
+
+    // One `dtrain launch` per node, the multi-node form: node 0's launcher's store is
+    // derived from the allocation too.
+    let mut srun = cluster.command("srun");
+    let launch = format!(
+        "exec '{BIN}' launch --nnodes 2 --node-rank \"$SLURM_PROCID\" --nproc-per-node 1 {}",
+        quoted.join(" ")
+    );
+    srun.args(["-n", "2", "--kill-on-bad-exit=1", "sh", "-c", &launch]);
+    let outcome = run(srun, RUN_DEADLINE);
+    assert_ranks_match(&outcome, 2, &reference);
+    let store = format!(
+        "launchers' TCPStore at {}:{}",
+        short_hostname(),
+        15000 + cluster.first_job + 2
+    );
+    assert!(outcome.text.contains(&store), "{}", outcome.text);
 }
 
 // ---- torchrun (by hand) ---------------------------------------------------------------------
