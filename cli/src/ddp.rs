@@ -353,6 +353,9 @@ pub struct DdpSync {
     overlap_optimizer: bool,
     /// Batch-norm buffers packed for the per-step broadcast (reused).
     bn_flat: Vec<f32>,
+    /// Issue the batch-norm broadcast before forward and apply it after (the default), or
+    /// wait for it before forward. Both give the same bits.
+    overlap_bn_broadcast: bool,
 }
 
 impl DdpSync {
@@ -381,6 +384,7 @@ impl DdpSync {
             next_launch: 0,
             overlap_optimizer: true,
             bn_flat: Vec::new(),
+            overlap_bn_broadcast: true,
         })
     }
 
@@ -405,9 +409,21 @@ impl DdpSync {
         self.overlap_optimizer = on;
     }
 
+    /// Whether [`DdpSync::step`] lets forward run while rank 0's batch-norm buffers are on
+    /// the wire (the default) or waits for them first. Both give the same bits.
+    pub fn set_bn_broadcast_overlap(&mut self, on: bool) {
+        self.overlap_bn_broadcast = on;
+    }
+
     /// One training step (see the type's docs). `comm_time` is the time spent waiting for
     /// collectives (the batch-norm broadcast and buckets that had not landed yet), not the
     /// optimizer work done in between.
+    ///
+    /// A training forward normalizes with the batch's statistics and never reads the running
+    /// ones, so rank 0's buffers need not be here before it: the broadcast is queued first,
+    /// forward and backward run, and once it lands each layer's running statistics are
+    /// recomputed from the broadcast values and this batch's statistics
+    /// ([`engine::vgg::BnBuffers::rebase_running`]) — the bits the synchronous order gives.
     pub fn step(
         &mut self,
         model: &mut Vgg<f32>,
@@ -415,16 +431,38 @@ impl DdpSync {
         batch: &Batch,
     ) -> Result<StepStats, SyncError> {
         let t = Instant::now();
-        sync::broadcast_bn_buffers(Peers::Async(&self.comm), model, &mut self.bn_flat)?;
+        let mut bn_landed = Ok(());
+        let bn_pending = if self.overlap_bn_broadcast {
+            sync::pack_bn_buffers(model, &mut self.bn_flat);
+            Some(
+                self.comm
+                    .broadcast_async::<f32, _>(std::mem::take(&mut self.bn_flat), 0),
+            )
+        } else {
+            sync::broadcast_bn_buffers(Peers::Async(&self.comm), model, &mut self.bn_flat)?;
+            None
+        };
         let mut comm_time = t.elapsed();
         self.begin_step();
         let loss = sync::forward_backward(model, batch, &mut |i, g| self.on_grad_ready(i, g));
+        if let Some(pending) = bn_pending {
+            let t = Instant::now();
+            bn_landed = pending.wait().map(|flat| {
+                // A rejected batch ran no batch norm: then the broadcast values are the
+                // running statistics, as in the synchronous order.
+                sync::unpack_bn_buffers(model, &flat, loss.is_ok());
+                self.bn_flat = flat;
+            });
+            comm_time += t.elapsed();
+        }
         // Wait for every bucket even when the batch was rejected, so no collective is left
         // half-done; step only after a good batch.
-        let overlapped = (loss.is_ok() && self.overlap_optimizer).then_some(&mut *sgd);
+        let good = loss.is_ok() && bn_landed.is_ok();
+        let overlapped = (good && self.overlap_optimizer).then_some(&mut *sgd);
         let (waited, finished) = self.finish(model.params_mut(), overlapped);
         comm_time += waited;
         let loss = loss?;
+        bn_landed?;
         finished?;
         if !self.overlap_optimizer {
             sgd.step(model.params_mut());

@@ -366,18 +366,35 @@ pub fn broadcast_bn_buffers(
     model: &mut Vgg<f32>,
     flat: &mut Vec<f32>,
 ) -> transport::Result<()> {
+    pack_bn_buffers(model, flat);
+    broadcast_f32(peers, flat)?;
+    unpack_bn_buffers(model, flat, false);
+    Ok(())
+}
+
+/// Every batch-norm layer's running mean then running variance, in layer order, into `flat`.
+pub fn pack_bn_buffers(model: &Vgg<f32>, flat: &mut Vec<f32>) {
     flat.clear();
     for b in model.bn_buffers() {
         flat.extend_from_slice(&b.running_mean);
         flat.extend_from_slice(&b.running_var);
     }
-    broadcast_f32(peers, flat)?;
+}
+
+/// Rank 0's running statistics (`flat`, as [`pack_bn_buffers`] packs them) into every layer:
+/// copied, or with `rebase` as the base the last training forward should have started from
+/// ([`engine::vgg::BnBuffers::rebase_running`]).
+pub fn unpack_bn_buffers(model: &mut Vgg<f32>, flat: &[f32], rebase: bool) {
     let mut off = 0;
     for b in model.bn_buffers_mut() {
         let n = b.running_mean.len();
-        b.running_mean.copy_from_slice(&flat[off..off + n]);
-        b.running_var.copy_from_slice(&flat[off + n..off + 2 * n]);
+        let (mean, var) = (&flat[off..off + n], &flat[off + n..off + 2 * n]);
+        if rebase {
+            b.rebase_running(mean, var);
+        } else {
+            b.running_mean.copy_from_slice(mean);
+            b.running_var.copy_from_slice(var);
+        }
         off += 2 * n;
     }
-    Ok(())
 }

@@ -54,11 +54,26 @@ struct RankResult {
     losses: Vec<f64>,
     params: Vec<Vec<f32>>,
     momentum: Vec<Vec<f32>>,
+    /// Every batch-norm layer's running mean and running variance.
+    bn: Vec<Vec<f32>>,
 }
 
-/// Runs `steps` steps on each of `world` ranks (threads); `overlap: false` turns DDP's
-/// optimizer overlap off.
-fn train(world: usize, extra: &[&str], steps: usize, overlap: bool) -> Vec<RankResult> {
+/// Which of DDP's overlaps are on.
+#[derive(Clone, Copy)]
+struct Overlap {
+    /// Step each bucket's parameters as it lands.
+    optimizer: bool,
+    /// Run forward while rank 0's batch-norm buffers are on the wire.
+    bn_broadcast: bool,
+}
+
+const OVERLAP_ALL: Overlap = Overlap {
+    optimizer: true,
+    bn_broadcast: true,
+};
+
+/// Runs `steps` steps on each of `world` ranks (threads) with DDP's `overlap` settings.
+fn train(world: usize, extra: &[&str], steps: usize, overlap: Overlap) -> Vec<RankResult> {
     engine::parallel::set_num_threads(1);
     let port = free_port();
     let handles: Vec<_> = (0..world)
@@ -73,13 +88,14 @@ fn train(world: usize, extra: &[&str], steps: usize, overlap: bool) -> Vec<RankR
         .collect()
 }
 
-fn train_rank(cfg: &TrainConfig, steps: usize, overlap: bool) -> RankResult {
+fn train_rank(cfg: &TrainConfig, steps: usize, overlap: Overlap) -> RankResult {
     let o = &cfg.opts;
     let mut model: Vgg<f32> = build_model(MODEL, o.seed).expect("model");
     let mut sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64);
     let mut sync = GradSync::connect(cfg, &mut model).expect("connect");
     if let GradSync::Ddp(ddp) = &mut sync {
-        ddp.set_optimizer_overlap(overlap);
+        ddp.set_optimizer_overlap(overlap.optimizer);
+        ddp.set_bn_broadcast_overlap(overlap.bn_broadcast);
         assert!(ddp.plan().buckets().len() >= 3, "{:?}", ddp.plan());
     }
     let batch = batch(cfg.rank);
@@ -94,6 +110,11 @@ fn train_rank(cfg: &TrainConfig, steps: usize, overlap: bool) -> RankResult {
         losses,
         params: model.params().iter().map(|p| p.value.clone()).collect(),
         momentum,
+        bn: model
+            .bn_buffers()
+            .iter()
+            .flat_map(|b| [b.running_mean.clone(), b.running_var.clone()])
+            .collect(),
     }
 }
 
@@ -131,8 +152,16 @@ fn optimizer_overlap_is_bit_identical_to_stepping_after_all_buckets() {
                 .chain(["--grad-compression", compression, "--transport", transport])
                 .collect();
             let what = format!("{compression} over {transport}");
-            let on = train(2, &extra, 4, true);
-            let off = train(2, &extra, 4, false);
+            let on = train(2, &extra, 4, OVERLAP_ALL);
+            let off = train(
+                2,
+                &extra,
+                4,
+                Overlap {
+                    optimizer: false,
+                    ..OVERLAP_ALL
+                },
+            );
             assert_ranks_identical(&on, &what);
             assert_ranks_identical(&off, &what);
             assert_eq!(
@@ -150,6 +179,48 @@ fn optimizer_overlap_is_bit_identical_to_stepping_after_all_buckets() {
             let start = build_model(MODEL, 0).expect("model");
             assert_ne!(on[0].params[0], start.params()[0].value, "{what}");
         }
+    }
+}
+
+/// Rank 0's running statistics applied after forward (rebased through each rank's own batch
+/// statistics) are the bits of broadcasting them before forward, on every rank.
+#[test]
+fn bn_broadcast_overlap_is_bit_identical_to_broadcasting_before_forward() {
+    for transport in ["tcp", "shm"] {
+        let extra: Vec<&str> = SMALL_BUCKETS
+            .iter()
+            .copied()
+            .chain(["--mode", "ddp", "--transport", transport])
+            .collect();
+        let on = train(3, &extra, 4, OVERLAP_ALL);
+        let off = train(
+            3,
+            &extra,
+            4,
+            Overlap {
+                bn_broadcast: false,
+                ..OVERLAP_ALL
+            },
+        );
+        for (r, (a, b)) in on.iter().zip(&off).enumerate() {
+            assert_eq!(bits(&a.bn), bits(&b.bn), "{transport}: rank {r} BN buffers");
+            assert_eq!(
+                bits(&a.params),
+                bits(&b.params),
+                "{transport}: rank {r} params"
+            );
+            assert_eq!(a.losses, b.losses, "{transport}: rank {r} losses");
+        }
+        assert_ranks_identical(&on, transport);
+        // Each rank's buffers went through its own batch (so the rebase did something) and
+        // moved from their initial values.
+        assert_ne!(bits(&on[0].bn), bits(&on[1].bn), "{transport}");
+        let start = build_model(MODEL, 0).expect("model");
+        assert_ne!(
+            on[1].bn[0],
+            start.bn_buffers()[0].running_mean,
+            "{transport}"
+        );
     }
 }
 
@@ -233,7 +304,7 @@ fn compressed_training_stays_close_to_f32_and_identical_across_ranks() {
                 .chain(more.iter().copied())
                 .collect()
         };
-        let f32_run = train(2, &flags(&[]), 6, true);
+        let f32_run = train(2, &flags(&[]), 6, OVERLAP_ALL);
         assert_ranks_identical(&f32_run, mode);
         let first = f32_run[0].losses[0];
         let last = *f32_run[0].losses.last().unwrap();
@@ -242,7 +313,12 @@ fn compressed_training_stays_close_to_f32_and_identical_across_ranks() {
             "{mode}: the loss does not fall: {first} -> {last}"
         );
         for (compression, bound) in [("bf16", 3e-3), ("fp16", 2e-4)] {
-            let run = train(2, &flags(&["--grad-compression", compression]), 6, true);
+            let run = train(
+                2,
+                &flags(&["--grad-compression", compression]),
+                6,
+                OVERLAP_ALL,
+            );
             let what = format!("{mode} {compression}");
             assert_ranks_identical(&run, &what);
             for r in 0..2 {

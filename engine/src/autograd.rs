@@ -51,7 +51,7 @@ use std::collections::HashMap;
 use crate::tensor::numel;
 use crate::Float;
 
-pub use crate::ops::batchnorm::{BnMode, BN_EPS};
+pub use crate::ops::batchnorm::{BnBatchStats, BnMode, BN_EPS};
 
 /// A trainable tensor: PyTorch state-dict name, shape, value and gradient (same length).
 #[derive(Clone, Debug)]

@@ -51,7 +51,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::autograd::{BnMode, Param, Tape, ValueId};
+use crate::autograd::{BnBatchStats, BnMode, Param, Tape, ValueId};
 use crate::init::{init_rng, init_weight_and_bias};
 use crate::parallel;
 use crate::state::{NamedTensor, StateError};
@@ -242,6 +242,23 @@ pub struct BnBuffers<T> {
     pub running_mean: Vec<T>,
     pub running_var: Vec<T>,
     pub num_batches_tracked: i64,
+    /// The last training batch's statistics (for [`BnBuffers::rebase_running`]).
+    pub last_batch: BnBatchStats<T>,
+}
+
+impl<T: Float> BnBuffers<T> {
+    /// The running statistics as if they had been `mean`/`var` before the last training
+    /// forward: `(1-m)·base + m·batch`, the same bits as setting them first and then running
+    /// the forward.
+    pub fn rebase_running(&mut self, mean: &[T], var: &[T]) {
+        self.last_batch.update_running(
+            BN_MOMENTUM,
+            mean,
+            var,
+            &mut self.running_mean,
+            &mut self.running_var,
+        );
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -331,6 +348,7 @@ impl<T: Float> Vgg<T> {
                         running_mean: vec![T::zero(); c_out],
                         running_var: vec![T::one(); c_out],
                         num_batches_tracked: 0,
+                        last_batch: BnBatchStats::default(),
                     });
                     layers.push(Layer::ConvBnRelu {
                         conv_w,
@@ -480,6 +498,7 @@ impl<T: Float> Vgg<T> {
                             running_mean: &mut buffers.running_mean,
                             running_var: &mut buffers.running_var,
                             momentum: BN_MOMENTUM,
+                            last_batch: Some(&mut buffers.last_batch),
                         }
                     } else {
                         BnMode::Eval {

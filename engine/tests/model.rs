@@ -229,6 +229,7 @@ fn fused_and_chained_batchnorm_relu_agree_through_the_tape() {
             running_mean: &mut rm,
             running_var: &mut rv,
             momentum: 0.1,
+            last_batch: None,
         };
         let input = tape.leaf(&[n, c, h, w], x, true);
         let keep = tape.share(&input);

@@ -418,6 +418,20 @@ impl AsyncCommunicator {
         })
     }
 
+    /// Starts a broadcast of `buf` from `root` now; `wait` returns the buffer holding
+    /// `root`'s data.
+    pub fn broadcast_async<T: Element, B: AsMut<[T]> + Send + 'static>(
+        &self,
+        buf: B,
+        root: usize,
+    ) -> Pending<B> {
+        self.submit(move |comm| {
+            let mut buf = buf;
+            comm.broadcast(buf.as_mut(), root)?;
+            Ok(buf)
+        })
+    }
+
     /// [`Communicator::alloc_buffer`] on the communication thread (after queued operations).
     pub fn alloc_buffer<T: Element>(&self, len: usize) -> Result<Buffer<T>> {
         self.run(move |comm| comm.alloc_buffer(len))

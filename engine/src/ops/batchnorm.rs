@@ -667,6 +667,9 @@ pub enum BnMode<'a, T> {
         running_mean: &'a mut [T],
         running_var: &'a mut [T],
         momentum: f64,
+        /// Where to keep the batch statistics the running update used (see
+        /// [`BnBatchStats::update_running`]), if the caller wants them.
+        last_batch: Option<&'a mut BnBatchStats<T>>,
     },
     /// Normalize with the running statistics (PyTorch `eval()`); not differentiable here:
     /// only allowed while gradients are disabled.
@@ -678,6 +681,44 @@ pub enum BnMode<'a, T> {
 
 /// Batch-norm epsilon (PyTorch default).
 pub const BN_EPS: f64 = 1e-5;
+
+/// The per-channel statistics of the last training batch, as the running-stat update read
+/// them: with these the update can be redone from other running values, bit for bit (DDP
+/// applies rank 0's broadcast buffers after a forward that did not wait for them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BnBatchStats<T> {
+    pub mean: Vec<T>,
+    pub invstd: Vec<T>,
+    /// Elements per channel (`N·H·W`); 0 before the first training batch.
+    pub count: usize,
+}
+
+impl<T: Float> BnBatchStats<T> {
+    /// Sets `running_*` to what the last training forward would have left had they held
+    /// `base_*` before it (`base_*` alone before any training batch).
+    pub fn update_running(
+        &self,
+        momentum: f64,
+        base_mean: &[T],
+        base_var: &[T],
+        running_mean: &mut [T],
+        running_var: &mut [T],
+    ) {
+        running_mean.copy_from_slice(base_mean);
+        running_var.copy_from_slice(base_var);
+        if self.count > 0 {
+            batchnorm2d_update_running(
+                &self.mean,
+                &self.invstd,
+                BN_EPS,
+                self.count,
+                momentum,
+                running_mean,
+                running_var,
+            );
+        }
+    }
+}
 
 /// What a training forward of the batch-norm family keeps for backward, per channel: the
 /// affine map it applied, the batch mean (as `T`) and `invstd = 1/sqrt(var_biased + eps)`.
@@ -762,6 +803,7 @@ impl<T: Float> Tape<T> {
                 running_mean,
                 running_var,
                 momentum,
+                last_batch,
             } => {
                 let mut saved = BnSaved::new();
                 let out = self.new_output(out_shape, |t, out| {
@@ -776,6 +818,11 @@ impl<T: Float> Tape<T> {
                     running_mean,
                     running_var,
                 );
+                if let Some(last) = last_batch {
+                    last.mean.clone_from(&saved.mean);
+                    last.invstd.clone_from(&saved.invstd);
+                    last.count = count;
+                }
                 let x = self.consume_input(x, record);
                 if record {
                     self.note_param_use(gamma);
