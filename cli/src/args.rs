@@ -421,8 +421,9 @@ pub enum Command {
     /// Draw loss and throughput from a metrics file as SVG
     Plot(crate::plot::PlotArgs),
     /// Internal: a child that prints lines and exits as told (tests the launcher)
+    #[cfg(feature = "test-hooks")]
     #[command(hide = true)]
-    LauncherTestChild(crate::launch::TestChildArgs),
+    LauncherTestChild(crate::launch::test_child::TestChildArgs),
 }
 
 /// Parse the whole command line (program name first) into a [`Cli`].

@@ -18,6 +18,8 @@
 //! nodes together (see [`nodes`]).
 
 mod nodes;
+#[cfg(feature = "test-hooks")]
+pub mod test_child;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -62,6 +64,7 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_restarts: u32,
     /// Internal (tests): run `dtrain <CMD>` in each child instead of training
+    #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true, value_name = "CMD")]
     pub child_command: Option<String>,
     /// Training flags, passed to every rank
@@ -69,18 +72,15 @@ pub struct LaunchArgs {
     pub train: TrainArgs,
 }
 
-/// Internal: a child for testing the launcher. Reads `DTRAIN_TEST_*` variables:
-/// FAIL_RANK (that rank exits with EXIT_CODE, default 3, after printing its lines),
-/// LINES (lines printed on stdout and stderr, default 2), SLEEP_SECS (the other ranks then
-/// sleep this long, default 0, as a stuck rank would), IGNORE_TERM (set: ignore SIGTERM).
-/// READY_DIR (a folder: non-failing ranks create `ready-<attempt>-<rank>` in it once set up;
-/// the failing rank waits for those of its attempt), FAIL_ATTEMPTS (the failing rank fails
-/// only while `TORCHELASTIC_RESTART_COUNT` is below it). Every child first prints
-/// `pid <pid> rank <rank>`, its CPUs, and `rank <rank> attempt <restart count> port <port>`.
-#[derive(Args, Debug, Clone)]
-pub struct TestChildArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<OsString>,
+impl LaunchArgs {
+    /// The subcommand each child runs instead of training (tests only: `--child-command`
+    /// exists in builds with the `test-hooks` feature, which the tests turn on).
+    fn child_command(&self) -> Option<&str> {
+        #[cfg(feature = "test-hooks")]
+        return self.child_command.as_deref();
+        #[cfg(not(feature = "test-hooks"))]
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +220,7 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
         max_restarts: args.max_restarts,
     };
     // Reject bad train flags once, here, rather than in every child.
-    if args.child_command.is_none() {
+    if args.child_command().is_none() {
         let env0 = ranks_env(&layout, &master_addr, DEFAULT_MASTER_PORT, 0, 0);
         let lookup = |k: &str| env0.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let cfg = resolve_train_args(t, &lookup)?;
@@ -230,7 +230,7 @@ pub fn run(args: &LaunchArgs, launch_args: &[OsString]) -> Result<u8, LaunchErro
         }
     }
     let mut child_args: Vec<OsString> = Vec::new();
-    if let Some(cmd) = &args.child_command {
+    if let Some(cmd) = args.child_command() {
         child_args.push(cmd.into());
     }
     if args.nnodes > 1 {
@@ -543,7 +543,7 @@ pub fn cpus_for_rank(allowed: &[usize], n: usize, rank: usize) -> Option<Vec<usi
 }
 
 /// `0-3,6` style list for messages.
-fn cpu_list(cpus: &[usize]) -> String {
+pub(crate) fn cpu_list(cpus: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
     while i < cpus.len() {
@@ -984,76 +984,6 @@ fn stop_and_reap(children: &mut [(usize, Child)], grace: Duration) {
         }
         let _ = child.wait(); // cannot block long after SIGKILL
     }
-}
-
-/// The hidden `launcher-test-child` subcommand (see [`TestChildArgs`]).
-pub fn run_test_child(_args: &TestChildArgs) -> u8 {
-    let var = |k: &str| std::env::var(k).ok();
-    let rank: usize = var("RANK").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let fail_rank: Option<usize> = var("DTRAIN_TEST_FAIL_RANK").and_then(|v| v.parse().ok());
-    let exit_code: u8 = var("DTRAIN_TEST_EXIT_CODE")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let lines: usize = var("DTRAIN_TEST_LINES")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let sleep: u64 = var("DTRAIN_TEST_SLEEP_SECS")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let world = var("WORLD_SIZE").unwrap_or_default();
-    let attempt: u32 = var(RESTART_COUNT_ENV)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    // FAIL_ATTEMPTS=k: the failing rank fails only in the first k attempts.
-    let fail_rank = fail_rank.filter(|_| {
-        var("DTRAIN_TEST_FAIL_ATTEMPTS")
-            .and_then(|v| v.parse::<u32>().ok())
-            .is_none_or(|k| attempt < k)
-    });
-    if var("DTRAIN_TEST_IGNORE_TERM").is_some() {
-        // SAFETY: SIG_IGN installs no handler code; nothing else in this process handles SIGTERM.
-        let _ = unsafe { signal::signal(Signal::SIGTERM, SigHandler::SigIgn) };
-    }
-    println!("pid {} rank {rank}", std::process::id());
-    println!("rank {rank} cpus {}", cpu_list(&allowed_cpus()));
-    println!(
-        "rank {rank} attempt {attempt} port {}",
-        var("MASTER_PORT").unwrap_or_default()
-    );
-    // READY_DIR: the other ranks announce they are set up; the failing rank waits for them
-    // (bounded), so "stop the others" is tested on ranks that really are running.
-    let ready_dir = var("DTRAIN_TEST_READY_DIR").map(std::path::PathBuf::from);
-    if let Some(dir) = &ready_dir {
-        let tag = format!("ready-{attempt}-");
-        if fail_rank != Some(rank) {
-            let _ = std::fs::write(dir.join(format!("{tag}{rank}")), b"");
-        } else {
-            let others = world.parse::<usize>().unwrap_or(1).saturating_sub(1);
-            let ready = || {
-                std::fs::read_dir(dir).map_or(0, |d| {
-                    d.flatten()
-                        .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
-                        .count()
-                })
-            };
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while ready() < others && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-    for i in 0..lines {
-        println!("hello {i} from rank {rank} of {world}");
-        eprintln!("note {i} from rank {rank}");
-    }
-    let _ = std::io::stdout().flush();
-    if fail_rank == Some(rank) {
-        eprintln!("rank {rank} failing on purpose");
-        return exit_code;
-    }
-    std::thread::sleep(Duration::from_secs(sleep));
-    println!("rank {rank} done");
-    0
 }
 
 /// True when `arg` is the given subcommand name (used by main to split the raw arguments).

@@ -58,8 +58,9 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "test-hooks")]
         Some(Command::LauncherTestChild(args)) => {
-            ExitCode::from(dtrain::launch::run_test_child(&args))
+            ExitCode::from(dtrain::launch::test_child::run_test_child(&args))
         }
         Some(Command::Plot(args)) => match dtrain::plot::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
