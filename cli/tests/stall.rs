@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::watch::Watched;
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -27,106 +26,24 @@ fn rank_args(port: &str, rank: usize, transport: &str, timeout: u64) -> Vec<Stri
     args
 }
 
-/// What a rank printed so far and how it ended.
-#[derive(Default)]
-struct Seen {
-    stdout: [String; 2],
-    stderr: [String; 2],
+/// The two ranks of the job, watched.
+fn start(transport: &str, timeout: u64) -> Watched {
+    let port = free_port().to_string();
+    Watched::start(
+        (0..2)
+            .map(|r| spawn(&rank_args(&port, r, transport, timeout)))
+            .collect(),
+    )
 }
 
-/// The two ranks, their output arriving line by line on a channel.
-struct Watched {
-    ranks: Ranks,
-    lines: mpsc::Receiver<(usize, bool, String)>,
-    seen: Seen,
-}
-
-impl Watched {
-    fn start(transport: &str, timeout: u64) -> Watched {
-        let port = free_port().to_string();
-        let mut ranks = Ranks {
-            children: (0..2)
-                .map(|r| spawn(&rank_args(&port, r, transport, timeout)))
-                .collect(),
-        };
-        let (tx, lines) = mpsc::channel();
-        for (r, child) in ranks.children.iter_mut().enumerate() {
-            let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().expect("out"));
-            let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().expect("err"));
-            for (is_err, pipe) in [(false, out), (true, err)] {
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                        let _ = tx.send((r, is_err, line));
-                    }
-                });
-            }
-        }
-        Watched {
-            ranks,
-            lines,
-            seen: Seen::default(),
-        }
-    }
-
-    /// Take the lines that arrived within `wait`.
-    fn pump(&mut self, wait: Duration) {
-        while let Ok((r, is_err, line)) = self.lines.recv_timeout(wait) {
-            let text = if is_err {
-                &mut self.seen.stderr[r]
-            } else {
-                &mut self.seen.stdout[r]
-            };
-            text.push_str(&line);
-            text.push('\n');
-        }
-    }
-
-    fn iterations(&self, rank: usize) -> usize {
-        losses(&self.seen.stdout[rank]).len()
-    }
-
-    /// Wait until `rank` has printed `n` iteration lines.
-    fn wait_for_iterations(&mut self, rank: usize, n: usize) {
-        let start = Instant::now();
-        while self.iterations(rank) < n {
-            assert!(start.elapsed() < RUN_DEADLINE, "rank {rank} never trained");
-            self.pump(Duration::from_millis(1));
-        }
-    }
-
-    fn signal(&self, rank: usize, signal: Signal) {
-        let pid = Pid::from_raw(self.ranks.children[rank].id() as i32);
-        kill(pid, signal).expect("signal a rank");
-    }
-
-    /// Whether `rank` has exited (and is reaped).
-    fn exited(&mut self, rank: usize) -> Option<std::process::ExitStatus> {
-        self.ranks.children[rank].try_wait().expect("try_wait")
-    }
-
-    /// Wait for both ranks to exit; their exit statuses.
-    fn finish(mut self) -> ([std::process::ExitStatus; 2], Seen) {
-        let start = Instant::now();
-        let mut status = [None, None];
-        while status.iter().any(Option::is_none) {
-            assert!(start.elapsed() < RUN_DEADLINE, "ranks still running");
-            for (r, s) in status.iter_mut().enumerate() {
-                if s.is_none() {
-                    *s = self.exited(r);
-                }
-            }
-            self.pump(Duration::from_millis(10));
-        }
-        // The readers end with the pipes; take what is left.
-        self.pump(Duration::from_millis(200));
-        (status.map(|s| s.expect("exited")), self.seen)
-    }
+fn signal(w: &Watched, rank: usize, signal: Signal) {
+    let pid = Pid::from_raw(w.ranks.children[rank].id() as i32);
+    kill(pid, signal).expect("signal a rank");
 }
 
 /// The parameter hashes of the same job without a stall.
 fn reference_hashes(transport: &str) -> Vec<String> {
-    let w = Watched::start(transport, 60);
+    let w = start(transport, 60);
     let (status, seen) = w.finish();
     assert!(status.iter().all(|s| s.success()), "{:?}", seen.stderr);
     let h: Vec<String> = seen.stdout.iter().flat_map(|o| hashes(o)).collect();
@@ -138,9 +55,9 @@ fn reference_hashes(transport: &str) -> Vec<String> {
 /// training carries on after the stall, and the parameters are those of the reference run.
 fn a_short_stall_is_no_failure(transport: &str) {
     let expected = reference_hashes(transport);
-    let mut w = Watched::start(transport, 10);
+    let mut w = start(transport, 10);
     w.wait_for_iterations(1, 3);
-    w.signal(1, Signal::SIGSTOP);
+    signal(&w, 1, Signal::SIGSTOP);
     let at_stop = w.iterations(1);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
@@ -148,15 +65,10 @@ fn a_short_stall_is_no_failure(transport: &str) {
         "rank 0 ended during the stall: {:?}",
         w.seen.stderr
     );
-    w.signal(1, Signal::SIGCONT);
+    signal(&w, 1, Signal::SIGCONT);
     let (status, seen) = w.finish();
-    for r in 0..2 {
-        assert!(
-            status[r].success(),
-            "{transport}: rank {r} {}: {}",
-            status[r],
-            seen.stderr[r]
-        );
+    for (r, (status, stderr)) in status.iter().zip(&seen.stderr).enumerate() {
+        assert!(status.success(), "{transport}: rank {r} {status}: {stderr}");
     }
     // The stall came mid-training: rank 1 trained on after it.
     assert!(
@@ -171,9 +83,9 @@ fn a_short_stall_is_no_failure(transport: &str) {
 /// rank 0 fails on its own, naming rank 1 and the collective it waited for; continued
 /// afterwards, rank 1 finds its peer gone and fails too, naming rank 0.
 fn a_long_stall_is_named(transport: &str) {
-    let mut w = Watched::start(transport, 3);
+    let mut w = start(transport, 3);
     w.wait_for_iterations(1, 3);
-    w.signal(1, Signal::SIGSTOP);
+    signal(&w, 1, Signal::SIGSTOP);
     let start = Instant::now();
     while w.exited(0).is_none() {
         assert!(
@@ -182,7 +94,7 @@ fn a_long_stall_is_named(transport: &str) {
         );
         w.pump(Duration::from_millis(10));
     }
-    w.signal(1, Signal::SIGCONT);
+    signal(&w, 1, Signal::SIGCONT);
     let (status, seen) = w.finish();
     assert_eq!(status[0].code(), Some(1), "{transport}: {}", seen.stderr[0]);
     // `timed out after 3.000…s waiting for rank 1 during all_reduce` (DDP's gradient buckets).
