@@ -95,18 +95,13 @@ fn a_link_down_longer_than_the_deadline_is_named_on_every_rank() {
         w.pump(Duration::from_millis(10));
     }
     let (status, seen) = w.finish();
-    for rank in 0..2 {
+    for (rank, (status, stderr)) in status.iter().zip(&seen.stderr).enumerate() {
         let other = 1 - rank;
-        assert_eq!(
-            status[rank].code(),
-            Some(1),
-            "rank {rank}: {}",
-            seen.stderr[rank]
-        );
-        let error = seen.stderr[rank]
+        assert_eq!(status.code(), Some(1), "rank {rank}: {stderr}");
+        let error = stderr
             .lines()
             .find(|l| l.starts_with(&format!("dtrain: error: rank {rank}: ")))
-            .unwrap_or_else(|| panic!("rank {rank} printed no error:\n{}", seen.stderr[rank]));
+            .unwrap_or_else(|| panic!("rank {rank} printed no error:\n{stderr}"));
         assert!(
             error.contains(&format!("rank {other}")),
             "rank {rank} does not name rank {other}: {error}"
