@@ -277,7 +277,7 @@ pub struct TrainArgs {
 /// What `--resume` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResumeFrom {
-    /// `--resume auto`: the `--save-checkpoint` file, if it exists.
+    /// `--resume auto`: the newest intact file of the `--save-checkpoint` rotation, if any.
     Auto,
     /// `--resume FILE` (a file named `auto` is `./auto`).
     File(PathBuf),
@@ -354,7 +354,8 @@ pub struct RunOptions {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub keep_checkpoints: usize,
     /// Resume model, optimizer and position from a checkpoint FILE, or `auto`: from the
-    /// --save-checkpoint file if it exists, else start fresh (what a restarted rank does)
+    /// newest intact file of the --save-checkpoint rotation if one exists, else start fresh
+    /// (what a restarted rank does)
     #[arg(long, value_name = "FILE|auto", value_parser = parse_resume)]
     pub resume: Option<ResumeFrom>,
     /// Start from the weights of a checkpoint (fresh optimizer, epoch 0)
