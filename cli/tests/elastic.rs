@@ -605,12 +605,12 @@ fn a_checkpoint_with_a_lying_header_is_a_clear_error() {
             path.to_str().expect("utf-8"),
         ]));
         let out = run_single(&args);
-        assert_eq!(out.status.code(), Some(1), "{flag}: {}", out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", out.stderr);
         assert!(
             out.stderr.starts_with("dtrain: error: ")
-                && out
-                    .stderr
-                    .contains("lie.safetensors is not a valid safetensors file"),
+                && out.stderr.contains(
+                    "lie.safetensors is damaged and was not loaded: not a valid safetensors file"
+                ),
             "{flag}: {}",
             out.stderr
         );
