@@ -280,7 +280,7 @@ pub struct TrainArgs {
 /// What `--resume` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResumeFrom {
-    /// `--resume auto`: the `--save-checkpoint` file, if it exists.
+    /// `--resume auto`: the newest intact file of the `--save-checkpoint` rotation, if any.
     Auto,
     /// `--resume FILE` (a file named `auto` is `./auto`).
     File(PathBuf),
@@ -352,8 +352,13 @@ pub struct RunOptions {
     /// Also checkpoint every N iterations (in the background; needs --save-checkpoint)
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<usize>,
+    /// Keep the N newest checkpoints: FILE, FILE.1 (the previous), ... FILE.<N-1>;
+    /// --resume auto falls back to an older one when the newest is damaged
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub keep_checkpoints: usize,
     /// Resume model, optimizer and position from a checkpoint FILE, or `auto`: from the
-    /// --save-checkpoint file if it exists, else start fresh (what a restarted rank does)
+    /// newest intact file of the --save-checkpoint rotation if one exists, else start fresh
+    /// (what a restarted rank does)
     #[arg(long, value_name = "FILE|auto", value_parser = parse_resume)]
     pub resume: Option<ResumeFrom>,
     /// Start from the weights of a checkpoint (fresh optimizer, epoch 0)
@@ -905,6 +910,9 @@ fn validate_run_options(o: &mut RunOptions, num_nodes: usize) -> Result<(), Usag
     }
     if o.checkpoint_every == Some(0) {
         return Err(invalid("--checkpoint-every must be at least 1, got 0"));
+    }
+    if o.keep_checkpoints == 0 {
+        return Err(invalid("--keep-checkpoints must be at least 1, got 0"));
     }
     Ok(())
 }

@@ -11,12 +11,21 @@
 //!   iterations) and the settings that fix data order and optimisation (`seed`, `world_size`,
 //!   `batch_size`, ...).
 //!
+//! - checksums of every tensor, of the training state and of the header ([`integrity`]),
+//!   verified on every load: a damaged file is refused with what is damaged, never trained on.
+//!
+//! With `--keep-checkpoints N` the previous checkpoints stay beside the newest
+//! ([`rotation`]); `--resume auto` (and a restart) takes the newest one that verifies.
+//!
 //! The data order and augmentation are pure functions of (seed, epoch, sample index), so the
 //! position *is* the RNG state: resuming at `(epoch, batch)` replays exactly the batches an
 //! uninterrupted run would have seen, and the rest of the run is bit-identical.
 //!
 //! Batch-norm buffers are rank 0's (ranks of the non-DDP modes each track their own; they
 //! only affect evaluation, which uses rank 0's anyway — see `train`).
+
+pub mod integrity;
+pub mod rotation;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,11 +34,12 @@ use std::thread::JoinHandle;
 
 use engine::optim::Sgd;
 use engine::state::{
-    load_tensors, parse_tensors, read_state_file, save_tensors, temp_path, NamedTensor, StateError,
+    parse_tensors, read_state_file, temp_path, LoadedState, NamedTensor, StateError,
 };
 use engine::vgg::Vgg;
 
 use crate::args::ResumeFrom;
+use integrity::Verified;
 
 const FORMAT: &str = "dtrain-checkpoint";
 const VERSION: &str = "1";
@@ -42,6 +52,20 @@ pub enum CheckpointError {
     Read(StateError),
     #[error("checkpoint {path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
+    /// Truncated, unparsable, or not matching its checksums: never loaded.
+    #[error("checkpoint {path} is damaged and was not loaded: {what}")]
+    Damaged { path: PathBuf, what: String },
+    /// `--resume auto`: every file of the rotation is damaged.
+    #[error("no checkpoint to resume from is intact: {details}; move them away to start from the beginning")]
+    NoneIntact { details: String },
+}
+
+impl CheckpointError {
+    /// Bad input (a file that cannot be resumed from: exit 2) rather than a failure while
+    /// running (a checkpoint that could not be written: exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, CheckpointError::Save(_))
+    }
 }
 
 /// Where training stands.
@@ -116,10 +140,19 @@ impl Snapshot {
         }
     }
 
-    /// Write to `path` atomically and durably ([`save_tensors`]): on failure `path` still
+    /// Write to `path` atomically and durably, with its checksums: on failure `path` still
     /// holds what it held and no temporary file is left.
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
-        save_tensors(path, &self.tensors, &self.metadata).map_err(CheckpointError::Save)
+        self.save_keeping(path, 1)
+    }
+
+    /// [`Snapshot::save`], keeping the `keep - 1` previous checkpoints as `path.1`, ...
+    /// ([`rotation::save_rotating`]). The checksums are computed here, on the writer's
+    /// thread, not in [`Snapshot::take`].
+    pub fn save_keeping(&self, path: &Path, keep: usize) -> Result<(), CheckpointError> {
+        let mut metadata = self.metadata.clone();
+        integrity::seal(&self.tensors, &mut metadata);
+        rotation::save_rotating(path, keep, &self.tensors, &metadata).map_err(CheckpointError::Save)
     }
 }
 
@@ -152,6 +185,33 @@ pub fn load_resume(
     restore(&read_checkpoint(path)?, path, model_spec, model, sgd)
 }
 
+/// Parse the bytes of the checkpoint at `path` and check them against their checksums: a
+/// truncated, unparsable or damaged file is [`CheckpointError::Damaged`], saying what is
+/// damaged; a file without checksums loads with a one-line warning.
+pub fn parse_verified(bytes: &[u8], path: &Path) -> Result<LoadedState, CheckpointError> {
+    let damaged = |what: String| CheckpointError::Damaged {
+        path: path.to_path_buf(),
+        what,
+    };
+    let mut loaded = parse_tensors(bytes, path).map_err(|e| match e {
+        StateError::Format { message, .. } => damaged(
+            integrity::describe_unparsable(bytes)
+                .unwrap_or_else(|| format!("not a valid safetensors file ({message})")),
+        ),
+        other => CheckpointError::Read(other),
+    })?;
+    match integrity::verify(&loaded) {
+        Ok(Verified::Checked) => {}
+        Ok(Verified::NoChecksums) => eprintln!(
+            "dtrain: warning: {} has no checksums (an older dtrain or another program wrote it); it is loaded unverified",
+            path.display()
+        ),
+        Err(damage) => return Err(damaged(damage.to_string())),
+    }
+    integrity::strip(&mut loaded.metadata);
+    Ok(loaded)
+}
+
 /// [`load_resume`] from the bytes of the file at `path` (named in errors).
 pub fn restore(
     bytes: &[u8],
@@ -160,7 +220,7 @@ pub fn restore(
     model: &mut Vgg<f32>,
     sgd: &mut Sgd<f32>,
 ) -> Result<Restored, CheckpointError> {
-    let loaded = parse_tensors(bytes, path).map_err(CheckpointError::Read)?;
+    let loaded = parse_verified(bytes, path)?;
     let invalid = |detail: String| CheckpointError::Invalid {
         path: path.to_path_buf(),
         detail,
@@ -224,6 +284,8 @@ pub type WriteOutcome = (Position, Result<(), CheckpointError>);
 /// first waits for the one in flight. Dropping the writer waits for the write in flight.
 pub struct CheckpointWriter {
     path: PathBuf,
+    /// `--keep-checkpoints`: how many files of the rotation a write keeps.
+    keep: usize,
     jobs: Option<mpsc::Sender<Snapshot>>,
     done: mpsc::Receiver<WriteOutcome>,
     /// The outcome of a write made inline (no thread could be started).
@@ -236,7 +298,7 @@ impl CheckpointWriter {
     /// A writer for `path`. Fails now if its directory cannot take a file (missing, not
     /// writable), rather than at the first checkpoint; removes temporary files that writers
     /// which died (a crash mid-write, `kill -9`) left next to `path`.
-    pub fn new(path: &Path) -> Result<CheckpointWriter, CheckpointError> {
+    pub fn new(path: &Path, keep: usize) -> Result<CheckpointWriter, CheckpointError> {
         remove_stale_temp_files(path);
         let probe = temp_path(path, std::process::id());
         std::fs::OpenOptions::new()
@@ -258,7 +320,7 @@ impl CheckpointWriter {
             .name("checkpoint-writer".into())
             .spawn(move || {
                 for snapshot in job_rx {
-                    let outcome = (snapshot.position, snapshot.save(&target));
+                    let outcome = (snapshot.position, snapshot.save_keeping(&target, keep));
                     drop(snapshot);
                     if done_tx.send(outcome).is_err() {
                         return;
@@ -274,6 +336,7 @@ impl CheckpointWriter {
         };
         Ok(CheckpointWriter {
             path: path.to_path_buf(),
+            keep,
             jobs,
             done,
             inline_done: None,
@@ -312,10 +375,14 @@ impl CheckpointWriter {
         match &self.jobs {
             Some(jobs) => {
                 if let Err(mpsc::SendError(snapshot)) = jobs.send(snapshot) {
-                    self.inline_done = Some((snapshot.position, snapshot.save(&self.path)));
+                    let saved = snapshot.save_keeping(&self.path, self.keep);
+                    self.inline_done = Some((snapshot.position, saved));
                 }
             }
-            None => self.inline_done = Some((snapshot.position, snapshot.save(&self.path))),
+            None => {
+                let saved = snapshot.save_keeping(&self.path, self.keep);
+                self.inline_done = Some((snapshot.position, saved));
+            }
         }
         self.in_flight = true;
         previous
@@ -331,16 +398,14 @@ impl Drop for CheckpointWriter {
     }
 }
 
-/// Remove `path`'s temporary files ([`temp_path`]) whose writer process no longer runs.
+/// Remove `path`'s temporary files ([`temp_path`], and the rotation's staged file's own
+/// `<path>.tmp.<pid>.tmp.<pid>`) whose writer process no longer runs.
 fn remove_stale_temp_files(path: &Path) {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return;
     };
     let prefix = format!("{name}.tmp.");
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = rotation::dir_of(path);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -349,6 +414,7 @@ fn remove_stale_temp_files(path: &Path) {
         let Some(pid) = file_name
             .to_str()
             .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.split('.').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
@@ -376,13 +442,15 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
+    /// Checkpoints to `path`, keeping `keep` files of its rotation (`--keep-checkpoints`).
     pub fn new(
         path: &Path,
+        keep: usize,
         model_spec: &str,
         settings: BTreeMap<String, String>,
     ) -> Result<Checkpoints, CheckpointError> {
         Ok(Checkpoints {
-            writer: CheckpointWriter::new(path)?,
+            writer: CheckpointWriter::new(path, keep)?,
             model_spec: model_spec.to_string(),
             settings,
         })
@@ -432,23 +500,28 @@ pub enum ResumeSource {
     /// From the seed (or `--init-checkpoint`); `why` says why nothing was resumed when a
     /// resume was asked for (`--resume auto`, a restart).
     Fresh { why: Option<String> },
-    /// From this checkpoint file.
+    /// From this checkpoint file (`--resume FILE`): damaged is an error.
     File(PathBuf),
+    /// From the newest of these files of the `--save-checkpoint` rotation (newest first)
+    /// that is intact ([`resume_newest`]).
+    Newest(Vec<PathBuf>),
 }
 
 /// The checkpoint a run resumes from. A restart (`restart_count` > 0, from
 /// `TORCHELASTIC_RESTART_COUNT`) or `--resume auto` resumes from the `--save-checkpoint`
-/// file when it exists; otherwise `--resume FILE` is used if given, else the run starts
-/// fresh.
+/// rotation (`keep` files) when one of its files exists; otherwise `--resume FILE` is used
+/// if given, else the run starts fresh.
 pub fn resume_source(
     resume: Option<&ResumeFrom>,
     save_checkpoint: Option<&Path>,
+    keep: usize,
     restart_count: usize,
 ) -> ResumeSource {
     let auto = restart_count > 0 || resume == Some(&ResumeFrom::Auto);
     if auto {
-        if let Some(path) = save_checkpoint.filter(|p| p.exists()) {
-            return ResumeSource::File(path.to_path_buf());
+        let files = save_checkpoint.map_or_else(Vec::new, |p| rotation::existing(p, keep));
+        if !files.is_empty() {
+            return ResumeSource::Newest(files);
         }
     }
     if let Some(ResumeFrom::File(path)) = resume {
@@ -461,11 +534,68 @@ pub fn resume_source(
     ResumeSource::Fresh { why }
 }
 
+/// The newest of `candidates` (newest first) that `load` accepts, with its bytes: a file
+/// that cannot be read or is damaged is reported on stderr and the next older one is tried;
+/// any other error of `load` (another model, ...) is the answer. The damaged files newer than
+/// the one resumed are moved aside ([`rotation::damaged_path`]) so that the next saves
+/// rotate good files, not them.
+pub fn resume_newest<T>(
+    candidates: &[PathBuf],
+    mut load: impl FnMut(&Path, &[u8]) -> Result<T, CheckpointError>,
+) -> Result<(PathBuf, Vec<u8>, T), CheckpointError> {
+    let mut damaged: Vec<(&Path, String)> = Vec::new();
+    for (i, path) in candidates.iter().enumerate() {
+        let outcome = read_checkpoint(path).and_then(|bytes| Ok((load(path, &bytes)?, bytes)));
+        match outcome {
+            Ok((loaded, bytes)) => {
+                move_aside(&damaged);
+                return Ok((path.clone(), bytes, loaded));
+            }
+            Err(e @ (CheckpointError::Damaged { .. } | CheckpointError::Read(_))) => {
+                let next = match candidates.get(i + 1) {
+                    Some(older) => format!("falling back to the previous one, {}", older.display()),
+                    None => "no older checkpoint is left".to_string(),
+                };
+                eprintln!("dtrain: {e}; {next}");
+                damaged.push((path, e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let details: Vec<String> = damaged.into_iter().map(|(_, e)| e).collect();
+    Err(CheckpointError::NoneIntact {
+        details: details.join("; "),
+    })
+}
+
+/// Rename each damaged file to its [`rotation::damaged_path`], saying so.
+fn move_aside(damaged: &[(&Path, String)]) {
+    for (path, _) in damaged {
+        if !path.exists() {
+            continue;
+        }
+        let aside = rotation::damaged_path(path);
+        match std::fs::rename(path, &aside) {
+            Ok(()) => eprintln!(
+                "dtrain: moved the damaged {} to {} (kept for inspection, out of the rotation)",
+                path.display(),
+                aside.display()
+            ),
+            Err(e) => eprintln!(
+                "dtrain: warning: cannot move the damaged {} aside ({e}); the next checkpoint rotates it",
+                path.display()
+            ),
+        }
+    }
+}
+
 /// Load weights (and batch-norm buffers) from a PyTorch `state_dict` saved with
 /// `safetensors.torch.save_file(model.state_dict(), path)` from the original `model.py`, or
-/// from a dtrain checkpoint (its optimizer state and position are ignored).
+/// from a dtrain checkpoint (its optimizer state and position are ignored). The file is
+/// verified as a resume is ([`parse_verified`]).
 pub fn load_init(path: &Path, model: &mut Vgg<f32>) -> Result<(), String> {
-    let loaded = load_tensors(path).map_err(|e| e.to_string())?;
+    let bytes = read_checkpoint(path).map_err(|e| e.to_string())?;
+    let loaded = parse_verified(&bytes, path).map_err(|e| e.to_string())?;
     let model_tensors: BTreeMap<_, _> = loaded
         .tensors
         .into_iter()
@@ -495,6 +625,7 @@ pub fn setting_differences(
 mod tests {
     use super::*;
     use crate::train::{build_model, parameter_hash};
+    use engine::state::save_tensors;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn temp_dir() -> PathBuf {
@@ -622,6 +753,7 @@ mod tests {
         std::fs::write(&saved, b"x").unwrap();
         let given = ResumeFrom::File(PathBuf::from("given.safetensors"));
         let file = |p: &Path| ResumeSource::File(p.to_path_buf());
+        let newest = |p: &Path| ResumeSource::Newest(vec![p.to_path_buf()]);
         let fresh = |why: &str| ResumeSource::Fresh {
             why: Some(why.to_string()),
         };
@@ -638,22 +770,22 @@ mod tests {
                 file(Path::new("given.safetensors")),
             ),
             // ...a restart prefers the newer --save-checkpoint file, if there is one.
-            (Some(&given), Some(&saved), 1, file(&saved)),
+            (Some(&given), Some(&saved), 1, newest(&saved)),
             (
                 Some(&given),
                 Some(&missing),
                 1,
                 file(Path::new("given.safetensors")),
             ),
-            (Some(&ResumeFrom::Auto), Some(&saved), 0, file(&saved)),
+            (Some(&ResumeFrom::Auto), Some(&saved), 0, newest(&saved)),
             (Some(&ResumeFrom::Auto), Some(&missing), 0, fresh(&no_ckpt)),
-            (None, Some(&saved), 3, file(&saved)),
+            (None, Some(&saved), 3, newest(&saved)),
             (None, Some(&missing), 1, fresh(&no_ckpt)),
             (None, None, 2, fresh("no --save-checkpoint to resume from")),
         ];
         for (resume, save, restart, want) in cases {
             assert_eq!(
-                resume_source(resume, save, restart),
+                resume_source(resume, save, 2, restart),
                 want,
                 "{resume:?} {save:?} restart {restart}"
             );
@@ -681,7 +813,7 @@ mod tests {
         std::fs::write(&dead, b"partial").unwrap();
         std::fs::write(&live, b"partial").unwrap();
         let (model, sgd) = trained("4,M", 1);
-        let mut c = Checkpoints::new(&path, "4,M", BTreeMap::new()).unwrap();
+        let mut c = Checkpoints::new(&path, 1, "4,M", BTreeMap::new()).unwrap();
         assert!(!dead.exists() && live.exists());
         std::fs::remove_file(&live).unwrap();
         for it in 1..=3 {
@@ -728,7 +860,7 @@ mod tests {
         std::fs::create_dir_all(&sub).unwrap();
         let path = sub.join("run.safetensors");
         let (model, sgd) = trained("4,M", 1);
-        let mut c = Checkpoints::new(&path, "4,M", BTreeMap::new()).unwrap();
+        let mut c = Checkpoints::new(&path, 1, "4,M", BTreeMap::new()).unwrap();
         // The folder disappears under the writer: every write now fails.
         std::fs::remove_dir_all(&sub).unwrap();
         let at = Position::default();
@@ -737,7 +869,7 @@ mod tests {
         assert!(e.to_string().contains("cannot save checkpoint"), "{e}");
         assert!(e.to_string().contains("run.safetensors.tmp."), "{e}");
         // A folder that does not exist is refused when the writer is made.
-        let e = Checkpoints::new(&path, "4,M", BTreeMap::new())
+        let e = Checkpoints::new(&path, 1, "4,M", BTreeMap::new())
             .err()
             .unwrap();
         assert!(e.to_string().contains("cannot create"), "{e}");

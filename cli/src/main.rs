@@ -83,6 +83,6 @@ fn main() -> ExitCode {
 fn run_training(cfg: &dtrain::args::TrainConfig) -> ExitCode {
     match dtrain::train::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("dtrain: error: {e}"), 1),
+        Err(e) => fail(&format!("dtrain: error: {e}"), e.exit_code()),
     }
 }

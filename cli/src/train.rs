@@ -36,7 +36,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -70,6 +70,15 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// 2 for bad input (a checkpoint that cannot be used), 1 for a failure while running.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TrainError::Checkpoint(e) if e.is_bad_input() => 2,
+            TrainError::InitCheckpoint { .. } => 2,
+            _ => 1,
+        }
+    }
+
     /// A failed step or collective of rank `rank`.
     fn sync(rank: usize) -> impl Fn(SyncError) -> TrainError {
         move |source| TrainError::Sync { rank, source }
@@ -239,21 +248,23 @@ fn restart_tag(cfg: &TrainConfig) -> String {
     }
 }
 
-/// Restore `bytes` into model and optimizer, warn about changed settings, and say so.
+/// Restore `bytes` (of the file at `path`) into model and optimizer, warn about changed
+/// settings, and say so.
 fn restore(
     cfg: &TrainConfig,
-    resumed: &Resumed,
+    path: &Path,
+    bytes: &[u8],
     model: &mut Vgg<f32>,
     sgd: &mut Sgd<f32>,
-) -> Result<Position, TrainError> {
-    let restored = checkpoint::restore(&resumed.bytes, &resumed.path, &cfg.opts.model, model, sgd)?;
+) -> Result<Position, CheckpointError> {
+    let restored = checkpoint::restore(bytes, path, &cfg.opts.model, model, sgd)?;
     for diff in checkpoint::setting_differences(&restored.settings, &run_settings(cfg)) {
         eprintln!("dtrain: warning: resuming with a different setting ({diff}); the run will not match an uninterrupted one");
     }
     let p = restored.position;
     let from = match cfg.rank {
-        0 => resumed.path.display().to_string(),
-        _ => format!("rank 0's checkpoint {}", resumed.path.display()),
+        0 => path.display().to_string(),
+        _ => format!("rank 0's checkpoint {}", path.display()),
     };
     eprintln!(
         "dtrain: {}resuming from {from} at epoch {}, batch {} (iteration {})",
@@ -281,6 +292,7 @@ fn resume_on_rank0(
     let source = checkpoint::resume_source(
         o.resume.as_ref(),
         o.save_checkpoint.as_deref(),
+        o.keep_checkpoints,
         cfg.restart_count,
     );
     match source {
@@ -294,12 +306,15 @@ fn resume_on_rank0(
             Ok(None)
         }
         ResumeSource::File(path) => {
-            let resumed = Resumed {
-                bytes: checkpoint::read_checkpoint(&path)?,
-                path,
-            };
-            let at = restore(cfg, &resumed, model, sgd)?;
-            Ok(Some((resumed, at)))
+            let bytes = checkpoint::read_checkpoint(&path)?;
+            let at = restore(cfg, &path, &bytes, model, sgd)?;
+            Ok(Some((Resumed { path, bytes }, at)))
+        }
+        ResumeSource::Newest(files) => {
+            let (path, bytes, at) = checkpoint::resume_newest(&files, |path, bytes| {
+                restore(cfg, path, bytes, model, sgd)
+            })?;
+            Ok(Some((Resumed { path, bytes }, at)))
         }
     }
 }
@@ -332,7 +347,13 @@ fn share_resume(
         return Ok(at);
     }
     resumed.path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
-    restore(cfg, &resumed, model, sgd).map(Some)
+    Ok(Some(restore(
+        cfg,
+        &resumed.path,
+        &resumed.bytes,
+        model,
+        sgd,
+    )?))
 }
 
 /// What a rank prints and records while training: log lines, the progress line, metrics,
@@ -481,7 +502,12 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     let resumed = resume_on_rank0(cfg, &mut model, &mut sgd)?;
     let mut checkpoints = match &o.save_checkpoint {
-        Some(path) if rank == 0 => Some(Checkpoints::new(path, &o.model, run_settings(cfg))?),
+        Some(path) if rank == 0 => Some(Checkpoints::new(
+            path,
+            o.keep_checkpoints,
+            &o.model,
+            run_settings(cfg),
+        )?),
         _ => None,
     };
     let mut sync = GradSync::connect(cfg, &mut model).map_err(TrainError::comm(rank))?;

@@ -243,9 +243,10 @@ fn a_deterministic_failure_gives_up_after_max_restarts() {
     let started = Instant::now();
     let out = run_single(&args);
     let elapsed = started.elapsed();
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     let error = format!(
-        "[rank 0] dtrain: error: cannot read checkpoint: {} is not a valid safetensors file",
+        "[rank 0] dtrain: error: no checkpoint to resume from is intact: checkpoint {} is \
+         damaged and was not loaded: the file is truncated or its header length is damaged",
         ckpt.display()
     );
     assert_eq!(out.stderr.matches(&error).count(), 3, "{}", out.stderr);
@@ -258,7 +259,7 @@ fn a_deterministic_failure_gives_up_after_max_restarts() {
     assert!(
         out.stderr
             .trim_end()
-            .ends_with("dtrain launch: error: rank 0 failed with exit status 1"),
+            .ends_with("dtrain launch: error: rank 0 failed with exit status 2"),
         "{}",
         out.stderr
     );
@@ -315,7 +316,9 @@ fn a_crash_during_a_checkpoint_write_leaves_the_previous_one_loadable() {
             children: vec![spawn(&args)],
         };
         let pid = ranks.children[0].id();
-        let tmp = dir.join(format!("big.safetensors.tmp.{pid}"));
+        // The file being written: with the default --keep-checkpoints 2 the new checkpoint is
+        // staged as big.safetensors.tmp.<pid>, itself written as <that>.tmp.<pid>.
+        let tmp = dir.join(format!("big.safetensors.tmp.{pid}.tmp.{pid}"));
         // Wait for a complete checkpoint, then for the next write to begin.
         let deadline = Instant::now() + Duration::from_secs(120);
         while !(ckpt.exists() && tmp.exists()) {
@@ -357,7 +360,7 @@ fn a_crash_during_a_checkpoint_write_leaves_the_previous_one_loadable() {
     assert!(probe
         .stderr
         .contains("left by an interrupted checkpoint write"));
-    assert_eq!(file_names(&dir), ["big.safetensors"]);
+    assert_eq!(file_names(&dir), ["big.safetensors", "big.safetensors.1"]);
 }
 
 /// Checkpoint writes that fail for real (the child's file size limit makes every write
@@ -602,12 +605,12 @@ fn a_checkpoint_with_a_lying_header_is_a_clear_error() {
             path.to_str().expect("utf-8"),
         ]));
         let out = run_single(&args);
-        assert_eq!(out.status.code(), Some(1), "{flag}: {}", out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", out.stderr);
         assert!(
             out.stderr.starts_with("dtrain: error: ")
-                && out
-                    .stderr
-                    .contains("lie.safetensors is not a valid safetensors file"),
+                && out.stderr.contains(
+                    "lie.safetensors is damaged and was not loaded: not a valid safetensors file"
+                ),
             "{flag}: {}",
             out.stderr
         );

@@ -41,6 +41,8 @@ pub fn require_root_and_iproute2(test: &str) {
 /// Two namespaces joined by a veth pair, `HOST_IPS` on its ends; deleted on drop.
 pub struct TwoHosts {
     pub names: [String; 2],
+    /// The veth end inside each namespace.
+    pub links: [String; 2],
 }
 
 impl TwoHosts {
@@ -54,12 +56,13 @@ impl TwoHosts {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
+        // Interface names are at most 15 bytes: "d" + tag + side + pid and counter.
         let hosts = TwoHosts {
             names: [format!("dtrain-{tag}a-{id}"), format!("dtrain-{tag}b-{id}")],
+            links: [format!("d{tag}a{id}"), format!("d{tag}b{id}")],
         };
         let [a, b] = hosts.names.clone();
-        // Interface names are at most 15 bytes: "d" + tag + side + pid and counter.
-        let (va, vb) = (format!("d{tag}a{id}"), format!("d{tag}b{id}"));
+        let [va, vb] = hosts.links.clone();
         let cidrs = HOST_IPS.map(|ip| format!("{ip}/24"));
         let mut steps: Vec<Vec<&str>> = vec![
             vec!["netns", "add", &a],
@@ -92,6 +95,15 @@ impl TwoHosts {
             }
         }
         hosts
+    }
+}
+
+impl TwoHosts {
+    /// `ip link set <host's veth end> up|down` inside host `host`'s namespace.
+    pub fn set_link(&self, host: usize, up: bool) -> Result<(), String> {
+        let state = if up { "up" } else { "down" };
+        let (ns, dev) = (&self.names[host], &self.links[host]);
+        run_tool("ip", &["-n", ns, "link", "set", dev, state]).map(|_| ())
     }
 }
 
