@@ -68,6 +68,7 @@ pub mod backend;
 pub mod bench;
 pub mod buffer;
 pub mod communicator;
+pub mod config;
 pub mod error;
 pub mod hierarchical;
 pub mod local;
@@ -79,7 +80,8 @@ pub mod tcp;
 
 pub use backend::{Backend, SharedMemory, Timeouts};
 pub use buffer::Buffer;
-pub use communicator::{AsyncCommunicator, CommConfig, Communicator, Pending, TransportKind};
+pub use communicator::{AsyncCommunicator, Communicator, Pending};
+pub use config::{CommConfig, StoreRendezvous, TransportKind};
 pub use error::{Error, Result};
 pub use reduce::{Bf16, DType, Element, HalfFloat, ReduceOp, F16};
-pub use store::{StoreClient, StoreError, StoreRendezvous, StoreServer};
+pub use store::{StoreClient, StoreError, StoreServer};
