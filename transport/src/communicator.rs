@@ -246,7 +246,7 @@ fn connect_tcp(cfg: &CommConfig, rv: Rendezvous) -> Result<Communicator> {
     let backend = crate::tcp::connect_mesh(
         cfg.rank,
         &addrs,
-        &rv.job_id,
+        &rv.data_key,
         rv.data_listener,
         &cfg.timeouts,
     )?;

@@ -104,15 +104,32 @@ pub(super) fn join_on(
         rank: 0,
         detail: format!("malformed peer table: {e}"),
     };
-    let (job_id, peers) = decode_table(&payload, cfg.world_size).map_err(bad)?;
+    let (job_id, peers, sent_key) = decode_table(&payload, cfg.world_size).map_err(bad)?;
     if peers[cfg.rank].data_addr != data_addr {
         return Err(bad("this rank's own entry is wrong".into()));
     }
+    let data_key = data_key(cfg, &job_id, sent_key).map_err(bad)?;
     Ok(Rendezvous {
         job_id,
         peers,
+        data_key,
         data_listener,
     })
+}
+
+/// The job's data-plane key: derived from the token, or the one rank 0 sent when there is none.
+fn data_key(
+    cfg: &CommConfig,
+    job_id: &str,
+    sent: Vec<u8>,
+) -> std::result::Result<auth::DataKey, String> {
+    match &cfg.auth_token {
+        Some(token) if sent.is_empty() => Ok(auth::data_key(token, job_id)),
+        None => sent
+            .try_into()
+            .map_err(|k: Vec<u8>| format!("a data key of {} bytes", k.len())),
+        Some(_) => Err("a data key sent in the clear although this job has a token".into()),
+    }
 }
 
 /// A failed read or write on the rendezvous connection: a timeout (rank 0 silent) or a

@@ -87,10 +87,19 @@ pub(super) fn serve(
         .map(|b| format!("{b:02x}"))
         .collect();
     let peers = lobby.peer_table(my_data)?;
-    lobby.send_tables(&job_id, &peers, my_data)?;
+    // With a token every rank derives the key; without one, the table carries a random one.
+    let (data_key, sent_key) = match &cfg.auth_token {
+        Some(token) => (auth::data_key(token, &job_id), Vec::new()),
+        None => {
+            let key = auth::nonce();
+            (key, key.to_vec())
+        }
+    };
+    lobby.send_tables(&job_id, &peers, my_data, &sent_key)?;
     Ok(Rendezvous {
         job_id,
         peers,
+        data_key,
         data_listener,
     })
 }
@@ -269,7 +278,13 @@ impl<'a> Lobby<'a> {
 
     /// Sends each rank the table, with rank 0's data address on the interface it came in by
     /// when rank 0 listens on the unspecified address; aborts everyone if one send fails.
-    fn send_tables(&mut self, job_id: &str, peers: &[PeerInfo], my_data: SocketAddr) -> Result<()> {
+    fn send_tables(
+        &mut self,
+        job_id: &str,
+        peers: &[PeerInfo],
+        my_data: SocketAddr,
+        data_key: &[u8],
+    ) -> Result<()> {
         let mut failed = None;
         for (rank, slot) in self.joined.iter_mut().enumerate().skip(1) {
             let (stream, _) = slot.as_mut().expect("all joined");
@@ -279,9 +294,11 @@ impl<'a> Lobby<'a> {
                     rank0_data.set_ip(local.ip());
                 }
             }
-            if let Err(e) =
-                write_message(stream, MSG_TABLE, &encode_table(job_id, peers, rank0_data))
-            {
+            if let Err(e) = write_message(
+                stream,
+                MSG_TABLE,
+                &encode_table(job_id, peers, rank0_data, data_key),
+            ) {
                 failed = Some(Error::PeerDied {
                     rank,
                     what: "rendezvous".into(),

@@ -11,9 +11,12 @@
 //!
 //! Files: `wire.rs` (framing and encoding of the messages), `master.rs` (rank 0: accept,
 //! authenticate, check, send the table; and the failure policy), `join.rs` (ranks > 0),
-//! `peers.rs` (the outcome: who is where), `via_store.rs` (finding rank 0 through a TCPStore).
+//! `peers.rs` (the outcome: who is where), `via_store.rs` (finding rank 0 through a TCPStore),
+//! `data_plane.rs` (the handshake that authenticates every TCP connection between ranks
+//! afterwards, with the data-plane key the rendezvous hands out).
 //! The settings come from [`crate::config`], below both this module and the communicator.
 
+pub(crate) mod data_plane;
 mod join;
 mod master;
 mod peers;

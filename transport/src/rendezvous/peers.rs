@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
 
+use crate::auth::DataKey;
 use crate::{Error, Result};
 
 /// What every rank knows about every rank after rendezvous.
@@ -24,6 +25,9 @@ pub struct Rendezvous {
     /// 32 hex characters, random per job; names shared-memory segments.
     pub job_id: String,
     pub peers: Vec<PeerInfo>,
+    /// Proves membership on the data plane (see `data_plane.rs`): derived from the auth token
+    /// and the job id, or drawn by rank 0 and sent in the table when there is no token.
+    pub data_key: DataKey,
     /// This rank's data listener (already bound; its address is in `peers[rank]`).
     pub data_listener: TcpListener,
 }

@@ -16,7 +16,8 @@ use crate::config::TransportKind;
 use crate::Error;
 
 const HELLO_MAGIC: &[u8; 8] = b"DTRAINRV";
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the peer table carries the data-plane key (empty with an auth token).
+pub const PROTOCOL_VERSION: u32 = 2;
 pub(super) const MAX_MESSAGE: usize = 1 << 20;
 /// How long rank 0 waits for a freshly accepted connection to say hello.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -239,8 +240,14 @@ pub(super) fn parse_hello_head(
     Ok((version, body_len))
 }
 
-/// The peer table as sent to one rank, with `rank0_data` as rank 0's data address.
-pub(super) fn encode_table(job_id: &str, peers: &[PeerInfo], rank0_data: SocketAddr) -> Vec<u8> {
+/// The peer table as sent to one rank, with `rank0_data` as rank 0's data address, and
+/// `data_key` (the job's data-plane key, or nothing when every rank derives it from the token).
+pub(super) fn encode_table(
+    job_id: &str,
+    peers: &[PeerInfo],
+    rank0_data: SocketAddr,
+    data_key: &[u8],
+) -> Vec<u8> {
     let mut w = Writer::default();
     w.bytes(job_id.as_bytes()).u64(peers.len() as u64);
     for (rank, p) in peers.iter().enumerate() {
@@ -249,14 +256,15 @@ pub(super) fn encode_table(job_id: &str, peers: &[PeerInfo], rank0_data: SocketA
             .u32(p.pid)
             .bytes(addr.to_string().as_bytes());
     }
+    w.bytes(data_key);
     w.0
 }
 
-/// What [`encode_table`] wrote: the job id and `world_size` peers.
+/// What [`encode_table`] wrote: the job id, `world_size` peers and the data key bytes.
 pub(super) fn decode_table(
     payload: &[u8],
     world_size: usize,
-) -> std::result::Result<(String, Vec<PeerInfo>), String> {
+) -> std::result::Result<(String, Vec<PeerInfo>, Vec<u8>), String> {
     let mut r = Reader::new(payload);
     let job_id = r.string()?;
     let n = r.u64()? as usize;
@@ -275,7 +283,8 @@ pub(super) fn decode_table(
             data_addr,
         });
     }
-    Ok((job_id, peers))
+    let data_key = r.bytes()?.to_vec();
+    Ok((job_id, peers, data_key))
 }
 
 #[cfg(test)]
@@ -310,9 +319,9 @@ mod tests {
             })
             .collect();
         let rank0: SocketAddr = "192.168.1.1:5000".parse().unwrap();
-        let bytes = encode_table("job", &peers, rank0);
-        let (job, got) = decode_table(&bytes, 3).unwrap();
-        assert_eq!(job, "job");
+        let bytes = encode_table("job", &peers, rank0, &[9; 32]);
+        let (job, got, key) = decode_table(&bytes, 3).unwrap();
+        assert_eq!((job.as_str(), key), ("job", vec![9; 32]));
         assert_eq!(got[0].data_addr, rank0);
         assert_eq!(got[1..], peers[1..]);
         assert!(decode_table(&bytes, 4).is_err());
