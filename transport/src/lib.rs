@@ -51,7 +51,10 @@
 //! connect with retries until `timeouts.connect`; duplicate ranks, out-of-range ranks and
 //! different world sizes, config hashes or transports are rejected on every rank with a
 //! message naming the problem; [`auth`] is an HMAC-SHA256 challenge-response in both
-//! directions (the token never crosses the wire). Transport choice: `Tcp` → TCP full mesh;
+//! directions (the token never crosses the wire). Every TCP connection between ranks after
+//! rendezvous proves a per-job data-plane key by HMAC challenge-response as well (see
+//! [`Rendezvous::data_key`](rendezvous::Rendezvous::data_key)); strangers are refused with a
+//! warning and the job goes on. Transport choice: `Tcp` → TCP full mesh;
 //! `Shm` → shared memory, error unless all ranks share a host identity; `Auto` → shared
 //! memory when all ranks are on one host, TCP when every host has one rank, and the
 //! [`hierarchical`] backend (`"shm+tcp"`: shared memory within each host, TCP between host
