@@ -6,6 +6,11 @@
 //! checks it and answers `HMAC(token, "dtrain-client-v1" | server_nonce | client_nonce | hello)`.
 //! Fresh nonces on both sides defeat replay; covering the hello bytes binds the rank, world
 //! size and config hash to the proof.
+//!
+//! The data plane (TCP connections between ranks after rendezvous) uses the same HMAC with a
+//! per-job key ([`data_key`] from the token and the job id, or a random key rank 0 hands out
+//! when there is no token): `HMAC(key, label | connector nonce | acceptor nonce | connector
+//! rank | acceptor rank)`, one label per direction (see `rendezvous/data_plane.rs`).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -15,12 +20,12 @@ pub const PROOF_LEN: usize = 32;
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn mac(token: &str, label: &[u8], first: &[u8], second: &[u8], hello: &[u8]) -> HmacSha256 {
-    let mut m = HmacSha256::new_from_slice(token.as_bytes()).expect("HMAC accepts any key length");
+fn mac(key: &[u8], label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
     m.update(label);
-    m.update(first);
-    m.update(second);
-    m.update(hello);
+    for part in parts {
+        m.update(part);
+    }
     m
 }
 
@@ -31,11 +36,9 @@ pub fn server_proof(
     hello: &[u8],
 ) -> [u8; PROOF_LEN] {
     mac(
-        token,
+        token.as_bytes(),
         b"dtrain-server-v1",
-        client_nonce,
-        server_nonce,
-        hello,
+        &[client_nonce, server_nonce, hello],
     )
     .finalize()
     .into_bytes()
@@ -49,11 +52,9 @@ pub fn client_proof(
     hello: &[u8],
 ) -> [u8; PROOF_LEN] {
     mac(
-        token,
+        token.as_bytes(),
         b"dtrain-client-v1",
-        server_nonce,
-        client_nonce,
-        hello,
+        &[server_nonce, client_nonce, hello],
     )
     .finalize()
     .into_bytes()
@@ -69,11 +70,9 @@ pub fn verify_server_proof(
     proof: &[u8],
 ) -> bool {
     mac(
-        token,
+        token.as_bytes(),
         b"dtrain-server-v1",
-        client_nonce,
-        server_nonce,
-        hello,
+        &[client_nonce, server_nonce, hello],
     )
     .verify_slice(proof)
     .is_ok()
@@ -88,11 +87,96 @@ pub fn verify_client_proof(
     proof: &[u8],
 ) -> bool {
     mac(
-        token,
+        token.as_bytes(),
         b"dtrain-client-v1",
-        server_nonce,
-        client_nonce,
-        hello,
+        &[server_nonce, client_nonce, hello],
+    )
+    .verify_slice(proof)
+    .is_ok()
+}
+
+pub const KEY_LEN: usize = 32;
+/// A job's data-plane key.
+pub type DataKey = [u8; KEY_LEN];
+
+/// The data-plane key every rank of job `job_id` derives from the shared token (never sent).
+pub fn data_key(token: &str, job_id: &str) -> DataKey {
+    mac(
+        token.as_bytes(),
+        b"dtrain-data-key-v1",
+        &[job_id.as_bytes()],
+    )
+    .finalize()
+    .into_bytes()
+    .into()
+}
+
+/// Which side of a data connection a proof comes from (the label keeps one side's proof from
+/// passing as the other's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataRole {
+    /// The rank that listened and accepted (the lower mesh rank).
+    Acceptor,
+    /// The rank that connected (the higher mesh rank).
+    Connector,
+}
+
+fn data_mac(
+    key: &DataKey,
+    role: DataRole,
+    connector_nonce: &[u8],
+    acceptor_nonce: &[u8],
+    connector: usize,
+    acceptor: usize,
+) -> HmacSha256 {
+    let label: &[u8] = match role {
+        DataRole::Acceptor => b"dtrain-data-acceptor-v1",
+        DataRole::Connector => b"dtrain-data-connector-v1",
+    };
+    let (c, a) = (
+        (connector as u64).to_le_bytes(),
+        (acceptor as u64).to_le_bytes(),
+    );
+    mac(key, label, &[connector_nonce, acceptor_nonce, &c, &a])
+}
+
+/// `role`'s proof on the data connection from mesh rank `connector` to `acceptor`.
+pub fn data_proof(
+    key: &DataKey,
+    role: DataRole,
+    connector_nonce: &[u8],
+    acceptor_nonce: &[u8],
+    connector: usize,
+    acceptor: usize,
+) -> [u8; PROOF_LEN] {
+    data_mac(
+        key,
+        role,
+        connector_nonce,
+        acceptor_nonce,
+        connector,
+        acceptor,
+    )
+    .finalize()
+    .into_bytes()
+    .into()
+}
+
+/// Constant-time check of a [`data_proof`].
+pub fn verify_data_proof(
+    key: &DataKey,
+    role: DataRole,
+    (connector_nonce, acceptor_nonce): (&[u8], &[u8]),
+    (connector, acceptor): (usize, usize),
+    proof: &[u8],
+) -> bool {
+    data_mac(
+        key,
+        role,
+        connector_nonce,
+        acceptor_nonce,
+        connector,
+        acceptor,
     )
     .verify_slice(proof)
     .is_ok()
@@ -128,6 +212,28 @@ mod tests {
         assert!(verify_client_proof("secret", &sn, &cn, &hello, &cp));
         assert_ne!(cp, sp);
         assert_ne!(nonce(), nonce());
+    }
+
+    #[test]
+    fn data_proofs_bind_key_nonces_ranks_and_direction() {
+        let key = data_key("secret", "job-a");
+        assert_ne!(key, data_key("secret", "job-b"));
+        assert_ne!(key, data_key("Secret", "job-a"));
+        let (cn, an) = (nonce(), nonce());
+        let p = data_proof(&key, DataRole::Connector, &cn, &an, 2, 0);
+        let ok = |k: &DataKey, role, nonces, ranks| verify_data_proof(k, role, nonces, ranks, &p);
+        assert!(ok(&key, DataRole::Connector, (&cn, &an), (2, 0)));
+        assert!(!ok(&key, DataRole::Acceptor, (&cn, &an), (2, 0)));
+        assert!(!ok(&key, DataRole::Connector, (&an, &cn), (2, 0)));
+        let other = nonce();
+        assert!(!ok(&key, DataRole::Connector, (&cn, &other), (2, 0)));
+        assert!(!ok(&key, DataRole::Connector, (&cn, &an), (1, 0)));
+        assert!(!ok(
+            &data_key("secret", "job-b"),
+            DataRole::Connector,
+            (&cn, &an),
+            (2, 0)
+        ));
     }
 
     #[test]

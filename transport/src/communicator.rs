@@ -7,67 +7,11 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use crate::config::{CommConfig, TransportKind};
 use crate::hierarchical::{host_groups, HierarchicalBackend, Placement};
 use crate::local::LocalBackend;
 use crate::rendezvous::{self, Rendezvous};
-use crate::store::StoreRendezvous;
-use crate::{Backend, Buffer, DType, Element, Error, ReduceOp, Result, Timeouts};
-
-/// Which backend to use between ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransportKind {
-    /// Shared memory when all ranks are on one host; with several hosts, shared memory within
-    /// each host and TCP between host leaders (`"shm+tcp"`) if some host runs several ranks,
-    /// plain TCP if none does.
-    Auto,
-    /// Shared memory; an error unless all ranks share a host.
-    Shm,
-    /// TCP full mesh, also between ranks of one host.
-    Tcp,
-}
-
-/// Everything a rank needs to join a job.
-#[derive(Clone, Debug)]
-pub struct CommConfig {
-    /// Host name or IP of rank 0 (rank 0 binds its rendezvous port on this address).
-    pub master_addr: String,
-    /// Rendezvous port on the master (default 29500).
-    pub master_port: u16,
-    pub rank: usize,
-    pub world_size: usize,
-    pub transport: TransportKind,
-    /// Digest of the job configuration; ranks with a different value are rejected.
-    pub config_hash: u64,
-    /// Shared secret (the caller passes `DTRAIN_AUTH_TOKEN`); `Some` on every rank or none.
-    pub auth_token: Option<String>,
-    pub timeouts: Timeouts,
-    /// Find rank 0 through this TCPStore (torchrun's agent store) instead of rank 0 binding
-    /// `master_addr:master_port`; `None` (the default) for the classic rendezvous.
-    pub store: Option<StoreRendezvous>,
-}
-
-impl CommConfig {
-    /// Defaults: `TransportKind::Auto`, config hash 0, no auth token, `Timeouts::default()`,
-    /// no store.
-    pub fn new(
-        master_addr: impl Into<String>,
-        master_port: u16,
-        rank: usize,
-        world_size: usize,
-    ) -> Self {
-        CommConfig {
-            master_addr: master_addr.into(),
-            master_port,
-            rank,
-            world_size,
-            transport: TransportKind::Auto,
-            config_hash: 0,
-            auth_token: None,
-            timeouts: Timeouts::default(),
-            store: None,
-        }
-    }
-}
+use crate::{Backend, Buffer, DType, Element, Error, ReduceOp, Result};
 
 /// One rank's handle on the job: typed collectives over the chosen backend.
 pub struct Communicator {
@@ -302,7 +246,7 @@ fn connect_tcp(cfg: &CommConfig, rv: Rendezvous) -> Result<Communicator> {
     let backend = crate::tcp::connect_mesh(
         cfg.rank,
         &addrs,
-        &rv.job_id,
+        &rv.data_key,
         rv.data_listener,
         &cfg.timeouts,
     )?;

@@ -388,7 +388,7 @@ impl HierarchicalBackend {
         let leaders = place.leaders();
         let tcp = if local == 0 && leaders.len() > 1 {
             let addrs: Vec<_> = leaders.iter().map(|&r| rv.peers[r].data_addr).collect();
-            crate::tcp::connect_mesh(host, &addrs, &rv.job_id, rv.data_listener, timeouts)
+            crate::tcp::connect_mesh(host, &addrs, &rv.data_key, rv.data_listener, timeouts)
                 .map(Some)
                 .map_err(|e| to_global(e, &leaders, &tcp_scope(op)))
         } else {

@@ -51,7 +51,10 @@
 //! connect with retries until `timeouts.connect`; duplicate ranks, out-of-range ranks and
 //! different world sizes, config hashes or transports are rejected on every rank with a
 //! message naming the problem; [`auth`] is an HMAC-SHA256 challenge-response in both
-//! directions (the token never crosses the wire). Transport choice: `Tcp` → TCP full mesh;
+//! directions (the token never crosses the wire). Every TCP connection between ranks after
+//! rendezvous proves a per-job data-plane key by HMAC challenge-response as well (see
+//! [`Rendezvous::data_key`](rendezvous::Rendezvous::data_key)); strangers are refused with a
+//! warning and the job goes on. Transport choice: `Tcp` → TCP full mesh;
 //! `Shm` → shared memory, error unless all ranks share a host identity; `Auto` → shared
 //! memory when all ranks are on one host, TCP when every host has one rank, and the
 //! [`hierarchical`] backend (`"shm+tcp"`: shared memory within each host, TCP between host
@@ -68,6 +71,7 @@ pub mod backend;
 pub mod bench;
 pub mod buffer;
 pub mod communicator;
+pub mod config;
 pub mod error;
 pub mod hierarchical;
 pub mod local;
@@ -79,7 +83,8 @@ pub mod tcp;
 
 pub use backend::{Backend, SharedMemory, Timeouts};
 pub use buffer::Buffer;
-pub use communicator::{AsyncCommunicator, CommConfig, Communicator, Pending, TransportKind};
+pub use communicator::{AsyncCommunicator, Communicator, Pending};
+pub use config::{CommConfig, StoreRendezvous, TransportKind};
 pub use error::{Error, Result};
 pub use reduce::{Bf16, DType, Element, HalfFloat, ReduceOp, F16};
-pub use store::{StoreClient, StoreError, StoreRendezvous, StoreServer};
+pub use store::{StoreClient, StoreError, StoreServer};

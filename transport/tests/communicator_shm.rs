@@ -14,10 +14,9 @@ use common::{
 };
 
 #[test]
+#[ignore = "rank process of this file's tests, which spawn it with --ignored --exact worker"]
 fn worker() {
-    let Ok(scenario) = std::env::var("DTRAIN_TEST_SCENARIO") else {
-        return;
-    };
+    let scenario = common::child_scenario();
     let cfg = worker_config();
     let mut comm = common::connect_or_exit(&cfg);
     println!("TRANSPORT {}", comm.transport_name());

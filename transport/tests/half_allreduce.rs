@@ -32,10 +32,9 @@ const LENS: &[usize] = &[1, 3, 1001, 32_768, 32_771, 140_001, 1_100_003];
 const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
 
 #[test]
+#[ignore = "rank process of this file's tests, which spawn it with --ignored --exact worker"]
 fn worker() {
-    let Ok(scenario) = std::env::var("DTRAIN_TEST_SCENARIO") else {
-        return;
-    };
+    let scenario = common::child_scenario();
     let cfg = worker_config();
     let mut comm = common::connect_or_exit(&cfg);
     println!("TRANSPORT {}", comm.transport_name());

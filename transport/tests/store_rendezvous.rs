@@ -61,10 +61,9 @@ fn store_from_env() -> transport::StoreRendezvous {
 }
 
 #[test]
+#[ignore = "rank process of this file's tests, which spawn it with --ignored --exact worker"]
 fn worker() {
-    let Ok(scenario) = std::env::var("DTRAIN_TEST_SCENARIO") else {
-        return;
-    };
+    let scenario = common::child_scenario();
     match scenario.as_str() {
         // Ranks from this harness; the store from torchrun's variables.
         "store" => {
@@ -285,7 +284,13 @@ fn torchrun(args: &[&str], extra_env: &[(&str, &str)]) -> (bool, String) {
     cmd.args(args)
         .arg("--no-python")
         .arg(&exe)
-        .args(["worker", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "worker",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("DTRAIN_TEST_SCENARIO", "torchrun");
     for (k, v) in extra_env {
         cmd.env(k, v);

@@ -9,10 +9,9 @@ use transport::{Communicator, ReduceOp};
 
 /// Entry point of re-executed worker processes; does nothing in a normal test run.
 #[test]
+#[ignore = "rank process of this file's tests, which spawn it with --ignored --exact worker"]
 fn worker() {
-    let Ok(scenario) = std::env::var("DTRAIN_TEST_SCENARIO") else {
-        return;
-    };
+    let scenario = common::child_scenario();
     let cfg = worker_config();
     let mut comm = common::connect_or_exit(&cfg);
     println!("TRANSPORT {}", comm.transport_name());

@@ -15,7 +15,8 @@
 //! scalar version otherwise; both give the same bits (tested on every 16-bit pattern and on
 //! f32 patterns around every rounding boundary), so hosts with different CPUs still agree.
 
-use super::{combine_typed, DType, Element, Order, ReduceOp};
+use super::dtype::{DType, Element, ReduceOp};
+use super::kernels::{combine_typed, Order};
 
 /// bfloat16: the top 16 bits of an f32, rounded. `==` compares bit patterns.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]

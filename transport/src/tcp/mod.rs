@@ -1,77 +1,54 @@
 //! TCP backend: a full mesh of connections between ranks, framed messages, and the shared
 //! collective algorithms on top ([`crate::algorithms::P2pBackend`]).
 //!
-//! Setup: after rendezvous every rank knows every rank's data listener. Rank `i` connects to
-//! each rank `j < i` and introduces itself (magic, job id, rank); rank `j` accepts from every
-//! rank above it and answers with its own rank. Stray connections (wrong magic, wrong job) are
-//! dropped with a warning.
+//! Setup: after rendezvous every rank knows every rank's data listener and the job's
+//! data-plane key. Rank `i` connects to each rank `j < i`; rank `j` accepts from every rank
+//! above it; both prove the key by HMAC challenge-response (`rendezvous/data_plane.rs`).
+//! Connections that fail it (garbage, a replayed handshake, another key, silence) are
+//! refused with one warning each and do not disturb the job.
 
 pub mod connection;
 pub mod framing;
 pub mod mesh;
 pub mod splice;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::algorithms::{AlgoConfig, P2pBackend};
+use crate::auth::DataKey;
+use crate::rendezvous::data_plane;
 use crate::{Error, Result, Timeouts};
 pub use mesh::TcpMesh;
 
 pub type TcpBackend = P2pBackend<TcpMesh>;
 
-const DATA_HELLO_MAGIC: &[u8; 8] = b"DTRAINDT";
-const DATA_HELLO_LEN: usize = 8 + 32 + 8;
 /// Socket buffer size asked for on data connections (the kernel may cap it).
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// Builds the mesh. `peers[p]` is rank `p`'s data listener; `listener` is this rank's.
+/// Builds the mesh. `peers[p]` is rank `p`'s data listener; `listener` is this rank's;
+/// `key` is the job's data-plane key from the rendezvous (every connection proves it, see
+/// `rendezvous/data_plane.rs`).
 pub fn connect_mesh(
     rank: usize,
     peers: &[SocketAddr],
-    job_id: &str,
+    key: &DataKey,
     listener: TcpListener,
     timeouts: &Timeouts,
 ) -> Result<TcpBackend> {
     let world_size = peers.len();
     let deadline = Instant::now() + timeouts.connect;
-    let job = job_id_bytes(job_id);
     let mut streams: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
     for (peer, addr) in peers.iter().enumerate().take(rank) {
         let stream = connect_with_retry(*addr, deadline, timeouts.connect, peer)?;
-        stream
-            .set_read_timeout(Some(remaining(deadline)))
-            .and_then(|_| stream.set_write_timeout(Some(remaining(deadline))))
-            .map_err(|e| Error::io(format!("configuring connection to rank {peer}"), e))?;
-        let mut hello = Vec::with_capacity(DATA_HELLO_LEN);
-        hello.extend_from_slice(DATA_HELLO_MAGIC);
-        hello.extend_from_slice(&job);
-        hello.extend_from_slice(&(rank as u64).to_le_bytes());
-        let mut ack = [0u8; 8];
-        (&stream)
-            .write_all(&hello)
-            .and_then(|_| (&stream).read_exact(&mut ack))
-            .map_err(|e| Error::PeerDied {
-                rank: peer,
-                what: "TCP mesh setup".into(),
-                detail: format!("introduction to {addr} failed: {e}"),
-            })?;
-        if u64::from_le_bytes(ack) != peer as u64 {
-            return Err(Error::Protocol {
-                rank: peer,
-                detail: format!(
-                    "the listener at {addr} answered as rank {}, expected rank {peer}",
-                    u64::from_le_bytes(ack)
-                ),
-            });
-        }
+        data_plane::introduce(&stream, key, (rank, peer), *addr, deadline)?;
         streams[peer] = Some(stream);
     }
     accept_higher_ranks(
         rank,
         &listener,
-        &job,
+        key,
         deadline,
         timeouts.connect,
         &mut streams,
@@ -107,10 +84,16 @@ fn dedicated_cores(peers: &[SocketAddr], listener: &TcpListener) -> bool {
     cpus > 0 && local_ranks <= cpus as usize
 }
 
+/// A checked connection from a higher rank, or a refused one (with why).
+type Checked = (TcpStream, SocketAddr, std::result::Result<usize, String>);
+
+/// Accepts until every higher rank is in. Each connection is checked on its own thread, so a
+/// stranger that connects and says nothing cannot hold up the real ranks; a refused one is
+/// logged once and dropped.
 fn accept_higher_ranks(
     rank: usize,
     listener: &TcpListener,
-    job: &[u8; 32],
+    key: &DataKey,
     deadline: Instant,
     waited: Duration,
     streams: &mut [Option<TcpStream>],
@@ -119,62 +102,61 @@ fn accept_higher_ranks(
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("data listener", e))?;
+    let (tx, rx) = mpsc::channel::<Checked>();
     while (rank + 1..world_size).any(|p| streams[p].is_none()) {
-        let (stream, from) = match listener.accept() {
-            Ok(pair) => pair,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> = (rank + 1..world_size)
-                        .filter(|&p| streams[p].is_none())
-                        .collect();
-                    return Err(Error::Timeout {
-                        rank: missing[0],
-                        what: format!("TCP mesh setup (ranks {missing:?} never connected)"),
-                        waited,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
+        match listener.accept() {
+            Ok((stream, from)) => {
+                let (tx, key) = (tx.clone(), *key);
+                std::thread::spawn(move || {
+                    let checked =
+                        data_plane::check_connector(&stream, &key, (rank, world_size), deadline);
+                    let _ = tx.send((stream, from, checked));
+                });
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(Error::io("accepting a data connection", e)),
-        };
-        let introduced = (|| -> std::io::Result<[u8; DATA_HELLO_LEN]> {
-            stream.set_nonblocking(false)?;
-            stream.set_read_timeout(Some(remaining(deadline).min(Duration::from_secs(10))))?;
-            let mut hello = [0u8; DATA_HELLO_LEN];
-            (&stream).read_exact(&mut hello)?;
-            Ok(hello)
-        })();
-        let hello = match introduced {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("dtrain transport: rank {rank}: warning: dropped data connection from {from}: {e}");
-                continue;
+        }
+        match rx.recv_timeout(Duration::from_millis(2)) {
+            Ok((stream, from, Ok(peer))) => admit_peer(stream, from, peer, streams)?,
+            Ok((_, from, Err(why))) => eprintln!(
+                "dtrain transport: rank {rank}: warning: refused data connection from {from}: {why}"
+            ),
+            Err(_) if Instant::now() >= deadline => {
+                let missing: Vec<usize> = (rank + 1..world_size)
+                    .filter(|&p| streams[p].is_none())
+                    .collect();
+                return Err(Error::Timeout {
+                    rank: missing[0],
+                    what: format!("TCP mesh setup (ranks {missing:?} never connected)"),
+                    waited,
+                });
             }
-        };
-        let peer = u64::from_le_bytes(hello[40..48].try_into().expect("8 bytes")) as usize;
-        if &hello[..8] != DATA_HELLO_MAGIC || &hello[8..40] != job {
-            eprintln!(
-                "dtrain transport: rank {rank}: warning: dropped data connection from {from}: \
-                 not a dtrain rank of this job"
-            );
-            continue;
+            Err(_) => {}
         }
-        if peer <= rank || peer >= world_size || streams[peer].is_some() {
-            return Err(Error::Protocol {
-                rank: peer,
-                detail: format!("data connection from {from} claims rank {peer}, which rank {rank} does not expect"),
-            });
-        }
-        (&stream)
-            .write_all(&(rank as u64).to_le_bytes())
-            .map_err(|e| Error::PeerDied {
-                rank: peer,
-                what: "TCP mesh setup".into(),
-                detail: format!("acknowledging its connection failed: {e}"),
-            })?;
-        streams[peer] = Some(stream);
     }
+    Ok(())
+}
+
+/// Takes a connection that proved the job's key; a second one for the same rank can only be a
+/// bug in this job (strangers cannot prove the key), so it is a protocol error.
+fn admit_peer(
+    stream: TcpStream,
+    from: SocketAddr,
+    peer: usize,
+    streams: &mut [Option<TcpStream>],
+) -> Result<()> {
+    if streams[peer].is_some() {
+        return Err(Error::Protocol {
+            rank: peer,
+            detail: format!("a second data connection from {from} proved rank {peer}"),
+        });
+    }
+    data_plane::admit(&stream).map_err(|e| Error::PeerDied {
+        rank: peer,
+        what: "TCP mesh setup".into(),
+        detail: format!("admitting its connection failed: {e}"),
+    })?;
+    streams[peer] = Some(stream);
     Ok(())
 }
 
@@ -206,13 +188,6 @@ fn connect_with_retry(
 
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
-}
-
-fn job_id_bytes(job_id: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    let b = job_id.as_bytes();
-    out[..b.len().min(32)].copy_from_slice(&b[..b.len().min(32)]);
-    out
 }
 
 /// Data sockets: nonblocking (the mesh polls), no Nagle delay, large buffers, and keepalive /

@@ -1,6 +1,7 @@
 //! Multi-process test harness. A test binary re-executes itself (`current_exe`) with
-//! `DTRAIN_TEST_SCENARIO` set; its `worker` test then runs one rank of that scenario and
-//! exits the process directly. Workers report on stdout with tagged lines:
+//! `DTRAIN_TEST_SCENARIO` set as `<exe> worker --exact --ignored`; its `worker` entry (an
+//! `#[ignore]`d test, so it never counts as a passing test in a normal run) then runs one rank
+//! of that scenario and exits the process directly. Workers report on stdout with tagged lines:
 //! `HASH <label> <hex>` (result digests, compared across ranks), `READY`, `ERROR <text>`,
 //! `FAIL <text>` (a check failed), `DONE`.
 #![allow(dead_code)]
@@ -67,7 +68,16 @@ impl Spawn {
             argv.extend(prefix.iter().cloned());
         }
         argv.push(exe.to_string_lossy().into_owned());
-        argv.extend(["worker", "--exact", "--nocapture", "--test-threads=1"].map(String::from));
+        argv.extend(
+            [
+                "worker",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ]
+            .map(String::from),
+        );
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env("DTRAIN_TEST_SCENARIO", &self.scenario)
@@ -229,6 +239,17 @@ pub fn assert_success_and_identical(results: &[Finished]) {
 }
 
 // ---- worker side -----------------------------------------------------------------------
+
+/// The scenario a spawned rank process runs. Without `DTRAIN_TEST_SCENARIO` (someone ran
+/// `cargo test -- --ignored`) the `worker` entry fails loudly instead of passing for nothing.
+pub fn child_scenario() -> String {
+    std::env::var("DTRAIN_TEST_SCENARIO").unwrap_or_else(|_| {
+        panic!(
+            "`worker` is the rank process of this file's multi-process tests, started by them \
+             with DTRAIN_TEST_SCENARIO set; it is not a test of its own"
+        )
+    })
+}
 
 pub fn env_usize(name: &str) -> usize {
     std::env::var(name)

@@ -1,65 +1,18 @@
 //! Element types and the reduction kernels every backend shares.
 //!
 //! Backends move bytes; reductions are applied to byte slices tagged with a [`DType`].
-//! Sum order is documented per algorithm; this file only combines two buffers elementwise.
+//! Sum order is documented per algorithm; this module only combines two buffers elementwise
+//! (`dtype.rs`: the element types; `kernels.rs`: the typed loops, shared with [`half`]).
 //! 16-bit floats ([`Bf16`], [`F16`]: compressed all-reduce) are combined through f32, see
 //! [`half`].
 
+mod dtype;
 pub mod half;
+mod kernels;
 
+pub use dtype::{DType, Element, ReduceOp};
 pub use half::{Bf16, HalfFloat, F16};
-
-/// The reduction a collective applies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReduceOp {
-    Sum,
-    /// Sum, then divide by the world size (integers: truncating division).
-    Avg,
-    Max,
-    Min,
-}
-
-/// Element types collectives can reduce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F64,
-    I64,
-    /// bfloat16 ([`Bf16`]): reduced in f32, rounded back to 16 bits after every step.
-    BF16,
-    /// IEEE binary16 ([`F16`]): reduced in f32, rounded back to 16 bits after every step.
-    F16,
-    /// Raw bytes: may be moved, not reduced.
-    U8,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F64 | DType::I64 => 8,
-            DType::BF16 | DType::F16 => 2,
-            DType::U8 => 1,
-        }
-    }
-}
-
-/// A `Pod` type with a [`DType`] tag.
-pub trait Element: bytemuck::Pod + Send + Sync + 'static {
-    const DTYPE: DType;
-}
-impl Element for f32 {
-    const DTYPE: DType = DType::F32;
-}
-impl Element for f64 {
-    const DTYPE: DType = DType::F64;
-}
-impl Element for i64 {
-    const DTYPE: DType = DType::I64;
-}
-impl Element for u8 {
-    const DTYPE: DType = DType::U8;
-}
+use kernels::{combine_typed, Order};
 
 /// `dst[i] = dst[i] ⊕ src[i]` for `Sum`/`Avg` (Avg sums here; the caller scales once at the
 /// end with [`scale_for_avg`]), `Max`, `Min`. Panics if lengths differ or the dtype is `U8`
@@ -73,12 +26,6 @@ pub fn reduce_into(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
 /// documented rank order bit for bit (float `+` and max/min of ±0 depend on operand order).
 pub fn reduce_into_rev(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
     reduce_bytes(dst, src, dtype, op, Order::SrcFirst);
-}
-
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Order {
-    DstFirst,
-    SrcFirst,
 }
 
 fn reduce_bytes(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp, order: Order) {
@@ -141,87 +88,6 @@ where
             let _ = (d, s);
             combine_unaligned::<T>(dst, src, op, order)
         }
-    }
-}
-
-/// `d[i] = d[i] ⊕ s[i]` (or `s[i] ⊕ d[i]`, by `order`), with AVX2 where the CPU has it.
-/// `max(x, y)` is `y if y > x else x`: the left operand wins ties (±0) and NaN on the right;
-/// `x + y` keeps `x`'s NaN when `x` is NaN (see [`add_left_nan`]).
-pub(crate) fn combine_typed<T>(d: &mut [T], s: &[T], op: ReduceOp, order: Order)
-where
-    T: Copy + PartialOrd + std::ops::Add<Output = T> + bytemuck::Zeroable,
-{
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked above).
-        unsafe { combine_avx2(d, s, op, order) };
-        return;
-    }
-    combine_loops(d, s, op, order)
-}
-
-/// The same loops compiled for AVX2: 256-bit vectors and a one-instruction select make the
-/// NaN rule of [`add_left_nan`] free.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn combine_avx2<T>(d: &mut [T], s: &[T], op: ReduceOp, order: Order)
-where
-    T: Copy + PartialOrd + std::ops::Add<Output = T> + bytemuck::Zeroable,
-{
-    combine_loops(d, s, op, order)
-}
-
-/// `x + y`, except that when `x` is NaN the result is `x` (quieted). Which NaN the hardware
-/// returns when *both* operands are NaN depends on the instruction's operand order, which the
-/// compiler may swap (`+` commutes); adding 0 instead of `y` when `x` is NaN leaves a single
-/// NaN operand, so a rank that folds its own values in as the right operand (`reduce_into`)
-/// and one that folds them in as the left operand (`reduce_into_rev`) get the same bits.
-/// (Selecting `y`, not the result, keeps LLVM from turning the loop into masked stores,
-/// which are ~5x slower on Zen 3.)
-#[inline(always)]
-fn add_left_nan<T>(x: T, y: T) -> T
-where
-    T: Copy + PartialOrd + std::ops::Add<Output = T> + bytemuck::Zeroable,
-{
-    #[allow(clippy::eq_op)] // x != x: x is NaN
-    let y = if x != x { T::zeroed() } else { y };
-    x + y
-}
-
-#[inline(always)]
-fn combine_loops<T>(d: &mut [T], s: &[T], op: ReduceOp, order: Order)
-where
-    T: Copy + PartialOrd + std::ops::Add<Output = T> + bytemuck::Zeroable,
-{
-    match (op, order) {
-        (ReduceOp::Sum | ReduceOp::Avg, Order::DstFirst) => d
-            .iter_mut()
-            .zip(s)
-            .for_each(|(a, &b)| *a = add_left_nan(*a, b)),
-        (ReduceOp::Sum | ReduceOp::Avg, Order::SrcFirst) => d
-            .iter_mut()
-            .zip(s)
-            .for_each(|(a, &b)| *a = add_left_nan(b, *a)),
-        (ReduceOp::Max, Order::DstFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
-            if b > *a {
-                *a = b
-            }
-        }),
-        (ReduceOp::Max, Order::SrcFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
-            if (*a).partial_cmp(&b) != Some(std::cmp::Ordering::Greater) {
-                *a = b
-            }
-        }),
-        (ReduceOp::Min, Order::DstFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
-            if b < *a {
-                *a = b
-            }
-        }),
-        (ReduceOp::Min, Order::SrcFirst) => d.iter_mut().zip(s).for_each(|(a, &b)| {
-            if (*a).partial_cmp(&b) != Some(std::cmp::Ordering::Less) {
-                *a = b
-            }
-        }),
     }
 }
 
