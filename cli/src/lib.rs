@@ -19,5 +19,6 @@ pub mod hash;
 pub mod launch;
 pub mod memory;
 pub mod plot;
+pub mod simulate;
 pub mod sync;
 pub mod train;
