@@ -82,6 +82,25 @@ pub struct BenchArgs {
     /// Deadline of one collective, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
+    /// Measure nothing: print the modelled VGG11 DDP step on 2..1024 hosts (ring vs
+    /// halving-doubling vs tree, see README "Scale on paper")
+    #[arg(long)]
+    pub simulate: bool,
+    /// --simulate: link speed between hosts, Gbit/s
+    #[arg(long, value_name = "GBIT", default_value_t = 10.0)]
+    pub link_gbit: f64,
+    /// --simulate: one-way latency between hosts, microseconds
+    #[arg(long, value_name = "US", default_value_t = 50.0)]
+    pub latency_us: f64,
+    /// --simulate: the one-process step (forward + backward + SGD), milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 650.0)]
+    pub step_ms: f64,
+    /// --simulate: backward's share of that step
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.65)]
+    pub backward_share: f64,
+    /// --simulate: images per host and step
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub batch_size: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -217,6 +236,13 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
 
 /// `dtrain bench`. Returns the exit code.
 pub fn run(args: &BenchArgs) -> Result<u8, BenchError> {
+    if args.simulate {
+        print!(
+            "{}",
+            crate::simulate::report(&scenario(args)?, &crate::simulate::HOSTS)
+        );
+        return Ok(0);
+    }
     validate(args)?;
     let (host, port_in_addr) = match &args.master_ip {
         Some(raw) => parse_master_addr(raw).map_err(|e| BenchError::Usage(e.to_string()))?,
@@ -237,6 +263,36 @@ pub fn run(args: &BenchArgs) -> Result<u8, BenchError> {
         }
         None => spawn_local(args, &host, port),
     }
+}
+
+/// The `--simulate` flags, checked.
+fn scenario(args: &BenchArgs) -> Result<crate::simulate::Scenario, BenchError> {
+    let positive = |name: &str, v: f64| match v.is_finite() && v > 0.0 {
+        true => Ok(v),
+        false => Err(BenchError::Usage(format!(
+            "{name} must be a positive number, got {v}"
+        ))),
+    };
+    let share = args.backward_share;
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(BenchError::Usage(format!(
+            "--backward-share must be in (0, 1], got {share}"
+        )));
+    }
+    if args.batch_size == 0 {
+        return Err(BenchError::Usage("--batch-size must be at least 1".into()));
+    }
+    Ok(crate::simulate::Scenario {
+        link: transport::algorithms::cost_model::Link {
+            latency_s: positive("--latency-us", args.latency_us)? * 1e-6,
+            bytes_per_s: positive("--link-gbit", args.link_gbit)? * 1e9 / 8.0,
+        },
+        step_s: positive("--step-ms", args.step_ms)? * 1e-3,
+        backward_share: share,
+        batch: args.batch_size,
+        first_bucket_mb: 1.0,
+        bucket_cap_mb: 25.0,
+    })
 }
 
 /// Start N local ranks of `dtrain bench --rank k ...`; rank 0's stdout passes through.

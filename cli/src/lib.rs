@@ -20,6 +20,7 @@ pub mod hash;
 pub mod launch;
 pub mod memory;
 pub mod plot;
+pub mod simulate;
 pub mod slurm;
 pub mod sync;
 pub mod train;

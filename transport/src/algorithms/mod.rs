@@ -9,6 +9,9 @@
 //!   one [`Pipeline`] of pieces, so sending, receiving and reducing overlap.
 //! - [`ring_allreduce`]: reduce-scatter + all-gather for large buffers, and a one-shot
 //!   "gather everything, reduce in rank order" path for small ones.
+//! - [`halving_doubling`]: recursive halving + doubling all-reduce, `2 log2 n` steps instead
+//!   of the ring's `2 (n - 1)`; used for large buffers when `n` is a power of two >= 4.
+//! - [`cost_model`]: the α-β cost of each all-reduce algorithm (for `dtrain bench --simulate`).
 //! - [`broadcast`]: direct sends from the root for small buffers, a pipelined chain for large.
 //! - [`gather_scatter`]: direct sends to / from the root.
 //! - [`barrier`]: dissemination barrier (ceil(log2 n) rounds of empty messages).
@@ -19,7 +22,9 @@
 
 pub mod barrier;
 pub mod broadcast;
+pub mod cost_model;
 pub mod gather_scatter;
+pub mod halving_doubling;
 pub mod point_to_point;
 pub mod ring;
 pub mod ring_allreduce;
@@ -39,6 +44,9 @@ pub struct AlgoConfig {
     pub chain_broadcast_min_bytes: usize,
     /// Pipelining granularity of ring steps and chain broadcast.
     pub piece_bytes: usize,
+    /// Larger all-reduces use halving-doubling instead of the ring where it wins
+    /// ([`halving_doubling::halving_doubling_wins`]).
+    pub halving_doubling: bool,
 }
 
 impl Default for AlgoConfig {
@@ -47,6 +55,7 @@ impl Default for AlgoConfig {
             direct_allreduce_max_bytes: 64 * 1024,
             chain_broadcast_min_bytes: 256 * 1024,
             piece_bytes: 256 * 1024,
+            halving_doubling: true,
         }
     }
 }
@@ -86,6 +95,16 @@ impl<P: PointToPoint> Backend for P2pBackend<P> {
                 dtype,
                 op,
                 self.config.piece_bytes,
+                &mut self.scratch,
+            )
+        } else if self.config.halving_doubling
+            && halving_doubling::halving_doubling_wins(self.p2p.world_size())
+        {
+            halving_doubling::halving_doubling_all_reduce(
+                &mut self.p2p,
+                buf,
+                dtype,
+                op,
                 &mut self.scratch,
             )
         } else {
@@ -258,6 +277,112 @@ mod tests {
         (rank as i64 + 1) * 1_000_003 - (i as i64) * 7919 * (rank as i64 % 3 - 1)
     }
 
+    /// Runs `f(rank's P2p)` on `n` threads joined by channels; results in rank order.
+    fn on_threads<R: Send + 'static>(
+        n: usize,
+        f: impl Fn(&mut ChannelP2p) -> R + Send + Clone + 'static,
+    ) -> Vec<R> {
+        let handles: Vec<_> = channel_world(n)
+            .into_iter()
+            .map(|mut p2p| {
+                let f = f.clone();
+                std::thread::spawn(move || f(&mut p2p))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Halving-doubling on 1..=9 ranks (powers of two and not: folded pairs), every length
+    /// 0..=23 (blocks of zero or one element): the exact i64 sum on every rank.
+    #[test]
+    fn halving_doubling_is_exact_on_one_to_nine_ranks() {
+        for n in 1..=9 {
+            for len in 0..=23usize {
+                let got = on_threads(n, move |p2p| {
+                    let r = p2p.rank;
+                    let mut buf: Vec<i64> = (0..len).map(|i| value(r, i)).collect();
+                    halving_doubling::halving_doubling_all_reduce(
+                        p2p,
+                        bytemuck::cast_slice_mut(&mut buf),
+                        DType::I64,
+                        ReduceOp::Sum,
+                        &mut Vec::new(),
+                    )
+                    .unwrap();
+                    buf
+                });
+                let sum: Vec<i64> = (0..len)
+                    .map(|i| (0..n).map(|q| value(q, i)).sum())
+                    .collect();
+                for (r, buf) in got.iter().enumerate() {
+                    assert_eq!(buf, &sum, "n {n} len {len} rank {r}");
+                }
+            }
+        }
+    }
+
+    /// f32 `Avg`: every rank ends with the same bits, within f32 rounding of the ring's
+    /// result (the two sum in different orders).
+    #[test]
+    fn halving_doubling_f32_is_identical_on_every_rank_and_close_to_the_ring() {
+        for n in [2, 3, 4, 5, 7, 8, 9] {
+            let len = 1000;
+            let input = move |r: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| ((r * 7919 + i * 104729) % 1013) as f32 / 97.0 - 5.0)
+                    .collect()
+            };
+            let run = move |hd: bool| {
+                on_threads(n, move |p2p| {
+                    let mut buf = input(p2p.rank);
+                    let bytes = bytemuck::cast_slice_mut(&mut buf);
+                    let mut scratch = Vec::new();
+                    if hd {
+                        halving_doubling::halving_doubling_all_reduce(
+                            p2p,
+                            bytes,
+                            DType::F32,
+                            ReduceOp::Avg,
+                            &mut scratch,
+                        )
+                    } else {
+                        ring_allreduce::ring_all_reduce(
+                            p2p,
+                            bytes,
+                            DType::F32,
+                            ReduceOp::Avg,
+                            64,
+                            &mut scratch,
+                        )
+                    }
+                    .unwrap();
+                    buf
+                })
+            };
+            let (hd, ring) = (run(true), run(false));
+            for (r, buf) in hd.iter().enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(buf),
+                    bits(&hd[0]),
+                    "n {n}: rank {r} differs from rank 0"
+                );
+            }
+            for (i, (a, b)) in hd[0].iter().zip(&ring[0]).enumerate() {
+                let exact: f64 = (0..n).map(|r| input(r)[i] as f64).sum::<f64>() / n as f64;
+                let bound = 4.0 * n as f64 * f32::EPSILON as f64 * 5.5;
+                assert!(
+                    (*a as f64 - exact).abs() <= bound,
+                    "n {n} [{i}]: {a} vs {exact}"
+                );
+                assert!(
+                    (*a - *b).abs() as f64 <= 2.0 * bound,
+                    "n {n} [{i}]: {a} vs ring {b}"
+                );
+            }
+        }
+    }
+
     /// Ring (tiny pieces: many pieces, some empty) and direct all-reduce, chain and direct
     /// broadcast, all-gather, reduce-scatter, gather/scatter and barrier on 1..=5 threads,
     /// every length 0..=23: exact i64 results.
@@ -270,6 +395,7 @@ mod tests {
                         direct_allreduce_max_bytes: direct_max,
                         chain_broadcast_min_bytes: if direct_max == 0 { 0 } else { usize::MAX },
                         piece_bytes: piece,
+                        halving_doubling: direct_max == 0,
                     };
                     let handles: Vec<_> = channel_world(n)
                         .into_iter()
