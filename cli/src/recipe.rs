@@ -37,8 +37,12 @@ impl ScheduleArg {
     }
 }
 
+/// `--lr-milestones`: epochs, in the order given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Milestones(pub Vec<f64>);
+
 /// Comma-separated epochs, e.g. `30,60,80` or `0.5,1.5`.
-fn parse_milestones(raw: &str) -> Result<Vec<f64>, String> {
+fn parse_milestones(raw: &str) -> Result<Milestones, String> {
     raw.split(',')
         .map(|t| match t.trim().parse::<f64>() {
             Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -46,7 +50,8 @@ fn parse_milestones(raw: &str) -> Result<Vec<f64>, String> {
                 "{t:?} is not a positive number of epochs (expected e.g. 30,60,80)"
             )),
         })
-        .collect()
+        .collect::<Result<Vec<f64>, String>>()
+        .map(Milestones)
 }
 
 #[derive(Args, Debug, Clone, PartialEq)]
@@ -73,7 +78,7 @@ pub struct RecipeOptions {
     pub warmup_start_factor: f64,
     /// step: epochs at which the rate is multiplied by --lr-gamma, e.g. 30,60,80
     #[arg(long, value_name = "EPOCHS", value_parser = parse_milestones)]
-    pub lr_milestones: Option<Vec<f64>>,
+    pub lr_milestones: Option<Milestones>,
     /// step: the factor at each milestone
     #[arg(
         long,
@@ -208,7 +213,7 @@ impl RecipeOptions {
                 milestones: self
                     .lr_milestones
                     .iter()
-                    .flatten()
+                    .flat_map(|m| &m.0)
                     .map(|&m| iters(m))
                     .collect(),
                 gamma: self.lr_gamma,
@@ -242,7 +247,7 @@ impl RecipeOptions {
     /// be equal on every rank.
     pub fn settings(&self) -> Vec<(&'static str, String)> {
         let milestones = match &self.lr_milestones {
-            Some(m) => m.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
+            Some(m) => m.0.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
             None => "none".into(),
         };
         vec![
@@ -328,5 +333,29 @@ mod tests {
             e.contains("--lr-schedule cosine") && e.contains("warmup"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_recipe_is_part_of_the_config_hash() {
+        let hash = |flags: &str| {
+            let line = format!("dtrain --mode single --threads 1 {flags}");
+            crate::args::parse_train_args(
+                line.split_whitespace().map(std::ffi::OsString::from),
+                &|_| None,
+            )
+            .unwrap()
+            .config_hash()
+        };
+        let base = hash("");
+        for flags in [
+            "--lr-schedule cosine",
+            "--nesterov",
+            "--label-smoothing 0.1",
+            "--warmup-epochs 1",
+        ] {
+            assert_ne!(hash(flags), base, "{flags}");
+        }
+        // Evaluation cadence and the best file do not change the training.
+        assert_eq!(hash("--eval-every 5"), base);
     }
 }
