@@ -172,7 +172,7 @@ impl TrainConfig {
         let canonical = format!(
             "world={};mode={};dataset={};batch={};lr={:08x};momentum={:08x};wd={:08x};seed={};\
              epochs={};max_iters={};model={};augment={};shuffle={};first_bucket={:016x};\
-             bucket_cap={:016x};synthetic={}/{};grad_compression={}",
+             bucket_cap={:016x};synthetic={}/{};grad_compression={};{}",
             self.num_nodes,
             o.mode.name(),
             o.dataset.name(),
@@ -191,6 +191,7 @@ impl TrainConfig {
             o.synthetic_train,
             o.synthetic_test,
             o.grad_compression.name(),
+            o.recipe.canonical(),
         );
         crate::hash::fnv1a64(canonical.as_bytes())
     }
@@ -398,6 +399,9 @@ pub struct RunOptions {
     /// Deadline of the rendezvous, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub connect_timeout: u64,
+    /// Schedule, warmup, Nesterov, label smoothing, evaluation cadence, best checkpoint.
+    #[command(flatten)]
+    pub recipe: crate::recipe::RecipeOptions,
 }
 
 /// `dtrain [train flags]` or `dtrain <subcommand> ...`.
@@ -425,6 +429,8 @@ pub enum Command {
     Bench(crate::bench_cmd::BenchArgs),
     /// Draw loss and throughput from a metrics file as SVG
     Plot(crate::plot::PlotArgs),
+    /// Evaluate a saved checkpoint on the test set of --dataset (no training)
+    Eval(crate::eval_cmd::EvalArgs),
     /// Internal: a child that prints lines and exits as told (tests the launcher)
     #[cfg(feature = "test-hooks")]
     #[command(hide = true)]
@@ -864,6 +870,7 @@ fn validate_run_options(o: &mut RunOptions, num_nodes: usize) -> Result<(), Usag
         }
     }
     validate_model_spec(&o.model)?;
+    o.recipe.validate(o.momentum as f64)?;
     if o.timeout == 0 {
         return Err(invalid("--timeout must be at least 1 second, got 0"));
     }

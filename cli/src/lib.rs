@@ -2,13 +2,15 @@
 //!
 //! - [`args`]: flags, launcher environment (torchrun/Slurm/Open MPI), validation → `TrainConfig`.
 //! - [`data`]: CIFAR-10 (with download), synthetic, Fashion-MNIST; sharding, augmentation, loader.
-//! - [`train`]: the training loop, logs, metrics, evaluation.
+//! - [`train`]: the training loop, logs, metrics, evaluation; [`recipe`]: schedule, Nesterov,
+//!   label smoothing, evaluation cadence flags.
 //! - [`sync`]: `GradSync`, one variant per mode owning its communicator; [`ddp`]: bucketed,
 //!   overlapped DDP.
 //! - [`checkpoint`]: save/resume/init checkpoints; [`hash`]: the one FNV-1a digest.
 //! - [`memory`]: bounds on every flag that sizes memory; [`slurm`]: rank 0's address from a
 //!   Slurm job's node list.
-//! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`.
+//! - [`launch`]: `dtrain launch`; [`bench_cmd`]: `dtrain bench`; [`plot`]: `dtrain plot`;
+//!   [`eval_cmd`]: `dtrain eval`.
 
 pub mod args;
 pub mod bench_cmd;
@@ -16,10 +18,12 @@ pub mod checkpoint;
 pub mod data;
 pub mod ddp;
 pub mod error_file;
+pub mod eval_cmd;
 pub mod hash;
 pub mod launch;
 pub mod memory;
 pub mod plot;
+pub mod recipe;
 pub mod simulate;
 pub mod slurm;
 pub mod sync;

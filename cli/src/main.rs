@@ -69,6 +69,14 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Some(Command::Eval(args)) => match dtrain::eval_cmd::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(dtrain::eval_cmd::EvalError::Usage(e)) => usage_exit(e),
+            Err(e @ dtrain::eval_cmd::EvalError::Checkpoint { .. }) => {
+                fail(&format!("dtrain eval: error: {e}"), 2)
+            }
+            Err(e) => fail(&format!("dtrain eval: error: {e}"), 1),
+        },
         Some(Command::Bench(args)) => match dtrain::bench_cmd::run(&args) {
             Ok(code) => ExitCode::from(code),
             Err(dtrain::bench_cmd::BenchError::Usage(msg)) => usage_exit(UsageError::Invalid(msg)),

@@ -1,5 +1,7 @@
 //! `dtrain plot --metrics FILE --out FILE.svg`: draw training loss and throughput against the
 //! iteration from a metrics JSONL file, as a hand-written SVG (two panels sharing the x axis).
+//! Test accuracy (each epoch's end and every `--eval-every` evaluation) is drawn in the loss
+//! panel against its own axis on the right, 0-100 %.
 //!
 //! Input: one JSON object per line. Training lines carry `iteration` and `loss` (and
 //! optionally `images_per_s`, `seconds`, `comm_seconds`); evaluation lines carry
@@ -236,7 +238,7 @@ fn padded_range(values: impl Iterator<Item = f64>, include_zero: bool) -> (f64, 
 const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 660.0;
 const LEFT: f64 = 90.0;
-const RIGHT: f64 = 40.0;
+const RIGHT: f64 = 60.0;
 
 struct Panel {
     top: f64,
@@ -378,6 +380,62 @@ fn legend(svg: &mut String, x: f64, y: f64, items: &[(&str, &str, bool)]) {
     }
 }
 
+const ACCURACY_COLOR: &str = "#31a354";
+
+/// Test accuracy in percent (metrics hold it in [0, 1]; older files may hold percent).
+fn percent(acc: f64) -> f64 {
+    if acc <= 1.0 {
+        acc * 100.0
+    } else {
+        acc
+    }
+}
+
+/// Test accuracy over `p`'s x range against a 0-100 % axis on the right edge: a line
+/// through the evaluations, a dot at each. Returns whether there was any.
+fn draw_accuracy(svg: &mut String, p: &Panel, eval: &[EvalPoint]) -> bool {
+    let acc: Vec<(f64, f64)> = eval
+        .iter()
+        .filter_map(|e| Some((e.iteration?, percent(e.test_accuracy?))))
+        .collect();
+    if acc.is_empty() {
+        return false;
+    }
+    let axis = Panel {
+        top: p.top,
+        height: p.height,
+        x: p.x,
+        y: (0.0, 100.0),
+    };
+    let right = WIDTH - RIGHT;
+    for t in (0..=100).step_by(20) {
+        let y = axis.py(t as f64);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{right}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{ACCURACY_COLOR}"/><text x="{}" y="{:.1}" font-size="12" fill="{ACCURACY_COLOR}">{t}%</text>"##,
+            right + 5.0,
+            right + 8.0,
+            y + 4.0
+        );
+    }
+    let cy = p.top + p.height / 2.0;
+    let lx = WIDTH - 8.0;
+    let _ = writeln!(
+        svg,
+        r##"<text x="{lx}" y="{cy:.1}" font-size="13" fill="{ACCURACY_COLOR}" text-anchor="middle" transform="rotate(90 {lx} {cy:.1})">test accuracy</text>"##
+    );
+    polyline(svg, &axis, &acc, ACCURACY_COLOR, 2.0);
+    for (x, y) in &acc {
+        let _ = writeln!(
+            svg,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{ACCURACY_COLOR}"/>"##,
+            axis.px(*x),
+            axis.py(*y)
+        );
+    }
+    true
+}
+
 /// The whole picture: title, loss panel (training loss, its moving average, test loss dots),
 /// throughput panel (images/s), shared iteration axis.
 pub fn render_svg(m: &Metrics, title: &str) -> String {
@@ -445,8 +503,7 @@ pub fn render_svg(m: &Metrics, title: &str) -> String {
         let _ = write!(summary, ", mean {mean:.1} images/s");
     }
     if let Some(acc) = m.eval.iter().rev().find_map(|e| e.test_accuracy) {
-        let pct = if acc <= 1.0 { acc * 100.0 } else { acc };
-        let _ = write!(summary, ", last test accuracy {pct:.2}%");
+        let _ = write!(summary, ", last test accuracy {:.2}%", percent(acc));
     }
     let _ = writeln!(
         svg,
@@ -472,6 +529,9 @@ pub fn render_svg(m: &Metrics, title: &str) -> String {
     ];
     if !test_loss.is_empty() {
         items.push(("test loss", "#d94801", true));
+    }
+    if draw_accuracy(&mut svg, &loss_panel, &m.eval) {
+        items.push(("test accuracy (right)", ACCURACY_COLOR, true));
     }
     legend(
         &mut svg,
@@ -588,7 +648,13 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("a &lt;title&gt;"));
         assert!(svg.contains("last test accuracy 50.00%"));
-        assert_eq!(svg.matches("<polyline").count(), 4);
+        // Loss, its average, throughput, its average, test accuracy.
+        assert_eq!(svg.matches("<polyline").count(), 5);
+        // 50 % accuracy at iteration 100: the right edge, half-way down the loss panel.
+        let (x, y) = (WIDTH - RIGHT, 70.0 + 230.0 / 2.0);
+        let dot = format!(r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{ACCURACY_COLOR}"/>"##);
+        assert!(svg.contains(&dot), "{svg}");
+        assert!(svg.contains("test accuracy (right)"));
         // Iteration 0 sits on the left edge of the plot area, iteration 100 on the right.
         let first_point = svg.split("points=\"").nth(1).unwrap();
         assert!(

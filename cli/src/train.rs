@@ -14,25 +14,35 @@
 //!   process's iterations except the first (warm-up), `N` being how many were averaged;
 //!   then `Parameter hash: 0x{fnv1a64 of all parameter bytes}` (equal on every rank).
 //!
-//! Rank 0 alone prints the evaluation after each epoch (and after a run cut short by
-//! `--max-iters`): `Test set: Average loss: {:.4}, Accuracy: {c}/{n} ({pct:.0}%)` followed by
+//! Rank 0 alone prints the evaluation after each epoch, every `--eval-every` iterations
+//! (unless that is an epoch's end) and after a run cut short by `--max-iters`: `Test set: Average loss: {:.4}, Accuracy: {c}/{n} ({pct:.0}%)` followed by
 //! an empty line, as the original. The test set is sharded across ranks and the loss sum and
 //! correct count are summed with one all-reduce, so each rank evaluates 1/N of it. The
 //! evaluated model is rank 0's: parameters are equal everywhere and rank 0's batch-norm
 //! running statistics are broadcast for the evaluation (then each rank's own are restored).
 //! "Average loss" is the mean per-sample cross-entropy over the test set (the original
-//! averages batch means, which is the same when every batch is full).
+//! averages batch means, which is the same when every batch is full), without label
+//! smoothing. With `--save-best FILE`, rank 0 writes a checkpoint there (the state right
+//! after the step the evaluation followed, plus `test_accuracy`/`test_loss` metadata)
+//! whenever the test accuracy beats every earlier evaluation of the run (a resumed run
+//! reads the best so far back from FILE).
+//!
+//! # Learning rate
+//! Before each step the schedule ([`crate::recipe`]) sets the optimizer's rate (and with
+//! onecycle its momentum) for the iteration about to run: a pure function of the iteration
+//! count, so a resumed run continues the schedule exactly.
 //!
 //! # Metrics (`--metrics FILE`, rank 0 only)
 //! One JSON object per line, flushed as written:
-//! `{"iteration":I,"epoch":E,"batch":B,"loss":L,"seconds":S,"images_per_s":R,"comm_seconds":C,
-//! "cpu_seconds":P}`
+//! `{"iteration":I,"epoch":E,"batch":B,"loss":L,"lr":LR,"seconds":S,"images_per_s":R,
+//! "comm_seconds":C,"cpu_seconds":P}`
 //! per iteration (`I` counts completed iterations from the start of the run, so it continues
 //! across a resume; `R` counts the images of all ranks; `C` is the time this rank spent in
 //! gradient/buffer synchronisation outside of compute; `cpu_seconds` is the CPU time the whole
 //! process (compute, loader and communication threads) used during the iteration, a number
 //! that stays meaningful on a shared machine), and
-//! `{"epoch":E,"test_loss":L,"test_accuracy":A}` per evaluation (`A` in [0, 1]).
+//! `{"iteration":I,"epoch":E,"test_loss":L,"test_accuracy":A}` per evaluation (`A` in [0, 1],
+//! `I` the iterations completed before it, `E` the epoch it evaluated).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -62,6 +72,9 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("cannot use --init-checkpoint {path}: {reason}")]
     InitCheckpoint { path: PathBuf, reason: String },
+    /// A schedule the run's length does not allow (a usage error: exit code 2).
+    #[error("{0}")]
+    Schedule(String),
     #[error("cannot write metrics file {path}: {source}")]
     Metrics {
         path: PathBuf,
@@ -70,11 +83,12 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    /// 2 for bad input (a checkpoint that cannot be used), 1 for a failure while running.
+    /// 2 for bad input (a checkpoint that cannot be used, bad flags found only once the
+    /// dataset size is known), 1 for a failure while running.
     pub fn exit_code(&self) -> u8 {
         match self {
             TrainError::Checkpoint(e) if e.is_bad_input() => 2,
-            TrainError::InitCheckpoint { .. } => 2,
+            TrainError::InitCheckpoint { .. } | TrainError::Schedule(_) => 2,
             _ => 1,
         }
     }
@@ -215,6 +229,7 @@ fn run_settings(cfg: &TrainConfig) -> BTreeMap<String, String> {
         ("mode", o.mode.name().to_string()),
     ]
     .into_iter()
+    .chain(o.recipe.settings())
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
@@ -224,7 +239,9 @@ fn run_settings(cfg: &TrainConfig) -> BTreeMap<String, String> {
 fn initial_state(cfg: &TrainConfig) -> Result<(Vgg<f32>, Sgd<f32>), TrainError> {
     let o = &cfg.opts;
     let mut model = build_model(&o.model, o.seed)?;
-    let sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64);
+    model.set_label_smoothing(o.recipe.label_smoothing);
+    let sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64)
+        .with_nesterov(o.recipe.nesterov, o.recipe.dampening);
     if let Some(path) = &o.init_checkpoint {
         checkpoint::load_init(path, &mut model).map_err(|reason| TrainError::InitCheckpoint {
             path: path.clone(),
@@ -391,6 +408,7 @@ impl RunLog {
         batches: usize,
         images: usize,
         stats: StepStats,
+        lr: f64,
         (t0, cpu0): (Instant, f64),
     ) -> Result<(), TrainError> {
         let secs = t0.elapsed().as_secs_f64();
@@ -425,8 +443,9 @@ impl RunLog {
         }
         drop(out);
         self.metrics.write(format!(
-            "{{\"iteration\":{iteration},\"epoch\":{epoch},\"batch\":{batch_idx},\"loss\":{},\"seconds\":{},\"images_per_s\":{},\"comm_seconds\":{},\"cpu_seconds\":{}}}",
+            "{{\"iteration\":{iteration},\"epoch\":{epoch},\"batch\":{batch_idx},\"loss\":{},\"lr\":{},\"seconds\":{},\"images_per_s\":{},\"comm_seconds\":{},\"cpu_seconds\":{}}}",
             json_num(stats.loss),
+            json_num(lr),
             json_num(secs),
             json_num(images_per_s),
             json_num(stats.comm_time.as_secs_f64()),
@@ -441,22 +460,22 @@ impl RunLog {
         }
     }
 
-    /// Rank 0's evaluation result.
+    /// Rank 0's evaluation result, after `at.iteration` iterations, of epoch `epoch`.
     fn test_result(
         &mut self,
+        at: Position,
         epoch: usize,
-        avg_loss: f64,
-        correct: usize,
-        seen: usize,
+        e: &TestResult,
     ) -> Result<(), TrainError> {
         if self.rank != 0 {
             return Ok(());
         }
-        println!("{}\n", test_line(avg_loss, correct, seen));
+        println!("{}\n", test_line(e.avg_loss, e.correct, e.seen));
         self.metrics.write(format!(
-            "{{\"epoch\":{epoch},\"test_loss\":{},\"test_accuracy\":{}}}",
-            json_num(avg_loss),
-            json_num(correct as f64 / seen.max(1) as f64)
+            "{{\"iteration\":{},\"epoch\":{epoch},\"test_loss\":{},\"test_accuracy\":{}}}",
+            at.iteration,
+            json_num(e.avg_loss),
+            json_num(e.accuracy())
         ))
     }
 
@@ -492,10 +511,15 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     engine::parallel::set_num_threads(cfg.threads);
     engine::ops::set_conv_algo_override(cfg.opts.conv_algo);
     let (rank, o) = (cfg.rank, &cfg.opts);
-    // Data, model and checkpoints first: a missing dataset or a bad checkpoint is reported
-    // before anyone waits on a rendezvous.
+    // Data, model, schedule and checkpoints first: a missing dataset, a schedule the run
+    // cannot hold or a bad checkpoint is reported before anyone waits on a rendezvous.
     let (train, test) = data::load_dataset(cfg)?;
     let train = Arc::new(train);
+    let iters_per_epoch = data::batches_per_epoch(train.n, cfg.num_nodes, o.batch_size);
+    let schedule = o
+        .recipe
+        .schedule(o.lr as f64, o.momentum as f64, o.epochs, iters_per_epoch)
+        .map_err(|e| TrainError::Schedule(e.0))?;
     let (mut model, mut sgd) = initial_state(cfg)?;
     if o.verbose && rank == 0 {
         print_setup(cfg, model.config());
@@ -513,6 +537,7 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     let mut sync = GradSync::connect(cfg, &mut model).map_err(TrainError::comm(rank))?;
     let start = share_resume(cfg, &mut sync, &mut model, &mut sgd, resumed)?;
     let mut log = RunLog::open(cfg, train.n, start.is_some())?;
+    let mut eval = Evaluator::new(cfg, test, start.is_some());
     let reached_max = |p: Position| o.max_iters.is_some_and(|m| p.iteration >= m);
     let periodic = |p: Position| {
         o.checkpoint_every
@@ -528,17 +553,23 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
             if reached_max(position) {
                 break;
             }
+            schedule.apply(position.iteration, &mut sgd);
             let started = (Instant::now(), process_cpu_seconds());
             let stats = sync
                 .step(&mut model, &mut sgd, &batch)
                 .map_err(TrainError::sync(rank))?;
-            log.iteration(position, batches, batch.n, stats, started)?;
+            log.iteration(position, batches, batch.n, stats, sgd.lr, started)?;
             position = position.after_batch();
-            // The epoch's end and the run's end have their own checkpoints.
-            if periodic(position) && position.batch < batches && !reached_max(position) {
+            // The epoch's end and the run's end have their own checkpoints and evaluations.
+            let mid_epoch = position.batch < batches && !reached_max(position);
+            if periodic(position) && mid_epoch {
                 if let Some(c) = checkpoints.as_mut() {
                     c.save_in_background(&model, &sgd, position);
                 }
+            }
+            if mid_epoch && eval.due(position) {
+                let mut state = (&mut sync, &mut model, &sgd, &mut log);
+                eval.run(cfg, &mut state, position, position.epoch)?;
             }
         }
         let epoch = position.epoch;
@@ -549,7 +580,8 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
         log.end_epoch();
         // Evaluate after a full epoch, or once when --max-iters cut the run short.
         if epoch_done || reached_max(position) {
-            evaluate(cfg, &mut sync, &mut model, &test, &mut log, epoch)?;
+            let mut state = (&mut sync, &mut model, &sgd, &mut log);
+            eval.run(cfg, &mut state, position, epoch)?;
         }
         if !epoch_done {
             break;
@@ -568,15 +600,155 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Evaluate rank 0's model on the test set, each rank taking a shard; rank 0 prints.
+/// One evaluation over the whole test set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TestResult {
+    /// Mean per-sample cross-entropy.
+    pub avg_loss: f64,
+    pub correct: usize,
+    pub seen: usize,
+}
+
+impl TestResult {
+    /// Share of correct answers, in [0, 1].
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.seen.max(1) as f64
+    }
+}
+
+/// What an evaluation during training needs mutable access to.
+type EvalState<'a> = (
+    &'a mut GradSync,
+    &'a mut Vgg<f32>,
+    &'a Sgd<f32>,
+    &'a mut RunLog,
+);
+
+/// Evaluations during training: the test set, `--eval-every` and rank 0's `--save-best`.
+struct Evaluator {
+    test: DataSplit,
+    every: Option<usize>,
+    best: Option<BestCheckpoint>,
+}
+
+impl Evaluator {
+    fn new(cfg: &TrainConfig, test: DataSplit, resumed: bool) -> Evaluator {
+        let best = match (&cfg.opts.recipe.save_best, cfg.rank) {
+            (Some(path), 0) => Some(BestCheckpoint::open(cfg, path, resumed)),
+            _ => None,
+        };
+        Evaluator {
+            test,
+            every: cfg.opts.recipe.eval_every,
+            best,
+        }
+    }
+
+    /// An `--eval-every` evaluation is due after `at.iteration` iterations.
+    fn due(&self, at: Position) -> bool {
+        self.every.is_some_and(|n| at.iteration.is_multiple_of(n))
+    }
+
+    /// Evaluate (every rank takes part), log on rank 0 and keep the best checkpoint.
+    fn run(
+        &mut self,
+        cfg: &TrainConfig,
+        (sync, model, sgd, log): &mut EvalState<'_>,
+        at: Position,
+        epoch: usize,
+    ) -> Result<(), TrainError> {
+        let result = evaluate(cfg, sync, model, &self.test)?;
+        log.test_result(at, epoch, &result)?;
+        if let Some(best) = self.best.as_mut() {
+            best.offer(model, sgd, at, &result);
+        }
+        Ok(())
+    }
+}
+
+/// Rank 0's `--save-best` file and the best test accuracy it holds.
+struct BestCheckpoint {
+    path: PathBuf,
+    model_spec: String,
+    settings: BTreeMap<String, String>,
+    best: Option<f64>,
+}
+
+/// Metadata key of the test accuracy a `--save-best` checkpoint was chosen by.
+pub const BEST_ACCURACY_KEY: &str = "test_accuracy";
+
+impl BestCheckpoint {
+    /// A resumed run continues with the accuracy the file holds; a fresh run replaces it.
+    fn open(cfg: &TrainConfig, path: &std::path::Path, resumed: bool) -> BestCheckpoint {
+        let best = match resumed && path.exists() {
+            false => None,
+            true => match engine::state::load_tensors(path) {
+                Ok(s) => s
+                    .metadata
+                    .get(BEST_ACCURACY_KEY)
+                    .and_then(|v| v.parse().ok()),
+                Err(e) => {
+                    eprintln!(
+                        "dtrain: warning: --save-best {}: {e}; the next evaluation replaces it",
+                        path.display()
+                    );
+                    None
+                }
+            },
+        };
+        BestCheckpoint {
+            path: path.to_path_buf(),
+            model_spec: cfg.opts.model.clone(),
+            settings: run_settings(cfg),
+            best,
+        }
+    }
+
+    /// Save the state at `at` if `result` is the best test accuracy so far. A failed write
+    /// is a warning: the file keeps the previous best (writes are atomic).
+    fn offer(&mut self, model: &Vgg<f32>, sgd: &Sgd<f32>, at: Position, result: &TestResult) {
+        let acc = result.accuracy();
+        if self.best.is_some_and(|b| acc <= b) {
+            return;
+        }
+        let mut settings = self.settings.clone();
+        settings.insert(BEST_ACCURACY_KEY.into(), acc.to_string());
+        settings.insert("test_loss".into(), result.avg_loss.to_string());
+        match checkpoint::save_training(&self.path, &self.model_spec, model, sgd, at, settings) {
+            Ok(()) => self.best = Some(acc),
+            Err(e) => eprintln!(
+                "dtrain: warning: --save-best {}: {e}; it keeps the previous best",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// Loss sum, correct count and sample count of `model` (in eval mode) over rank `rank`'s
+/// shard of `test` (the whole set when `world` is 1).
+pub fn test_shard_totals(
+    model: &mut Vgg<f32>,
+    test: &DataSplit,
+    (rank, world): (usize, usize),
+    batch_size: usize,
+) -> Result<(f64, usize, usize), engine::ModelError> {
+    let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+    for batch in data::test_shard(test, rank, world, batch_size) {
+        let (l, c) = model.evaluate(&batch.images, batch.n, &batch.labels)?;
+        loss_sum += l;
+        correct += c;
+        seen += batch.n;
+    }
+    Ok((loss_sum, correct, seen))
+}
+
+/// Evaluate rank 0's model on the test set, each rank taking a shard.
 fn evaluate(
     cfg: &TrainConfig,
     sync: &mut GradSync,
     model: &mut Vgg<f32>,
     test: &DataSplit,
-    log: &mut RunLog,
-    epoch: usize,
-) -> Result<(), TrainError> {
+) -> Result<TestResult, TrainError> {
     let rank = cfg.rank;
     // Evaluate with rank 0's running statistics; keep ours to restore afterwards.
     let saved: Vec<(Vec<f32>, Vec<f32>)> = model
@@ -587,37 +759,25 @@ fn evaluate(
     sync.broadcast_bn_buffers(model)
         .map_err(TrainError::comm(rank))?;
     model.set_training(false);
-    let mut loss_sum = 0.0f64;
-    let mut correct = 0usize;
-    let mut seen = 0usize;
-    let mut result = Ok(());
-    for batch in data::test_shard(test, rank, cfg.num_nodes, cfg.opts.batch_size) {
-        match model.evaluate(&batch.images, batch.n, &batch.labels) {
-            Ok((l, c)) => {
-                loss_sum += l;
-                correct += c;
-                seen += batch.n;
-            }
-            Err(e) => {
-                result = Err(TrainError::Sync {
-                    rank,
-                    source: SyncError::Batch(e.to_string()),
-                });
-                break;
-            }
-        }
-    }
+    let totals = test_shard_totals(model, test, (rank, cfg.num_nodes), cfg.opts.batch_size);
     model.set_training(true);
     for (b, (mean, var)) in model.bn_buffers_mut().iter_mut().zip(saved) {
         b.running_mean = mean;
         b.running_var = var;
     }
-    result?;
+    let (loss_sum, correct, seen) = totals.map_err(|e| TrainError::Sync {
+        rank,
+        source: SyncError::Batch(e.to_string()),
+    })?;
     let mut totals = [loss_sum, correct as f64, seen as f64];
     sync.all_reduce_f64_sum(&mut totals)
         .map_err(TrainError::comm(rank))?;
-    let (loss_sum, correct, seen) = (totals[0], totals[1] as usize, totals[2] as usize);
-    log.test_result(epoch, loss_sum / seen.max(1) as f64, correct, seen)
+    let seen = totals[2] as usize;
+    Ok(TestResult {
+        avg_loss: totals[0] / seen.max(1) as f64,
+        correct: totals[1] as usize,
+        seen,
+    })
 }
 
 #[cfg(test)]

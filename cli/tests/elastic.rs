@@ -226,6 +226,96 @@ fn three_ranks_tcp_survive_a_kill() {
     killed_rank_restarts_and_ends_bit_identical(3, "tcp");
 }
 
+/// A run with a schedule (onecycle cycling momentum too, with Nesterov; cosine after a
+/// fractional warmup, with label smoothing), mid-epoch evaluations and --save-best, killed at
+/// a random iteration after its first checkpoint: it ends with the uninterrupted run's
+/// parameters and its best checkpoint evaluates the same. The schedule position is the
+/// checkpoint's iteration count, so a restart that lost it would continue with other rates.
+#[test]
+fn a_scheduled_run_restarts_bit_identical() {
+    let (world, iters) = (2, 14);
+    let mut rng = Rng::from_clock();
+    let seed = rng.0;
+    let recipes: [(&str, &[&str]); 2] = [
+        (
+            "ddp",
+            &[
+                "--lr-schedule",
+                "onecycle",
+                "--nesterov",
+                "--momentum",
+                "0.95",
+            ],
+        ),
+        (
+            "gather-scatter",
+            &[
+                "--lr-schedule",
+                "cosine",
+                "--warmup-epochs",
+                "0.5",
+                "--label-smoothing",
+                "0.1",
+            ],
+        ),
+    ];
+    for (mode, recipe) in recipes {
+        let what = format!("{mode} {recipe:?}, seed {seed:#x}");
+        let with_recipe = |dir: &Path| {
+            let mut args = launch_args(world, mode, "shm", iters);
+            args.extend(strings(recipe));
+            let best = dir.join("best.safetensors");
+            args.extend(strings(&[
+                "--eval-every",
+                "4",
+                "--save-best",
+                best.to_str().expect("utf-8"),
+            ]));
+            (args, best)
+        };
+        let ref_dir = temp_dir("sched-ref");
+        let (args, ref_best) = with_recipe(&ref_dir.0);
+        let reference = run_single(&args);
+        assert_ok(std::slice::from_ref(&reference));
+        let expected = hashes(&reference.stdout);
+        assert_eq!(expected.len(), world, "{what}: {}", reference.stdout);
+
+        let dir = temp_dir("sched-kill");
+        let ckpt = dir.join("run.safetensors");
+        let (mut args, best) = with_recipe(&dir.0);
+        args.extend(strings(&["--max-restarts", "2", "--checkpoint-every", "3"]));
+        args.extend(strings(&[
+            "--save-checkpoint",
+            ckpt.to_str().expect("utf-8"),
+        ]));
+        let (out, killed) = run_with_a_kill(&args, world, iters, &ckpt, &mut rng);
+        let what = format!("{what}, killed {killed}");
+        assert!(
+            out.status.success(),
+            "{what}: {}\n{}\n{}",
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("restart 1 of 2: starting"),
+            "{what}:\n{}",
+            out.stderr
+        );
+        assert_eq!(hashes(&out.stdout), expected, "{what}:\n{}", out.stderr);
+        let evaluate = |file: &Path| {
+            let mut args = strings(&["eval", "--checkpoint", file.to_str().expect("utf-8")]);
+            args.extend(strings(SMALL));
+            let o = run_single(&args);
+            assert_ok(std::slice::from_ref(&o));
+            o.stdout
+        };
+        let want = evaluate(&ref_best);
+        assert!(want.starts_with("Test set: Average loss: "), "{want}");
+        assert_eq!(evaluate(&best), want, "{what}: the best checkpoints differ");
+    }
+}
+
 /// A corrupt --save-checkpoint file with --resume auto: rank 0 (which alone reads
 /// checkpoints) fails the same way in every attempt; the launcher gives up after N restarts
 /// with rank 0's error, spacing attempts by its backoff.

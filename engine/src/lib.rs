@@ -6,7 +6,7 @@
 //! reference kernels, which is what the gradient checks differentiate.
 //!
 //! Training API: [`vgg`] (models, with a complete usage example), [`autograd`] (the tape),
-//! [`optim`] (SGD), [`state`] (safetensors I/O), [`init`] (PyTorch default init),
+//! [`optim`] (SGD), [`schedule`] (learning-rate schedules), [`state`] (safetensors I/O), [`init`] (PyTorch default init),
 //! [`parallel`] (thread counts: per model, per optimizer, or scoped), [`simd`] (the SIMD level
 //! every kernel runs at, `DTRAIN_SIMD`).
 
@@ -18,6 +18,7 @@ pub mod init;
 pub mod ops;
 pub mod optim;
 pub mod parallel;
+pub mod schedule;
 pub mod simd;
 pub mod state;
 pub mod tensor;
@@ -26,6 +27,7 @@ pub mod vgg;
 pub use autograd::{Param, Tape, ValueId};
 pub use float::Float;
 pub use optim::Sgd;
+pub use schedule::{LrSchedule, ScheduleKind};
 pub use state::{load_tensors, save_tensors, LoadedState, NamedTensor, StateError, TensorData};
 pub use tensor::Tensor;
 pub use vgg::{parse_spec, LayerSpec, ModelError, StepStats, Vgg, VggConfig};

@@ -1,11 +1,15 @@
-//! SGD exactly as `torch.optim.SGD` (no dampening, no Nesterov):
+//! SGD exactly as `torch.optim.SGD` (`maximize=False`):
 //!
 //! ```text
 //! d   = g + weight_decay · p
-//! buf = d                      (first step: a clone)
-//! buf = momentum · buf + d     (later steps)
-//! p  -= lr · buf               (or lr · d when momentum == 0: no buffer, as PyTorch)
+//! buf = d                                    (first step: a clone, no dampening)
+//! buf = momentum · buf + (1 - dampening) · d (later steps)
+//! p  -= lr · buf                             (or lr · (d + momentum · buf) with Nesterov,
+//!                                             or lr · d when momentum == 0: no buffer)
 //! ```
+//! Nesterov needs momentum > 0 and dampening 0, as PyTorch requires ([`Sgd::validate`]).
+//! `lr` and `momentum` are public so a schedule can set them before each step
+//! ([`crate::schedule::LrSchedule::apply`]).
 //! Weight decay applies to every parameter, batch-norm weights and biases included (PyTorch's
 //! default with a single parameter group).
 //!
@@ -39,6 +43,10 @@ pub struct Sgd<T> {
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
+    /// PyTorch's `dampening`: later steps add `(1 - dampening) · d` to the buffer.
+    pub dampening: f64,
+    /// PyTorch's `nesterov`: step along `d + momentum · buf` instead of `buf`.
+    pub nesterov: bool,
     /// Per parameter index; `None` until that parameter's first step.
     momentum_buffers: Vec<Option<Vec<T>>>,
     /// Threads for the update (`None`: the surrounding [`parallel::num_threads`]).
@@ -51,9 +59,35 @@ impl<T: Float> Sgd<T> {
             lr,
             momentum,
             weight_decay,
+            dampening: 0.0,
+            nesterov: false,
             momentum_buffers: Vec::new(),
             threads: None,
         }
+    }
+
+    /// The same optimizer with Nesterov momentum on or off and the given dampening.
+    pub fn with_nesterov(mut self, nesterov: bool, dampening: f64) -> Self {
+        self.nesterov = nesterov;
+        self.dampening = dampening;
+        self
+    }
+
+    /// PyTorch's checks of the settings: `Err` names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(format!(
+                "Nesterov momentum needs momentum > 0 and dampening 0 (got momentum {}, dampening {})",
+                self.momentum, self.dampening
+            ));
+        }
+        if !self.dampening.is_finite() || !(0.0..=1.0).contains(&self.dampening) {
+            return Err(format!(
+                "dampening must be in [0, 1], got {}",
+                self.dampening
+            ));
+        }
+        Ok(())
     }
 
     /// Runs updates on `threads` threads (`None`: whatever [`parallel::num_threads`] says at
@@ -85,6 +119,8 @@ impl<T: Float> Sgd<T> {
             lr: T::from_f64_lossy(self.lr),
             weight_decay: (self.weight_decay != 0.0).then(|| T::from_f64_lossy(self.weight_decay)),
             momentum: T::from_f64_lossy(self.momentum),
+            keep: (self.dampening != 0.0).then(|| T::from_f64_lossy(1.0 - self.dampening)),
+            nesterov: self.nesterov,
         };
         let g = &p.grad[..];
         let chunk = units_per_task(p.value.len(), 1, MIN_TASK_ELEMS);
@@ -161,10 +197,14 @@ struct SgdRule<T> {
     /// `None` when the weight decay is 0 (then `d = g` exactly).
     weight_decay: Option<T>,
     momentum: T,
+    /// `1 - dampening`, `None` when the dampening is 0 (then `buf = momentum·buf + d` exactly).
+    keep: Option<T>,
+    nesterov: bool,
 }
 
 /// One chunk of one parameter: `d = g + wd·p`; then with a momentum buffer `buf = d` (first
-/// step) or `buf = momentum·buf + d`, `p -= lr·buf`; without one `p -= lr·d`.
+/// step) or `buf = momentum·buf + (1 - dampening)·d`, `p -= lr·buf` (Nesterov:
+/// `p -= lr·(d + momentum·buf)`); without one `p -= lr·d`.
 struct SgdKernel<'a, T> {
     rule: SgdRule<T>,
     value: &'a mut [T],
@@ -182,6 +222,7 @@ impl<T: Float> VecKernel<T> for SgdKernel<'_, T> {
         let neg_lr = V::splat(-self.rule.lr);
         let wd = self.rule.weight_decay.map(V::splat);
         let momentum = V::splat(self.rule.momentum);
+        let keep = self.rule.keep.map(V::splat);
         let (p, g) = (self.value.as_mut_ptr(), self.grad.as_ptr());
         let b = self.buf.map(|b| b.as_mut_ptr());
         let mut i = 0;
@@ -199,13 +240,16 @@ impl<T: Float> VecKernel<T> for SgdKernel<'_, T> {
                 let step = match b {
                     None => d,
                     Some(b) => {
-                        let nb = if self.first {
-                            d
-                        } else {
-                            V::load_n(b.add(i), m).mul_add(momentum, d)
+                        let nb = match (self.first, keep) {
+                            (true, _) => d,
+                            (false, None) => V::load_n(b.add(i), m).mul_add(momentum, d),
+                            (false, Some(k)) => d.mul_add(k, V::load_n(b.add(i), m).mul(momentum)),
                         };
                         nb.store_n(b.add(i), m);
-                        nb
+                        match self.rule.nesterov {
+                            true => nb.mul_add(momentum, d),
+                            false => nb,
+                        }
                     }
                 };
                 step.mul_add(neg_lr, pv).store_n(p.add(i), m);
@@ -247,11 +291,15 @@ mod tests {
         use crate::simd::F32Impl;
         for imp in F32Impl::runnable() {
             for len in [0usize, 1, 7, 8, 17, 100] {
-                for (case, (momentum, first, wd)) in [
-                    (0.0, false, 1e-2),
-                    (0.9, true, 1e-2),
-                    (0.9, false, 0.0),
-                    (0.8, false, 5e-4),
+                for (case, (momentum, first, wd, dampening, nesterov)) in [
+                    (0.0, false, 1e-2, 0.0, false),
+                    (0.9, true, 1e-2, 0.0, false),
+                    (0.9, false, 0.0, 0.0, false),
+                    (0.8, false, 5e-4, 0.0, false),
+                    (0.8, false, 5e-4, 0.25, false),
+                    (0.9, true, 1e-2, 0.5, false),
+                    (0.9, false, 5e-4, 0.0, true),
+                    (0.9, true, 0.0, 0.0, true),
                 ]
                 .into_iter()
                 .enumerate()
@@ -266,6 +314,8 @@ mod tests {
                         lr: 0.1f32,
                         weight_decay: (wd != 0.0).then_some(wd as f32),
                         momentum: momentum as f32,
+                        keep: (dampening != 0.0).then_some(1.0 - dampening as f32),
+                        nesterov,
                     };
                     let buf = (momentum != 0.0).then_some(&mut b[..]);
                     imp.run(SgdKernel {
@@ -277,10 +327,15 @@ mod tests {
                     });
                     for i in 0..len {
                         let d = g64[i] + wd * p64[i];
-                        let (step, nb) = match (momentum != 0.0, first) {
-                            (false, _) => (d, b64[i]),
-                            (true, true) => (d, d),
-                            (true, false) => (momentum * b64[i] + d, momentum * b64[i] + d),
+                        let nb = match (momentum != 0.0, first) {
+                            (false, _) => b64[i],
+                            (true, true) => d,
+                            (true, false) => momentum * b64[i] + (1.0 - dampening) * d,
+                        };
+                        let step = match (momentum != 0.0, nesterov) {
+                            (false, _) => d,
+                            (true, false) => nb,
+                            (true, true) => d + momentum * nb,
                         };
                         let want = p64[i] - 0.1 * step;
                         assert!(
@@ -295,6 +350,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn nesterov_without_momentum_or_with_dampening_is_refused() {
+        let ok = Sgd::<f32>::new(0.1, 0.9, 0.0).with_nesterov(true, 0.0);
+        assert!(ok.validate().is_ok());
+        for (m, d) in [(0.0, 0.0), (0.9, 0.1)] {
+            let e = Sgd::<f32>::new(0.1, m, 0.0)
+                .with_nesterov(true, d)
+                .validate()
+                .unwrap_err();
+            assert!(e.contains("Nesterov"), "{e}");
+        }
+        assert!(Sgd::<f32>::new(0.1, 0.9, 0.0)
+            .with_nesterov(false, 1.5)
+            .validate()
+            .is_err());
     }
 
     #[test]

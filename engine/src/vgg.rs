@@ -299,6 +299,9 @@ pub struct Vgg<T: Float> {
     last_logits: Vec<T>,
     /// Threads for this model's ops (`None`: the surrounding [`parallel::num_threads`]).
     threads: Option<usize>,
+    /// ε of the training loss (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`); evaluation
+    /// reports the plain cross-entropy.
+    label_smoothing: f64,
 }
 
 /// Index of the max logit (first wins on ties, as `argmax`).
@@ -387,7 +390,13 @@ impl<T: Float> Vgg<T> {
             eval_batch: 0,
             last_logits: Vec::new(),
             threads: None,
+            label_smoothing: 0.0,
         }
+    }
+
+    /// Train with label smoothing ε (clamped to [0, 1]; 0 is plain cross-entropy).
+    pub fn set_label_smoothing(&mut self, eps: f64) {
+        self.label_smoothing = eps.clamp(0.0, 1.0);
     }
 
     /// Runs this model's forward and backward passes on `threads` threads (`None`: whatever
@@ -625,7 +634,7 @@ impl<T: Float> Vgg<T> {
             .count();
         self.last_logits.clear();
         self.last_logits.extend_from_slice(tape.data(&logits));
-        let (loss, loss_value) = tape.cross_entropy(logits, labels);
+        let (loss, loss_value) = tape.cross_entropy_smoothed(logits, labels, self.label_smoothing);
         tape.backward(loss, &mut self.params, on_grad_ready);
         let input_grad = input_handle.map(|h| {
             let g = tape.grad(&h).map(|g| g.to_vec()).unwrap_or_default();

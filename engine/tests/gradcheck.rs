@@ -451,9 +451,19 @@ fn gradcheck_linear() {
     }
 }
 
+/// Plain (ε = 0) and label-smoothed cross-entropy.
 #[test]
 fn gradcheck_cross_entropy() {
-    for (t, &(n, classes)) in [(4, 10), (1, 3), (5, 2), (3, 7)].iter().enumerate() {
+    let cases = [
+        (4, 10, 0.0),
+        (1, 3, 0.0),
+        (5, 2, 0.0),
+        (3, 7, 0.0),
+        (4, 10, 0.1),
+        (3, 7, 0.35),
+        (2, 2, 1.0),
+    ];
+    for (t, &(n, classes, eps)) in cases.iter().enumerate() {
         let seed = 5000 + 10 * t as u64;
         // Large logits (±20) check the max-shift path too.
         let logits = random_vec(seed, n * classes, -20.0, 20.0);
@@ -464,17 +474,17 @@ fn gradcheck_cross_entropy() {
         // A non-unit upstream gradient of the loss.
         let dloss = random_vec(seed + 2, 1, 0.5, 2.0)[0];
         let mut probs = vec![f64::NAN; logits.len()];
-        cross_entropy_forward(n, classes, &logits, &labels, &mut probs);
+        cross_entropy_forward(n, classes, &logits, &labels, eps, &mut probs);
         let mut dlogits = vec![f64::NAN; logits.len()];
-        cross_entropy_backward(n, classes, &probs, &labels, dloss, &mut dlogits);
+        cross_entropy_backward(n, classes, &probs, &labels, eps, dloss, &mut dlogits);
         check(
-            &format!("cross_entropy n={n} classes={classes}"),
+            &format!("cross_entropy n={n} classes={classes} label_smoothing={eps}"),
             &["logits"],
             &mut [logits],
             &[dlogits],
             |v| {
                 let mut p = vec![f64::NAN; n * classes];
-                dloss * cross_entropy_forward(n, classes, &v[0], &labels, &mut p)
+                dloss * cross_entropy_forward(n, classes, &v[0], &labels, eps, &mut p)
             },
         );
     }

@@ -771,8 +771,8 @@ fn cross_entropy_f32_matches_f64_and_definition() {
             .map(|&u| (u as u32).min(classes as u32 - 1))
             .collect();
         let (mut p32, mut p64) = (vec![f32::NAN; n * classes], vec![f64::NAN; n * classes]);
-        let loss32 = cross_entropy_forward(n, classes, &l32, &labels, &mut p32);
-        let loss64 = cross_entropy_forward(n, classes, &l64, &labels, &mut p64);
+        let loss32 = cross_entropy_forward(n, classes, &l32, &labels, 0.0, &mut p32);
+        let loss64 = cross_entropy_forward(n, classes, &l64, &labels, 0.0, &mut p64);
         assert!(
             ((loss32 as f64 - loss64) / loss64).abs() < TOL,
             "ce loss {loss32} vs {loss64}"
@@ -792,8 +792,8 @@ fn cross_entropy_f32_matches_f64_and_definition() {
             "ce definition"
         );
         let (mut d32, mut d64) = (vec![f32::NAN; n * classes], vec![f64::NAN; n * classes]);
-        cross_entropy_backward(n, classes, &p32, &labels, 0.7, &mut d32);
-        cross_entropy_backward(n, classes, &p64, &labels, 0.7, &mut d64);
+        cross_entropy_backward(n, classes, &p32, &labels, 0.0, 0.7, &mut d32);
+        cross_entropy_backward(n, classes, &p64, &labels, 0.0, 0.7, &mut d64);
         assert_close("ce dlogits", &d32, &d64);
     }
 }
