@@ -88,11 +88,7 @@ fn fma_bf16(a: f32, b: f32, acc: f32) -> f32 {
 /// (see the module docs for the order and rounding).
 #[inline]
 pub fn dot2_accumulate(acc: f32, a: u32, b: u32) -> f32 {
-    let t = flush(fma_bf16(
-        flush(pair_hi(a)),
-        flush(pair_hi(b)),
-        flush(acc),
-    ));
+    let t = flush(fma_bf16(flush(pair_hi(a)), flush(pair_hi(b)), flush(acc)));
     flush(fma_bf16(flush(pair_lo(a)), flush(pair_lo(b)), t))
 }
 
@@ -283,8 +279,14 @@ mod tests {
     #[test]
     fn emulation_reproduces_the_recorded_native_bits() {
         let (dot, cvt) = emulated_hashes();
-        assert_eq!(dot, NATIVE_DOT_HASH, "dot2_accumulate differs from VDPBF16PS");
-        assert_eq!(cvt, NATIVE_CONVERT_HASH, "f32_to_bf16 differs from VCVTNE2PS2BF16");
+        assert_eq!(
+            dot, NATIVE_DOT_HASH,
+            "dot2_accumulate differs from VDPBF16PS"
+        );
+        assert_eq!(
+            cvt, NATIVE_CONVERT_HASH,
+            "f32_to_bf16 differs from VCVTNE2PS2BF16"
+        );
     }
 
     /// Lane by lane against the instructions themselves, where this CPU has them (on a CPU
@@ -293,7 +295,10 @@ mod tests {
     #[test]
     fn emulation_matches_the_native_instructions_lane_by_lane() {
         if !crate::simd::bf16_supported() {
-            assert!(!crate::simd::bf16_native(), "no avx512_bf16: native path must be off");
+            assert!(
+                !crate::simd::bf16_native(),
+                "no avx512_bf16: native path must be off"
+            );
             eprintln!("no avx512_bf16 on this CPU: compared with recorded native bits only");
             return;
         }

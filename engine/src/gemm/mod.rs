@@ -7,6 +7,8 @@
 //!   [`crate::parallel::num_threads`].
 //! - [`sgemm_with`]: the same with an explicit [`Kernel`] and thread count (tests, benches).
 //! - [`gemm_reference`]: naive triple loop, generic, used for f64 and as the test oracle.
+//! - [`gemm_bf16`] / [`gemm_bf16_with`]: the same product with A and B rounded to bf16
+//!   while packing and f32 accumulation (`--precision bf16`; `bf16/`).
 //! - [`sgemm_packed_b`] / [`gemm_packed_b_reference`]: B already in the microkernel's panel
 //!   layout ([`PackedLayout`], [`Panels`]) and A read in place, as the Winograd transforms
 //!   write them.
@@ -23,12 +25,14 @@
 //! (`driver`), each part running the serial loop nest with its own thread-local,
 //! 64-byte-aligned packing buffers.
 
+mod bf16;
 mod pack;
 mod packed;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use bf16::{gemm_bf16, gemm_bf16_with, Bf16Kernel};
 pub use packed::{gemm_packed_b_reference, sgemm_packed_b, PackedLayout, Panels};
 
 /// A strided read-only view of a matrix: element `(i, j)` is at `data[i * rs + j * cs]`.
@@ -490,6 +494,40 @@ unsafe fn driver<K: MicroKernel>(
     } else {
         (m, n, a, b, c)
     };
+    for_each_part(
+        threads,
+        m,
+        n,
+        k,
+        (K::MR, K::NR),
+        |(i0, rows), (j0, cols)| {
+            let a_part = MatRef {
+                data: &a.data[i0 * a.rs..],
+                ..a
+            };
+            let b_part = MatRef {
+                data: &b.data[j0 * b.cs..],
+                ..b
+            };
+            // SAFETY: forwarded contract; parts cover disjoint blocks of C, (i0, j0) is inside.
+            unsafe { gemm_serial::<K>(rows, cols, k, alpha, a_part, b_part, beta, c.at(i0, j0)) }
+        },
+    );
+}
+
+/// The threading split of an `m×n×k` product with register tile `(mr, nr)`: calls
+/// `part((i0, rows), (j0, cols))` for disjoint blocks of C covering it, on up to `threads`
+/// threads (one call with the whole of C when the work is too small to split, or from
+/// inside a parallel task). Each block is computed by one thread in a fixed order, so the
+/// result does not depend on the thread count.
+fn for_each_part(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    (mr, nr): (usize, usize),
+    part: impl Fn((usize, usize), (usize, usize)) + Sync,
+) {
     // Each thread needs enough work to amortize waking it (a few µs).
     let work = m.saturating_mul(n).saturating_mul(k);
     let threads = if crate::parallel::in_parallel() {
@@ -498,15 +536,14 @@ unsafe fn driver<K: MicroKernel>(
         threads.min(work / MIN_WORK_PER_THREAD).max(1)
     };
     if threads == 1 {
-        // SAFETY: forwarded contract.
-        unsafe { gemm_serial::<K>(m, n, k, alpha, a, b, beta, c) };
+        part((0, m), (0, n));
         return;
     }
     // Split the larger dimension: splitting N makes every part re-pack all of A (cost
     // ∝ m·k per part vs. m·k·n/T of arithmetic), splitting M re-packs B; both are small
     // relative to the arithmetic when the split dimension is large.
     let split_n = n >= m;
-    let (len, step) = if split_n { (n, K::NR) } else { (m, K::MR) };
+    let (len, step) = if split_n { (n, nr) } else { (m, mr) };
     let units = len.div_ceil(step);
     // Two parts per thread, claimed dynamically, so a thread that loses its core for a
     // while (DDP's communication thread, other processes) does not hold everyone up. Each
@@ -523,19 +560,9 @@ unsafe fn driver<K: MicroKernel>(
             return;
         }
         if split_n {
-            let b_part = MatRef {
-                data: &b.data[lo * b.cs..],
-                ..b
-            };
-            // SAFETY: parts cover disjoint column ranges [lo, hi) of C; (0, lo) is inside.
-            unsafe { gemm_serial::<K>(m, hi - lo, k, alpha, a, b_part, beta, c.at(0, lo)) }
+            part((0, m), (lo, hi - lo))
         } else {
-            let a_part = MatRef {
-                data: &a.data[lo * a.rs..],
-                ..a
-            };
-            // SAFETY: parts cover disjoint row ranges [lo, hi) of C; (lo, 0) is inside.
-            unsafe { gemm_serial::<K>(hi - lo, n, k, alpha, a_part, b, beta, c.at(lo, 0)) }
+            part((lo, hi - lo), (0, n))
         }
     });
 }

@@ -1,0 +1,190 @@
+//! The AVX512_BF16 microkernel and the vectorized packing conversions.
+
+use std::arch::x86_64::*;
+
+use super::{MR, NR};
+
+/// `VPERMW` indices interleaving two converted rows: word `t` = (element `t` of the first
+/// 16 bf16, element `t` of the second 16).
+const INTERLEAVE: [u16; 32] = {
+    let mut idx = [0u16; 32];
+    let mut t = 0;
+    while t < 16 {
+        idx[2 * t] = t as u16;
+        idx[2 * t + 1] = 16 + t as u16;
+        t += 1;
+    }
+    idx
+};
+
+/// Mask of the first `n` (<= 16) lanes.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// One panel whose rows are contiguous: element `(i, p)` at `src + i + p·cs`, `r <= R`
+/// valid rows.
+///
+/// # Safety
+/// avx512bf16/f/bw present; the `r × depth` elements readable; `d` holds `R·⌈depth/2⌉` words.
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub(super) unsafe fn pack_rows_contiguous<const R: usize>(
+    src: *const f32,
+    cs: usize,
+    r: usize,
+    depth: usize,
+    d: &mut [u32],
+) {
+    debug_assert!(r <= R && d.len() >= R * depth.div_ceil(2));
+    // SAFETY: a 64-byte constant.
+    let idx = unsafe { _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _) };
+    for q in 0..depth.div_ceil(2) {
+        let p = 2 * q;
+        for i0 in (0..R).step_by(16) {
+            let width = (R - i0).min(16);
+            let valid = r.saturating_sub(i0).min(width);
+            let (lo, hi) = if valid == 0 {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            } else {
+                let m = lanes(valid);
+                // SAFETY: rows i0..i0+valid of depth p (and p+1 if it exists) are readable;
+                // masked-off lanes are not accessed.
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(m, src.add(i0 + p * cs));
+                    let hi = if p + 1 < depth {
+                        _mm512_maskz_loadu_ps(m, src.add(i0 + (p + 1) * cs))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    (lo, hi)
+                }
+            };
+            // SAFETY: __m512bh and __m512i are both 64 plain bytes.
+            let bf: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+            let words = _mm512_permutexvar_epi16(idx, bf);
+            // SAFETY: words q·R + i0 .. + width are inside `d` (debug-asserted size).
+            unsafe {
+                _mm512_mask_storeu_epi32(
+                    d.as_mut_ptr().add(q * R + i0) as *mut _,
+                    lanes(width),
+                    words,
+                )
+            };
+        }
+    }
+}
+
+/// One panel whose depth is contiguous: element `(i, p)` at `src + i·rs + p`, `r <= R`
+/// valid rows.
+///
+/// # Safety
+/// As for [`pack_rows_contiguous`].
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub(super) unsafe fn pack_depth_contiguous<const R: usize>(
+    src: *const f32,
+    rs: usize,
+    r: usize,
+    depth: usize,
+    d: &mut [u32],
+) {
+    let kp = depth.div_ceil(2);
+    debug_assert!(r <= R && d.len() >= R * kp);
+    let mut words = [0u32; 16];
+    for i in 0..R {
+        if i >= r {
+            for q in 0..kp {
+                d[q * R + i] = 0;
+            }
+            continue;
+        }
+        // SAFETY: row i < r of the panel is readable for `depth` floats.
+        let row = unsafe { src.add(i * rs) };
+        for q0 in (0..kp).step_by(16) {
+            let n = (depth - 2 * q0).min(32);
+            // SAFETY: elements 2·q0 .. 2·q0 + n of the row are readable; masked-off lanes
+            // are not accessed (and read as 0.0, which converts to the zero padding).
+            let bf = unsafe {
+                let lo = _mm512_maskz_loadu_ps(lanes(n.min(16)), row.add(2 * q0));
+                let hi = if n > 16 {
+                    _mm512_maskz_loadu_ps(lanes(n - 16), row.add(2 * q0 + 16))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                _mm512_cvtne2ps_pbh(hi, lo)
+            };
+            // SAFETY: 16 words to a 16-word array; the vector types are plain bytes.
+            unsafe { _mm512_storeu_si512(words.as_mut_ptr() as *mut _, std::mem::transmute(bf)) };
+            for (t, &w) in words.iter().enumerate().take(n.div_ceil(2)) {
+                d[(q0 + t) * R + i] = w;
+            }
+        }
+    }
+}
+
+/// `C[14×32] = alpha · Apanel · Bpanel + beta · C` over `kp` pair steps: per step two B
+/// vectors (16 pair words each), 14 broadcast A words, 28 `VDPBF16PS`.
+///
+/// # Safety
+/// avx512bf16 + avx512f present; `a` holds `kp·14` and `b` `kp·32` words; `c` is a 14×32
+/// row-major tile with row stride `rsc`.
+#[target_feature(enable = "avx512bf16,avx512f")]
+#[allow(clippy::needless_range_loop)]
+pub(super) unsafe fn kernel_bf16_14x32(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    rsc: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    const NV: usize = NR / 16;
+    for i in 0..MR {
+        // SAFETY: prefetching is a hint; the addresses are inside the C tile.
+        unsafe {
+            let row = c.add(i * rsc) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(row);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(NR * 4 - 4));
+        }
+    }
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    for q in 0..kp {
+        let mut bv = [_mm512_setzero_si512(); NV];
+        for j in 0..NV {
+            // SAFETY: pair step q of the B panel: words q·NR .. q·NR + NR.
+            bv[j] = unsafe { _mm512_loadu_si512(b.add(q * NR + j * 16) as *const _) };
+        }
+        for i in 0..MR {
+            // SAFETY: word (q, i) of the A panel.
+            let av = _mm512_set1_epi32(unsafe { *a.add(q * MR + i) } as i32);
+            for j in 0..NV {
+                // SAFETY: __m512i and __m512bh are both 64 plain bytes.
+                let (x, y): (__m512bh, __m512bh) =
+                    unsafe { (std::mem::transmute(av), std::mem::transmute(bv[j])) };
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, y);
+            }
+        }
+    }
+    let alpha_v = _mm512_set1_ps(alpha);
+    let beta_v = _mm512_set1_ps(beta);
+    for i in 0..MR {
+        for j in 0..NV {
+            // SAFETY: (i, 16·j ..) lies in the caller's 14 × 32 tile.
+            unsafe {
+                let p = c.add(i * rsc + j * 16);
+                let v = if beta == 0.0 {
+                    // C is never read: NaN or garbage on entry does not leak in.
+                    _mm512_mul_ps(alpha_v, acc[i][j])
+                } else {
+                    _mm512_fmadd_ps(
+                        alpha_v,
+                        acc[i][j],
+                        _mm512_mul_ps(beta_v, _mm512_loadu_ps(p)),
+                    )
+                };
+                _mm512_storeu_ps(p, v);
+            }
+        }
+    }
+}
