@@ -12,10 +12,14 @@
 //! `BENCH_ALGOS` (comma list of algorithm names, default all), `BENCH_CLOCK=cpu` (time with
 //! the calling thread's CPU clock instead of the wall clock: meaningful for 1 thread only,
 //! on a machine busy with other work where wall times mostly measure waiting for a core).
+//! `BENCH_BF16=1` adds an `im2col bf16` row per pass: im2col with its GEMM in mixed precision
+//! (`--precision bf16`; % peak against twice the f32 FMA peak, `VDPBF16PS` doing two
+//! multiply-adds per f32 lane), and marks the automatic choice of `--precision bf16`.
 //! `DTRAIN_SIMD` caps the SIMD level as everywhere.
 #[path = "common/fma.rs"]
 mod fma;
 
+use engine::gemm::Precision;
 use engine::ops::*;
 use engine::parallel::set_num_threads;
 use rand::{Rng, SeedableRng};
@@ -214,6 +218,7 @@ fn conv_table(
         let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; c_out]);
         let v = ConvVectors::process();
         let plan = conv2d_plan(&g);
+        let bf16_plan = engine::gemm::with_precision(Precision::Bf16, || conv2d_plan(&g));
         for pass in ConvPass::ALL {
             let auto = plan.get(pass).algo;
             let mut im2col = None;
@@ -247,6 +252,41 @@ fn conv_table(
                     pass.name(),
                     format!("{}{}", algo.name(), if algo == auto { " *" } else { "" }),
                     100.0 * own / peak
+                );
+            }
+            if std::env::var("BENCH_BF16").is_ok_and(|v| v == "1") {
+                let ms = engine::gemm::with_precision(Precision::Bf16, || {
+                    time_ms(reps, || match pass {
+                        ConvPass::Forward => {
+                            conv2d_forward_with(ConvAlgo::Im2col, v, &g, &x, &w, Some(&b), &mut y)
+                        }
+                        ConvPass::BackwardData => {
+                            conv2d_backward_data_with(ConvAlgo::Im2col, v, &g, &dy, &w, &mut dx)
+                        }
+                        ConvPass::BackwardWeight => conv2d_backward_weight_with(
+                            ConvAlgo::Im2col,
+                            v,
+                            &g,
+                            &x,
+                            &dy,
+                            &mut dw,
+                            Some(&mut db),
+                        ),
+                    })
+                });
+                let eff = 2.0 * g.macs() as f64 / (ms * 1e6);
+                let mark = if bf16_plan.get(pass).algo == ConvAlgo::Im2col {
+                    " *"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<14} {:<10} {:<13} {ms:>9.2} {eff:>8.1} {eff:>8.1} {:>6.0}% {:>7}",
+                    format!("{c_in}->{c_out}@{hw}"),
+                    pass.name(),
+                    format!("im2col bf16{mark}"),
+                    100.0 * eff / (2.0 * peak),
+                    format!("bf16 {}", bf16_plan.get(pass).algo.name())
                 );
             }
         }

@@ -5,6 +5,7 @@
 //! runs the AVX-512 kernels' logic) and for f64; f64 gradient checks of each algorithm;
 //! measured error bounds per variant; bitwise determinism across runs and thread counts;
 //! the override, its fallbacks and the automatic choice.
+use engine::gemm::Precision;
 use engine::gradcheck::{check_gradients, dot, random_vec, GradcheckConfig};
 use engine::ops::*;
 use engine::parallel::set_num_threads;
@@ -439,9 +440,21 @@ fn override_parses_and_falls_back_where_it_does_not_apply() {
     let stride2 = Conv2dGeom::new(8, 64, 16, 16, 128, (3, 3), 2, 1);
     let pointwise = Conv2dGeom::new(8, 64, 16, 16, 128, (1, 1), 1, 0);
     for pass in ConvPass::ALL {
-        let c = conv2d_algo_for(&vgg3x3, pass, ConvAlgoOverride::Winograd, level);
+        let c = conv2d_algo_for(
+            &vgg3x3,
+            pass,
+            ConvAlgoOverride::Winograd,
+            level,
+            Precision::F32,
+        );
         assert_eq!((c.algo, c.fallback), (ConvAlgo::WinogradF4, None));
-        let c = conv2d_algo_for(&vgg3x3, pass, ConvAlgoOverride::Im2col, level);
+        let c = conv2d_algo_for(
+            &vgg3x3,
+            pass,
+            ConvAlgoOverride::Im2col,
+            level,
+            Precision::F32,
+        );
         assert_eq!((c.algo, c.fallback), (ConvAlgo::Im2col, None));
         // Winograd on stride 2 / 1x1, direct on stride 2: the automatic choice, with the reason.
         for (g, o, why) in [
@@ -450,7 +463,7 @@ fn override_parses_and_falls_back_where_it_does_not_apply() {
             (&pointwise, ConvAlgoOverride::Winograd, "3x3"),
             (&stride2, ConvAlgoOverride::Direct, "stride 1"),
         ] {
-            let c = conv2d_algo_for(g, pass, o, level);
+            let c = conv2d_algo_for(g, pass, o, level, Precision::F32);
             assert_eq!(c.algo, choose_conv_algo(g, pass, level), "{o} {g:?}");
             assert!(
                 c.fallback.is_some_and(|r| r.contains(why)),
@@ -485,7 +498,8 @@ fn automatic_choice_for_vgg11_layers() {
                         algo,
                         "{g:?} {pass:?} {level:?}"
                     );
-                    let c = conv2d_algo_for(&g, *pass, ConvAlgoOverride::Auto, level);
+                    let c =
+                        conv2d_algo_for(&g, *pass, ConvAlgoOverride::Auto, level, Precision::F32);
                     assert_eq!((c.algo, c.fallback), (algo, None));
                 }
             }
@@ -562,4 +576,80 @@ fn every_algorithm_matches_the_oracle_in_a_portable_level_process() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("2 passed"), "child ran: {stdout}");
+}
+
+/// `--precision bf16`: the im2col passes run the bf16 GEMM, so each matches the f64 oracle on
+/// bf16-rounded operands (to f32-accumulation accuracy, ~sqrt(K)·2^-24 relative) and is off
+/// the f32 result by about the bf16 rounding (~2^-9 relative): both asserted, so a pass that
+/// silently stayed in f32 fails the first check and one that rounded wrongly the second.
+#[test]
+fn im2col_passes_under_bf16_compute_with_bf16_rounded_operands() {
+    use engine::bf16::round_to_bf16;
+    use engine::gemm::with_precision;
+    let _guard = global_lock();
+    set_conv_algo_override(ConvAlgoOverride::Auto);
+    for g in [
+        Conv2dGeom::new(3, 8, 7, 5, 6, (3, 3), 1, 1),
+        Conv2dGeom::new(1, 16, 6, 6, 24, (3, 3), 2, 1),
+        Conv2dGeom::new(2, 5, 4, 4, 40, (1, 1), 1, 0),
+    ] {
+        let inp = inputs(&g, 7);
+        let r = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| round_to_bf16(x) as f64).collect() };
+        let want = oracle(&g, &r(&inp.x.0), &r(&inp.w.0), &inp.b.1, &r(&inp.dy.0));
+        let exact = oracle(&g, &inp.x.1, &inp.w.1, &inp.b.1, &inp.dy.1);
+        let v = ConvVectors::process();
+        let (x, w, b, dy) = (&inp.x.0, &inp.w.0, &inp.b.0, &inp.dy.0);
+        let got = with_precision(Precision::Bf16, || {
+            run_passes(ConvAlgo::Im2col, v, &g, x, w, b, dy)
+        });
+        for (name, out, want, exact) in [
+            ("fwd", &got[0], &want.y, &exact.y),
+            ("bwd-data", &got[1], &want.dx, &exact.dx),
+            ("bwd-weight", &got[2], &want.dw, &exact.dw),
+        ] {
+            let err = rel_err(out, want);
+            assert!(
+                err <= 2e-6,
+                "{g:?} {name}: {err:e} from the rounded-operand oracle"
+            );
+            let off = rel_err(out, exact);
+            assert!(
+                off > 1e-4 && off < 1e-2,
+                "{g:?} {name}: {off:e} from the f32 oracle"
+            );
+        }
+    }
+}
+
+/// The bf16 plan: im2col where it beats the f32 choice, and every other pass says it runs in
+/// f32 because its algorithm has no bf16 kernel.
+#[test]
+fn bf16_plan_names_the_arithmetic_of_every_pass() {
+    let _guard = global_lock();
+    set_conv_algo_override(ConvAlgoOverride::Auto);
+    let level = engine::simd::level();
+    let plan = |g: &Conv2dGeom, pass| {
+        conv2d_algo_for(g, pass, ConvAlgoOverride::Auto, level, Precision::Bf16)
+    };
+    let small = Conv2dGeom::new(128, 64, 16, 16, 128, (3, 3), 1, 1);
+    let wide = Conv2dGeom::new(128, 256, 8, 8, 256, (3, 3), 1, 1);
+    let first = Conv2dGeom::new(128, 3, 32, 32, 64, (3, 3), 1, 1);
+    for pass in ConvPass::ALL {
+        let c = plan(&small, pass);
+        assert_eq!(
+            (c.algo, c.arithmetic()),
+            (ConvAlgo::Im2col, Precision::Bf16)
+        );
+        assert!(c.to_string().ends_with("[bf16]"), "{c}");
+        let c = plan(&wide, pass);
+        assert_eq!(
+            (c.algo, c.arithmetic()),
+            (ConvAlgo::WinogradF4, Precision::F32)
+        );
+        assert!(c.to_string().contains("[f32: no bf16 kernel]"), "{c}");
+        assert_eq!(plan(&first, pass).algo, ConvAlgo::Direct);
+        // f32 plans print as before.
+        let f = conv2d_algo_for(&small, pass, ConvAlgoOverride::Auto, level, Precision::F32);
+        assert_eq!(f.to_string(), f.algo.name());
+    }
 }

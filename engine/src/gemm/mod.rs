@@ -35,6 +35,79 @@ mod x86;
 pub use bf16::{gemm_bf16, gemm_bf16_with, Bf16Kernel};
 pub use packed::{gemm_packed_b_reference, sgemm_packed_b, PackedLayout, Panels};
 
+/// The arithmetic of the GEMMs the conv (im2col) and linear ops issue through
+/// [`crate::Float::gemm`]: `--precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 operands and accumulation ([`sgemm`]).
+    #[default]
+    F32,
+    /// Mixed precision: operands rounded to bf16, f32 accumulation and output
+    /// ([`gemm_bf16`]). Master weights, optimizer, batch norm and loss stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+    /// The `--precision` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `--precision` value that is not one of [`Precision::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown precision {0:?} (expected f32 or bf16)")]
+pub struct ParsePrecisionError(pub String);
+
+impl std::str::FromStr for Precision {
+    type Err = ParsePrecisionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ParsePrecisionError(s.to_string()))
+    }
+}
+
+thread_local! {
+    /// The innermost [`with_precision`] on this thread.
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with [`crate::Float::gemm`] for f32 in precision `p` — on this thread and in the
+/// tasks of the parallel loops it starts (models run their steps under their own precision:
+/// [`crate::VggConfig::precision`]). f64 GEMMs (gradient checks) are never affected.
+pub fn with_precision<R>(p: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|c| c.replace(p)));
+    f()
+}
+
+/// The precision in effect here ([`Precision::F32`] outside any [`with_precision`]).
+pub fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
+}
+
+/// Sets this thread's precision (thread pool workers, for the duration of a job).
+pub(crate) fn set_precision_scope(p: Precision) {
+    PRECISION.with(|c| c.set(p))
+}
+
 /// A strided read-only view of a matrix: element `(i, j)` is at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, T> {

@@ -114,7 +114,12 @@ pub(super) unsafe fn pack_depth_contiguous<const R: usize>(
                 _mm512_cvtne2ps_pbh(hi, lo)
             };
             // SAFETY: 16 words to a 16-word array; the vector types are plain bytes.
-            unsafe { _mm512_storeu_si512(words.as_mut_ptr() as *mut _, std::mem::transmute(bf)) };
+            unsafe {
+                _mm512_storeu_si512(
+                    words.as_mut_ptr() as *mut _,
+                    std::mem::transmute::<__m512bh, __m512i>(bf),
+                )
+            };
             for (t, &w) in words.iter().enumerate().take(n.div_ceil(2)) {
                 d[(q0 + t) * R + i] = w;
             }
@@ -160,8 +165,12 @@ pub(super) unsafe fn kernel_bf16_14x32(
             let av = _mm512_set1_epi32(unsafe { *a.add(q * MR + i) } as i32);
             for j in 0..NV {
                 // SAFETY: __m512i and __m512bh are both 64 plain bytes.
-                let (x, y): (__m512bh, __m512bh) =
-                    unsafe { (std::mem::transmute(av), std::mem::transmute(bv[j])) };
+                let (x, y): (__m512bh, __m512bh) = unsafe {
+                    (
+                        std::mem::transmute::<__m512i, __m512bh>(av),
+                        std::mem::transmute::<__m512i, __m512bh>(bv[j]),
+                    )
+                };
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, y);
             }
         }

@@ -33,6 +33,7 @@ mod winograd;
 pub use im2col::conv2d_images_per_chunk;
 pub use scratch::conv2d_release_scratch;
 
+use crate::gemm::Precision;
 use crate::ops::{par_chunks_mut, units_per_task};
 use crate::simd::SimdLevel;
 use crate::Float;
@@ -233,6 +234,39 @@ pub fn choose_conv_algo(g: &Conv2dGeom, pass: ConvPass, level: SimdLevel) -> Con
     ConvAlgo::Im2col
 }
 
+/// The automatic choice under `--precision`: [`choose_conv_algo`] for f32; for bf16 the same
+/// except where im2col with the bf16 GEMM (the only conv algorithm with a bf16 kernel today:
+/// direct and Winograd run in f32) beats the f32 choice. From `BENCH_BF16=1 cargo bench -p
+/// engine --bench conv_layers` (AMD EPYC Zen 5, 1 thread, batch 128, README "Mixed precision"):
+/// - Winograd F(4x4) layers with at most `BF16_IM2COL_MAX_CHANNELS` input channels
+///   (64->128@16: im2col-bf16 1.1-1.4x faster in every pass; from 128 channels on
+///   Winograd-f32 is 1.3-2.2x faster);
+/// - the backward passes of Winograd F(2x2) layers (512->512@2: 1.1-1.2x; forward 0.95x).
+///
+/// Pure, like [`choose_conv_algo`], and independent of whether the bf16 kernel is native or
+/// emulated, so every CPU computes the same numbers.
+pub fn choose_conv_algo_at(
+    g: &Conv2dGeom,
+    pass: ConvPass,
+    level: SimdLevel,
+    precision: Precision,
+) -> ConvAlgo {
+    let f32_choice = choose_conv_algo(g, pass, level);
+    let im2col_pays = match f32_choice {
+        ConvAlgo::WinogradF4 => g.c_in <= BF16_IM2COL_MAX_CHANNELS,
+        ConvAlgo::WinogradF2 => pass != ConvPass::Forward,
+        ConvAlgo::Im2col | ConvAlgo::Direct => false,
+    };
+    if precision == Precision::Bf16 && im2col_pays {
+        ConvAlgo::Im2col
+    } else {
+        f32_choice
+    }
+}
+
+/// See [`choose_conv_algo_at`].
+const BF16_IM2COL_MAX_CHANNELS: usize = 64;
+
 /// Winograd pays from this many channels (in and out) on: below, the transforms cost more
 /// than the multiplies they save.
 const WINOGRAD_MIN_CHANNELS: usize = 16;
@@ -329,25 +363,46 @@ pub struct ConvChoice {
     /// `Some(reason)` when the override asked for an algorithm that cannot compute this
     /// shape; `algo` is then the automatic choice.
     pub fallback: Option<&'static str>,
+    /// The precision asked for (`--precision`); what runs is [`ConvChoice::arithmetic`].
+    pub precision: Precision,
 }
 
-impl std::fmt::Display for ConvChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.fallback {
-            None => write!(f, "{}", self.algo),
-            Some(why) => write!(f, "{} (fallback: {why})", self.algo),
+impl ConvChoice {
+    /// The arithmetic of the pass's multiply-adds: bf16 only for im2col (the GEMM), f32 for
+    /// the algorithms without a bf16 kernel.
+    pub fn arithmetic(&self) -> Precision {
+        match self.algo {
+            ConvAlgo::Im2col => self.precision,
+            ConvAlgo::Direct | ConvAlgo::WinogradF2 | ConvAlgo::WinogradF4 => Precision::F32,
         }
     }
 }
 
-/// The algorithm for one pass under an explicit override and SIMD level (pure).
+impl std::fmt::Display for ConvChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.algo)?;
+        if self.precision == Precision::Bf16 {
+            match self.arithmetic() {
+                Precision::Bf16 => write!(f, " [bf16]")?,
+                Precision::F32 => write!(f, " [f32: no bf16 kernel]")?,
+            }
+        }
+        match self.fallback {
+            None => Ok(()),
+            Some(why) => write!(f, " (fallback: {why})"),
+        }
+    }
+}
+
+/// The algorithm for one pass under an explicit override, SIMD level and precision (pure).
 pub fn conv2d_algo_for(
     g: &Conv2dGeom,
     pass: ConvPass,
     o: ConvAlgoOverride,
     level: SimdLevel,
+    precision: Precision,
 ) -> ConvChoice {
-    let auto = choose_conv_algo(g, pass, level);
+    let auto = choose_conv_algo_at(g, pass, level, precision);
     let forced = match o {
         ConvAlgoOverride::Auto => auto,
         ConvAlgoOverride::Im2col => ConvAlgo::Im2col,
@@ -360,17 +415,26 @@ pub fn conv2d_algo_for(
         None => ConvChoice {
             algo: forced,
             fallback: None,
+            precision,
         },
         Some(why) => ConvChoice {
             algo: auto,
             fallback: Some(why),
+            precision,
         },
     }
 }
 
-/// The algorithm one pass of `g` runs in this process (override and SIMD level applied).
+/// The algorithm one pass of `g` runs here (override, SIMD level and the
+/// [`crate::gemm::with_precision`] scope applied).
 pub fn conv2d_algo(g: &Conv2dGeom, pass: ConvPass) -> ConvChoice {
-    conv2d_algo_for(g, pass, conv_algo_override(), crate::simd::level())
+    conv2d_algo_for(
+        g,
+        pass,
+        conv_algo_override(),
+        crate::simd::level(),
+        crate::gemm::precision(),
+    )
 }
 
 /// The algorithm of each pass of one layer, for `--verbose` and the benches.
