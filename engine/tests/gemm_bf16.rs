@@ -272,3 +272,54 @@ fn bf16_kernel_follows_the_simd_level() {
     };
     assert_eq!(Bf16Kernel::detect(), want);
 }
+
+/// B in the f32 SGEMM's panel layout (as the Winograd transforms write it), for the layout of
+/// every f32 kernel this CPU has: within the bound of the rounded-operand oracle, equal to
+/// the strided-B product bit for bit, native equal to emulated; the NaN padding columns of
+/// the f32 panels never reach C.
+#[test]
+fn bf16_gemm_on_f32_panels_equals_the_strided_product() {
+    use engine::gemm::{gemm_bf16_packed_b, Kernel, PackedLayout, Panels};
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (15, 33, 7),
+        (29, 70, 513),
+        (64, 100, 600),
+        (130, 17, 255),
+    ] {
+        let x = case(&mut rng, m, n, k, false, false);
+        for f32_kernel in Kernel::ALL.into_iter().filter(|k| k.is_available()) {
+            let layout = PackedLayout::of(f32_kernel);
+            let pb = Panels::b(layout, n, k);
+            let mut panels = vec![f32::NAN; pb.len()];
+            for j in 0..n {
+                for p in 0..k {
+                    panels[pb.index(j, p)] = x.b[p * n + j];
+                }
+            }
+            for kernel in kernels() {
+                let strided = run(kernel, 1, &x, (m, n, k), 1.0, 1.0);
+                let mut c = x.c0.clone();
+                let a = MatRef::row_major(&x.a, k);
+                gemm_bf16_packed_b(kernel, layout, m, n, k, a, &panels, 1.0, &mut c, n);
+                check_bound(
+                    &x,
+                    &c,
+                    (m, n, k),
+                    1.0,
+                    1.0,
+                    true,
+                    &format!("{kernel:?} panels"),
+                );
+                for (idx, (a, b)) in c.iter().zip(&strided).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{kernel:?} {f32_kernel:?} {m}x{n}x{k} at {idx}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -32,7 +32,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use bf16::{gemm_bf16, gemm_bf16_with, Bf16Kernel};
+pub use bf16::{gemm_bf16, gemm_bf16_packed_b, gemm_bf16_with, Bf16Kernel};
 pub use packed::{gemm_packed_b_reference, sgemm_packed_b, PackedLayout, Panels};
 
 /// The arithmetic of the GEMMs the conv (im2col) and linear ops issue through

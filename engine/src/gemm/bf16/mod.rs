@@ -26,7 +26,7 @@ mod pack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use super::{block_size, check_view, for_each_part, CMat, MatRef, MAX_TILE};
+use super::{block_size, check_view, for_each_part, CMat, MatRef, PackedLayout, Panels, MAX_TILE};
 use crate::bf16::dot2_accumulate;
 
 /// Which bf16 microkernel a GEMM runs.
@@ -164,6 +164,7 @@ pub fn gemm_bf16_with(
             data: &b.data[j0 * b.cs..],
             ..b
         };
+        let b_part = BSource::View(b_part);
         // SAFETY: the kernel is available (asserted), the views were checked for the full
         // shape, parts cover disjoint blocks of C, which is borrowed mutably for the call.
         unsafe {
@@ -180,6 +181,62 @@ pub fn gemm_bf16_with(
             )
         }
     });
+}
+
+/// `C[m×n] = A·B + beta·C` (row-major C, leading dimension `ldc`) with B `k × n` in the f32
+/// SGEMM's panel layout `layout` ([`Panels::b`], as the Winograd transforms write it) and A
+/// any strided view, on the calling thread: the bf16 counterpart of
+/// [`super::sgemm_packed_b`]. B is converted while it is re-packed into pair panels.
+///
+/// Panics if the kernel is not available here or an operand is too small.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_packed_b(
+    kernel: Bf16Kernel,
+    layout: PackedLayout,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        kernel.is_available(),
+        "bf16 GEMM kernel {kernel:?} is not supported by this CPU"
+    );
+    check_view("A", &a, m, k);
+    let panels = Panels::b(layout, n, k);
+    assert!(b.len() >= panels.len(), "packed B too small");
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C too small");
+    if k == 0 {
+        for row in c.chunks_mut(ldc).take(m) {
+            row[..n]
+                .iter_mut()
+                .for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
+        }
+        return;
+    }
+    let cm = CMat {
+        ptr: c.as_mut_ptr(),
+        rs: ldc,
+        cs: 1,
+    };
+    let b = BSource::Panels { data: b, panels };
+    // SAFETY: the kernel is available, A was checked for m × k, B holds the k × n panels
+    // (asserted), C is the checked m × n row-major matrix, borrowed mutably for the call.
+    unsafe { gemm_serial(kernel, m, n, k, 1.0, a, b, beta, cm) }
+}
+
+/// Where B comes from: a strided f32 view, or the f32 SGEMM's packed panels.
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    View(MatRef<'a, f32>),
+    Panels { data: &'a [f32], panels: Panels },
 }
 
 thread_local! {
@@ -200,7 +257,7 @@ unsafe fn gemm_serial(
     k: usize,
     alpha: f32,
     a: MatRef<'_, f32>,
-    b: MatRef<'_, f32>,
+    b: BSource<'_>,
     beta: f32,
     c: CMat,
 ) {
@@ -219,8 +276,15 @@ unsafe fn gemm_serial(
         while pc < k {
             let kc = kc_max.min(k - pc);
             let beta_block = if pc == 0 { beta } else { 1.0 };
-            // (p, j) of B is row j, depth p of Bᵀ.
-            pack::pack_pairs::<NR>(b.t(), jc, pc, nc, kc, &mut bpack, native);
+            match b {
+                // (p, j) of B is row j, depth p of Bᵀ.
+                BSource::View(b) => {
+                    pack::pack_pairs::<NR>(b.t(), jc, pc, nc, kc, &mut bpack, native)
+                }
+                BSource::Panels { data, panels } => pack::pack_pairs_from_panels::<NR>(
+                    data, panels, jc, pc, nc, kc, &mut bpack, native,
+                ),
+            }
             let mut ic = 0;
             while ic < m {
                 let mc = mc_max.min(m - ic);

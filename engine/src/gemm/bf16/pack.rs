@@ -10,7 +10,7 @@
 //! Everything else, and the emulated path, converts element by element with
 //! [`crate::bf16::f32_to_bf16`], which gives the same bits.
 
-use super::MatRef;
+use super::{MatRef, Panels};
 use crate::bf16::{f32_to_bf16, pair};
 
 /// Pack `rows × depth` of `x` from `(i0, p0)` into `dst` (resized by the caller to at least
@@ -86,6 +86,78 @@ fn pack_scalar<const R: usize>(
     for q in 0..depth.div_ceil(2) {
         for i in 0..R {
             d[q * R + i] = pair(at(i, 2 * q), at(i, 2 * q + 1));
+        }
+    }
+}
+
+/// Pack columns `j0 .. j0 + cols`, depths `p0 .. p0 + depth` of a B held in the f32 SGEMM's
+/// panel layout `pv` into `R`-column pair panels (as [`pack_pairs`] does for Bᵀ). Natively,
+/// when each run of 16 columns lies inside one f32 panel (its columns are then contiguous
+/// for each depth), 16 words at a time; else element by element. Columns past `cols` (the
+/// f32 panels' padding included) are packed as zero.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pack_pairs_from_panels<const R: usize>(
+    b: &[f32],
+    pv: Panels,
+    j0: usize,
+    p0: usize,
+    cols: usize,
+    depth: usize,
+    dst: &mut [u32],
+    native: bool,
+) {
+    if cols == 0 || depth == 0 {
+        return;
+    }
+    let kp = depth.div_ceil(2);
+    let panels = cols.div_ceil(R);
+    assert!(
+        dst.len() >= panels * R * kp,
+        "bf16 packing buffer too small"
+    );
+    assert!(b.len() >= pv.len(), "packed B too small");
+    let contiguous16 = j0 % 16 == 0 && pv.panel_rows() % 16 == 0 && R % 16 == 0;
+    for panel in 0..panels {
+        let jp = j0 + panel * R;
+        let r = (cols - panel * R).min(R);
+        let d = &mut dst[panel * R * kp..(panel + 1) * R * kp];
+        #[cfg(target_arch = "x86_64")]
+        if native && contiguous16 {
+            for q in 0..kp {
+                let p = p0 + 2 * q;
+                for i0 in (0..R).step_by(16) {
+                    let valid = r.saturating_sub(i0).min(16);
+                    let at = |p: usize| if valid > 0 { pv.index(jp + i0, p) } else { 0 };
+                    let (lo, hi) = (at(p), (2 * q + 1 < depth).then(|| at(p + 1)));
+                    // SAFETY: the caller checked avx512bf16; `valid` columns from jp + i0 lie
+                    // in one f32 panel (16-aligned runs of a 16-multiple panel width), so
+                    // they are contiguous at each depth's index, inside `b` (its length was
+                    // asserted); words q·R + i0 .. + 16 are inside `d`.
+                    unsafe {
+                        super::x86::pack16(
+                            b.as_ptr().wrapping_add(lo),
+                            hi.map(|h| b.as_ptr().wrapping_add(h)),
+                            valid,
+                            16,
+                            d.as_mut_ptr().add(q * R + i0),
+                        )
+                    }
+                }
+            }
+            continue;
+        }
+        let _ = (native, contiguous16);
+        let at = |i: usize, p: usize| {
+            if i < r && p < depth {
+                f32_to_bf16(b[pv.index(jp + i, p0 + p)])
+            } else {
+                0
+            }
+        };
+        for q in 0..kp {
+            for i in 0..R {
+                d[q * R + i] = pair(at(i, 2 * q), at(i, 2 * q + 1));
+            }
         }
     }
 }

@@ -37,42 +37,49 @@ pub(super) unsafe fn pack_rows_contiguous<const R: usize>(
     d: &mut [u32],
 ) {
     debug_assert!(r <= R && d.len() >= R * depth.div_ceil(2));
-    // SAFETY: a 64-byte constant.
-    let idx = unsafe { _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _) };
     for q in 0..depth.div_ceil(2) {
         let p = 2 * q;
         for i0 in (0..R).step_by(16) {
             let width = (R - i0).min(16);
             let valid = r.saturating_sub(i0).min(width);
-            let (lo, hi) = if valid == 0 {
-                (_mm512_setzero_ps(), _mm512_setzero_ps())
-            } else {
-                let m = lanes(valid);
-                // SAFETY: rows i0..i0+valid of depth p (and p+1 if it exists) are readable;
-                // masked-off lanes are not accessed.
-                unsafe {
-                    let lo = _mm512_maskz_loadu_ps(m, src.add(i0 + p * cs));
-                    let hi = if p + 1 < depth {
-                        _mm512_maskz_loadu_ps(m, src.add(i0 + (p + 1) * cs))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                    (lo, hi)
-                }
-            };
-            // SAFETY: __m512bh and __m512i are both 64 plain bytes.
-            let bf: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
-            let words = _mm512_permutexvar_epi16(idx, bf);
-            // SAFETY: words q·R + i0 .. + width are inside `d` (debug-asserted size).
-            unsafe {
-                _mm512_mask_storeu_epi32(
-                    d.as_mut_ptr().add(q * R + i0) as *mut _,
-                    lanes(width),
-                    words,
-                )
-            };
+            let lo = src.wrapping_add(i0 + p * cs);
+            let hi = (p + 1 < depth).then(|| src.wrapping_add(i0 + (p + 1) * cs));
+            // SAFETY: rows i0..i0+valid at depths p (and p+1) are readable (caller); words
+            // q·R + i0 .. + width are inside `d` (asserted size).
+            unsafe { pack16(lo, hi, valid, width, d.as_mut_ptr().add(q * R + i0)) };
         }
     }
+}
+
+/// `width` (<= 16) pair words from two runs of floats: word `t` = (`lo[t]`, `hi[t]`) for
+/// `t < valid`, zero from there on (a missing `hi` is zero too).
+///
+/// # Safety
+/// avx512bf16/f/bw present; `lo .. lo + valid` (and `hi ..` likewise) readable when
+/// `valid > 0`; `d .. d + width` writable.
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+#[inline]
+pub(super) unsafe fn pack16(
+    lo: *const f32,
+    hi: Option<*const f32>,
+    valid: usize,
+    width: usize,
+    d: *mut u32,
+) {
+    let m = lanes(valid);
+    // SAFETY: masked loads touch only the `valid` readable lanes; INTERLEAVE is 64 bytes.
+    let (lo, hi, idx) = unsafe {
+        (
+            _mm512_maskz_loadu_ps(m, lo),
+            hi.map_or(_mm512_setzero_ps(), |h| _mm512_maskz_loadu_ps(m, h)),
+            _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _),
+        )
+    };
+    // SAFETY: __m512bh and __m512i are both 64 plain bytes.
+    let bf: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+    let words = _mm512_permutexvar_epi16(idx, bf);
+    // SAFETY: `width` writable words (caller); the masked store touches only those.
+    unsafe { _mm512_mask_storeu_epi32(d as *mut _, lanes(width), words) };
 }
 
 /// One panel whose depth is contiguous: element `(i, p)` at `src + i·rs + p`, `r <= R`
