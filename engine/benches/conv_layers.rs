@@ -12,9 +12,10 @@
 //! `BENCH_ALGOS` (comma list of algorithm names, default all), `BENCH_CLOCK=cpu` (time with
 //! the calling thread's CPU clock instead of the wall clock: meaningful for 1 thread only,
 //! on a machine busy with other work where wall times mostly measure waiting for a core).
-//! `BENCH_BF16=1` adds an `im2col bf16` row per pass: im2col with its GEMM in mixed precision
-//! (`--precision bf16`; % peak against twice the f32 FMA peak, `VDPBF16PS` doing two
-//! multiply-adds per f32 lane), and marks the automatic choice of `--precision bf16`.
+//! `BENCH_BF16=1` adds `im2col bf16` / `winograd-f2 bf16` / `winograd-f4 bf16` rows per pass:
+//! the algorithm with its GEMMs in mixed precision (`--precision bf16`; % peak against twice
+//! the f32 FMA peak, `VDPBF16PS` doing two multiply-adds per f32 lane) whether or not the
+//! bf16 plan uses it, `*` marking the one it does, and the bf16 plan's choice for the pass.
 //! `DTRAIN_SIMD` caps the SIMD level as everywhere.
 #[path = "common/fma.rs"]
 mod fma;
@@ -255,39 +256,42 @@ fn conv_table(
                 );
             }
             if std::env::var("BENCH_BF16").is_ok_and(|v| v == "1") {
-                let ms = engine::gemm::with_precision(Precision::Bf16, || {
-                    time_ms(reps, || match pass {
-                        ConvPass::Forward => {
-                            conv2d_forward_with(ConvAlgo::Im2col, v, &g, &x, &w, Some(&b), &mut y)
-                        }
-                        ConvPass::BackwardData => {
-                            conv2d_backward_data_with(ConvAlgo::Im2col, v, &g, &dy, &w, &mut dx)
-                        }
-                        ConvPass::BackwardWeight => conv2d_backward_weight_with(
-                            ConvAlgo::Im2col,
-                            v,
-                            &g,
-                            &x,
-                            &dy,
-                            &mut dw,
-                            Some(&mut db),
-                        ),
-                    })
-                });
-                let eff = 2.0 * g.macs() as f64 / (ms * 1e6);
-                let mark = if bf16_plan.get(pass).algo == ConvAlgo::Im2col {
-                    " *"
-                } else {
-                    ""
-                };
-                println!(
-                    "{:<14} {:<10} {:<13} {ms:>9.2} {eff:>8.1} {eff:>8.1} {:>6.0}% {:>7}",
-                    format!("{c_in}->{c_out}@{hw}"),
-                    pass.name(),
-                    format!("im2col bf16{mark}"),
-                    100.0 * eff / (2.0 * peak),
-                    format!("bf16 {}", bf16_plan.get(pass).algo.name())
-                );
+                let bf16_algos = [ConvAlgo::Im2col, ConvAlgo::WinogradF2, ConvAlgo::WinogradF4];
+                for algo in bf16_algos
+                    .into_iter()
+                    .filter(|a| a.unsupported_reason(&g).is_none())
+                {
+                    let ms = engine::gemm::with_precision(Precision::Bf16, || {
+                        time_ms(reps, || match pass {
+                            ConvPass::Forward => {
+                                conv2d_forward_with(algo, v, &g, &x, &w, Some(&b), &mut y)
+                            }
+                            ConvPass::BackwardData => {
+                                conv2d_backward_data_with(algo, v, &g, &dy, &w, &mut dx)
+                            }
+                            ConvPass::BackwardWeight => conv2d_backward_weight_with(
+                                algo,
+                                v,
+                                &g,
+                                &x,
+                                &dy,
+                                &mut dw,
+                                Some(&mut db),
+                            ),
+                        })
+                    });
+                    let eff = 2.0 * g.macs() as f64 / (ms * 1e6);
+                    let own = 2.0 * algo.macs(&g, pass) as f64 / (ms * 1e6);
+                    let chosen = bf16_plan.get(pass);
+                    let mark = if chosen.algo == algo { " *" } else { "" };
+                    println!(
+                        "{:<14} {:<10} {:<13} {ms:>9.2} {eff:>8.1} {own:>8.1} {:>6.0}%  bf16 plan: {chosen}",
+                        format!("{c_in}->{c_out}@{hw}"),
+                        pass.name(),
+                        format!("{} bf16{mark}", algo.name()),
+                        100.0 * own / (2.0 * peak),
+                    );
+                }
             }
         }
     }

@@ -235,13 +235,20 @@ pub fn choose_conv_algo(g: &Conv2dGeom, pass: ConvPass, level: SimdLevel) -> Con
 }
 
 /// The automatic choice under `--precision`: [`choose_conv_algo`] for f32; for bf16 the same
-/// except where im2col with the bf16 GEMM (the only conv algorithm with a bf16 kernel today:
-/// direct and Winograd run in f32) beats the f32 choice. From `BENCH_BF16=1 cargo bench -p
-/// engine --bench conv_layers` (AMD EPYC Zen 5, 1 thread, batch 128, README "Mixed precision"):
-/// - Winograd F(4x4) layers with at most `BF16_IM2COL_MAX_CHANNELS` input channels
-///   (64->128@16: im2col-bf16 1.1-1.4x faster in every pass; from 128 channels on
-///   Winograd-f32 is 1.3-2.2x faster);
-/// - the backward passes of Winograd F(2x2) layers (512->512@2: 1.1-1.2x; forward 0.95x).
+/// except where im2col with the bf16 GEMM beats the f32 choice, which in
+/// `BENCH_BF16=1 BENCH_CLOCK=cpu cargo bench -p engine --bench conv_layers` (AMD EPYC Zen 5,
+/// 1 thread, batch 128, two runs; README "Mixed precision") is:
+/// - the backward-data pass of Winograd F(4x4) layers with at most
+///   `BF16_IM2COL_MAX_CHANNELS` input channels (64->128@16: 1.28-1.40x; its forward and
+///   backward-weight passes are within ±10 % either way, from 128 channels on Winograd-f32
+///   is 1.1-2.2x faster in every pass);
+/// - the backward passes of Winograd F(2x2) layers (512->512@2: 1.07-1.18x; forward 0.9x);
+/// - the backward-data pass of the direct layers (3->64@32: 3.3x; training never runs it).
+///
+/// Winograd with bf16 GEMMs ([`crate::gemm::gemm_bf16_packed_b`] on the f32 transforms'
+/// panels) was measured too and is slower than Winograd-f32 in 20 of 24 passes (the bf16
+/// re-pack of the transformed input costs more than the faster GEMM saves), and less exact
+/// (see [`ConvChoice::arithmetic`]), so Winograd and direct run f32 under bf16.
 ///
 /// Pure, like [`choose_conv_algo`], and independent of whether the bf16 kernel is native or
 /// emulated, so every CPU computes the same numbers.
@@ -251,11 +258,13 @@ pub fn choose_conv_algo_at(
     level: SimdLevel,
     precision: Precision,
 ) -> ConvAlgo {
+    use ConvPass::{BackwardData, BackwardWeight};
     let f32_choice = choose_conv_algo(g, pass, level);
-    let im2col_pays = match f32_choice {
-        ConvAlgo::WinogradF4 => g.c_in <= BF16_IM2COL_MAX_CHANNELS,
-        ConvAlgo::WinogradF2 => pass != ConvPass::Forward,
-        ConvAlgo::Im2col | ConvAlgo::Direct => false,
+    let im2col_pays = match (f32_choice, pass) {
+        (ConvAlgo::WinogradF4, BackwardData) => g.c_in <= BF16_IM2COL_MAX_CHANNELS,
+        (ConvAlgo::WinogradF2, BackwardData | BackwardWeight) => true,
+        (ConvAlgo::Direct, BackwardData) => true,
+        _ => false,
     };
     if precision == Precision::Bf16 && im2col_pays {
         ConvAlgo::Im2col
@@ -369,15 +378,15 @@ pub struct ConvChoice {
 
 impl ConvChoice {
     /// The arithmetic the pass's multiply-adds run in (the public entry points run the
-    /// algorithm under it): the precision asked for in the GEMMs of im2col and Winograd
-    /// F(2x2) (whose transforms stay f32 and whose outputs are rounded as the GEMM packs
-    /// them); f32 for direct (no bf16 kernel) and for Winograd F(4x4), whose transforms
-    /// amplify the bf16 rounding: 1.7 % relative error against 0.2 % for im2col-bf16 and
-    /// 0.4 % for F(2x2)-bf16 (`winograd_under_bf16_*` test).
+    /// algorithm under it): the precision asked for in im2col's GEMM; f32 for direct (no
+    /// bf16 kernel) and Winograd. Winograd with bf16 GEMMs exists (benches time it) but is
+    /// slower here (see [`choose_conv_algo_at`]) and less exact: its transforms amplify the
+    /// bf16 rounding to 0.4 % (F(2x2)) and 1.7 % (F(4x4)) relative error against 0.2 % for
+    /// im2col-bf16 (`winograd_error_in_bf16_*` test).
     pub fn arithmetic(&self) -> Precision {
         match self.algo {
-            ConvAlgo::Im2col | ConvAlgo::WinogradF2 => self.precision,
-            ConvAlgo::Direct | ConvAlgo::WinogradF4 => Precision::F32,
+            ConvAlgo::Im2col => self.precision,
+            ConvAlgo::Direct | ConvAlgo::WinogradF2 | ConvAlgo::WinogradF4 => Precision::F32,
         }
     }
 }
@@ -388,8 +397,8 @@ impl std::fmt::Display for ConvChoice {
         if self.precision == Precision::Bf16 {
             match self.arithmetic() {
                 Precision::Bf16 => write!(f, " [bf16]")?,
-                Precision::F32 if self.algo == ConvAlgo::WinogradF4 => {
-                    write!(f, " [f32: too inexact in bf16]")?
+                Precision::F32 if self.algo != ConvAlgo::Direct => {
+                    write!(f, " [f32: faster and more exact than bf16 here]")?
                 }
                 Precision::F32 => write!(f, " [f32: no bf16 kernel]")?,
             }
