@@ -481,7 +481,10 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
         print_setup(cfg, model.config());
     } else if o.precision == engine::gemm::Precision::Bf16 && rank == 0 {
         // Said once even without --verbose: the emulated path is much slower.
-        eprintln!("dtrain: --precision bf16 on {}", engine::gemm::Bf16Kernel::detect().name());
+        eprintln!(
+            "dtrain: --precision bf16 on {}",
+            engine::gemm::Bf16Kernel::detect().name()
+        );
     }
     let resumed = resume_on_rank0(cfg, &mut model, &mut sgd)?;
     let mut checkpoints = match &o.save_checkpoint {
