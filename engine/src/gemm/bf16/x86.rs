@@ -97,38 +97,59 @@ pub(super) unsafe fn pack_depth_contiguous<const R: usize>(
 ) {
     let kp = depth.div_ceil(2);
     debug_assert!(r <= R && d.len() >= R * kp);
-    let mut words = [0u32; 16];
-    for i in 0..R {
-        if i >= r {
-            for q in 0..kp {
-                d[q * R + i] = 0;
-            }
-            continue;
-        }
-        // SAFETY: row i < r of the panel is readable for `depth` floats.
-        let row = unsafe { src.add(i * rs) };
-        for q0 in (0..kp).step_by(16) {
-            let n = (depth - 2 * q0).min(32);
-            // SAFETY: elements 2·q0 .. 2·q0 + n of the row are readable; masked-off lanes
-            // are not accessed (and read as 0.0, which converts to the zero padding).
+    // Pair q of row i is the 8 bytes at row i, element 2q: gather them for 8 rows at a time
+    // (lane t of the result holds row t's two floats, low one first), and one conversion of
+    // two gathers gives the 16 pair words of 16 rows in order.
+    let rows8 = |from: usize| -> __m512i {
+        _mm512_setr_epi64(
+            (from * rs) as i64,
+            ((from + 1) * rs) as i64,
+            ((from + 2) * rs) as i64,
+            ((from + 3) * rs) as i64,
+            ((from + 4) * rs) as i64,
+            ((from + 5) * rs) as i64,
+            ((from + 6) * rs) as i64,
+            ((from + 7) * rs) as i64,
+        )
+    };
+    // An odd depth's last pair has one float: done element by element below.
+    let full = depth / 2;
+    for i0 in (0..R).step_by(16) {
+        let width = (R - i0).min(16);
+        let valid = r.saturating_sub(i0).min(width);
+        let (m_lo, m_hi) = (
+            (lanes(valid.min(8)) & 0xff) as u8,
+            (lanes(valid.saturating_sub(8)) & 0xff) as u8,
+        );
+        let (idx_lo, idx_hi) = (rows8(i0), rows8(i0 + 8));
+        for q in 0..full {
+            // SAFETY: rows i0 .. i0 + valid are readable at elements 2q, 2q + 1 < depth
+            // (masked-off lanes are not accessed); offsets are in floats (scale 4).
             let bf = unsafe {
-                let lo = _mm512_maskz_loadu_ps(lanes(n.min(16)), row.add(2 * q0));
-                let hi = if n > 16 {
-                    _mm512_maskz_loadu_ps(lanes(n - 16), row.add(2 * q0 + 16))
-                } else {
-                    _mm512_setzero_ps()
-                };
-                _mm512_cvtne2ps_pbh(hi, lo)
+                let base = src.add(2 * q) as *const i64;
+                let lo =
+                    _mm512_mask_i64gather_epi64::<4>(_mm512_setzero_si512(), m_lo, idx_lo, base);
+                let hi =
+                    _mm512_mask_i64gather_epi64::<4>(_mm512_setzero_si512(), m_hi, idx_hi, base);
+                _mm512_cvtne2ps_pbh(_mm512_castsi512_ps(hi), _mm512_castsi512_ps(lo))
             };
-            // SAFETY: 16 words to a 16-word array; the vector types are plain bytes.
+            // SAFETY: words q·R + i0 .. + width are inside `d`; the vector types are bytes.
             unsafe {
-                _mm512_storeu_si512(
-                    words.as_mut_ptr() as *mut _,
+                _mm512_mask_storeu_epi32(
+                    d.as_mut_ptr().add(q * R + i0) as *mut _,
+                    lanes(width),
                     std::mem::transmute::<__m512bh, __m512i>(bf),
                 )
             };
-            for (t, &w) in words.iter().enumerate().take(n.div_ceil(2)) {
-                d[(q0 + t) * R + i] = w;
+        }
+        if full < kp {
+            for i in i0..i0 + width {
+                d[full * R + i] = if i < r {
+                    // SAFETY: element depth - 1 of row i < r is readable.
+                    crate::bf16::f32_to_bf16(unsafe { *src.add(i * rs + 2 * full) }) as u32
+                } else {
+                    0
+                };
             }
         }
     }
