@@ -283,7 +283,8 @@ fn conv_table(
                     let eff = 2.0 * g.macs() as f64 / (ms * 1e6);
                     let own = 2.0 * algo.macs(&g, pass) as f64 / (ms * 1e6);
                     let chosen = bf16_plan.get(pass);
-                    let mark = if chosen.algo == algo { " *" } else { "" };
+                    let runs_this = chosen.algo == algo && chosen.arithmetic() == Precision::Bf16;
+                    let mark = if runs_this { " *" } else { "" };
                     println!(
                         "{:<14} {:<10} {:<13} {ms:>9.2} {eff:>8.1} {own:>8.1} {:>6.0}%  bf16 plan: {chosen}",
                         format!("{c_in}->{c_out}@{hw}"),

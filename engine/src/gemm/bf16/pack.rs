@@ -116,7 +116,8 @@ pub(super) fn pack_pairs_from_panels<const R: usize>(
         "bf16 packing buffer too small"
     );
     assert!(b.len() >= pv.len(), "packed B too small");
-    let contiguous16 = j0 % 16 == 0 && pv.panel_rows() % 16 == 0 && R % 16 == 0;
+    let contiguous16 =
+        j0.is_multiple_of(16) && pv.panel_rows().is_multiple_of(16) && R.is_multiple_of(16);
     for panel in 0..panels {
         let jp = j0 + panel * R;
         let r = (cols - panel * R).min(R);

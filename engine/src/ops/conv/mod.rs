@@ -237,18 +237,18 @@ pub fn choose_conv_algo(g: &Conv2dGeom, pass: ConvPass, level: SimdLevel) -> Con
 /// The automatic choice under `--precision`: [`choose_conv_algo`] for f32; for bf16 the same
 /// except where im2col with the bf16 GEMM beats the f32 choice, which in
 /// `BENCH_BF16=1 BENCH_CLOCK=cpu cargo bench -p engine --bench conv_layers` (AMD EPYC Zen 5,
-/// 1 thread, batch 128, two runs; README "Mixed precision") is:
-/// - the backward-data pass of Winograd F(4x4) layers with at most
-///   `BF16_IM2COL_MAX_CHANNELS` input channels (64->128@16: 1.28-1.40x; its forward and
-///   backward-weight passes are within ±10 % either way, from 128 channels on Winograd-f32
-///   is 1.1-2.2x faster in every pass);
-/// - the backward passes of Winograd F(2x2) layers (512->512@2: 1.07-1.18x; forward 0.9x);
+/// 1 thread, batch 128; README "Mixed precision") is:
+/// - Winograd F(4x4) layers with at most `BF16_IM2COL_MAX_CHANNELS` input channels
+///   (64->128@16: 1.15x fwd, 1.39x bwd-data, 1.20x bwd-weight; from 128 channels on
+///   Winograd-f32 is 1.1-1.7x faster than im2col-bf16 in every pass);
+/// - the backward passes of Winograd F(2x2) layers (512->512@2: 1.05-1.21x; forward
+///   0.97-1.16x, not taken);
 /// - the backward-data pass of the direct layers (3->64@32: 3.3x; training never runs it).
 ///
 /// Winograd with bf16 GEMMs ([`crate::gemm::gemm_bf16_packed_b`] on the f32 transforms'
-/// panels) was measured too and is slower than Winograd-f32 in 20 of 24 passes (the bf16
-/// re-pack of the transformed input costs more than the faster GEMM saves), and less exact
-/// (see [`ConvChoice::arithmetic`]), so Winograd and direct run f32 under bf16.
+/// panels) was measured too: within ±15 % of Winograd-f32 in most passes (the bf16 re-pack
+/// of both transformed operands costs about what the faster GEMM saves), and less exact (see
+/// [`ConvChoice::arithmetic`]), so Winograd and direct run f32 under bf16.
 ///
 /// Pure, like [`choose_conv_algo`], and independent of whether the bf16 kernel is native or
 /// emulated, so every CPU computes the same numbers.
@@ -261,7 +261,7 @@ pub fn choose_conv_algo_at(
     use ConvPass::{BackwardData, BackwardWeight};
     let f32_choice = choose_conv_algo(g, pass, level);
     let im2col_pays = match (f32_choice, pass) {
-        (ConvAlgo::WinogradF4, BackwardData) => g.c_in <= BF16_IM2COL_MAX_CHANNELS,
+        (ConvAlgo::WinogradF4, _) => g.c_in <= BF16_IM2COL_MAX_CHANNELS,
         (ConvAlgo::WinogradF2, BackwardData | BackwardWeight) => true,
         (ConvAlgo::Direct, BackwardData) => true,
         _ => false,
