@@ -48,6 +48,13 @@ ROWS = {
     "2x256": dict(label="1 process, 2 threads, batch 256", batch=256, threads=2, ddp=False),
     "ddp": dict(label="DDP 2 ranks x 1 thread, batch 128/rank", batch=128, threads=1, ddp=True),
 }
+TORCH_CONFIGS = {
+    "eager": "PyTorch eager f32",
+    "channels_last": "PyTorch channels_last f32",
+    "bf16": "PyTorch bf16 autocast",
+    "bf16_cl": "PyTorch bf16 autocast + channels_last",
+    "compile": "PyTorch torch.compile f32",
+}
 ISA_ENV = {
     "best": ({}, {}),
     "avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, {"DTRAIN_SIMD": "avx2"}),
@@ -89,16 +96,27 @@ def torch_child(args):
             "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world
         )
         model = nn.parallel.DistributedDataParallel(model)  # broadcast_buffers=True, 25 MB buckets
+    channels_last = args.torch_config in ("channels_last", "bf16_cl")
+    autocast = args.torch_config in ("bf16", "bf16_cl")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.torch_config == "compile":
+        model = torch.compile(model)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     g = torch.Generator().manual_seed(1 + args.rank)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        # Mixed precision as PyTorch recommends it on CPU: autocast around forward and
+        # loss only; backward follows the recorded dtypes; f32 master weights in SGD.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         if i >= args.warmup:
@@ -108,11 +126,12 @@ def torch_child(args):
     print("RESULT " + json.dumps({"ms": statistics.median(times), "rss": peak_rss_mb()}), flush=True)
 
 
-def run_torch(row, args, env):
+def run_torch(row, args, env, config):
     threads = str(row["threads"])
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **env)
     common = [sys.executable, os.path.abspath(__file__), "--torch-child", "--batch", str(row["batch"]),
-              "--threads", threads, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+              "--threads", threads, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--torch-config", config]
     world = 2 if row["ddp"] else 1
     port = str(free_port())
     procs = [
@@ -164,10 +183,11 @@ def rusage_child(cmd):
     sys.exit(rc)
 
 
-def run_dtrain(row, args, env, exes):
+def run_dtrain(row, args, env, exes, precision):
     env = dict(os.environ, **env)
     if not row["ddp"]:
-        env.update(TRAIN_STEP_WARMUP=str(args.warmup), TRAIN_STEP_STEPS=str(args.steps))
+        env.update(TRAIN_STEP_WARMUP=str(args.warmup), TRAIN_STEP_STEPS=str(args.steps),
+                   TRAIN_STEP_PRECISION=precision)
         p = subprocess.run([exes["train_step"], "--child", str(row["batch"]), str(row["threads"])],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=args.timeout)
@@ -182,7 +202,8 @@ def run_dtrain(row, args, env, exes):
            "--synthetic-train", str(row["batch"] * 2 * (iters + 1)), "--synthetic-test", "64",
            "--batch-size", str(row["batch"]), "--threads", "1", "--max-iters", str(iters),
            "--lr", str(LR), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
-           "--no-augment", "--log-every", "1000000", "--no-progress", "--master-port", str(free_port())]
+           "--no-augment", "--log-every", "1000000", "--no-progress", "--master-port", str(free_port()),
+           "--precision", precision]
     out, rss = run_with_rusage(cmd, env, args.timeout)
     secs = [float(m) for m in re.findall(r"Average time for \d+ iterations: ([0-9.]+)s", out)]
     if len(secs) != 2:
@@ -219,6 +240,9 @@ def main():
     ap.add_argument("--isa", default="best,avx2", help="comma-separated subset of best,avx2")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (dtrain DDP: 1)")
+    ap.add_argument("--torch-configs", default="eager,bf16,bf16_cl",
+                    help="comma-separated subset of " + ",".join(TORCH_CONFIGS))
+    ap.add_argument("--precisions", default="f32,bf16", help="dtrain --precision values (f32, bf16)")
     ap.add_argument("--repeats", type=int, default=1, help="PyTorch/dtrain pairs per row")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     # internal
@@ -226,6 +250,7 @@ def main():
     ap.add_argument("--rusage-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-config", default="eager", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -241,6 +266,14 @@ def main():
     for r in rows:
         if r not in ROWS:
             sys.exit(f"unknown row {r!r} (rows: {', '.join(ROWS)})")
+    torch_configs = [c.strip() for c in args.torch_configs.split(",")]
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    for c in torch_configs:
+        if c not in TORCH_CONFIGS:
+            sys.exit(f"unknown PyTorch configuration {c!r} ({', '.join(TORCH_CONFIGS)})")
+    for p in precisions:
+        if p not in ("f32", "bf16"):
+            sys.exit(f"unknown precision {p!r} (f32, bf16)")
     for i in isas:
         if i not in ISA_ENV:
             sys.exit(f"unknown ISA {i!r} (best, avx2)")
@@ -256,19 +289,28 @@ def main():
     for isa in isas:
         torch_env, dtrain_env = ISA_ENV[isa]
         print(f"\nISA {isa}: PyTorch env {torch_env or '{}'}, dtrain env {dtrain_env or '{}'}")
-        print(f"{'row':<42} {'PyTorch ms':>10} {'dtrain ms':>10} {'speed-up':>9} {'spread':>11}"
-              f" {'PyTorch MB':>10} {'dtrain MB':>10} {'RSS ratio':>9}")
         for key in rows:
             row = ROWS[key]
-            pairs = []
+            # One list of (ms, MB) per configuration; each repeat runs every configuration
+            # back to back, PyTorch first, so drift hits all of them alike.
+            runs = {("torch", c): [] for c in torch_configs}
+            runs.update({("dtrain", p): [] for p in precisions})
             for _ in range(args.repeats):
-                t_ms, t_rss = run_torch(row, args, torch_env)
-                d_ms, d_rss = run_dtrain(row, args, dtrain_env, exes)
-                pairs.append((t_ms, d_ms, t_rss, d_rss))
-            t_ms, d_ms, t_rss, d_rss = (statistics.median(p[i] for p in pairs) for i in range(4))
-            ratios = [p[0] / p[1] for p in pairs]
-            print(f"{row['label']:<42} {t_ms:>10.0f} {d_ms:>10.0f} {statistics.median(ratios):>8.2f}x"
-                  f" {spread(ratios):>11} {t_rss:>10.0f} {d_rss:>10.0f} {d_rss / t_rss:>9.2f}", flush=True)
+                for c in torch_configs:
+                    runs[("torch", c)].append(run_torch(row, args, torch_env, c))
+                for p in precisions:
+                    runs[("dtrain", p)].append(run_dtrain(row, args, dtrain_env, exes, p))
+            print(f"\n{row['label']}")
+            print(f"  {'configuration':<40} {'ms/step':>9} {'peak MB':>9}")
+            for (who, c), v in runs.items():
+                name = TORCH_CONFIGS[c] if who == "torch" else f"dtrain --precision {c}"
+                ms, mb = statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)
+                print(f"  {name:<40} {ms:>9.0f} {mb:>9.0f}")
+            for p in precisions:
+                for c in torch_configs:
+                    ratios = [t[0] / d[0] for t, d in zip(runs[("torch", c)], runs[("dtrain", p)])]
+                    print(f"  speed-up dtrain {p} vs {TORCH_CONFIGS[c]:<32} {statistics.median(ratios):>6.2f}x"
+                          f"  (spread {spread(ratios)})", flush=True)
     with open("/proc/loadavg") as f:
         print(f"\nload average after the run: {f.read().strip()}")
 

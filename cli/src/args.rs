@@ -380,6 +380,10 @@ pub struct RunOptions {
     /// run a layer, that layer uses the automatic choice (--verbose says so)
     #[arg(long, value_name = "ALGO", default_value = "auto")]
     pub conv_algo: engine::ops::ConvAlgoOverride,
+    /// f32, or bf16: mixed precision (bf16 operands, f32 accumulation) in the conv and
+    /// classifier GEMMs; weights, SGD, batch norm, loss and checkpoints stay f32
+    #[arg(long, value_name = "PRECISION", default_value = "f32")]
+    pub precision: engine::gemm::Precision,
     /// Print the setup before training: SIMD level, threads, each conv layer's algorithm per
     /// pass
     #[arg(long)]

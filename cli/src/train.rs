@@ -240,6 +240,7 @@ fn initial_state(cfg: &TrainConfig) -> Result<(Vgg<f32>, Sgd<f32>), TrainError> 
     let o = &cfg.opts;
     let mut model = build_model(&o.model, o.seed)?;
     model.set_label_smoothing(o.recipe.label_smoothing);
+    model.set_precision(o.precision);
     let sgd = Sgd::new(o.lr as f64, o.momentum as f64, o.weight_decay as f64)
         .with_nesterov(o.recipe.nesterov, o.recipe.dampening);
     if let Some(path) = &o.init_checkpoint {
@@ -523,6 +524,12 @@ pub fn run(cfg: &TrainConfig) -> Result<(), TrainError> {
     let (mut model, mut sgd) = initial_state(cfg)?;
     if o.verbose && rank == 0 {
         print_setup(cfg, model.config());
+    } else if o.precision == engine::gemm::Precision::Bf16 && rank == 0 {
+        // Said once even without --verbose: the emulated path is much slower.
+        eprintln!(
+            "dtrain: --precision bf16 on {}",
+            engine::gemm::Bf16Kernel::detect().name()
+        );
     }
     let resumed = resume_on_rank0(cfg, &mut model, &mut sgd)?;
     let mut checkpoints = match &o.save_checkpoint {

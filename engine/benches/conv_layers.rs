@@ -12,10 +12,15 @@
 //! `BENCH_ALGOS` (comma list of algorithm names, default all), `BENCH_CLOCK=cpu` (time with
 //! the calling thread's CPU clock instead of the wall clock: meaningful for 1 thread only,
 //! on a machine busy with other work where wall times mostly measure waiting for a core).
+//! `BENCH_BF16=1` adds `im2col bf16` / `winograd-f2 bf16` / `winograd-f4 bf16` rows per pass:
+//! the algorithm with its GEMMs in mixed precision (`--precision bf16`; % peak against twice
+//! the f32 FMA peak, `VDPBF16PS` doing two multiply-adds per f32 lane) whether or not the
+//! bf16 plan uses it, `*` marking the one it does, and the bf16 plan's choice for the pass.
 //! `DTRAIN_SIMD` caps the SIMD level as everywhere.
 #[path = "common/fma.rs"]
 mod fma;
 
+use engine::gemm::Precision;
 use engine::ops::*;
 use engine::parallel::set_num_threads;
 use rand::{Rng, SeedableRng};
@@ -214,6 +219,7 @@ fn conv_table(
         let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; c_out]);
         let v = ConvVectors::process();
         let plan = conv2d_plan(&g);
+        let bf16_plan = engine::gemm::with_precision(Precision::Bf16, || conv2d_plan(&g));
         for pass in ConvPass::ALL {
             let auto = plan.get(pass).algo;
             let mut im2col = None;
@@ -248,6 +254,45 @@ fn conv_table(
                     format!("{}{}", algo.name(), if algo == auto { " *" } else { "" }),
                     100.0 * own / peak
                 );
+            }
+            if std::env::var("BENCH_BF16").is_ok_and(|v| v == "1") {
+                let bf16_algos = [ConvAlgo::Im2col, ConvAlgo::WinogradF2, ConvAlgo::WinogradF4];
+                for algo in bf16_algos
+                    .into_iter()
+                    .filter(|a| a.unsupported_reason(&g).is_none())
+                {
+                    let ms = engine::gemm::with_precision(Precision::Bf16, || {
+                        time_ms(reps, || match pass {
+                            ConvPass::Forward => {
+                                conv2d_forward_with(algo, v, &g, &x, &w, Some(&b), &mut y)
+                            }
+                            ConvPass::BackwardData => {
+                                conv2d_backward_data_with(algo, v, &g, &dy, &w, &mut dx)
+                            }
+                            ConvPass::BackwardWeight => conv2d_backward_weight_with(
+                                algo,
+                                v,
+                                &g,
+                                &x,
+                                &dy,
+                                &mut dw,
+                                Some(&mut db),
+                            ),
+                        })
+                    });
+                    let eff = 2.0 * g.macs() as f64 / (ms * 1e6);
+                    let own = 2.0 * algo.macs(&g, pass) as f64 / (ms * 1e6);
+                    let chosen = bf16_plan.get(pass);
+                    let runs_this = chosen.algo == algo && chosen.arithmetic() == Precision::Bf16;
+                    let mark = if runs_this { " *" } else { "" };
+                    println!(
+                        "{:<14} {:<10} {:<13} {ms:>9.2} {eff:>8.1} {own:>8.1} {:>6.0}%  bf16 plan: {chosen}",
+                        format!("{c_in}->{c_out}@{hw}"),
+                        pass.name(),
+                        format!("{} bf16{mark}", algo.name()),
+                        100.0 * own / (2.0 * peak),
+                    );
+                }
             }
         }
     }

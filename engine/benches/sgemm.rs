@@ -2,11 +2,13 @@
 //!
 //! `CARGO_TARGET_DIR=/work/target-gemm cargo bench -p engine --bench sgemm`
 //! Optional filter: `... --bench sgemm -- conv4` runs only cases whose name contains it.
+//! `BENCH_BF16=1`: compare our f32 SGEMM with our mixed-precision `gemm_bf16` (bf16
+//! operands, f32 accumulation; `--precision bf16`) instead of with the `gemm` crate.
 //!
 //! Each (case, threads) cell alternates our call and the `gemm` crate's call, takes the
 //! median over the repetitions, and reports GFLOP/s (2·m·n·k / time) and the ratio.
 
-use engine::gemm::{sgemm_with, Kernel, MatRef};
+use engine::gemm::{gemm_bf16_with, sgemm_with, Bf16Kernel, Kernel, MatRef};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::{Duration, Instant};
@@ -132,7 +134,32 @@ fn run_ours(c: &Case, ops: &mut Operands, threads: usize) {
     );
 }
 
+/// `BENCH_BF16=1`: the other side is our bf16 GEMM.
+fn versus_bf16() -> bool {
+    std::env::var("BENCH_BF16").is_ok_and(|v| v == "1")
+}
+
+fn run_bf16(c: &Case, ops: &mut Operands, threads: usize) {
+    let a = MatRef {
+        data: &ops.a,
+        rs: ops.a_strides.0,
+        cs: ops.a_strides.1,
+    };
+    let b = MatRef {
+        data: &ops.b,
+        rs: ops.b_strides.0,
+        cs: ops.b_strides.1,
+    };
+    let kernel = Bf16Kernel::detect();
+    gemm_bf16_with(
+        kernel, threads, c.m, c.n, c.k, 1.0, a, b, 0.0, &mut ops.c, c.n,
+    );
+}
+
 fn run_gemm_crate(c: &Case, ops: &mut Operands, threads: usize) {
+    if versus_bf16() {
+        return run_bf16(c, ops, threads);
+    }
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -251,9 +278,12 @@ fn parallel_for_overhead() -> (f64, f64) {
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let kernel = Kernel::detect();
-    println!(
-        "SGEMM benchmark: ours = engine::gemm::sgemm_with({kernel:?}), gemm = crates.io gemm 0.19"
-    );
+    let other = if versus_bf16() {
+        format!("engine::gemm::gemm_bf16_with({:?})", Bf16Kernel::detect())
+    } else {
+        "crates.io gemm 0.19".to_string()
+    };
+    println!("SGEMM benchmark: ours = engine::gemm::sgemm_with({kernel:?}), gemm = {other}");
     println!("GFLOP/s = 2·m·n·k / median time (1T: thread CPU time, 2T: wall time)");
     println!("ratio = ours / gemm (bar: >= 0.85)\n");
     println!(
@@ -270,8 +300,10 @@ fn main() {
         }
         let mut ops = operands(c, &mut rng);
         let err = cross_check(c, &mut ops);
+        // bf16 operands: ~2^-8 relative per product, averaging down over the sum.
+        let tolerance = if versus_bf16() { 2e-2 } else { 1e-4 };
         assert!(
-            err < 1e-4,
+            err < tolerance,
             "{}: ours and gemm disagree (rel. diff {err:e})",
             c.name
         );

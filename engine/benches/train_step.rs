@@ -8,11 +8,13 @@
 //! PyTorch come only from `scripts/bench_vs_torch.py`, which times both in the same run.
 //! Environment: `TRAIN_STEP_WARMUP` (default 1), `TRAIN_STEP_STEPS` (default 3),
 //! `TRAIN_STEP_CONFIGS` (e.g. `128x1,256x2`), `TRAIN_STEP_PROFILE=1` (per-layer
-//! forward/backward times, from the tape's node profile), `DTRAIN_SIMD` (the SIMD level).
+//! forward/backward times, from the tape's node profile), `TRAIN_STEP_PRECISION=f32|bf16`
+//! (`--precision`, default f32), `DTRAIN_SIMD` (the SIMD level).
 
 use std::process::Command;
 use std::time::Instant;
 
+use engine::gemm::Precision;
 use engine::{simd, Sgd, Vgg, VggConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -59,11 +61,20 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// `TRAIN_STEP_PRECISION` (default f32); an unknown value stops the bench.
+fn precision() -> Precision {
+    let v = std::env::var("TRAIN_STEP_PRECISION").unwrap_or_else(|_| "f32".into());
+    v.parse().unwrap_or_else(|e| {
+        eprintln!("TRAIN_STEP_PRECISION: {e}");
+        std::process::exit(2)
+    })
+}
+
 /// Child: run one configuration and print one `RESULT` line.
 fn child(batch: usize, threads: usize) {
     let warmup = env_usize("TRAIN_STEP_WARMUP", 1);
     let steps = env_usize("TRAIN_STEP_STEPS", 3).max(1);
-    let mut model = Vgg::<f32>::new(VggConfig::vgg11(), 0);
+    let mut model = Vgg::<f32>::new(VggConfig::vgg11().with_precision(precision()), 0);
     // dtrain's defaults (and engine/tests/fixtures/make_reference.py's): lr 0.1, momentum
     // 0.9, weight decay 1e-4.
     let mut sgd = Sgd::<f32>::new(0.1, 0.9, 1e-4);
@@ -142,7 +153,8 @@ fn main() {
     };
     let exe = std::env::current_exe().expect("own executable path");
     println!(
-        "VGG11 train step (forward+backward+SGD), f32, 3x32x32, median of measured steps, SIMD {}",
+        "VGG11 train step (forward+backward+SGD), precision {}, 3x32x32, median of measured steps, SIMD {}",
+        precision(),
         simd::level().name()
     );
     let mut batches: Vec<usize> = configs.iter().map(|&(b, _)| b).collect();
@@ -150,7 +162,10 @@ fn main() {
     batches.dedup();
     for b in batches {
         println!("conv algorithms at batch {b}:");
-        for line in VggConfig::vgg11().conv_plan_lines(b) {
+        for line in VggConfig::vgg11()
+            .with_precision(precision())
+            .conv_plan_lines(b)
+        {
             println!("  {line}");
         }
     }

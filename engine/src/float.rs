@@ -1,6 +1,7 @@
 //! The element type the ops are generic over.
 //!
-//! `f32` is the training type and dispatches to the packed SIMD SGEMM; `f64` uses a naive
+//! `f32` is the training type and dispatches to the packed SIMD SGEMM (or, inside
+//! [`crate::gemm::with_precision`]`(Bf16, ..)`, the mixed-precision bf16 GEMM); `f64` uses a naive
 //! reference GEMM so that gradient checks (central differences need f64) run the very same
 //! op code as training does.
 
@@ -59,7 +60,10 @@ impl Float for f32 {
         c: &mut [f32],
         ldc: usize,
     ) {
-        gemm::sgemm(m, n, k, alpha, a, b, beta, c, ldc)
+        match gemm::precision() {
+            gemm::Precision::F32 => gemm::sgemm(m, n, k, alpha, a, b, beta, c, ldc),
+            gemm::Precision::Bf16 => gemm::gemm_bf16(m, n, k, alpha, a, b, beta, c, ldc),
+        }
     }
     fn from_f64_lossy(v: f64) -> f32 {
         v as f32

@@ -7,10 +7,12 @@
 //!
 //! Training API: [`vgg`] (models, with a complete usage example), [`autograd`] (the tape),
 //! [`optim`] (SGD), [`schedule`] (learning-rate schedules), [`state`] (safetensors I/O), [`init`] (PyTorch default init),
-//! [`parallel`] (thread counts: per model, per optimizer, or scoped), [`simd`] (the SIMD level
+//! [`parallel`] (thread counts: per model, per optimizer, or scoped), [`bf16`] (the bf16 rounding
+//! and dot-product step of `--precision bf16`), [`simd`] (the SIMD level
 //! every kernel runs at, `DTRAIN_SIMD`).
 
 pub mod autograd;
+pub mod bf16;
 pub mod float;
 pub mod gemm;
 pub mod gradcheck;

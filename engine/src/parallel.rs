@@ -5,7 +5,8 @@
 //! [`with_num_threads`] scope on this thread (models and optimizers hold their own count and
 //! run under it: [`crate::Vgg::set_num_threads`], [`crate::Sgd::set_num_threads`]); else the
 //! process default [`set_num_threads`]; else all cores. Tasks of a parallel loop see the count
-//! of the loop that runs them (and its [`crate::simd::with_f32_impl`] override).
+//! of the loop that runs them (and its [`crate::simd::with_f32_impl`] override and
+//! [`crate::gemm::with_precision`] scope).
 //!
 //! Why a hand-written pool rather than `rayon`: the only pattern the engine needs is "split
 //! this loop over T threads and wait", with T small (2 on the target machine). A pool built
@@ -175,6 +176,8 @@ struct State {
     threads: usize,
     /// The submitter's `simd::with_f32_impl` override, applied inside the job's tasks.
     f32_impl: Option<crate::simd::F32Impl>,
+    /// The submitter's `gemm::with_precision` scope, applied inside the job's tasks.
+    precision: crate::gemm::Precision,
     /// Workers spawned so far.
     n_workers: usize,
 }
@@ -207,6 +210,7 @@ fn pool() -> &'static Pool {
             open_slots: 0,
             threads: 1,
             f32_impl: None,
+            precision: crate::gemm::Precision::F32,
             n_workers: 0,
         }),
         work_cv: Condvar::new(),
@@ -267,6 +271,7 @@ impl Pool {
             st.open_slots = workers;
             st.threads = threads;
             st.f32_impl = crate::simd::f32_impl_override();
+            st.precision = crate::gemm::precision();
             st.epoch += 1;
             self.epoch.store(st.epoch, Ordering::Release);
         }
@@ -345,7 +350,7 @@ impl Pool {
                     break;
                 }
             }
-            let (job, threads, f32_impl) = {
+            let (job, threads, f32_impl, precision) = {
                 let mut st = lock(&self.state);
                 loop {
                     if st.epoch != seen {
@@ -353,7 +358,7 @@ impl Pool {
                         if let (Some(job), true) = (st.job, st.open_slots > 0) {
                             st.open_slots -= 1;
                             self.joined.fetch_add(1, Ordering::AcqRel);
-                            break (job, st.threads, st.f32_impl);
+                            break (job, st.threads, st.f32_impl, st.precision);
                         }
                     }
                     // Idle workers sleep indefinitely by design (nothing to wait *for*);
@@ -370,9 +375,11 @@ impl Pool {
             let f = unsafe { &*job.0 };
             SCOPED_THREADS.with(|t| t.set(threads));
             crate::simd::set_f32_impl_override(f32_impl);
+            crate::gemm::set_precision_scope(precision);
             if self.run_tasks(f).is_some() {
                 self.panicked.store(true, Ordering::Release);
             }
+            crate::gemm::set_precision_scope(crate::gemm::Precision::F32);
             crate::simd::set_f32_impl_override(None);
             SCOPED_THREADS.with(|t| t.set(0));
             // Take the lock so the submitter cannot miss the notification between its

@@ -133,13 +133,19 @@ pub fn parse_spec(spec: &str) -> Result<Vec<LayerSpec>, ModelError> {
     Ok(out)
 }
 
-/// Architecture: layer list, input geometry, class count.
+/// Architecture: layer list, input geometry, class count; and the arithmetic of its
+/// multiply-adds (`precision`, not part of the architecture: a checkpoint trained in one
+/// precision loads into a model of the other).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VggConfig {
     pub layers: Vec<LayerSpec>,
     pub in_channels: usize,
     pub image_size: usize,
     pub num_classes: usize,
+    /// `--precision`: f32, or bf16 operands with f32 accumulation in the conv (im2col) and
+    /// classifier GEMMs; weights, gradients, SGD, batch norm and the loss are f32 either way.
+    /// Set with [`VggConfig::with_precision`]; f64 models ignore it.
+    pub precision: crate::gemm::Precision,
 }
 
 impl VggConfig {
@@ -179,7 +185,13 @@ impl VggConfig {
             in_channels,
             image_size,
             num_classes,
+            precision: crate::gemm::Precision::F32,
         })
+    }
+
+    /// The same architecture computed in `precision`.
+    pub fn with_precision(self, precision: crate::gemm::Precision) -> Self {
+        VggConfig { precision, ..self }
     }
 
     /// Flattened feature size entering `fc1` (512 for VGG11 on 32×32).
@@ -221,16 +233,35 @@ impl VggConfig {
     /// One line per conv layer naming the algorithm each pass runs in this process (SIMD
     /// level and `--conv-algo` applied), e.g. `layers.4   64->128  16x16: fwd winograd-f4,
     /// bwd-data winograd-f4, bwd-weight winograd-f4`.
+    ///
+    /// In bf16 the lines are preceded by one naming the bf16 GEMM kernel (native or emulated),
+    /// each pass says whether it runs in bf16 or in f32 (no bf16 kernel for direct and
+    /// Winograd), and a last line covers the classifier.
     pub fn conv_plan_lines(&self, n: usize) -> Vec<String> {
-        self.conv_geoms(n)
-            .iter()
-            .map(|(name, g)| {
+        use crate::gemm::Precision;
+        let mut lines = Vec::new();
+        if self.precision == Precision::Bf16 {
+            lines.push(format!(
+                "precision bf16: GEMM kernel {}; weights, gradients, SGD, batch norm, loss in f32",
+                crate::gemm::Bf16Kernel::detect().name()
+            ));
+        }
+        crate::gemm::with_precision(self.precision, || {
+            for (name, g) in self.conv_geoms(n) {
                 let shape = format!("{}->{}", g.c_in, g.c_out);
                 let size = format!("{}x{}", g.h, g.w);
-                let plan = crate::ops::conv2d_plan(g);
-                format!("{name:<10} {shape:>8} {size:>5}: {plan}")
-            })
-            .collect()
+                let plan = crate::ops::conv2d_plan(&g);
+                lines.push(format!("{name:<10} {shape:>8} {size:>5}: {plan}"));
+            }
+        });
+        if self.precision == Precision::Bf16 {
+            let fc = format!("{}->{}", self.fc_in(), self.num_classes);
+            lines.push(format!(
+                "{:<10} {fc:>8} {:>5}: fwd, bwd-data, bwd-weight GEMM [bf16]",
+                "fc1", ""
+            ));
+        }
+        lines
     }
 }
 
@@ -408,6 +439,12 @@ impl<T: Float> Vgg<T> {
         self.threads
     }
 
+    /// Compute in `precision` from the next step on ([`VggConfig::precision`]); the weights
+    /// are f32 either way, so a model can change precision between steps (e.g. on resume).
+    pub fn set_precision(&mut self, precision: crate::gemm::Precision) {
+        self.config.precision = precision;
+    }
+
     pub fn config(&self) -> &VggConfig {
         &self.config
     }
@@ -568,8 +605,11 @@ impl<T: Float> Vgg<T> {
         want_input_grad: bool,
         on_grad_ready: &mut dyn FnMut(usize, &[T]),
     ) -> Result<(StepStats, Option<Vec<T>>), ModelError> {
+        let precision = self.config.precision;
         parallel::with_num_threads_or_default(self.threads, || {
-            self.train_step_on_tape(x, n, labels, want_input_grad, on_grad_ready)
+            crate::gemm::with_precision(precision, || {
+                self.train_step_on_tape(x, n, labels, want_input_grad, on_grad_ready)
+            })
         })
     }
 
@@ -658,7 +698,10 @@ impl<T: Float> Vgg<T> {
     /// Inference forward with the running statistics (PyTorch `eval()` semantics, whatever
     /// the training flag): returns the logits `[n, classes]` flat. Nothing is recorded.
     pub fn forward_eval(&mut self, x: &[T], n: usize) -> Result<Vec<T>, ModelError> {
-        parallel::with_num_threads_or_default(self.threads, || self.eval_on_tape(x, n))
+        let precision = self.config.precision;
+        parallel::with_num_threads_or_default(self.threads, || {
+            crate::gemm::with_precision(precision, || self.eval_on_tape(x, n))
+        })
     }
 
     fn eval_on_tape(&mut self, x: &[T], n: usize) -> Result<Vec<T>, ModelError> {

@@ -7,6 +7,8 @@
 //!   [`crate::parallel::num_threads`].
 //! - [`sgemm_with`]: the same with an explicit [`Kernel`] and thread count (tests, benches).
 //! - [`gemm_reference`]: naive triple loop, generic, used for f64 and as the test oracle.
+//! - [`gemm_bf16`] / [`gemm_bf16_with`]: the same product with A and B rounded to bf16
+//!   while packing and f32 accumulation (`--precision bf16`; `bf16/`).
 //! - [`sgemm_packed_b`] / [`gemm_packed_b_reference`]: B already in the microkernel's panel
 //!   layout ([`PackedLayout`], [`Panels`]) and A read in place, as the Winograd transforms
 //!   write them.
@@ -23,13 +25,88 @@
 //! (`driver`), each part running the serial loop nest with its own thread-local,
 //! 64-byte-aligned packing buffers.
 
+mod bf16;
 mod pack;
 mod packed;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use bf16::{gemm_bf16, gemm_bf16_packed_b, gemm_bf16_with, Bf16Kernel};
 pub use packed::{gemm_packed_b_reference, sgemm_packed_b, PackedLayout, Panels};
+
+/// The arithmetic of the GEMMs the conv (im2col) and linear ops issue through
+/// [`crate::Float::gemm`]: `--precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 operands and accumulation ([`sgemm`]).
+    #[default]
+    F32,
+    /// Mixed precision: operands rounded to bf16, f32 accumulation and output
+    /// ([`gemm_bf16`]). Master weights, optimizer, batch norm and loss stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+    /// The `--precision` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `--precision` value that is not one of [`Precision::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown precision {0:?} (expected f32 or bf16)")]
+pub struct ParsePrecisionError(pub String);
+
+impl std::str::FromStr for Precision {
+    type Err = ParsePrecisionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ParsePrecisionError(s.to_string()))
+    }
+}
+
+thread_local! {
+    /// The innermost [`with_precision`] on this thread.
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with [`crate::Float::gemm`] for f32 in precision `p` — on this thread and in the
+/// tasks of the parallel loops it starts (models run their steps under their own precision:
+/// [`crate::VggConfig::precision`]). f64 GEMMs (gradient checks) are never affected.
+pub fn with_precision<R>(p: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|c| c.replace(p)));
+    f()
+}
+
+/// The precision in effect here ([`Precision::F32`] outside any [`with_precision`]).
+pub fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
+}
+
+/// Sets this thread's precision (thread pool workers, for the duration of a job).
+pub(crate) fn set_precision_scope(p: Precision) {
+    PRECISION.with(|c| c.set(p))
+}
 
 /// A strided read-only view of a matrix: element `(i, j)` is at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -490,6 +567,40 @@ unsafe fn driver<K: MicroKernel>(
     } else {
         (m, n, a, b, c)
     };
+    for_each_part(
+        threads,
+        m,
+        n,
+        k,
+        (K::MR, K::NR),
+        |(i0, rows), (j0, cols)| {
+            let a_part = MatRef {
+                data: &a.data[i0 * a.rs..],
+                ..a
+            };
+            let b_part = MatRef {
+                data: &b.data[j0 * b.cs..],
+                ..b
+            };
+            // SAFETY: forwarded contract; parts cover disjoint blocks of C, (i0, j0) is inside.
+            unsafe { gemm_serial::<K>(rows, cols, k, alpha, a_part, b_part, beta, c.at(i0, j0)) }
+        },
+    );
+}
+
+/// The threading split of an `m×n×k` product with register tile `(mr, nr)`: calls
+/// `part((i0, rows), (j0, cols))` for disjoint blocks of C covering it, on up to `threads`
+/// threads (one call with the whole of C when the work is too small to split, or from
+/// inside a parallel task). Each block is computed by one thread in a fixed order, so the
+/// result does not depend on the thread count.
+fn for_each_part(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    (mr, nr): (usize, usize),
+    part: impl Fn((usize, usize), (usize, usize)) + Sync,
+) {
     // Each thread needs enough work to amortize waking it (a few µs).
     let work = m.saturating_mul(n).saturating_mul(k);
     let threads = if crate::parallel::in_parallel() {
@@ -498,15 +609,14 @@ unsafe fn driver<K: MicroKernel>(
         threads.min(work / MIN_WORK_PER_THREAD).max(1)
     };
     if threads == 1 {
-        // SAFETY: forwarded contract.
-        unsafe { gemm_serial::<K>(m, n, k, alpha, a, b, beta, c) };
+        part((0, m), (0, n));
         return;
     }
     // Split the larger dimension: splitting N makes every part re-pack all of A (cost
     // ∝ m·k per part vs. m·k·n/T of arithmetic), splitting M re-packs B; both are small
     // relative to the arithmetic when the split dimension is large.
     let split_n = n >= m;
-    let (len, step) = if split_n { (n, K::NR) } else { (m, K::MR) };
+    let (len, step) = if split_n { (n, nr) } else { (m, mr) };
     let units = len.div_ceil(step);
     // Two parts per thread, claimed dynamically, so a thread that loses its core for a
     // while (DDP's communication thread, other processes) does not hold everyone up. Each
@@ -523,19 +633,9 @@ unsafe fn driver<K: MicroKernel>(
             return;
         }
         if split_n {
-            let b_part = MatRef {
-                data: &b.data[lo * b.cs..],
-                ..b
-            };
-            // SAFETY: parts cover disjoint column ranges [lo, hi) of C; (0, lo) is inside.
-            unsafe { gemm_serial::<K>(m, hi - lo, k, alpha, a, b_part, beta, c.at(0, lo)) }
+            part((0, m), (lo, hi - lo))
         } else {
-            let a_part = MatRef {
-                data: &a.data[lo * a.rs..],
-                ..a
-            };
-            // SAFETY: parts cover disjoint row ranges [lo, hi) of C; (lo, 0) is inside.
-            unsafe { gemm_serial::<K>(hi - lo, n, k, alpha, a_part, b, beta, c.at(lo, 0)) }
+            part((lo, hi - lo), (0, n))
         }
     });
 }

@@ -11,6 +11,11 @@
 //! - [`SimdLevel::Portable`]: plain Rust (whatever the compiler's baseline gives: SSE2).
 //! - [`SimdLevel::Avx2`]: AVX2 + FMA (Zen 3 and later, Haswell and later).
 //! - [`SimdLevel::Avx512`]: AVX-512F (+ the BW/VL/DQ subsets every AVX-512 Zen has).
+//!
+//! The bf16 instructions (AVX512_BF16: `VDPBF16PS`, `VCVTNE2PS2BF16`) are an extension of the
+//! AVX-512 level, not a level of their own: [`bf16_native`] is true when the process runs at
+//! [`SimdLevel::Avx512`] and the CPU has them, so `DTRAIN_SIMD=avx2|portable` also selects the
+//! emulated bf16 path (same bits, see [`crate::bf16`]).
 
 use std::sync::OnceLock;
 
@@ -91,6 +96,22 @@ impl SimdLevel {
             .filter(|l| l.is_supported())
             .collect()
     }
+}
+
+/// Whether this CPU has AVX512_BF16 on top of [`SimdLevel::Avx512`] (ignores `DTRAIN_SIMD`).
+pub fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        SimdLevel::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the bf16 kernels run natively in this process: [`level`] is
+/// [`SimdLevel::Avx512`] and the CPU has AVX512_BF16. Otherwise they run emulated.
+pub fn bf16_native() -> bool {
+    level() == SimdLevel::Avx512 && bf16_supported()
 }
 
 /// Why a `DTRAIN_SIMD` value cannot be used.

@@ -293,7 +293,22 @@ impl ConvFloat for f32 {
             PackedLayout::of(kernel),
             "B packed for another kernel"
         );
-        sgemm_packed_b(kernel, m, n, k, a, b, beta, c, ldc)
+        match crate::gemm::precision() {
+            crate::gemm::Precision::F32 => sgemm_packed_b(kernel, m, n, k, a, b, beta, c, ldc),
+            // The transforms stay f32; their outputs are rounded to bf16 as they are packed.
+            crate::gemm::Precision::Bf16 => crate::gemm::gemm_bf16_packed_b(
+                crate::gemm::Bf16Kernel::detect(),
+                layout,
+                m,
+                n,
+                k,
+                a,
+                b,
+                beta,
+                c,
+                ldc,
+            ),
+        }
     }
 }
 

@@ -33,6 +33,7 @@ mod winograd;
 pub use im2col::conv2d_images_per_chunk;
 pub use scratch::conv2d_release_scratch;
 
+use crate::gemm::Precision;
 use crate::ops::{par_chunks_mut, units_per_task};
 use crate::simd::SimdLevel;
 use crate::Float;
@@ -233,6 +234,48 @@ pub fn choose_conv_algo(g: &Conv2dGeom, pass: ConvPass, level: SimdLevel) -> Con
     ConvAlgo::Im2col
 }
 
+/// The automatic choice under `--precision`: [`choose_conv_algo`] for f32; for bf16 the same
+/// except where im2col with the bf16 GEMM beats the f32 choice, which in
+/// `BENCH_BF16=1 BENCH_CLOCK=cpu cargo bench -p engine --bench conv_layers` (AMD EPYC Zen 5,
+/// 1 thread, batch 128; README "Mixed precision") is:
+/// - Winograd F(4x4) layers with at most `BF16_IM2COL_MAX_CHANNELS` input channels
+///   (64->128@16: 1.15x fwd, 1.39x bwd-data, 1.20x bwd-weight; from 128 channels on
+///   Winograd-f32 is 1.1-1.7x faster than im2col-bf16 in every pass);
+/// - the backward passes of Winograd F(2x2) layers (512->512@2: 1.05-1.21x; forward
+///   0.97-1.16x, not taken);
+/// - the backward-data pass of the direct layers (3->64@32: 3.3x; training never runs it).
+///
+/// Winograd with bf16 GEMMs ([`crate::gemm::gemm_bf16_packed_b`] on the f32 transforms'
+/// panels) was measured too: within ±15 % of Winograd-f32 in most passes (the bf16 re-pack
+/// of both transformed operands costs about what the faster GEMM saves), and less exact (see
+/// [`ConvChoice::arithmetic`]), so Winograd and direct run f32 under bf16.
+///
+/// Pure, like [`choose_conv_algo`], and independent of whether the bf16 kernel is native or
+/// emulated, so every CPU computes the same numbers.
+pub fn choose_conv_algo_at(
+    g: &Conv2dGeom,
+    pass: ConvPass,
+    level: SimdLevel,
+    precision: Precision,
+) -> ConvAlgo {
+    use ConvPass::{BackwardData, BackwardWeight};
+    let f32_choice = choose_conv_algo(g, pass, level);
+    let im2col_pays = match (f32_choice, pass) {
+        (ConvAlgo::WinogradF4, _) => g.c_in <= BF16_IM2COL_MAX_CHANNELS,
+        (ConvAlgo::WinogradF2, BackwardData | BackwardWeight) => true,
+        (ConvAlgo::Direct, BackwardData) => true,
+        _ => false,
+    };
+    if precision == Precision::Bf16 && im2col_pays {
+        ConvAlgo::Im2col
+    } else {
+        f32_choice
+    }
+}
+
+/// See [`choose_conv_algo_at`].
+const BF16_IM2COL_MAX_CHANNELS: usize = 64;
+
 /// Winograd pays from this many channels (in and out) on: below, the transforms cost more
 /// than the multiplies they save.
 const WINOGRAD_MIN_CHANNELS: usize = 16;
@@ -329,25 +372,53 @@ pub struct ConvChoice {
     /// `Some(reason)` when the override asked for an algorithm that cannot compute this
     /// shape; `algo` is then the automatic choice.
     pub fallback: Option<&'static str>,
+    /// The precision asked for (`--precision`); what runs is [`ConvChoice::arithmetic`].
+    pub precision: Precision,
 }
 
-impl std::fmt::Display for ConvChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.fallback {
-            None => write!(f, "{}", self.algo),
-            Some(why) => write!(f, "{} (fallback: {why})", self.algo),
+impl ConvChoice {
+    /// The arithmetic the pass's multiply-adds run in (the public entry points run the
+    /// algorithm under it): the precision asked for in im2col's GEMM; f32 for direct (no
+    /// bf16 kernel) and Winograd. Winograd with bf16 GEMMs exists (benches time it) but is
+    /// slower here (see [`choose_conv_algo_at`]) and less exact: its transforms amplify the
+    /// bf16 rounding to 0.4 % (F(2x2)) and 1.7 % (F(4x4)) relative error against 0.2 % for
+    /// im2col-bf16 (`winograd_error_in_bf16_*` test).
+    pub fn arithmetic(&self) -> Precision {
+        match self.algo {
+            ConvAlgo::Im2col => self.precision,
+            ConvAlgo::Direct | ConvAlgo::WinogradF2 | ConvAlgo::WinogradF4 => Precision::F32,
         }
     }
 }
 
-/// The algorithm for one pass under an explicit override and SIMD level (pure).
+impl std::fmt::Display for ConvChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.algo)?;
+        if self.precision == Precision::Bf16 {
+            match self.arithmetic() {
+                Precision::Bf16 => write!(f, " [bf16]")?,
+                Precision::F32 if self.algo != ConvAlgo::Direct => {
+                    write!(f, " [f32: faster and more exact than bf16 here]")?
+                }
+                Precision::F32 => write!(f, " [f32: no bf16 kernel]")?,
+            }
+        }
+        match self.fallback {
+            None => Ok(()),
+            Some(why) => write!(f, " (fallback: {why})"),
+        }
+    }
+}
+
+/// The algorithm for one pass under an explicit override, SIMD level and precision (pure).
 pub fn conv2d_algo_for(
     g: &Conv2dGeom,
     pass: ConvPass,
     o: ConvAlgoOverride,
     level: SimdLevel,
+    precision: Precision,
 ) -> ConvChoice {
-    let auto = choose_conv_algo(g, pass, level);
+    let auto = choose_conv_algo_at(g, pass, level, precision);
     let forced = match o {
         ConvAlgoOverride::Auto => auto,
         ConvAlgoOverride::Im2col => ConvAlgo::Im2col,
@@ -360,17 +431,26 @@ pub fn conv2d_algo_for(
         None => ConvChoice {
             algo: forced,
             fallback: None,
+            precision,
         },
         Some(why) => ConvChoice {
             algo: auto,
             fallback: Some(why),
+            precision,
         },
     }
 }
 
-/// The algorithm one pass of `g` runs in this process (override and SIMD level applied).
+/// The algorithm one pass of `g` runs here (override, SIMD level and the
+/// [`crate::gemm::with_precision`] scope applied).
 pub fn conv2d_algo(g: &Conv2dGeom, pass: ConvPass) -> ConvChoice {
-    conv2d_algo_for(g, pass, conv_algo_override(), crate::simd::level())
+    conv2d_algo_for(
+        g,
+        pass,
+        conv_algo_override(),
+        crate::simd::level(),
+        crate::gemm::precision(),
+    )
 }
 
 /// The algorithm of each pass of one layer, for `--verbose` and the benches.
@@ -446,14 +526,18 @@ impl ConvVectors {
 
 /// `y[n, co, oh, ow] = b[co] + Σ w[co, ci, i, j] · x[n, ci, oh*s+i-p, ow*s+j-p]`.
 pub fn conv2d_forward<T: Float>(g: &Conv2dGeom, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T]) {
-    let algo = conv2d_algo(g, ConvPass::Forward).algo;
-    conv2d_forward_with(algo, ConvVectors::process(), g, x, w, b, y)
+    let c = conv2d_algo(g, ConvPass::Forward);
+    crate::gemm::with_precision(c.arithmetic(), || {
+        conv2d_forward_with(c.algo, ConvVectors::process(), g, x, w, b, y)
+    })
 }
 
 /// `dx = ∂L/∂x` given `dy = ∂L/∂y` (overwrites `dx`).
 pub fn conv2d_backward_data<T: Float>(g: &Conv2dGeom, dy: &[T], w: &[T], dx: &mut [T]) {
-    let algo = conv2d_algo(g, ConvPass::BackwardData).algo;
-    conv2d_backward_data_with(algo, ConvVectors::process(), g, dy, w, dx)
+    let c = conv2d_algo(g, ConvPass::BackwardData);
+    crate::gemm::with_precision(c.arithmetic(), || {
+        conv2d_backward_data_with(c.algo, ConvVectors::process(), g, dy, w, dx)
+    })
 }
 
 /// `dw = ∂L/∂w` and, if given, `db = ∂L/∂b` (overwrites both).
@@ -464,8 +548,10 @@ pub fn conv2d_backward_weight<T: Float>(
     dw: &mut [T],
     db: Option<&mut [T]>,
 ) {
-    let algo = conv2d_algo(g, ConvPass::BackwardWeight).algo;
-    conv2d_backward_weight_with(algo, ConvVectors::process(), g, x, dy, dw, db)
+    let c = conv2d_algo(g, ConvPass::BackwardWeight);
+    crate::gemm::with_precision(c.arithmetic(), || {
+        conv2d_backward_weight_with(c.algo, ConvVectors::process(), g, x, dy, dw, db)
+    })
 }
 
 /// Panics (a programming error) unless `algo` can compute `g`.
