@@ -85,6 +85,6 @@ pub use backend::{Backend, SharedMemory, Timeouts};
 pub use buffer::Buffer;
 pub use communicator::{AsyncCommunicator, Communicator, Pending};
 pub use config::{CommConfig, StoreRendezvous, TransportKind};
-pub use error::{Error, Result};
+pub use error::{Error, PeerAt, Result};
 pub use reduce::{Bf16, DType, Element, HalfFloat, ReduceOp, F16};
 pub use store::{StoreClient, StoreError, StoreServer};

@@ -7,7 +7,7 @@
 //! apart from a crash.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::connection::{Incoming, Link, Outgoing, RecvFailure};
 use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN};
 use crate::algorithms::{Pipeline, PointToPoint, SendRecv};
-use crate::{Error, Result, Timeouts};
+use crate::{Error, PeerAt, Result, Timeouts};
 
 /// How long a wait keeps retrying nonblocking I/O before sleeping in `poll`: a loopback round
 /// trip is ~10 µs, a sleep/wake-up several times that. Retries yield the CPU in between, so a
@@ -29,6 +29,8 @@ pub struct TcpMesh {
     world_size: usize,
     /// `links[p]` is the connection to rank `p` (`None` for this rank).
     links: Vec<Option<Link>>,
+    /// `addrs[p]`: rank `p`'s data address from the rendezvous, named in errors about it.
+    addrs: Vec<SocketAddr>,
     timeouts: Timeouts,
     op: &'static str,
     /// Set by the first failure; the mesh refuses further work after it.
@@ -43,10 +45,12 @@ pub struct TcpMesh {
 }
 
 impl TcpMesh {
-    /// `splice`: large sends may be zero-copy (see [`super::splice`]).
+    /// `addrs[p]` is rank `p`'s data address (as published at rendezvous); `splice`: large
+    /// sends may be zero-copy (see [`super::splice`]).
     pub fn new(
         rank: usize,
         streams: Vec<Option<TcpStream>>,
+        addrs: Vec<SocketAddr>,
         timeouts: Timeouts,
         splice: bool,
     ) -> TcpMesh {
@@ -60,6 +64,7 @@ impl TcpMesh {
             rank,
             world_size,
             links,
+            addrs,
             timeouts,
             op: "setup",
             failed: None,
@@ -78,10 +83,19 @@ impl TcpMesh {
         }
     }
 
+    /// Where rank `peer` is, for errors naming it.
+    fn peer_at(&self, peer: usize) -> PeerAt {
+        match self.addrs.get(peer) {
+            Some(addr) if peer != self.rank => PeerAt::Tcp(*addr),
+            _ => PeerAt::Unknown,
+        }
+    }
+
     fn check_usable(&self, peers: &[usize]) -> Result<()> {
         if let Some((rank, reason)) = &self.failed {
             return Err(Error::PeerDied {
                 rank: *rank,
+                at: PeerAt::Unknown,
                 what: self.op.to_string(),
                 detail: format!("communicator is unusable after an earlier failure: {reason}"),
             });
@@ -91,6 +105,7 @@ impl TcpMesh {
                 if let Some(reason) = &link.closed {
                     return Err(Error::PeerDied {
                         rank: peer,
+                        at: PeerAt::Unknown,
                         what: self.op.to_string(),
                         detail: reason.clone(),
                     });
@@ -112,6 +127,7 @@ impl TcpMesh {
         };
         Error::PeerDied {
             rank: peer,
+            at: PeerAt::Unknown,
             what: self.op.to_string(),
             detail,
         }
@@ -123,6 +139,7 @@ impl TcpMesh {
             RecvFailure::Io(e) => self.io_error(peer, e),
             RecvFailure::Eof { mid_frame } => Error::PeerDied {
                 rank: peer,
+                at: PeerAt::Unknown,
                 what,
                 detail: if mid_frame {
                     "connection closed in the middle of a message: the process exited or was killed"
@@ -134,6 +151,7 @@ impl TcpMesh {
             RecvFailure::Protocol(detail) => Error::Protocol { rank: peer, detail },
             RecvFailure::Goodbye => Error::PeerDied {
                 rank: peer,
+                at: PeerAt::Unknown,
                 what,
                 detail: "it closed its communicator while this rank still expected data from it \
                          (ranks ran different numbers of collectives?)"
@@ -145,6 +163,7 @@ impl TcpMesh {
                 let rank = blamed.filter(|&b| b != self.rank).unwrap_or(peer);
                 Error::PeerDied {
                     rank,
+                    at: PeerAt::Unknown,
                     what,
                     detail: format!("reported by rank {peer}, which aborted: {reason}"),
                 }
@@ -158,7 +177,7 @@ impl TcpMesh {
         if self.failed.is_some() {
             return err;
         }
-        let err = self.explain(err);
+        let err = self.explain(err).located(|r| self.peer_at(r));
         let blamed = match &err {
             Error::Timeout { rank, .. }
             | Error::PeerDied { rank, .. }
@@ -222,6 +241,7 @@ impl TcpMesh {
                 if *rank != blamed {
                     return Error::PeerDied {
                         rank: blamed,
+                        at: PeerAt::Unknown,
                         what: self.op.to_string(),
                         detail: format!(
                             "reported by rank {messenger}, which aborted: {why}; here: {err}"
@@ -244,6 +264,7 @@ impl TcpMesh {
             Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } if *rank != dead => {
                 Error::PeerDied {
                     rank: dead,
+                    at: PeerAt::Unknown,
                     what: self.op.to_string(),
                     detail: format!(
                         "its connection closed without a goodbye (the process exited or was killed); then: {err}"
@@ -261,6 +282,7 @@ impl TcpMesh {
         let what = self.op.to_string();
         let timeout = Error::Timeout {
             rank: silent,
+            at: self.peer_at(silent),
             what: what.clone(),
             waited,
         };
@@ -289,6 +311,7 @@ impl TcpMesh {
                                     // The same stall, seen first further upstream.
                                     Error::Timeout {
                                         rank: b,
+                                        at: PeerAt::Unknown,
                                         what: format!(
                                             "{what} (rank {silent} was stalled waiting for it)"
                                         ),
@@ -297,6 +320,7 @@ impl TcpMesh {
                                 } else {
                                     Error::PeerDied {
                                         rank: b,
+                                        at: PeerAt::Unknown,
                                         what: what.clone(),
                                         detail: format!(
                                             "rank {silent} stalled because of it: {why}"
@@ -531,6 +555,7 @@ impl TcpMesh {
             if must_send {
                 return Err(Error::PeerDied {
                     rank: peer,
+                    at: PeerAt::Unknown,
                     what,
                     detail: detail.to_string(),
                 });
@@ -555,6 +580,7 @@ impl TcpMesh {
                 if must_send {
                     return Err(Error::PeerDied {
                         rank: peer,
+                        at: PeerAt::Unknown,
                         what,
                         detail: format!("{reason} while this rank still had data for it"),
                     });
@@ -570,6 +596,7 @@ impl TcpMesh {
                     if let Some(w) = waiting_on.filter(|&w| w != peer) {
                         return Err(Error::Timeout {
                             rank: w,
+                            at: PeerAt::Unknown,
                             what: format!(
                                 "{what} (rank {peer} gave up waiting for this rank, which was itself still waiting for rank {w})"
                             ),
@@ -607,9 +634,10 @@ impl PointToPoint for TcpMesh {
         if plan.recvs() > 0 {
             peers.push(from);
         }
-        self.check_usable(&peers)?;
+        self.check_usable(&peers)
+            .map_err(|e| e.located(|r| self.peer_at(r)))?;
         let result = self.drive(to, from, plan);
-        result.map_err(|e| self.fail(e))
+        result.map_err(|e| self.fail(e).located(|r| self.peer_at(r)))
     }
 }
 
