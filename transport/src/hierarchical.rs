@@ -1034,6 +1034,42 @@ impl Backend for HierarchicalBackend {
 mod tests {
     use super::*;
 
+    #[test]
+    fn errors_say_where_each_rank_is() {
+        let at = |host: &str, ip: &str, pid| PeerInfo {
+            host_id: host.to_string(),
+            pid,
+            data_addr: format!("{ip}:7000").parse().expect("address"),
+        };
+        // Host a: ranks 0, 2; host b: ranks 1 (leader), 3. Seen from rank 2.
+        let peers = [
+            at("a", "10.0.0.1", 10),
+            at("b", "10.0.0.2", 11),
+            at("a", "10.0.0.1", 12),
+            at("b", "10.0.0.2", 13),
+        ];
+        let located = peer_locations(&peers, 2);
+        assert_eq!(located[0], PeerAt::ThisHost { pid: Some(10) });
+        assert_eq!(located[1], PeerAt::Tcp(peers[1].data_addr));
+        assert_eq!(located[3], PeerAt::Host(peers[3].data_addr.ip()));
+        let report = Report::from_error(
+            &Error::PeerDied {
+                rank: 3,
+                at: PeerAt::Unknown,
+                what: "all_reduce".into(),
+                detail: "process 13 no longer exists".into(),
+            },
+            1,
+        );
+        let seen_here = report.to_error().located(|r| located[r]);
+        assert!(
+            seen_here
+                .to_string()
+                .starts_with("rank 3 on host 10.0.0.2 died"),
+            "{seen_here}"
+        );
+    }
+
     fn peer(host: &str, port: u16) -> PeerInfo {
         PeerInfo {
             host_id: host.to_string(),
