@@ -2,7 +2,7 @@
 //! in one of two network namespaces, one DDP rank over TCP in each): an outage shorter than
 //! `--timeout` costs nothing (TCP retransmits once the link is back; the job ends with the
 //! parameters of a run without an outage); a longer one fails every rank within the
-//! deadline, each naming the rank it waited for.
+//! deadline, each naming the rank it waited for and that rank's address.
 //!
 //! Needs root and iproute2; without them these tests FAIL saying so (CI runs as root and
 //! installs iproute2). Namespaces are deleted and every child killed and reaped on drop.
@@ -77,7 +77,8 @@ fn a_short_link_outage_is_no_failure() {
     assert_eq!(got, expected);
 }
 
-/// The link stays down: under a 4 s deadline each rank fails on its own, naming the other.
+/// The link stays down: under a 4 s deadline each rank fails on its own, naming the other
+/// and its address.
 #[test]
 fn a_link_down_longer_than_the_deadline_is_named_on_every_rank() {
     let hosts = TwoHosts::create("the link-down test", "ld", None);
@@ -102,9 +103,11 @@ fn a_link_down_longer_than_the_deadline_is_named_on_every_rank() {
             .lines()
             .find(|l| l.starts_with(&format!("dtrain: error: rank {rank}: ")))
             .unwrap_or_else(|| panic!("rank {rank} printed no error:\n{stderr}"));
+        // The rank and its data address: `rank 1 at 10.216.0.2:PORT`.
+        let named = format!("rank {other} at {}:", HOST_IPS[other]);
         assert!(
-            error.contains(&format!("rank {other}")),
-            "rank {rank} does not name rank {other}: {error}"
+            error.contains(&named),
+            "rank {rank} does not name {named:?}: {error}"
         );
         // Its own deadline (`timed out after 4.0…s`), or its peer's report of it.
         assert!(error.contains("timed out after 4."), "rank {rank}: {error}");

@@ -1,7 +1,8 @@
 //! A stalled rank (SIGSTOP mid-training, as a swapped-out or preempted process would be):
 //! stopped for less than `--timeout` and then continued (SIGCONT), the job ends normally with
 //! the parameters of a run that never stalled; stopped for longer, its peer fails within
-//! the deadline naming the stalled rank and what it waited for. Shared memory and TCP.
+//! the deadline naming the stalled rank, where it is (pid or address) and what it waited for.
+//! Shared memory and TCP.
 //!
 //! Every child is reaped ([`Ranks`]'s `Drop`), ports are free ones.
 
@@ -95,14 +96,17 @@ fn a_long_stall_is_named(transport: &str) {
         w.pump(Duration::from_millis(10));
     }
     signal(&w, 1, Signal::SIGCONT);
+    let pids: Vec<u32> = w.ranks.children.iter().map(|c| c.id()).collect();
     let (status, seen) = w.finish();
     assert_eq!(status[0].code(), Some(1), "{transport}: {}", seen.stderr[0]);
-    // `timed out after 3.000…s waiting for rank 1 during all_reduce` (DDP's gradient buckets).
+    // `timed out after 3.000…s waiting for rank 1 at 127.0.0.1:PORT during all_reduce` (DDP's
+    // gradient buckets); over shm `… waiting for rank 1 (pid PID, this host) during …`.
     let error = seen.stderr[0]
         .lines()
         .find(|l| l.starts_with("dtrain: error: rank 0: "))
         .unwrap_or_default();
-    for part in ["timed out after 3.", "waiting for rank 1 during all_reduce"] {
+    let waited_for = format!("waiting for rank 1{}", located(transport, pids[1]));
+    for part in ["timed out after 3.", &waited_for, " during all_reduce"] {
         assert!(
             error.contains(part),
             "{transport}: want {part:?} in\n{}",
@@ -110,11 +114,21 @@ fn a_long_stall_is_named(transport: &str) {
         );
     }
     assert!(!status[1].success(), "{transport}: {}", seen.stderr[1]);
+    let culprit = format!("rank 0{}", located(transport, pids[0]));
     assert!(
-        seen.stderr[1].contains("rank 0"),
-        "{transport}: rank 1 does not name rank 0:\n{}",
+        seen.stderr[1].contains(&culprit),
+        "{transport}: rank 1 does not name {culprit:?}:\n{}",
         seen.stderr[1]
     );
+}
+
+/// How an error names where a rank of this test is: its pid over shared memory, its data
+/// address (on this host, port chosen at rendezvous) over TCP.
+fn located(transport: &str, pid: u32) -> String {
+    match transport {
+        "shm" => format!(" (pid {pid}, this host)"),
+        _ => " at 127.0.0.1:".to_string(),
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::config::{CommConfig, TransportKind};
 use crate::hierarchical::{host_groups, HierarchicalBackend, Placement};
 use crate::local::LocalBackend;
 use crate::rendezvous::{self, Rendezvous};
-use crate::{Backend, Buffer, DType, Element, Error, ReduceOp, Result};
+use crate::{Backend, Buffer, DType, Element, Error, PeerAt, ReduceOp, Result};
 
 /// One rank's handle on the job: typed collectives over the chosen backend.
 pub struct Communicator {
@@ -293,6 +293,7 @@ impl<T> Pending<T> {
 fn thread_gone(rank: usize) -> Error {
     Error::PeerDied {
         rank,
+        at: PeerAt::Unknown,
         what: "async operation".into(),
         detail: "this rank's communication thread exited (a queued operation panicked)".into(),
     }

@@ -70,7 +70,7 @@ use crate::reduce::{reduce_into, scale_for_avg};
 use crate::rendezvous::{PeerInfo, Rendezvous};
 use crate::shm::ShmBackend;
 use crate::tcp::TcpBackend;
-use crate::{Backend, DType, Error, ReduceOp, Result, Timeouts};
+use crate::{Backend, DType, Error, PeerAt, ReduceOp, Result, Timeouts};
 
 /// Global ranks grouped by `host_id`: hosts ordered by their lowest rank, ranks ascending.
 pub fn host_groups(peers: &[PeerInfo]) -> Vec<Vec<usize>> {
@@ -157,10 +157,12 @@ struct Report {
 impl Report {
     fn from_error(e: &Error, reporter: usize) -> Report {
         let (kind, culprit, waited_ms, what, detail) = match e {
-            Error::PeerDied { rank, what, detail } => {
-                (ReportKind::PeerDied, *rank, 0, what.clone(), detail.clone())
-            }
-            Error::Timeout { rank, what, waited } => (
+            Error::PeerDied {
+                rank, what, detail, ..
+            } => (ReportKind::PeerDied, *rank, 0, what.clone(), detail.clone()),
+            Error::Timeout {
+                rank, what, waited, ..
+            } => (
                 ReportKind::Timeout,
                 *rank,
                 waited.as_millis() as u64,
@@ -198,11 +200,13 @@ impl Report {
         match self.kind {
             ReportKind::PeerDied => Error::PeerDied {
                 rank: self.culprit,
+                at: PeerAt::Unknown,
                 what: self.what.clone(),
                 detail: format!("{} (seen by rank {by})", self.detail),
             },
             ReportKind::Timeout => Error::Timeout {
                 rank: self.culprit,
+                at: PeerAt::Unknown,
                 what: format!("{} (seen by rank {by})", self.what),
                 waited: Duration::from_millis(self.waited_ms),
             },
@@ -212,6 +216,7 @@ impl Report {
             },
             ReportKind::Other => Error::PeerDied {
                 rank: self.culprit,
+                at: PeerAt::Unknown,
                 what: "a collective".into(),
                 detail: format!("it failed: {}", self.detail),
             },
@@ -288,13 +293,25 @@ fn to_global(e: Error, ranks: &[usize], scope: &str) -> Error {
     let global = |r: usize| ranks.get(r).copied().unwrap_or(r);
     let note = format!("[{scope} of global ranks {ranks:?}; its rank i is the i-th of them]");
     match e {
-        Error::PeerDied { rank, what, detail } => Error::PeerDied {
+        Error::PeerDied {
+            rank,
+            at,
+            what,
+            detail,
+        } => Error::PeerDied {
             rank: global(rank),
+            at,
             what: format!("{what} {note}"),
             detail,
         },
-        Error::Timeout { rank, what, waited } => Error::Timeout {
+        Error::Timeout {
+            rank,
+            at,
+            what,
+            waited,
+        } => Error::Timeout {
             rank: global(rank),
+            at,
             what: format!("{what} {note}"),
             waited,
         },
@@ -348,6 +365,29 @@ pub struct HierarchicalBackend {
     op: &'static str,
     /// Culprit and reason of the failure that broke this backend.
     broken: Option<(usize, String)>,
+    /// Where each global rank is, named in errors about it (see [`peer_locations`]).
+    peer_at: Vec<PeerAt>,
+}
+
+/// Where each rank is as seen from rank `me`: a rank on this host by its pid, a leader of
+/// another host by its data address (the leaders' TCP mesh uses it), a non-leader of
+/// another host by its host's address (this rank has no link to it).
+fn peer_locations(peers: &[PeerInfo], me: usize) -> Vec<PeerAt> {
+    let my_host = peers.get(me).map(|p| p.host_id.as_str());
+    peers
+        .iter()
+        .enumerate()
+        .map(|(r, p)| {
+            let leader = peers.iter().position(|q| q.host_id == p.host_id) == Some(r);
+            if Some(p.host_id.as_str()) == my_host {
+                PeerAt::ThisHost { pid: Some(p.pid) }
+            } else if leader {
+                PeerAt::Tcp(p.data_addr)
+            } else {
+                PeerAt::Host(p.data_addr.ip())
+            }
+        })
+        .collect()
 }
 
 fn shm_scope(op: &str) -> String {
@@ -362,6 +402,17 @@ impl HierarchicalBackend {
     /// memory, and on leaders connects the leaders' mesh (non-leaders drop their data
     /// listener). Returns once this host's ranks know whether the leaders' mesh came up.
     pub fn connect(rank: usize, rv: Rendezvous, timeouts: &Timeouts) -> Result<Self> {
+        let peer_at = peer_locations(&rv.peers, rank);
+        Self::connect_mapped(rank, rv, timeouts, peer_at.clone())
+            .map_err(|e| e.located(|r| peer_at.get(r).copied().unwrap_or_default()))
+    }
+
+    fn connect_mapped(
+        rank: usize,
+        rv: Rendezvous,
+        timeouts: &Timeouts,
+        peer_at: Vec<PeerAt>,
+    ) -> Result<Self> {
         let place = Arc::new(Placement::new(host_groups(&rv.peers)));
         let world_size = rv.peers.len();
         if rank >= world_size {
@@ -425,6 +476,7 @@ impl HierarchicalBackend {
             owe_report: false,
             op: "setup",
             broken: None,
+            peer_at,
         })
     }
 
@@ -437,6 +489,10 @@ impl HierarchicalBackend {
         self.local == 0
     }
 
+    fn peer_at(&self, rank: usize) -> PeerAt {
+        self.peer_at.get(rank).copied().unwrap_or_default()
+    }
+
     fn local_size(&self) -> usize {
         self.place.hosts[self.host].len()
     }
@@ -447,6 +503,7 @@ impl HierarchicalBackend {
         if let Some((culprit, reason)) = &self.broken {
             return Err(Error::PeerDied {
                 rank: *culprit,
+                at: self.peer_at(*culprit),
                 what: op.to_string(),
                 detail: format!("communicator is unusable after an earlier failure: {reason}"),
             });
@@ -630,7 +687,8 @@ impl HierarchicalBackend {
     /// Marks the backend broken. A leader forwards a failure the other leaders have not
     /// heard of yet, and closes its shared memory so its host's ranks stop waiting for it.
     fn fail(&mut self, failure: Failure) -> Error {
-        self.broken = Some((failure.report.culprit, failure.error.to_string()));
+        let error = failure.error.located(|r| self.peer_at(r));
+        self.broken = Some((failure.report.culprit, error.to_string()));
         if self.is_leader() {
             if self.owe_report && self.tcp_healthy {
                 if let Some(tcp) = self.tcp.as_mut() {
@@ -645,7 +703,7 @@ impl HierarchicalBackend {
             self.shm = None;
         }
         self.owe_report = false;
-        failure.error
+        error
     }
 }
 
@@ -976,6 +1034,42 @@ impl Backend for HierarchicalBackend {
 mod tests {
     use super::*;
 
+    #[test]
+    fn errors_say_where_each_rank_is() {
+        let at = |host: &str, ip: &str, pid| PeerInfo {
+            host_id: host.to_string(),
+            pid,
+            data_addr: format!("{ip}:7000").parse().expect("address"),
+        };
+        // Host a: ranks 0, 2; host b: ranks 1 (leader), 3. Seen from rank 2.
+        let peers = [
+            at("a", "10.0.0.1", 10),
+            at("b", "10.0.0.2", 11),
+            at("a", "10.0.0.1", 12),
+            at("b", "10.0.0.2", 13),
+        ];
+        let located = peer_locations(&peers, 2);
+        assert_eq!(located[0], PeerAt::ThisHost { pid: Some(10) });
+        assert_eq!(located[1], PeerAt::Tcp(peers[1].data_addr));
+        assert_eq!(located[3], PeerAt::Host(peers[3].data_addr.ip()));
+        let report = Report::from_error(
+            &Error::PeerDied {
+                rank: 3,
+                at: PeerAt::Unknown,
+                what: "all_reduce".into(),
+                detail: "process 13 no longer exists".into(),
+            },
+            1,
+        );
+        let seen_here = report.to_error().located(|r| located[r]);
+        assert!(
+            seen_here
+                .to_string()
+                .starts_with("rank 3 on host 10.0.0.2 died"),
+            "{seen_here}"
+        );
+    }
+
     fn peer(host: &str, port: u16) -> PeerInfo {
         PeerInfo {
             host_id: host.to_string(),
@@ -1019,11 +1113,13 @@ mod tests {
         let errors = [
             Error::PeerDied {
                 rank: 3,
+                at: PeerAt::Unknown,
                 what: "all_reduce".into(),
                 detail: "process 12 no longer exists".into(),
             },
             Error::Timeout {
                 rank: 1,
+                at: PeerAt::Unknown,
                 what: "barrier".into(),
                 waited: Duration::from_millis(1500),
             },
@@ -1055,6 +1151,7 @@ mod tests {
         let long = Report::from_error(
             &Error::PeerDied {
                 rank: 0,
+                at: PeerAt::Unknown,
                 what: "é".repeat(400),
                 detail: "ü".repeat(400),
             },
@@ -1082,6 +1179,7 @@ mod tests {
         let e = to_global(
             Error::PeerDied {
                 rank: 1,
+                at: PeerAt::Unknown,
                 what: "broadcast".into(),
                 detail: "gone".into(),
             },
@@ -1097,6 +1195,7 @@ mod tests {
         let e = to_global(
             Error::Timeout {
                 rank: 0,
+                at: PeerAt::Unknown,
                 what: "x".into(),
                 waited: Duration::from_secs(1),
             },

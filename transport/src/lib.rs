@@ -37,7 +37,7 @@
 //! Every rank calls the same collectives in the same order with matching lengths. Wrong
 //! lengths, a root `>= world_size` or a missing root buffer return
 //! [`Error::InvalidArgument`] before anything is sent. Failures that involve a peer name its
-//! rank: [`Error::PeerDied`] (EOF/reset — a rank killed with -9 is reported within about a
+//! rank (and, for timeouts and dead peers, where it is: [`PeerAt`]): [`Error::PeerDied`] (EOF/reset — a rank killed with -9 is reported within about a
 //! second by every rank), [`Error::Timeout`] (a silent peer, after `timeouts.collective`),
 //! [`Error::Protocol`] (garbage or mismatched collectives). After such an error the
 //! communicator refuses further work. Drop the communicator before exiting: a clean drop
@@ -85,6 +85,6 @@ pub use backend::{Backend, SharedMemory, Timeouts};
 pub use buffer::Buffer;
 pub use communicator::{AsyncCommunicator, Communicator, Pending};
 pub use config::{CommConfig, StoreRendezvous, TransportKind};
-pub use error::{Error, Result};
+pub use error::{Error, PeerAt, Result};
 pub use reduce::{Bf16, DType, Element, HalfFloat, ReduceOp, F16};
 pub use store::{StoreClient, StoreError, StoreServer};

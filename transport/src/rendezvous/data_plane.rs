@@ -28,7 +28,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, DataKey, DataRole, NONCE_LEN, PROOF_LEN};
-use crate::{Error, Result};
+use crate::{Error, PeerAt, Result};
 
 const MAGIC: &[u8; 8] = b"DTRAINDA";
 /// The connector's first message.
@@ -60,6 +60,7 @@ pub fn introduce(
 ) -> Result<()> {
     let failed = |what: &str, e: io::Error| Error::PeerDied {
         rank: peer,
+        at: PeerAt::Unknown,
         what: "TCP mesh setup".into(),
         detail: format!("{what} with {addr} failed: {e}"),
     };

@@ -13,7 +13,7 @@ use super::wire::{
 };
 use crate::auth;
 use crate::config::CommConfig;
-use crate::{Error, Result};
+use crate::{Error, PeerAt, Result};
 
 fn connect_master(
     cfg: &CommConfig,
@@ -138,12 +138,14 @@ fn io_error(cfg: &CommConfig, master: &str, what: &str, e: io::Error) -> Error {
     if is_timeout(&e) {
         Error::Timeout {
             rank: 0,
+            at: PeerAt::Unknown,
             what: format!("rendezvous ({what}; is {master} a dtrain rank 0?)"),
             waited: cfg.timeouts.connect,
         }
     } else {
         Error::PeerDied {
             rank: 0,
+            at: PeerAt::Unknown,
             what: "rendezvous".into(),
             detail: format!("{what}: {e}"),
         }

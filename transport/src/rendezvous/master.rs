@@ -22,7 +22,7 @@ use super::wire::{
 };
 use crate::auth;
 use crate::config::CommConfig;
-use crate::{Error, Result};
+use crate::{Error, PeerAt, Result};
 
 /// Binds rank 0's rendezvous port on the first of `addrs` that works.
 pub(super) fn bind_master(cfg: &CommConfig, addrs: &[SocketAddr]) -> Result<TcpListener> {
@@ -301,6 +301,7 @@ impl<'a> Lobby<'a> {
             ) {
                 failed = Some(Error::PeerDied {
                     rank,
+                    at: PeerAt::Unknown,
                     what: "rendezvous".into(),
                     detail: format!("could not send the peer table: {e}"),
                 });

@@ -32,7 +32,7 @@ use super::master::serve;
 use super::peers::{host_identity, resolve, MasterEndpoint, Rendezvous};
 use crate::config::{CommConfig, StoreRendezvous};
 use crate::store::{StoreClient, StoreError};
-use crate::{Error, Result};
+use crate::{Error, PeerAt, Result};
 
 /// What rank 0 publishes: `v1`, its rendezvous address, pid, host identity (one per line;
 /// the host identity last, as the rest of the value).
@@ -158,6 +158,7 @@ fn join_via_store(
         .map_err(|e| match e {
             StoreError::Timeout { addr, waited, .. } => Error::Timeout {
                 rank: 0,
+                at: PeerAt::Unknown,
                 what: format!(
                     "rendezvous (rank 0 publishing its address under key {key:?} in the \
                      TCPStore at {addr}; is rank 0 running?)"

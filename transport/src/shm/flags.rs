@@ -38,7 +38,7 @@ use super::futex::{futex_wait, futex_wake_all};
 use super::liveness::{dead_reason, monotonic_ns};
 use super::segment::{NUM_STAGES, STAGE_BYTES, STATE_DEPARTED};
 use super::ShmBackend;
-use crate::{Error, Result};
+use crate::{Error, PeerAt, Result};
 
 /// Busy-poll this long before yielding: a peer in the same collective is usually this close.
 const SPIN: Duration = Duration::from_micros(10);
@@ -171,6 +171,7 @@ impl ShmBackend {
                     / 1_000_000;
                 return Err(Error::Timeout {
                     rank: peer,
+                    at: self.peer_at(peer),
                     what: format!(
                         "{} (shm: rank {peer} is at event {at}, this rank needs event {target}; \
                          its last heartbeat was {age_ms} ms ago)",
@@ -196,6 +197,14 @@ impl ShmBackend {
         }
     }
 
+    /// A peer of this segment, by its pid (0 until it attached: then just "this host").
+    fn peer_at(&self, peer: usize) -> PeerAt {
+        let pid = self.seg.rank_info(peer).pid.load(Relaxed);
+        PeerAt::ThisHost {
+            pid: (pid != 0).then_some(pid),
+        }
+    }
+
     /// Fails if `awaited`, or any other rank that has not yet posted `target` (and so has not
     /// finished the current collective), left the job or died.
     fn check_peers(&self, awaited: usize, target: u32) -> Result<()> {
@@ -207,6 +216,7 @@ impl ShmBackend {
             let info = self.seg.rank_info(q);
             let died = |detail: String| Error::PeerDied {
                 rank: q,
+                at: self.peer_at(q),
                 what: self.op.to_string(),
                 detail,
             };

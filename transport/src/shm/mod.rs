@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::{Arc, Weak};
 
-use crate::{Backend, DType, Error, ReduceOp, Result, SharedMemory, Timeouts};
+use crate::{Backend, DType, Error, PeerAt, ReduceOp, Result, SharedMemory, Timeouts};
 use region::RegionMaps;
 use segment::{
     Layout, Segment, NUM_STAGES, STATE_ATTACHED, STATE_CLAIMED, STATE_DEPARTED, STATE_EMPTY,
@@ -186,6 +186,9 @@ fn register_and_wait(
                 {
                     return Err(Error::PeerDied {
                         rank: q,
+                        at: PeerAt::ThisHost {
+                            pid: Some(info.pid.load(Relaxed)),
+                        },
                         what: "shm attach".into(),
                         detail: reason,
                     });
@@ -198,6 +201,7 @@ fn register_and_wait(
                 .unwrap_or(0);
             return Err(Error::Timeout {
                 rank: missing,
+                at: PeerAt::ThisHost { pid: None },
                 what: format!("shm attach to /dev/shm{name} (rank {missing} never attached)"),
                 waited: connect.max(start.elapsed()),
             });

@@ -21,7 +21,7 @@ use nix::fcntl::OFlag;
 use nix::sys::mman::{shm_open, shm_unlink};
 use nix::sys::stat::Mode;
 
-use crate::{Error, Result};
+use crate::{Error, PeerAt, Result};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"DTRNSHM1");
 pub const VERSION: u32 = 2;
@@ -195,6 +195,7 @@ impl Segment {
             if Instant::now() >= deadline {
                 Err(Error::Timeout {
                     rank: 0,
+                    at: PeerAt::Unknown,
                     what: format!("shm attach (waiting for rank 0 to create /dev/shm{name})"),
                     waited: Duration::ZERO,
                 })

@@ -7,7 +7,7 @@
 //! apart from a crash.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::connection::{Incoming, Link, Outgoing, RecvFailure};
 use super::framing::{encode_abort, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL_LEN};
 use crate::algorithms::{Pipeline, PointToPoint, SendRecv};
-use crate::{Error, Result, Timeouts};
+use crate::{Error, PeerAt, Result, Timeouts};
 
 /// How long a wait keeps retrying nonblocking I/O before sleeping in `poll`: a loopback round
 /// trip is ~10 µs, a sleep/wake-up several times that. Retries yield the CPU in between, so a
@@ -24,11 +24,18 @@ use crate::{Error, Result, Timeouts};
 /// thread) runs first instead of waiting out the spin.
 const SPIN: Duration = Duration::from_micros(50);
 
+/// At most this long a rank whose link to a peer broke looks for a deeper cause first (a
+/// third rank's death, see [`TcpMesh::explain`]): closes of different connections can arrive
+/// tens of milliseconds apart on a loaded host.
+const LOSS_GRACE: Duration = Duration::from_millis(500);
+
 pub struct TcpMesh {
     rank: usize,
     world_size: usize,
     /// `links[p]` is the connection to rank `p` (`None` for this rank).
     links: Vec<Option<Link>>,
+    /// `addrs[p]`: rank `p`'s data address from the rendezvous, named in errors about it.
+    addrs: Vec<SocketAddr>,
     timeouts: Timeouts,
     op: &'static str,
     /// Set by the first failure; the mesh refuses further work after it.
@@ -40,13 +47,18 @@ pub struct TcpMesh {
     vanished: Option<usize>,
     /// The peer whose incoming frame is partly read (its stream is not at a frame boundary).
     recv_busy: Option<usize>,
+    /// The peer whose connection broke (EOF, reset) in the failing operation: its error may
+    /// be a knock-on effect of another rank's death (see [`TcpMesh::explain`]).
+    lost_link: Option<usize>,
 }
 
 impl TcpMesh {
-    /// `splice`: large sends may be zero-copy (see [`super::splice`]).
+    /// `addrs[p]` is rank `p`'s data address (as published at rendezvous); `splice`: large
+    /// sends may be zero-copy (see [`super::splice`]).
     pub fn new(
         rank: usize,
         streams: Vec<Option<TcpStream>>,
+        addrs: Vec<SocketAddr>,
         timeouts: Timeouts,
         splice: bool,
     ) -> TcpMesh {
@@ -60,11 +72,13 @@ impl TcpMesh {
             rank,
             world_size,
             links,
+            addrs,
             timeouts,
             op: "setup",
             failed: None,
             vanished: None,
             recv_busy: None,
+            lost_link: None,
         }
     }
 
@@ -78,10 +92,19 @@ impl TcpMesh {
         }
     }
 
+    /// Where rank `peer` is, for errors naming it.
+    fn peer_at(&self, peer: usize) -> PeerAt {
+        match self.addrs.get(peer) {
+            Some(addr) if peer != self.rank => PeerAt::Tcp(*addr),
+            _ => PeerAt::Unknown,
+        }
+    }
+
     fn check_usable(&self, peers: &[usize]) -> Result<()> {
         if let Some((rank, reason)) = &self.failed {
             return Err(Error::PeerDied {
                 rank: *rank,
+                at: PeerAt::Unknown,
                 what: self.op.to_string(),
                 detail: format!("communicator is unusable after an earlier failure: {reason}"),
             });
@@ -91,6 +114,7 @@ impl TcpMesh {
                 if let Some(reason) = &link.closed {
                     return Err(Error::PeerDied {
                         rank: peer,
+                        at: PeerAt::Unknown,
                         what: self.op.to_string(),
                         detail: reason.clone(),
                     });
@@ -112,6 +136,7 @@ impl TcpMesh {
         };
         Error::PeerDied {
             rank: peer,
+            at: PeerAt::Unknown,
             what: self.op.to_string(),
             detail,
         }
@@ -123,6 +148,7 @@ impl TcpMesh {
             RecvFailure::Io(e) => self.io_error(peer, e),
             RecvFailure::Eof { mid_frame } => Error::PeerDied {
                 rank: peer,
+                at: PeerAt::Unknown,
                 what,
                 detail: if mid_frame {
                     "connection closed in the middle of a message: the process exited or was killed"
@@ -134,6 +160,7 @@ impl TcpMesh {
             RecvFailure::Protocol(detail) => Error::Protocol { rank: peer, detail },
             RecvFailure::Goodbye => Error::PeerDied {
                 rank: peer,
+                at: PeerAt::Unknown,
                 what,
                 detail: "it closed its communicator while this rank still expected data from it \
                          (ranks ran different numbers of collectives?)"
@@ -145,6 +172,7 @@ impl TcpMesh {
                 let rank = blamed.filter(|&b| b != self.rank).unwrap_or(peer);
                 Error::PeerDied {
                     rank,
+                    at: PeerAt::Unknown,
                     what,
                     detail: format!("reported by rank {peer}, which aborted: {reason}"),
                 }
@@ -158,7 +186,7 @@ impl TcpMesh {
         if self.failed.is_some() {
             return err;
         }
-        let err = self.explain(err);
+        let err = self.explain(err).located(|r| self.peer_at(r));
         let blamed = match &err {
             Error::Timeout { rank, .. }
             | Error::PeerDied { rank, .. }
@@ -182,14 +210,68 @@ impl TcpMesh {
         err
     }
 
-    /// Before reporting a failure, look at every other link without blocking: an abort frame
-    /// waiting there names the rank its sender blames, and a closed connection marks a
-    /// vanished peer. Knock-on failures (a neighbour that gave up, a stall) are then
-    /// attributed to that rank instead of to the messenger.
+    /// Before reporting a failure, look at every other link: an abort frame waiting there
+    /// names the rank its sender blames, and a closed connection marks a vanished peer.
+    /// Knock-on failures (a neighbour that gave up, a stall) are then attributed to that rank
+    /// instead of to the messenger.
+    ///
+    /// A broken link with no such explanation yet gets a short grace: the peer may be a
+    /// survivor that gave up because a third rank died and could not send its abort frame
+    /// (it was in the middle of a frame to us, or its socket was full), and the dead rank's
+    /// own close can reach us after the survivor's (the kernel does not order closes across
+    /// connections). A peer that really died costs this rank the grace before it reports.
     fn explain(&mut self, err: Error) -> Error {
+        let lost = self.lost_link.take().filter(
+            |&p| matches!(&err, Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } if *rank == p),
+        );
+        let (mut reported, mut quiet) = self.scan_for_cause(lost);
+        if let Some(lost) = lost {
+            let deadline = Instant::now() + self.loss_grace();
+            while reported.is_none() && self.vanished.is_none() && !quiet.is_empty() {
+                let left = super::remaining(deadline);
+                if left.is_zero() {
+                    break;
+                }
+                self.wait_for_news(&quiet, left.min(Duration::from_millis(20)));
+                (reported, quiet) = self.scan_for_cause(Some(lost));
+            }
+        }
+        if let Some((blamed, messenger, why)) = reported {
+            if let Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } = &err {
+                if *rank != blamed {
+                    return Error::PeerDied {
+                        rank: blamed,
+                        at: self.peer_at(blamed),
+                        what: self.op.to_string(),
+                        detail: format!(
+                            "reported by rank {messenger}, which aborted: {why}; here: {err}"
+                        ),
+                    };
+                }
+            }
+            return err;
+        }
+        self.blame_vanished(err)
+    }
+
+    /// How long a broken link waits for its real cause (see [`TcpMesh::explain`]).
+    fn loss_grace(&self) -> Duration {
+        (self.timeouts.collective / 4).min(LOSS_GRACE)
+    }
+
+    /// Peeks every link but `skip` (and the one mid-read) without blocking. Returns the first
+    /// abort frame blaming another rank (blamed, sender, reason), and the peers whose links
+    /// are open and empty (where news would show up as readable or hung up). A closed link
+    /// marks its peer vanished.
+    fn scan_for_cause(
+        &mut self,
+        skip: Option<usize>,
+    ) -> (Option<(usize, usize, String)>, Vec<usize>) {
         let mut reported: Option<(usize, usize, String)> = None;
+        let mut quiet = Vec::new();
         for link in self.links.iter_mut().flatten() {
-            if Some(link.peer) == self.recv_busy || link.closed.is_some() {
+            if Some(link.peer) == self.recv_busy || Some(link.peer) == skip || link.closed.is_some()
+            {
                 continue;
             }
             let mut peeked = vec![0u8; HEADER_LEN + MAX_CONTROL_LEN as usize];
@@ -211,27 +293,31 @@ impl TcpMesh {
                     }
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => quiet.push(link.peer),
                 Err(_) => {
                     self.vanished.get_or_insert(link.peer);
                 }
             }
         }
-        if let Some((blamed, messenger, why)) = reported {
-            if let Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } = &err {
-                if *rank != blamed {
-                    return Error::PeerDied {
-                        rank: blamed,
-                        what: self.op.to_string(),
-                        detail: format!(
-                            "reported by rank {messenger}, which aborted: {why}; here: {err}"
-                        ),
-                    };
-                }
-            }
-            return err;
-        }
-        self.blame_vanished(err)
+        (reported, quiet)
+    }
+
+    /// Sleeps until one of `peers`' links is readable or hung up, or `limit` passes.
+    fn wait_for_news(&self, peers: &[usize], limit: Duration) {
+        use nix::libc;
+        let mut fds: Vec<libc::pollfd> = peers
+            .iter()
+            .filter_map(|&p| self.links.get(p)?.as_ref())
+            .map(|link| libc::pollfd {
+                fd: link.stream.as_raw_fd(),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        let timeout_ms = limit.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is a live, exclusively borrowed array of `fds.len()` pollfd structs
+        // whose descriptors belong to sockets in `self.links`, open for the whole call.
+        let _ = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
     }
 
     /// If a peer vanished earlier and the current failure is a knock-on effect (a neighbour
@@ -244,6 +330,7 @@ impl TcpMesh {
             Error::PeerDied { rank, .. } | Error::Timeout { rank, .. } if *rank != dead => {
                 Error::PeerDied {
                     rank: dead,
+                    at: PeerAt::Unknown,
                     what: self.op.to_string(),
                     detail: format!(
                         "its connection closed without a goodbye (the process exited or was killed); then: {err}"
@@ -261,6 +348,7 @@ impl TcpMesh {
         let what = self.op.to_string();
         let timeout = Error::Timeout {
             rank: silent,
+            at: self.peer_at(silent),
             what: what.clone(),
             waited,
         };
@@ -289,6 +377,7 @@ impl TcpMesh {
                                     // The same stall, seen first further upstream.
                                     Error::Timeout {
                                         rank: b,
+                                        at: PeerAt::Unknown,
                                         what: format!(
                                             "{what} (rank {silent} was stalled waiting for it)"
                                         ),
@@ -297,6 +386,7 @@ impl TcpMesh {
                                 } else {
                                     Error::PeerDied {
                                         rank: b,
+                                        at: PeerAt::Unknown,
                                         what: what.clone(),
                                         detail: format!(
                                             "rank {silent} stalled because of it: {why}"
@@ -390,7 +480,10 @@ impl TcpMesh {
                 link.send_mid_frame = o.started() && !o.done();
                 match result {
                     Ok(m) => moved |= m,
-                    Err(e) => return Err(self.io_error(to, e)),
+                    Err(e) => {
+                        self.lost_link = Some(to);
+                        return Err(self.io_error(to, e));
+                    }
                 }
                 if o.done() {
                     out = None;
@@ -407,7 +500,12 @@ impl TcpMesh {
                 self.recv_busy = (i.started() && !i.done()).then_some(from);
                 match result {
                     Ok(m) => moved |= m,
-                    Err(f) => return Err(self.recv_error(from, f)),
+                    Err(f) => {
+                        if matches!(f, RecvFailure::Eof { .. } | RecvFailure::Io(_)) {
+                            self.lost_link = Some(from);
+                        }
+                        return Err(self.recv_error(from, f));
+                    }
                 }
                 if i.done() {
                     *received_spliced |= i.spliced();
@@ -523,14 +621,19 @@ impl TcpMesh {
                 link.monitor = false;
                 return Ok(());
             }
-            Err(e) if must_send => return Err(self.io_error(peer, e)),
+            Err(e) if must_send => {
+                self.lost_link = Some(peer);
+                return Err(self.io_error(peer, e));
+            }
             Err(_) => 0,
         };
         if n == 0 {
             let detail = "connection closed without a goodbye: the process exited or was killed";
             if must_send {
+                self.lost_link = Some(peer);
                 return Err(Error::PeerDied {
                     rank: peer,
+                    at: PeerAt::Unknown,
                     what,
                     detail: detail.to_string(),
                 });
@@ -555,6 +658,7 @@ impl TcpMesh {
                 if must_send {
                     return Err(Error::PeerDied {
                         rank: peer,
+                        at: PeerAt::Unknown,
                         what,
                         detail: format!("{reason} while this rank still had data for it"),
                     });
@@ -570,6 +674,7 @@ impl TcpMesh {
                     if let Some(w) = waiting_on.filter(|&w| w != peer) {
                         return Err(Error::Timeout {
                             rank: w,
+                            at: PeerAt::Unknown,
                             what: format!(
                                 "{what} (rank {peer} gave up waiting for this rank, which was itself still waiting for rank {w})"
                             ),
@@ -607,9 +712,10 @@ impl PointToPoint for TcpMesh {
         if plan.recvs() > 0 {
             peers.push(from);
         }
-        self.check_usable(&peers)?;
+        self.check_usable(&peers)
+            .map_err(|e| e.located(|r| self.peer_at(r)))?;
         let result = self.drive(to, from, plan);
-        result.map_err(|e| self.fail(e))
+        result.map_err(|e| self.fail(e).located(|r| self.peer_at(r)))
     }
 }
 
@@ -625,5 +731,91 @@ impl Drop for TcpMesh {
             }
             let _ = link.stream.shutdown(Shutdown::Write);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A connected pair of nonblocking loopback sockets, as the mesh uses them.
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (b, _) = listener.accept().expect("accept");
+        for s in [&a, &b] {
+            s.set_nonblocking(true).expect("nonblocking");
+        }
+        (a, b)
+    }
+
+    /// Rank 2 of three dies, but its connection to rank 1 is seen closed only after rank 0 —
+    /// which was in the middle of a large frame to rank 1, so it could send no abort frame —
+    /// gave up and closed its link to rank 1 (under load the kernel can deliver the two
+    /// closes in that order). Rank 1 must still name rank 2, not the messenger rank 0.
+    #[test]
+    fn a_survivor_that_closes_mid_frame_is_not_blamed_for_the_dead_rank() {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(10),
+            collective: Duration::from_secs(10),
+            liveness: Duration::from_secs(5),
+        };
+        let (r0_to_1, r1_to_0) = socket_pair();
+        let (r0_to_2, r2_to_0) = socket_pair();
+        let (r1_to_2, r2_to_1) = socket_pair();
+        let addrs: Vec<SocketAddr> = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
+            .iter()
+            .map(|a| a.parse().expect("address"))
+            .collect();
+        let mut rank0 = TcpMesh::new(
+            0,
+            vec![None, Some(r0_to_1), Some(r0_to_2)],
+            addrs.clone(),
+            timeouts,
+            false,
+        );
+        let mut rank1 = TcpMesh::new(
+            1,
+            vec![Some(r1_to_0), None, Some(r1_to_2)],
+            addrs,
+            timeouts,
+            false,
+        );
+        // Far more than both socket buffers: rank 0 is stuck mid-frame while rank 1 is idle.
+        let big = vec![7u8; 64 << 20];
+        let rank0 = std::thread::spawn(move || {
+            let mut from_dead = vec![0u8; 16];
+            let mut plan = SendRecv {
+                send: Some(&big),
+                recv: Some(&mut from_dead),
+            };
+            rank0.pipeline(1, 2, &mut plan).expect_err("rank 2 is dead")
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        drop(r2_to_0); // rank 2 "dies": rank 0 sees it first
+        let error0 = rank0.join().expect("rank 0 thread");
+        assert!(
+            error0.to_string().contains("rank 2 at 10.0.0.3:7000"),
+            "{error0}"
+        );
+        let rank1 = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 20];
+            let mut plan = SendRecv {
+                send: None,
+                recv: Some(&mut buf),
+            };
+            rank1.pipeline(0, 0, &mut plan).expect_err("rank 0 gave up")
+        });
+        // Rank 1 reads what rank 0 got out, then the close; rank 2's close arrives later.
+        std::thread::sleep(Duration::from_millis(100));
+        drop(r2_to_1);
+        let error1 = rank1.join().expect("rank 1 thread");
+        let text = error1.to_string();
+        assert!(
+            matches!(error1, Error::PeerDied { rank: 2, .. }),
+            "rank 1 should name rank 2: {text}"
+        );
+        assert!(text.contains("rank 2 at 10.0.0.3:7000"), "{text}");
     }
 }

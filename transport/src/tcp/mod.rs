@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::algorithms::{AlgoConfig, P2pBackend};
 use crate::auth::DataKey;
 use crate::rendezvous::data_plane;
-use crate::{Error, Result, Timeouts};
+use crate::{Error, PeerAt, Result, Timeouts};
 pub use mesh::TcpMesh;
 
 pub type TcpBackend = P2pBackend<TcpMesh>;
@@ -37,12 +37,15 @@ pub fn connect_mesh(
     listener: TcpListener,
     timeouts: &Timeouts,
 ) -> Result<TcpBackend> {
+    let located =
+        |e: Error| e.located(|r| peers.get(r).map_or(PeerAt::Unknown, |a| PeerAt::Tcp(*a)));
     let world_size = peers.len();
     let deadline = Instant::now() + timeouts.connect;
     let mut streams: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
     for (peer, addr) in peers.iter().enumerate().take(rank) {
-        let stream = connect_with_retry(*addr, deadline, timeouts.connect, peer)?;
-        data_plane::introduce(&stream, key, (rank, peer), *addr, deadline)?;
+        let stream =
+            connect_with_retry(*addr, deadline, timeouts.connect, peer).map_err(located)?;
+        data_plane::introduce(&stream, key, (rank, peer), *addr, deadline).map_err(located)?;
         streams[peer] = Some(stream);
     }
     accept_higher_ranks(
@@ -52,7 +55,8 @@ pub fn connect_mesh(
         deadline,
         timeouts.connect,
         &mut streams,
-    )?;
+    )
+    .map_err(located)?;
     for (peer, stream) in streams.iter().enumerate() {
         if let Some(stream) = stream {
             tune_socket(stream, timeouts)
@@ -60,7 +64,13 @@ pub fn connect_mesh(
         }
     }
     Ok(P2pBackend::new(
-        TcpMesh::new(rank, streams, *timeouts, dedicated_cores(peers, &listener)),
+        TcpMesh::new(
+            rank,
+            streams,
+            peers.to_vec(),
+            *timeouts,
+            dedicated_cores(peers, &listener),
+        ),
         AlgoConfig {
             // Large pieces mean fewer frames and acks; 4 MiB left too few pieces in flight.
             piece_bytes: 1 << 20,
@@ -127,6 +137,7 @@ fn accept_higher_ranks(
                     .collect();
                 return Err(Error::Timeout {
                     rank: missing[0],
+                    at: PeerAt::Unknown,
                     what: format!("TCP mesh setup (ranks {missing:?} never connected)"),
                     waited,
                 });
@@ -153,6 +164,7 @@ fn admit_peer(
     }
     data_plane::admit(&stream).map_err(|e| Error::PeerDied {
         rank: peer,
+        at: PeerAt::Unknown,
         what: "TCP mesh setup".into(),
         detail: format!("admitting its connection failed: {e}"),
     })?;
@@ -174,6 +186,7 @@ fn connect_with_retry(
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Timeout {
                     rank: peer,
+                    at: PeerAt::Unknown,
                     what: format!("TCP mesh setup (connecting to {addr}: {e})"),
                     waited,
                 })
