@@ -384,7 +384,8 @@ struct RunLog {
     dataset_len: usize,
     progress: bool,
     metrics: Metrics,
-    iter_times: Vec<f64>,
+    /// Per iteration: wall seconds and seconds spent waiting for collectives.
+    iter_times: Vec<(f64, f64)>,
 }
 
 impl RunLog {
@@ -414,7 +415,7 @@ impl RunLog {
     ) -> Result<(), TrainError> {
         let secs = t0.elapsed().as_secs_f64();
         let cpu_secs = process_cpu_seconds() - cpu0;
-        self.iter_times.push(secs);
+        self.iter_times.push((secs, stats.comm_time.as_secs_f64()));
         let (epoch, batch_idx, iteration) = (at.epoch, at.batch, at.iteration + 1);
         let mut out = std::io::stdout().lock();
         if batch_idx % self.log_every == 0 {
@@ -484,8 +485,18 @@ impl RunLog {
     fn finish(&self, model: &Vgg<f32>) {
         if self.iter_times.len() > 1 {
             let timed = &self.iter_times[1..];
-            let mean = timed.iter().sum::<f64>() / timed.len() as f64;
+            let count = timed.len() as f64;
+            let mean = timed.iter().map(|t| t.0).sum::<f64>() / count;
             println!("Average time for {} iterations: {mean:.4}s", timed.len());
+            if self.world > 1 {
+                // The communication the step could not hide: DDP's waits for buckets after
+                // backward, or the whole exchange of the per-parameter modes.
+                let comm = timed.iter().map(|t| t.1).sum::<f64>() / count;
+                println!(
+                    "Average exposed communication: {comm:.4}s per iteration ({:.1}% of the step)",
+                    100.0 * comm / mean.max(1e-12)
+                );
+            }
         }
         println!("Parameter hash: 0x{:016x}", parameter_hash(model));
     }

@@ -39,6 +39,19 @@ fn two_ranks_every_mode_agrees_and_keeps_parameters_identical() {
             outs[0].stdout.contains("Average time for 5 iterations: "),
             "{mode}"
         );
+        // The exposed communication is a share of the step, between 0 and 100 %.
+        let share = outs[0]
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Average exposed communication: "))
+            .and_then(|l| l.split(" per iteration (").nth(1))
+            .and_then(|p| p.strip_suffix("% of the step)"))
+            .and_then(|p| p.parse::<f64>().ok());
+        assert!(
+            share.is_some_and(|p| (0.0..=100.0).contains(&p)),
+            "{mode}: {share:?}\n{}",
+            outs[0].stdout
+        );
         per_mode.push((mode, losses(&outs[0].stdout), losses(&outs[1].stdout), h0));
     }
     let (_, ref l0, ref l1, _) = per_mode[0];
