@@ -10,8 +10,8 @@
 //! - [`ring_allreduce`]: reduce-scatter + all-gather for large buffers, and a one-shot
 //!   "gather everything, reduce in rank order" path for small ones.
 //! - [`halving_doubling`]: recursive halving + doubling all-reduce, `2 log2 n` steps instead
-//!   of the ring's `2 (n - 1)`; used for large f32/f64/i64 buffers when `n` is a power of two
-//!   >= 4. Half-precision all-reduces keep the ring: they round after every hop, and the
+//!   of the ring's `2 (n - 1)`; used for large f32/f64/i64 buffers when `n` is a power of
+//!   two, at least 4. Half-precision all-reduces keep the ring: they round after every hop, and the
 //!   ring's hop order is the one their accuracy is documented and tested for.
 //! - [`cost_model`]: the α-β cost of each all-reduce algorithm (for `dtrain bench --simulate`).
 //! - [`broadcast`]: direct sends from the root for small buffers, a pipelined chain for large.
