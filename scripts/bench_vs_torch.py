@@ -4,6 +4,8 @@
     pip install torch            # (CI does not have it; this script is run by hand)
     python3 scripts/bench_vs_torch.py                  # all rows, best ISA and AVX2 forced
     python3 scripts/bench_vs_torch.py --isa best --rows 1x128 --repeats 3 --steps 5
+    python3 scripts/bench_vs_torch.py --isa best --rows 1x128 --precisions f32,bf16 \
+        --torch-configs eager,bf16,bf16_cl       # issue 16's comparison
 
 Rows (as issue 8):
   1x128   1 process, 1 thread, batch 128
@@ -18,6 +20,14 @@ time per step after warm-up steps, and their peak RSS (VmHWM; for DDP the larges
 dtrain's single-process rows run the engine's train_step bench (`--child BATCH THREADS`),
 its DDP row `dtrain launch --mode ddp --dataset synthetic --no-augment` (mean iteration
 time, first iteration excluded, as dtrain prints it).
+
+Configurations (all timed in the same run, each repeat running every one back to back):
+PyTorch `--torch-configs` eager (f32), channels_last (f32), bf16 (`torch.autocast("cpu",
+torch.bfloat16)` around forward and loss, f32 master weights), bf16_cl (both), compile
+(`torch.compile`, optional: slow to warm up); dtrain `--precisions` f32 and bf16 (`--precision`;
+the train_step bench reads it from TRAIN_STEP_PRECISION). Each row prints every configuration's
+median ms and peak RSS, then dtrain's speed-up over each PyTorch configuration with its spread
+over the repeats.
 
 ISA: `best` runs both at the CPU's best instruction set; `avx2` forces AVX2 on both sides
 (DTRAIN_SIMD=avx2; ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2). Each pair of

@@ -168,6 +168,19 @@ mod tests {
     }
 
     #[test]
+    fn slice_conversion_equals_the_scalar_one_at_every_length() {
+        // Lengths around the 32-float vector blocks, over the recorded-bits input set.
+        let src = convert_inputs();
+        for len in [0, 1, 31, 32, 33, 95, src.len()] {
+            let mut dst = vec![0xdead_u16; len];
+            convert_to_bf16(&src[..len], &mut dst);
+            for (d, s) in dst.iter().zip(&src) {
+                assert_eq!(*d, f32_to_bf16(*s), "{:#x} at length {len}", s.to_bits());
+            }
+        }
+    }
+
+    #[test]
     fn rounding_error_is_at_most_half_a_bf16_ulp() {
         // 8 significant bits: half an ulp is at most 2^-8 of the value (the unit roundoff).
 
