@@ -9,9 +9,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
-use crate::memory::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
+pub use crate::usage::UsageError;
 
 /// Which collective transport to use. `Auto` uses shared memory between ranks on one host and
 /// TCP between hosts (the transport decides).
@@ -197,47 +197,6 @@ impl TrainConfig {
     }
 }
 
-/// A bad command line. `Display` is a single line without the `dtrain: error:` prefix.
-#[derive(Debug, thiserror::Error)]
-pub enum UsageError {
-    /// `--help` / `--version`: not an error for the user; print the text and exit 0.
-    #[error("{0}")]
-    Help(String),
-    /// Rejected by clap (unknown flag, bad enum value, unparsable number...).
-    #[error("{0}")]
-    Clap(String),
-    /// A value that parses but makes no sense (rank >= world size, lr NaN, ...).
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl UsageError {
-    pub fn is_help(&self) -> bool {
-        matches!(self, UsageError::Help(_))
-    }
-
-    /// Turn a clap error into one line: its first line without clap's "error: " prefix.
-    pub fn from_clap(err: clap::Error) -> Self {
-        use clap::error::ErrorKind;
-        match err.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                UsageError::Help(err.render().to_string())
-            }
-            _ => {
-                let text = err.render().to_string();
-                let first = text
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("invalid command line");
-                let first = first.strip_prefix("error: ").unwrap_or(first).trim();
-                UsageError::Clap(format!("{first} (see dtrain --help)"))
-            }
-        }
-    }
-}
-
 fn invalid(msg: impl Into<String>) -> UsageError {
     UsageError::Invalid(msg.into())
 }
@@ -294,6 +253,17 @@ fn parse_resume(raw: &str) -> Result<ResumeFrom, String> {
         path => Ok(ResumeFrom::File(PathBuf::from(path))),
     }
 }
+
+/// Set in the environment of a rank that the launcher pinned to its own CPUs, so the rank
+/// sizes its compute pool to all of them instead of sharing them with the other local ranks.
+pub const BOUND_ENV: &str = "DTRAIN_BOUND_CORES";
+
+/// `--threads` above this is refused (the compute pool would be mostly idle threads).
+pub const MAX_THREADS: usize = 1024;
+/// Widest conv layer a `--model` spec may ask for.
+pub const MAX_CONV_WIDTH: usize = 65_536;
+/// Most layers (convs and pools) a `--model` spec may have.
+pub const MAX_LAYERS: usize = 256;
 
 /// The environment variable torchrun (and `dtrain launch`) sets to the number of times the
 /// job has been restarted; a rank with a count above 0 resumes as `--resume auto` does.
@@ -406,44 +376,6 @@ pub struct RunOptions {
     /// Schedule, warmup, Nesterov, label smoothing, evaluation cadence, best checkpoint.
     #[command(flatten)]
     pub recipe: crate::recipe::RecipeOptions,
-}
-
-/// `dtrain [train flags]` or `dtrain <subcommand> ...`.
-#[derive(Parser, Debug)]
-#[command(
-    name = "dtrain",
-    version,
-    about = "Data-parallel training of VGG11 on CPUs",
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub train: TrainArgs,
-}
-
-// Built once per process, so the size difference between variants does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Start N local ranks of this program (like torchrun --standalone)
-    Launch(crate::launch::LaunchArgs),
-    /// Measure collective bandwidth and latency of a transport
-    Bench(crate::bench_cmd::BenchArgs),
-    /// Draw loss and throughput from a metrics file as SVG
-    Plot(crate::plot::PlotArgs),
-    /// Evaluate a saved checkpoint on the test set of --dataset (no training)
-    Eval(crate::eval_cmd::EvalArgs),
-    /// Internal: a child that prints lines and exits as told (tests the launcher)
-    #[cfg(feature = "test-hooks")]
-    #[command(hide = true)]
-    LauncherTestChild(crate::launch::test_child::TestChildArgs),
-}
-
-/// Parse the whole command line (program name first) into a [`Cli`].
-pub fn parse_cli(args: impl IntoIterator<Item = OsString>) -> Result<Cli, UsageError> {
-    Cli::try_parse_from(args).map_err(UsageError::from_clap)
 }
 
 /// Parse a training command line (program name first, no subcommand) into a validated config.
@@ -773,7 +705,7 @@ pub fn resolve_train_args(
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
-            if env(crate::launch::BOUND_ENV).is_some() {
+            if env(BOUND_ENV).is_some() {
                 cores
             } else {
                 (cores / local_world_size).max(1)

@@ -15,16 +15,21 @@
 pub mod args;
 pub mod bench_cmd;
 pub mod checkpoint;
+pub mod command;
 pub mod data;
-pub mod ddp;
 pub mod error_file;
 pub mod eval_cmd;
 pub mod hash;
 pub mod launch;
 pub mod memory;
+pub mod model;
 pub mod plot;
 pub mod recipe;
 pub mod simulate;
 pub mod slurm;
 pub mod sync;
 pub mod train;
+pub mod usage;
+
+/// DDP is one of the sync modes; `dtrain::ddp` is its old path.
+pub use sync::ddp;
