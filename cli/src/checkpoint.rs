@@ -38,7 +38,7 @@ use engine::state::{
 };
 use engine::vgg::Vgg;
 
-use crate::args::ResumeFrom;
+use crate::config::ResumeFrom;
 use integrity::Verified;
 
 const FORMAT: &str = "dtrain-checkpoint";

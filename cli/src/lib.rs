@@ -3,7 +3,8 @@
 //!
 //! - [`command`]: the clap `Cli`/`Command` over the subcommands' argument structs.
 //! - [`args`]: flags, launcher environment (torchrun/Slurm/Open MPI), validation → `TrainConfig`;
-//!   [`usage`]: `UsageError`, the one bad-input error (exit code 2).
+//!   [`config`]: the leaf vocabulary (mode, dataset, transport, compression values, defaults,
+//!   flag bounds, env names); [`usage`]: `UsageError`, the one bad-input error (exit code 2).
 //! - [`data`]: CIFAR-10 (with download), synthetic, Fashion-MNIST; sharding, augmentation, loader.
 //! - [`train`]: the training loop, logs, metrics, evaluation; [`recipe`]: schedule, Nesterov,
 //!   label smoothing, evaluation cadence flags.
@@ -21,6 +22,7 @@ pub mod args;
 pub mod bench_cmd;
 pub mod checkpoint;
 pub mod command;
+pub mod config;
 pub mod data;
 pub mod error_file;
 pub mod eval_cmd;

@@ -13,7 +13,7 @@ use crate::args::{DatasetKind, Mode, TrainConfig};
 use crate::data::{IMAGE_SIDE, IMAGE_SIZE, NUM_CLASSES};
 use crate::usage::UsageError;
 
-pub use crate::args::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
+pub use crate::config::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
 
 /// Images in the train and test splits of `dataset` (CIFAR-10 and Fashion-MNIST have fixed
 /// sizes; synthetic takes them from the flags).

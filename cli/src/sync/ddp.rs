@@ -68,7 +68,7 @@ use engine::vgg::Vgg;
 use transport::{AsyncCommunicator, Bf16, Buffer, Element, HalfFloat, Pending, ReduceOp, F16};
 
 use super::step::{self, Peers, StepStats, SyncError};
-use crate::args::GradCompression;
+use crate::config::GradCompression;
 use crate::data::Batch;
 
 /// One bucket of the plan: which parameters it holds and where each one's gradient lives
