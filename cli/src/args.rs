@@ -11,7 +11,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser};
 
-pub use crate::config::*;
+// Named, not a glob: the settings' vocabulary keeps its old `dtrain::args::` paths.
+pub use crate::config::{
+    DatasetKind, GradCompression, Mode, ResumeFrom, TransportArg, TransportKind, BOUND_ENV,
+    DEFAULT_CIFAR_MD5, DEFAULT_CIFAR_URL, DEFAULT_MASTER_PORT, MAX_CONV_WIDTH, MAX_LAYERS,
+    MAX_THREADS, RESTART_COUNT_ENV,
+};
 pub use crate::usage::UsageError;
 
 /// Everything one rank needs to train. Built only by [`parse_train_args`] /

@@ -30,8 +30,12 @@ use crate::args::{GradCompression, Mode, TrainConfig};
 use crate::data::Batch;
 use ddp::DdpSync;
 
-pub use per_param::*;
-pub use step::*;
+// Named, not globs: the old `dtrain::sync::` paths of what moved into the children.
+pub use per_param::{all_reduce_mean, all_reduce_mean_half, gather_scatter_mean};
+pub use step::{
+    broadcast_bn_buffers, broadcast_parameters, forward_backward, pack_bn_buffers,
+    unpack_bn_buffers, Peers, StepStats, SyncError,
+};
 
 /// This rank's gradient synchronisation, one variant per mode, each with its communicator.
 pub enum GradSync {
