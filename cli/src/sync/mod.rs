@@ -12,9 +12,10 @@
 //!   widened back, as DDP's buckets do).
 //!
 //! `ddp` lives in [`ddp`], the per-parameter modes' collectives in [`per_param`], what every
-//! mode shares (step report, errors, peers, the rank-0 broadcasts) in [`step`]. Every mode leaves bitwise identical gradients on every rank
-//! (the transport's reductions are deterministic across ranks), so parameters stay identical
-//! after the optimizer step, which [`GradSync::step`] runs too.
+//! mode shares (step report, errors, peers, the rank-0 broadcasts) in [`step`], below both.
+//! Every mode leaves bitwise identical gradients on every rank (the transport's reductions are
+//! deterministic across ranks), so parameters stay identical after the optimizer step, which
+//! [`GradSync::step`] runs too.
 
 pub mod ddp;
 pub mod per_param;
