@@ -9,100 +9,15 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser};
 
-use crate::memory::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
-
-/// Which collective transport to use. `Auto` uses shared memory between ranks on one host and
-/// TCP between hosts (the transport decides).
-pub use transport::TransportKind;
-
-/// How gradients are synchronised between ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Mode {
-    /// One process, no communication (`--num-nodes 1`).
-    Single,
-    /// Rank 0 gathers all gradients, averages them and scatters the average back.
-    GatherScatter,
-    /// After the backward pass, all-reduce (sum) each parameter's gradient, then divide by the world size.
-    #[value(name = "allreduce", alias = "all-reduce")]
-    AllReduce,
-    /// Bucketed all-reduce overlapped with the backward pass (like PyTorch DDP).
-    Ddp,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Single => "single",
-            Mode::GatherScatter => "gather-scatter",
-            Mode::AllReduce => "allreduce",
-            Mode::Ddp => "ddp",
-        }
-    }
-}
-
-/// How gradients travel between ranks (`--grad-compression`, ddp and allreduce only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
-pub enum GradCompression {
-    /// f32 gradients, averaged exactly as computed
-    None,
-    /// bfloat16 on the wire (half the bytes; f32's range, 8-bit significand)
-    Bf16,
-    /// IEEE half precision on the wire (half the bytes; 11-bit significand, range ±65504)
-    Fp16,
-}
-
-impl GradCompression {
-    pub fn name(self) -> &'static str {
-        match self {
-            GradCompression::None => "none",
-            GradCompression::Bf16 => "bf16",
-            GradCompression::Fp16 => "fp16",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
-pub enum DatasetKind {
-    /// CIFAR-10 binary version, downloaded into --data-dir when absent.
-    Cifar10,
-    /// Deterministic, learnable CIFAR-shaped data generated from the seed.
-    Synthetic,
-    /// Fashion-MNIST IDX files, padded to 32x32 and replicated to 3 channels.
-    FashionMnist,
-}
-
-impl DatasetKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetKind::Cifar10 => "cifar10",
-            DatasetKind::Synthetic => "synthetic",
-            DatasetKind::FashionMnist => "fashion-mnist",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TransportArg {
-    Auto,
-    Shm,
-    Tcp,
-}
-
-impl From<TransportArg> for TransportKind {
-    fn from(t: TransportArg) -> Self {
-        match t {
-            TransportArg::Auto => TransportKind::Auto,
-            TransportArg::Shm => TransportKind::Shm,
-            TransportArg::Tcp => TransportKind::Tcp,
-        }
-    }
-}
-
-pub const DEFAULT_MASTER_PORT: u16 = 29500;
-pub const DEFAULT_CIFAR_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
-pub const DEFAULT_CIFAR_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+// Named, not a glob: the settings' vocabulary keeps its old `dtrain::args::` paths.
+pub use crate::config::{
+    DatasetKind, GradCompression, Mode, ResumeFrom, TransportArg, TransportKind, BOUND_ENV,
+    DEFAULT_CIFAR_MD5, DEFAULT_CIFAR_URL, DEFAULT_MASTER_PORT, MAX_CONV_WIDTH, MAX_LAYERS,
+    MAX_THREADS, RESTART_COUNT_ENV,
+};
+pub use crate::usage::UsageError;
 
 /// Everything one rank needs to train. Built only by [`parse_train_args`] /
 /// [`resolve_train_args`]: the settings the launcher environment can supply are resolved into
@@ -197,47 +112,6 @@ impl TrainConfig {
     }
 }
 
-/// A bad command line. `Display` is a single line without the `dtrain: error:` prefix.
-#[derive(Debug, thiserror::Error)]
-pub enum UsageError {
-    /// `--help` / `--version`: not an error for the user; print the text and exit 0.
-    #[error("{0}")]
-    Help(String),
-    /// Rejected by clap (unknown flag, bad enum value, unparsable number...).
-    #[error("{0}")]
-    Clap(String),
-    /// A value that parses but makes no sense (rank >= world size, lr NaN, ...).
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl UsageError {
-    pub fn is_help(&self) -> bool {
-        matches!(self, UsageError::Help(_))
-    }
-
-    /// Turn a clap error into one line: its first line without clap's "error: " prefix.
-    pub fn from_clap(err: clap::Error) -> Self {
-        use clap::error::ErrorKind;
-        match err.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                UsageError::Help(err.render().to_string())
-            }
-            _ => {
-                let text = err.render().to_string();
-                let first = text
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("invalid command line");
-                let first = first.strip_prefix("error: ").unwrap_or(first).trim();
-                UsageError::Clap(format!("{first} (see dtrain --help)"))
-            }
-        }
-    }
-}
-
 fn invalid(msg: impl Into<String>) -> UsageError {
     UsageError::Invalid(msg.into())
 }
@@ -278,15 +152,6 @@ pub struct TrainArgs {
     pub opts: RunOptions,
 }
 
-/// What `--resume` names.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ResumeFrom {
-    /// `--resume auto`: the newest intact file of the `--save-checkpoint` rotation, if any.
-    Auto,
-    /// `--resume FILE` (a file named `auto` is `./auto`).
-    File(PathBuf),
-}
-
 fn parse_resume(raw: &str) -> Result<ResumeFrom, String> {
     match raw {
         "" => Err("expected a checkpoint file or auto".into()),
@@ -294,10 +159,6 @@ fn parse_resume(raw: &str) -> Result<ResumeFrom, String> {
         path => Ok(ResumeFrom::File(PathBuf::from(path))),
     }
 }
-
-/// The environment variable torchrun (and `dtrain launch`) sets to the number of times the
-/// job has been restarted; a rank with a count above 0 resumes as `--resume auto` does.
-pub const RESTART_COUNT_ENV: &str = "TORCHELASTIC_RESTART_COUNT";
 
 /// The training flags that are used as given (after validation).
 #[derive(Args, Debug, Clone, PartialEq)]
@@ -406,44 +267,6 @@ pub struct RunOptions {
     /// Schedule, warmup, Nesterov, label smoothing, evaluation cadence, best checkpoint.
     #[command(flatten)]
     pub recipe: crate::recipe::RecipeOptions,
-}
-
-/// `dtrain [train flags]` or `dtrain <subcommand> ...`.
-#[derive(Parser, Debug)]
-#[command(
-    name = "dtrain",
-    version,
-    about = "Data-parallel training of VGG11 on CPUs",
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub train: TrainArgs,
-}
-
-// Built once per process, so the size difference between variants does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Start N local ranks of this program (like torchrun --standalone)
-    Launch(crate::launch::LaunchArgs),
-    /// Measure collective bandwidth and latency of a transport
-    Bench(crate::bench_cmd::BenchArgs),
-    /// Draw loss and throughput from a metrics file as SVG
-    Plot(crate::plot::PlotArgs),
-    /// Evaluate a saved checkpoint on the test set of --dataset (no training)
-    Eval(crate::eval_cmd::EvalArgs),
-    /// Internal: a child that prints lines and exits as told (tests the launcher)
-    #[cfg(feature = "test-hooks")]
-    #[command(hide = true)]
-    LauncherTestChild(crate::launch::test_child::TestChildArgs),
-}
-
-/// Parse the whole command line (program name first) into a [`Cli`].
-pub fn parse_cli(args: impl IntoIterator<Item = OsString>) -> Result<Cli, UsageError> {
-    Cli::try_parse_from(args).map_err(UsageError::from_clap)
 }
 
 /// Parse a training command line (program name first, no subcommand) into a validated config.
@@ -773,7 +596,7 @@ pub fn resolve_train_args(
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
-            if env(crate::launch::BOUND_ENV).is_some() {
+            if env(BOUND_ENV).is_some() {
                 cores
             } else {
                 (cores / local_world_size).max(1)

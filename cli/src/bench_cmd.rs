@@ -13,7 +13,8 @@ use clap::{Args, ValueEnum};
 
 use transport::bench::{format_table, run_sweep, BenchCollective, SweepConfig};
 
-use crate::args::{parse_master_addr, TransportArg, DEFAULT_MASTER_PORT};
+use crate::args::parse_master_addr;
+use crate::config::{TransportArg, DEFAULT_MASTER_PORT};
 use crate::hash::fnv1a64;
 use crate::launch::{free_port, run_local_ranks, BindCores, LocalRanks};
 use crate::sync::connect_peers;

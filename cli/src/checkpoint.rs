@@ -38,7 +38,7 @@ use engine::state::{
 };
 use engine::vgg::Vgg;
 
-use crate::args::ResumeFrom;
+use crate::config::ResumeFrom;
 use integrity::Verified;
 
 const FORMAT: &str = "dtrain-checkpoint";
@@ -624,7 +624,7 @@ pub fn setting_differences(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::{build_model, parameter_hash};
+    use crate::model::{build_model, parameter_hash};
     use engine::state::save_tensors;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -50,7 +50,7 @@ pub fn run(args: &EvalArgs) -> Result<(), EvalError> {
     (cfg.num_nodes, cfg.rank) = (1, 0);
     engine::parallel::set_num_threads(cfg.threads);
     let spec = checkpoint_model(&args.checkpoint)?.unwrap_or_else(|| cfg.opts.model.clone());
-    let mut model = build_model(&spec, 0)?;
+    let mut model = build_model(&spec, 0).map_err(TrainError::from)?;
     crate::checkpoint::load_init(&args.checkpoint, &mut model).map_err(|reason| {
         EvalError::Checkpoint {
             path: args.checkpoint.clone(),

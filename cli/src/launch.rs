@@ -34,9 +34,10 @@ use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
 use crate::args::{
-    parse_master_addr, resolve_train_args, TrainArgs, UsageError, DEFAULT_MASTER_PORT,
+    parse_master_addr, resolve_train_args, TrainArgs, BOUND_ENV, DEFAULT_MASTER_PORT,
     RESTART_COUNT_ENV,
 };
+use crate::usage::UsageError;
 
 #[derive(Args, Debug, Clone)]
 pub struct LaunchArgs {
@@ -517,10 +518,6 @@ pub enum BindCores {
     /// Leave placement to the kernel.
     None,
 }
-
-/// Set in the environment of a rank that the launcher pinned to its own CPUs, so the rank
-/// sizes its compute pool to all of them instead of sharing them with the other local ranks.
-pub const BOUND_ENV: &str = "DTRAIN_BOUND_CORES";
 
 /// The CPUs this process may run on, in increasing order.
 pub fn allowed_cpus() -> Vec<usize> {

@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 
-use dtrain::args::{parse_cli, resolve_train_args, Command, UsageError};
+use dtrain::args::{resolve_train_args, UsageError};
+use dtrain::command::{parse_cli, Command};
 
 fn usage_exit(e: UsageError) -> ExitCode {
     if let UsageError::Help(text) = &e {

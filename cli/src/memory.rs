@@ -9,15 +9,11 @@
 
 use engine::vgg::{parse_spec, LayerSpec};
 
-use crate::args::{DatasetKind, Mode, TrainConfig, UsageError};
+use crate::args::{DatasetKind, Mode, TrainConfig};
 use crate::data::{IMAGE_SIDE, IMAGE_SIZE, NUM_CLASSES};
+use crate::usage::UsageError;
 
-/// `--threads` above this is refused (the compute pool would be mostly idle threads).
-pub const MAX_THREADS: usize = 1024;
-/// Widest conv layer a `--model` spec may ask for.
-pub const MAX_CONV_WIDTH: usize = 65_536;
-/// Most layers (convs and pools) a `--model` spec may have.
-pub const MAX_LAYERS: usize = 256;
+pub use crate::config::{MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS};
 
 /// Images in the train and test splits of `dataset` (CIFAR-10 and Fashion-MNIST have fixed
 /// sizes; synthetic takes them from the flags).

@@ -11,7 +11,7 @@
 use engine::vgg::{Vgg, VggConfig};
 use transport::algorithms::cost_model::{chosen_algo, AllReduceAlgo, Link};
 
-use crate::ddp::BucketPlan;
+use crate::sync::ddp::BucketPlan;
 
 /// What the simulation needs to know.
 #[derive(Clone, Copy, Debug)]

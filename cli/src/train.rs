@@ -51,12 +51,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use engine::optim::Sgd;
-use engine::vgg::{Vgg, VggConfig};
+use engine::vgg::Vgg;
 
 use crate::args::TrainConfig;
 use crate::checkpoint::{self, CheckpointError, Checkpoints, Position, ResumeSource};
 use crate::data::{self, DataError, DataSplit, TrainLoader};
-use crate::hash::Fnv1a;
+pub use crate::model::{build_model, parameter_hash, ModelError};
 use crate::sync::{GradSync, StepStats, SyncError};
 
 /// Why training stopped with an error. Every message is meant for the user.
@@ -66,8 +66,8 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error("rank {rank}: {source}")]
     Sync { rank: usize, source: SyncError },
-    #[error("--model {spec:?}: {reason}")]
-    Model { spec: String, reason: String },
+    #[error("{0}")]
+    Model(#[from] ModelError),
     #[error("{0}")]
     Checkpoint(#[from] CheckpointError),
     #[error("cannot use --init-checkpoint {path}: {reason}")]
@@ -105,33 +105,6 @@ impl TrainError {
             source: SyncError::Comm(e),
         }
     }
-}
-
-/// Build the network a `--model` spec names (`vgg11` or e.g. `64,M,128,M`) for 3×32×32
-/// images and 10 classes, initialised from `seed` (identical on every rank).
-pub fn build_model(spec: &str, seed: u64) -> Result<Vgg<f32>, TrainError> {
-    let config = if spec.eq_ignore_ascii_case("vgg11") {
-        VggConfig::vgg11()
-    } else {
-        VggConfig::from_spec(spec, data::CHANNELS, data::IMAGE_SIDE, data::NUM_CLASSES).map_err(
-            |e| TrainError::Model {
-                spec: spec.to_string(),
-                reason: e.to_string(),
-            },
-        )?
-    };
-    Ok(Vgg::new(config, seed))
-}
-
-/// FNV-1a (64 bit) over the little-endian bytes of every parameter, in parameter order.
-pub fn parameter_hash(model: &Vgg<f32>) -> u64 {
-    let mut h = Fnv1a::default();
-    for p in model.params() {
-        for v in &p.value {
-            h.update(&v.to_le_bytes());
-        }
-    }
-    h.finish()
 }
 
 /// The original's per-iteration log line.

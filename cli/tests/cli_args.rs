@@ -484,3 +484,87 @@ fn model_depth_is_bounded() {
     );
     ok(&format!("--model {}", vec!["8"; 256].join(",")));
 }
+
+/// The recipe flags (schedule, Nesterov, label smoothing, evaluation cadence) through the
+/// whole training parser, as `RecipeOptions` and in the config hash.
+mod recipe_flags {
+    use dtrain::args::{parse_train_args, TrainConfig, UsageError};
+    use dtrain::recipe::RecipeOptions;
+    use engine::schedule::ScheduleKind;
+
+    fn recipe(flags: &str) -> Result<RecipeOptions, UsageError> {
+        let line = format!("dtrain --mode single --threads 1 {flags}");
+        parse_train_args(
+            line.split_whitespace().map(std::ffi::OsString::from),
+            &|_| None,
+        )
+        .map(|c: TrainConfig| c.opts.recipe)
+    }
+
+    #[test]
+    fn epochs_become_iterations_of_this_run() {
+        let r = recipe("--lr-schedule step --lr-milestones 1,2.5 --warmup-epochs 0.5").unwrap();
+        let s = r.schedule(0.1, 0.9, 3, 100).unwrap();
+        assert_eq!((s.total_iters(), s.warmup_iters()), (300, 50));
+        assert_eq!(
+            s.kind(),
+            &ScheduleKind::Step {
+                milestones: vec![100, 250],
+                gamma: 0.1
+            }
+        );
+        let c = recipe("--lr-schedule onecycle --base-momentum 0.8").unwrap();
+        let s = c.schedule(0.1, 0.95, 1, 100).unwrap();
+        assert_eq!(s.momentum(0), Some(0.95));
+        let off = recipe("--lr-schedule onecycle --no-cycle-momentum").unwrap();
+        assert_eq!(off.schedule(0.1, 0.95, 1, 100).unwrap().momentum(0), None);
+    }
+
+    #[test]
+    fn bad_recipes_are_usage_errors_naming_the_flag() {
+        for (flags, needle) in [
+            ("--lr-schedule step", "--lr-milestones"),
+            ("--lr-milestones 1,2", "--lr-milestones is for"),
+            ("--lr-schedule step --lr-milestones 1,x", "--lr-milestones"),
+            ("--label-smoothing 1.5", "--label-smoothing"),
+            ("--nesterov --momentum 0", "--nesterov"),
+            ("--nesterov --dampening 0.1", "--nesterov"),
+            ("--warmup-epochs -1", "--warmup-epochs"),
+            ("--eval-every 0", "--eval-every"),
+        ] {
+            let e = recipe(flags).unwrap_err().to_string();
+            assert!(e.contains(needle), "{flags}: {e}");
+        }
+        // Needs the run's length: an error from schedule(), naming the flags.
+        let r = recipe("--lr-schedule cosine --warmup-epochs 2").unwrap();
+        let e = r.schedule(0.1, 0.9, 2, 10).unwrap_err().0;
+        assert!(
+            e.contains("--lr-schedule cosine") && e.contains("warmup"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_recipe_is_part_of_the_config_hash() {
+        let hash = |flags: &str| {
+            let line = format!("dtrain --mode single --threads 1 {flags}");
+            parse_train_args(
+                line.split_whitespace().map(std::ffi::OsString::from),
+                &|_| None,
+            )
+            .unwrap()
+            .config_hash()
+        };
+        let base = hash("");
+        for flags in [
+            "--lr-schedule cosine",
+            "--nesterov",
+            "--label-smoothing 0.1",
+            "--warmup-epochs 1",
+        ] {
+            assert_ne!(hash(flags), base, "{flags}");
+        }
+        // Evaluation cadence and the best file do not change the training.
+        assert_eq!(hash("--eval-every 5"), base);
+    }
+}

@@ -16,7 +16,8 @@ pub mod synthetic;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::args::{DatasetKind, TrainConfig};
+use crate::args::TrainConfig;
+use crate::config::DatasetKind;
 
 pub use augment::{augment_image, normalize_image, AugmentParams, CIFAR_MEAN, CIFAR_STD};
 pub use loader::{make_batch, test_shard, TrainLoader};

@@ -274,7 +274,7 @@ impl NodeGroup {
                     layout.node_rank
                 );
                 let _ = client.compare_set(&key("abort"), b"", text.as_bytes());
-                return Err(LaunchError::Usage(crate::args::UsageError::Invalid(text)));
+                return Err(LaunchError::Usage(crate::usage::UsageError::Invalid(text)));
             }
             job
         };
@@ -284,7 +284,7 @@ impl NodeGroup {
             .compare_set(&node_key, b"", me.as_bytes())
             .map_err(store_err)?;
         if claimed != me.as_bytes() {
-            return Err(LaunchError::Usage(crate::args::UsageError::Invalid(
+            return Err(LaunchError::Usage(crate::usage::UsageError::Invalid(
                 format!(
                     "two launchers claim --node-rank {}: {} and this one ({me})",
                     layout.node_rank,

@@ -10,7 +10,7 @@ use clap::Args;
 use nix::sys::signal::{self, SigHandler, Signal};
 
 use super::{allowed_cpus, cpu_list};
-use crate::args::RESTART_COUNT_ENV;
+use crate::config::RESTART_COUNT_ENV;
 
 /// Internal: a child for testing the launcher. Reads `DTRAIN_TEST_*` variables:
 /// FAIL_RANK (that rank exits with EXIT_CODE, default 3, after printing its lines),

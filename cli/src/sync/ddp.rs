@@ -67,9 +67,9 @@ use engine::optim::Sgd;
 use engine::vgg::Vgg;
 use transport::{AsyncCommunicator, Bf16, Buffer, Element, HalfFloat, Pending, ReduceOp, F16};
 
-use crate::args::GradCompression;
+use super::step::{self, Peers, StepStats, SyncError};
+use crate::config::GradCompression;
 use crate::data::Batch;
-use crate::sync::{self, Peers, StepStats, SyncError};
 
 /// One bucket of the plan: which parameters it holds and where each one's gradient lives
 /// inside the bucket's flat buffer.
@@ -433,24 +433,24 @@ impl DdpSync {
         let t = Instant::now();
         let mut bn_landed = Ok(());
         let bn_pending = if self.overlap_bn_broadcast {
-            sync::pack_bn_buffers(model, &mut self.bn_flat);
+            step::pack_bn_buffers(model, &mut self.bn_flat);
             Some(
                 self.comm
                     .broadcast_async::<f32, _>(std::mem::take(&mut self.bn_flat), 0),
             )
         } else {
-            sync::broadcast_bn_buffers(Peers::Async(&self.comm), model, &mut self.bn_flat)?;
+            step::broadcast_bn_buffers(Peers::Async(&self.comm), model, &mut self.bn_flat)?;
             None
         };
         let mut comm_time = t.elapsed();
         self.begin_step();
-        let loss = sync::forward_backward(model, batch, &mut |i, g| self.on_grad_ready(i, g));
+        let loss = step::forward_backward(model, batch, &mut |i, g| self.on_grad_ready(i, g));
         if let Some(pending) = bn_pending {
             let t = Instant::now();
             bn_landed = pending.wait().map(|flat| {
                 // A rejected batch ran no batch norm: then the broadcast values are the
                 // running statistics, as in the synchronous order.
-                sync::unpack_bn_buffers(model, &flat, loss.is_ok());
+                step::unpack_bn_buffers(model, &flat, loss.is_ok());
                 self.bn_flat = flat;
             });
             comm_time += t.elapsed();
@@ -726,7 +726,7 @@ mod tests {
 
     #[test]
     fn vgg11_plan_is_one_bucket_per_big_conv_layer() {
-        let model = crate::train::build_model("vgg11", 0).expect("vgg11");
+        let model = crate::model::build_model("vgg11", 0).expect("vgg11");
         let plan = BucketPlan::for_model(&model, 1.0, 25.0);
         let names = |b: &Bucket| -> Vec<String> {
             b.params
@@ -882,7 +882,7 @@ mod tests {
             GradCompression::Bf16,
             GradCompression::Fp16,
         ] {
-            let mut model = crate::train::build_model("4,M,8,M", 2).expect("model");
+            let mut model = crate::model::build_model("4,M,8,M", 2).expect("model");
             let comm =
                 transport::Communicator::from_backend(Box::new(Doubling), "test").into_async();
             // Tiny sizes: several buckets (the 8x4x3x3 conv weight alone is 1152 bytes).

@@ -11,37 +11,32 @@
 //!   `--grad-compression bf16|fp16`: the gradient times 1/world rounded to 16 bits, summed,
 //!   widened back, as DDP's buckets do).
 //!
-//! `ddp` lives in [`crate::ddp`]. Every mode leaves bitwise identical gradients on every rank
-//! (the transport's reductions are deterministic across ranks), so parameters stay identical
-//! after the optimizer step, which [`GradSync::step`] runs too.
+//! `ddp` lives in [`ddp`], the per-parameter modes' collectives in [`per_param`], what every
+//! mode shares (step report, errors, peers, the rank-0 broadcasts) in [`step`], below both.
+//! Every mode leaves bitwise identical gradients on every rank (the transport's reductions are
+//! deterministic across ranks), so parameters stay identical after the optimizer step, which
+//! [`GradSync::step`] runs too.
+
+pub mod ddp;
+pub mod per_param;
+pub mod step;
 
 use std::time::{Duration, Instant};
 
 use engine::optim::Sgd;
 use engine::vgg::Vgg;
-use transport::{AsyncCommunicator, Bf16, CommConfig, Communicator, HalfFloat, ReduceOp, F16};
+use transport::{Bf16, CommConfig, Communicator, ReduceOp, F16};
 
 use crate::args::{GradCompression, Mode, TrainConfig};
 use crate::data::Batch;
-use crate::ddp::{DdpSync, WireFormat};
+use ddp::DdpSync;
 
-/// What one training step reports.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StepStats {
-    /// This rank's mean cross-entropy over its batch.
-    pub loss: f64,
-    /// Time spent synchronising outside of compute (waiting for collectives).
-    pub comm_time: Duration,
-}
-
-/// Why a step (or a collective around it) failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error("communication failed: {0}")]
-    Comm(#[from] transport::Error),
-    #[error("the model rejected a batch: {0}")]
-    Batch(String),
-}
+// Named, not globs: the old `dtrain::sync::` paths of what moved into the children.
+pub use per_param::{all_reduce_mean, all_reduce_mean_half, gather_scatter_mean};
+pub use step::{
+    broadcast_bn_buffers, broadcast_parameters, forward_backward, pack_bn_buffers,
+    unpack_bn_buffers, Peers, StepStats, SyncError,
+};
 
 /// This rank's gradient synchronisation, one variant per mode, each with its communicator.
 pub enum GradSync {
@@ -62,25 +57,6 @@ pub enum GradSync {
     },
     /// Buckets all-reduced on a communication thread while backward runs.
     Ddp(Box<DdpSync>),
-}
-
-/// A rank's peers as a blocking collective needs them: a communicator of its own, or DDP's
-/// communication thread (which runs the collective after the work already queued).
-pub enum Peers<'a> {
-    Blocking(&'a mut Communicator),
-    Async(&'a AsyncCommunicator),
-}
-
-impl Peers<'_> {
-    pub fn run<R: Send + 'static>(
-        self,
-        f: impl FnOnce(&mut Communicator) -> transport::Result<R> + Send + 'static,
-    ) -> transport::Result<R> {
-        match self {
-            Peers::Blocking(c) => f(c),
-            Peers::Async(c) => c.run(f),
-        }
-    }
 }
 
 /// The transport settings of `cfg` (rendezvous at rank 0's address or through the
@@ -255,146 +231,5 @@ impl GradSync {
             Some(peers) => peers.run(|c| c.barrier()),
             None => Ok(()),
         }
-    }
-}
-
-/// Forward and backward of `batch`, calling `on_grad_ready` as each gradient is final;
-/// returns the loss.
-pub fn forward_backward(
-    model: &mut Vgg<f32>,
-    batch: &Batch,
-    on_grad_ready: &mut dyn FnMut(usize, &[f32]),
-) -> Result<f64, SyncError> {
-    model
-        .forward_backward(&batch.images, batch.n, &batch.labels, on_grad_ready)
-        .map(|s| s.loss)
-        .map_err(|e| SyncError::Batch(e.to_string()))
-}
-
-/// Rank 0 gathers `grad` from every rank, averages, and scatters the mean back into `grad`.
-/// `scratch` is reused across calls (grown to `world * grad.len()` on rank 0).
-pub fn gather_scatter_mean(
-    comm: &mut Communicator,
-    grad: &mut [f32],
-    scratch: &mut Vec<f32>,
-) -> transport::Result<()> {
-    let world = comm.world_size();
-    let len = grad.len();
-    if comm.rank() == 0 {
-        scratch.resize(world * len, 0.0);
-        comm.gather(grad, Some(&mut scratch[..]), 0)?;
-        // Sum in rank order starting from zero, then divide: the original's
-        // `grad_sum = zeros; for i in range(size): grad_sum += grad_list[i]; grad_sum / size`.
-        let inv_world = world as f32;
-        for i in 0..len {
-            let mut sum = 0.0f32;
-            for r in 0..world {
-                sum += scratch[r * len + i];
-            }
-            grad[i] = sum / inv_world;
-        }
-        // The scatter sends rank r block r: every block is the mean.
-        for r in 0..world {
-            scratch[r * len..(r + 1) * len].copy_from_slice(grad);
-        }
-        comm.scatter(Some(&scratch[..]), grad, 0)?;
-    } else {
-        comm.gather(grad, None, 0)?;
-        comm.scatter(None, grad, 0)?;
-    }
-    Ok(())
-}
-
-/// All-reduce (sum) `grad`, then divide it by the world size.
-pub fn all_reduce_mean(comm: &mut Communicator, grad: &mut [f32]) -> transport::Result<()> {
-    let world = comm.world_size() as f32;
-    comm.all_reduce(grad, ReduceOp::Sum)?;
-    for g in grad.iter_mut() {
-        *g /= world;
-    }
-    Ok(())
-}
-
-/// The compressed all-reduce mean of `grad` in the 16-bit format `H`, through `wire`
-/// (reused): packed as DDP's buckets are ([`WireFormat`]), summed, widened back.
-pub fn all_reduce_mean_half<H: HalfFloat + WireFormat>(
-    comm: &mut Communicator,
-    grad: &mut [f32],
-    wire: &mut Vec<u16>,
-) -> transport::Result<()> {
-    wire.resize(grad.len(), 0);
-    let wire: &mut [H] = bytemuck::cast_slice_mut(&mut wire[..]);
-    H::pack(grad, 1.0 / comm.world_size() as f32, wire);
-    comm.all_reduce(wire, H::REDUCE)?;
-    H::unpack(wire, grad);
-    Ok(())
-}
-
-/// Broadcast `buf` from rank 0.
-fn broadcast_f32(peers: Peers<'_>, buf: &mut Vec<f32>) -> transport::Result<()> {
-    let data = std::mem::take(buf);
-    *buf = peers.run(move |c| {
-        let mut data = data;
-        c.broadcast(&mut data[..], 0)?;
-        Ok(data)
-    })?;
-    Ok(())
-}
-
-/// Broadcast every parameter from rank 0 (one collective for all of them).
-pub fn broadcast_parameters(peers: Peers<'_>, model: &mut Vgg<f32>) -> transport::Result<()> {
-    let mut flat: Vec<f32> = model
-        .params()
-        .iter()
-        .flat_map(|p| p.value.iter().copied())
-        .collect();
-    broadcast_f32(peers, &mut flat)?;
-    let mut off = 0;
-    for p in model.params_mut() {
-        let n = p.value.len();
-        p.value.copy_from_slice(&flat[off..off + n]);
-        off += n;
-    }
-    Ok(())
-}
-
-/// Broadcast the batch-norm running means and variances from rank 0, packed into `flat`
-/// (reused across calls). `num_batches_tracked` is not sent: every rank runs the same number
-/// of training forwards, so it is equal everywhere by construction.
-pub fn broadcast_bn_buffers(
-    peers: Peers<'_>,
-    model: &mut Vgg<f32>,
-    flat: &mut Vec<f32>,
-) -> transport::Result<()> {
-    pack_bn_buffers(model, flat);
-    broadcast_f32(peers, flat)?;
-    unpack_bn_buffers(model, flat, false);
-    Ok(())
-}
-
-/// Every batch-norm layer's running mean then running variance, in layer order, into `flat`.
-pub fn pack_bn_buffers(model: &Vgg<f32>, flat: &mut Vec<f32>) {
-    flat.clear();
-    for b in model.bn_buffers() {
-        flat.extend_from_slice(&b.running_mean);
-        flat.extend_from_slice(&b.running_var);
-    }
-}
-
-/// Rank 0's running statistics (`flat`, as [`pack_bn_buffers`] packs them) into every layer:
-/// copied, or with `rebase` as the base the last training forward should have started from
-/// ([`engine::vgg::BnBuffers::rebase_running`]).
-pub fn unpack_bn_buffers(model: &mut Vgg<f32>, flat: &[f32], rebase: bool) {
-    let mut off = 0;
-    for b in model.bn_buffers_mut() {
-        let n = b.running_mean.len();
-        let (mean, var) = (&flat[off..off + n], &flat[off + n..off + 2 * n]);
-        if rebase {
-            b.rebase_running(mean, var);
-        } else {
-            b.running_mean.copy_from_slice(mean);
-            b.running_var.copy_from_slice(var);
-        }
-        off += 2 * n;
     }
 }
