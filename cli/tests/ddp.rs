@@ -6,6 +6,8 @@
 //! bf16|fp16` keeps parameters identical on every rank and the loss within a bound of
 //! uncompressed training over a few steps. Tiny model, a few steps; no timing is checked.
 
+mod common;
+
 use std::ffi::OsString;
 use std::thread;
 
@@ -16,13 +18,11 @@ use dtrain::train::build_model;
 use engine::optim::Sgd;
 use engine::vgg::Vgg;
 
+use common::free_port;
+
 const MODEL: &str = "8,M,16,M";
 const BATCH: usize = 8;
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
 
 /// Rank `rank`'s config: `world` ranks on loopback at `port`, the tiny model, and `extra`.
 fn config(rank: usize, world: usize, port: u16, extra: &[&str]) -> TrainConfig {
