@@ -434,39 +434,27 @@ fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
-/// Check a model spec: "vgg11" or comma-separated conv widths and 'M' (max-pool).
+/// Check a model spec (the engine's grammar, [`engine::vgg::parse_spec`]: `vgg11` or
+/// comma-separated conv widths and `M`) against the limits a user may ask for.
 pub fn validate_model_spec(spec: &str) -> Result<(), UsageError> {
-    if spec.eq_ignore_ascii_case("vgg11") {
-        return Ok(());
-    }
-    let bad = || {
+    use engine::vgg::LayerSpec;
+    let layers = engine::vgg::parse_spec(spec).map_err(|e| {
         invalid(format!(
-            "--model {spec:?}: expected vgg11 or a layer list like 64,M,128,M (positive conv widths and M)"
+            "--model {spec:?}: {e} (expected vgg11 or a layer list like 64,M,128,M)"
         ))
-    };
-    let mut convs = 0;
-    let layers = spec.split(',').count();
-    for tok in spec.split(',') {
-        let tok = tok.trim();
-        if tok.eq_ignore_ascii_case("m") {
-            continue;
-        }
-        match tok.parse::<usize>() {
-            Ok(n) if n > MAX_CONV_WIDTH => {
-                return Err(invalid(format!(
-                    "--model {spec:?}: conv width {n} is above the limit of {MAX_CONV_WIDTH}"
-                )))
-            }
-            Ok(n) if n > 0 => convs += 1,
-            _ => return Err(bad()),
-        }
-    }
-    if convs == 0 {
-        return Err(bad());
-    }
-    if layers > MAX_LAYERS {
+    })?;
+    if let Some(n) = layers.iter().find_map(|l| match *l {
+        LayerSpec::Conv(n) if n > MAX_CONV_WIDTH => Some(n),
+        _ => None,
+    }) {
         return Err(invalid(format!(
-            "--model {spec:?}: {layers} layers is above the limit of {MAX_LAYERS}"
+            "--model {spec:?}: conv width {n} is above the limit of {MAX_CONV_WIDTH}"
+        )));
+    }
+    if layers.len() > MAX_LAYERS {
+        return Err(invalid(format!(
+            "--model {spec:?}: {} layers is above the limit of {MAX_LAYERS}",
+            layers.len()
         )));
     }
     Ok(())

@@ -52,12 +52,7 @@ impl TrainingMemory {
 /// [`TrainingMemory`] of `cfg`'s rank, for a valid `--model` spec.
 pub fn training_memory(cfg: &TrainConfig) -> Result<TrainingMemory, UsageError> {
     let o = &cfg.opts;
-    let spec = if o.model.eq_ignore_ascii_case("vgg11") {
-        engine::vgg::VGG11
-    } else {
-        o.model.as_str()
-    };
-    let layers = parse_spec(spec).map_err(|e| UsageError::Invalid(format!("--model: {e}")))?;
+    let layers = parse_spec(&o.model).map_err(|e| UsageError::Invalid(format!("--model: {e}")))?;
     let (mut channels, mut side) = (3u128, IMAGE_SIDE as u128);
     let (mut params, mut largest_param, mut per_image) = (0u128, 0u128, 0u128);
     for layer in &layers {

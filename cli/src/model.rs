@@ -17,16 +17,11 @@ pub struct ModelError {
 /// Build the network a `--model` spec names (`vgg11` or e.g. `64,M,128,M`) for 3×32×32
 /// images and 10 classes, initialised from `seed` (identical on every rank).
 pub fn build_model(spec: &str, seed: u64) -> Result<Vgg<f32>, ModelError> {
-    let config = if spec.eq_ignore_ascii_case("vgg11") {
-        VggConfig::vgg11()
-    } else {
-        VggConfig::from_spec(spec, data::CHANNELS, data::IMAGE_SIDE, data::NUM_CLASSES).map_err(
-            |e| ModelError {
-                spec: spec.to_string(),
-                reason: e.to_string(),
-            },
-        )?
-    };
+    let config = VggConfig::from_spec(spec, data::CHANNELS, data::IMAGE_SIDE, data::NUM_CLASSES)
+        .map_err(|e| ModelError {
+            spec: spec.to_string(),
+            reason: e.to_string(),
+        })?;
     Ok(Vgg::new(config, seed))
 }
 

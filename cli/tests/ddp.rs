@@ -23,7 +23,6 @@ use common::free_port;
 const MODEL: &str = "8,M,16,M";
 const BATCH: usize = 8;
 
-
 /// Rank `rank`'s config: `world` ranks on loopback at `port`, the tiny model, and `extra`.
 fn config(rank: usize, world: usize, port: u16, extra: &[&str]) -> TrainConfig {
     let line = format!(

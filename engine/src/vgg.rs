@@ -108,14 +108,20 @@ pub enum ModelError {
     NotTraining,
 }
 
-/// Parses a spec like `"64,M,128,M"` (numbers = conv widths, `M` = max-pool; spaces allowed).
+/// Parses a spec like `"64,M,128,M"` (numbers = conv widths, `M` = max-pool; spaces allowed)
+/// or the name `vgg11` (any case), which stands for [`VGG11`]. The one parser of model specs.
 pub fn parse_spec(spec: &str) -> Result<Vec<LayerSpec>, ModelError> {
     let bad = |reason: String| ModelError::BadSpec {
         spec: spec.to_string(),
         reason,
     };
+    let layers = if spec.trim().eq_ignore_ascii_case("vgg11") {
+        VGG11
+    } else {
+        spec
+    };
     let mut out = Vec::new();
-    for item in spec.split(',') {
+    for item in layers.split(',') {
         let item = item.trim();
         if item.eq_ignore_ascii_case("m") {
             out.push(LayerSpec::MaxPool);
@@ -909,6 +915,19 @@ impl<T: Float> Vgg<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vgg11_name_is_its_spec() {
+        let spelled = parse_spec(VGG11).unwrap();
+        for name in ["vgg11", " VGG11 "] {
+            assert_eq!(parse_spec(name).unwrap(), spelled, "{name:?}");
+        }
+        assert_eq!(
+            VggConfig::from_spec("vgg11", 3, 32, 10).unwrap(),
+            VggConfig::vgg11()
+        );
+        assert!(parse_spec("vgg12").is_err());
+    }
 
     #[test]
     fn conv_geoms_name_and_size_every_conv_weight() {
