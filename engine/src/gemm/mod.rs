@@ -291,22 +291,9 @@ pub fn sgemm_with(
     );
     check_view("A", &a, m, k);
     check_view("B", &b, k, n);
-    assert!(m == 1 || ldc >= n, "SGEMM: ldc ({ldc}) < n ({n})");
-    let c_needed = (m - 1)
-        .checked_mul(ldc)
-        .and_then(|x| x.checked_add(n))
-        .expect("SGEMM: C extent overflows usize");
-    assert!(
-        c_needed <= c.len(),
-        "SGEMM: C has {} elements, {m}x{n} with ldc {ldc} needs {c_needed}",
-        c.len()
-    );
+    check_c("SGEMM", m, n, ldc, c.len());
     if k == 0 {
-        for row in c.chunks_mut(ldc.max(n)).take(m) {
-            for x in &mut row[..n] {
-                *x = if beta == 0.0 { 0.0 } else { beta * *x };
-            }
-        }
+        scale_c(c, m, n, ldc, beta);
         return;
     }
     let cm = CMat {
@@ -330,6 +317,30 @@ pub fn sgemm_with(
 }
 
 /// Panic unless every element `(i, j)`, `i < rows`, `j < cols` of `v` is inside `v.data`.
+/// Panics unless a row-major `m × n` C (`m, n >= 1`) with leading dimension `ldc` fits in
+/// `len` elements. `op` names the GEMM in the message.
+fn check_c(op: &str, m: usize, n: usize, ldc: usize, len: usize) {
+    assert!(m == 1 || ldc >= n, "{op}: ldc ({ldc}) < n ({n})");
+    let needed = (m - 1)
+        .checked_mul(ldc)
+        .and_then(|x| x.checked_add(n))
+        .unwrap_or_else(|| panic!("{op}: C extent overflows usize"));
+    assert!(
+        needed <= len,
+        "{op}: C has {len} elements, {m}x{n} with ldc {ldc} needs {needed}"
+    );
+}
+
+/// `C = beta·C` over the `m × n` block (`C = 0` when `beta == 0`, so NaNs in C do not
+/// survive, as BLAS): what a GEMM with `k == 0` computes.
+fn scale_c(c: &mut [f32], m: usize, n: usize, ldc: usize, beta: f32) {
+    for row in c.chunks_mut(ldc.max(n)).take(m) {
+        for x in &mut row[..n] {
+            *x = if beta == 0.0 { 0.0 } else { beta * *x };
+        }
+    }
+}
+
 fn check_view(name: &str, v: &MatRef<'_, f32>, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {
         return;

@@ -13,8 +13,8 @@
 //! a ragged last panel are read by the microkernel; their results fall outside C and are
 //! dropped.
 use super::{
-    check_view, macro_kernel, Block, CMat, Kernel, MatRef, MicroKernel, TileAvx2, TileAvx512,
-    TilePortable,
+    check_c, check_view, macro_kernel, scale_c, Block, CMat, Kernel, MatRef, MicroKernel, TileAvx2,
+    TileAvx512, TilePortable,
 };
 use crate::Float;
 
@@ -137,13 +137,9 @@ unsafe fn run<K: MicroKernel>(
     check_view("A", &a, m, k);
     let pb = Panels::b(PackedLayout::from_tile::<K>(), n, k);
     assert!(b.len() >= pb.len(), "packed B too small");
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C too small");
+    check_c("packed SGEMM", m, n, ldc, c.len());
     if k == 0 {
-        for row in c.chunks_mut(ldc).take(m) {
-            row[..n]
-                .iter_mut()
-                .for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
-        }
+        scale_c(c, m, n, ldc, beta);
         return;
     }
     let cm = CMat {

@@ -26,7 +26,10 @@ mod pack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use super::{block_size, check_view, for_each_part, CMat, MatRef, PackedLayout, Panels, MAX_TILE};
+use super::{
+    block_size, check_c, check_view, for_each_part, scale_c, CMat, MatRef, PackedLayout, Panels,
+    MAX_TILE,
+};
 use crate::bf16::dot2_accumulate;
 
 /// Which bf16 microkernel a GEMM runs.
@@ -130,18 +133,9 @@ pub fn gemm_bf16_with(
     );
     check_view("A", &a, m, k);
     check_view("B", &b, k, n);
-    assert!(m == 1 || ldc >= n, "bf16 GEMM: ldc ({ldc}) < n ({n})");
-    let c_needed = (m - 1)
-        .checked_mul(ldc)
-        .and_then(|x| x.checked_add(n))
-        .expect("bf16 GEMM: C extent overflows usize");
-    assert!(c_needed <= c.len(), "bf16 GEMM: C too small");
+    check_c("bf16 GEMM", m, n, ldc, c.len());
     if k == 0 {
-        for row in c.chunks_mut(ldc.max(n)).take(m) {
-            for x in &mut row[..n] {
-                *x = if beta == 0.0 { 0.0 } else { beta * *x };
-            }
-        }
+        scale_c(c, m, n, ldc, beta);
         return;
     }
     let c = CMat {
@@ -212,13 +206,9 @@ pub fn gemm_bf16_packed_b(
     check_view("A", &a, m, k);
     let panels = Panels::b(layout, n, k);
     assert!(b.len() >= panels.len(), "packed B too small");
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C too small");
+    check_c("packed bf16 GEMM", m, n, ldc, c.len());
     if k == 0 {
-        for row in c.chunks_mut(ldc).take(m) {
-            row[..n]
-                .iter_mut()
-                .for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
-        }
+        scale_c(c, m, n, ldc, beta);
         return;
     }
     let cm = CMat {
