@@ -14,8 +14,8 @@ use clap::{Args, Parser};
 // Named, not a glob: the settings' vocabulary keeps its old `dtrain::args::` paths.
 pub use crate::config::{
     DatasetKind, GradCompression, Mode, ResumeFrom, TransportArg, TransportKind, BOUND_ENV,
-    DEFAULT_CIFAR_MD5, DEFAULT_CIFAR_URL, DEFAULT_MASTER_PORT, MAX_CONV_WIDTH, MAX_LAYERS,
-    MAX_THREADS, RESTART_COUNT_ENV,
+    DEFAULT_BUCKET_CAP_MB, DEFAULT_CIFAR_MD5, DEFAULT_CIFAR_URL, DEFAULT_FIRST_BUCKET_MB,
+    DEFAULT_MASTER_PORT, MAX_CONV_WIDTH, MAX_LAYERS, MAX_THREADS, RESTART_COUNT_ENV,
 };
 pub use crate::usage::UsageError;
 
@@ -228,10 +228,10 @@ pub struct RunOptions {
     pub init_checkpoint: Option<PathBuf>,
     /// DDP: a bucket is sent as soon as it holds this many MB of gradients (smaller
     /// gradients wait for the next ones)
-    #[arg(long, value_name = "MB", default_value_t = 1.0)]
+    #[arg(long, value_name = "MB", default_value_t = DEFAULT_FIRST_BUCKET_MB)]
     pub first_bucket_mb: f64,
     /// DDP: buckets are not merged beyond this many MB
-    #[arg(long, value_name = "MB", default_value_t = 25.0)]
+    #[arg(long, value_name = "MB", default_value_t = DEFAULT_BUCKET_CAP_MB)]
     pub bucket_cap_mb: f64,
     /// Gradients on the wire: none (f32), bf16 or fp16 (half the bytes; ddp and allreduce)
     #[arg(long, value_enum, value_name = "FORMAT", default_value = "none")]

@@ -291,8 +291,8 @@ fn scenario(args: &BenchArgs) -> Result<crate::simulate::Scenario, BenchError> {
         step_s: positive("--step-ms", args.step_ms)? * 1e-3,
         backward_share: share,
         batch: args.batch_size,
-        first_bucket_mb: 1.0,
-        bucket_cap_mb: 25.0,
+        first_bucket_mb: crate::config::DEFAULT_FIRST_BUCKET_MB,
+        bucket_cap_mb: crate::config::DEFAULT_BUCKET_CAP_MB,
     })
 }
 

@@ -96,6 +96,10 @@ impl From<TransportArg> for TransportKind {
 }
 
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
+/// `--first-bucket-mb`: DDP closes a bucket once it holds this many MiB of gradients.
+pub const DEFAULT_FIRST_BUCKET_MB: f64 = 1.0;
+/// `--bucket-cap-mb`: DDP never merges a bucket past this many MiB (PyTorch's default).
+pub const DEFAULT_BUCKET_CAP_MB: f64 = 25.0;
 pub const DEFAULT_CIFAR_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const DEFAULT_CIFAR_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 

@@ -160,8 +160,8 @@ mod tests {
             step_s: 0.65,
             backward_share: 0.65,
             batch: 128,
-            first_bucket_mb: 1.0,
-            bucket_cap_mb: 25.0,
+            first_bucket_mb: crate::config::DEFAULT_FIRST_BUCKET_MB,
+            bucket_cap_mb: crate::config::DEFAULT_BUCKET_CAP_MB,
         }
     }
 
